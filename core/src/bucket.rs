@@ -1,0 +1,329 @@
+//! Token buckets with cost.
+//!
+//! LLM providers limit requests *and* tokens per minute, so admission has to charge both: one
+//! unit per request, and the estimated prompt tokens plus `max_tokens` per request. A refusal is
+//! not just "no" but "not until T": T becomes the `Retry-After` of the local 429, so well-behaved
+//! SDKs come back exactly when there is room instead of hammering.
+//!
+//! The bucket is GCRA (the generic cell rate algorithm, as `governor`): its whole state is one
+//! number, the theoretical arrival time (TAT). That makes it cheap, exact in integer nanoseconds,
+//! and easy to share between Envoy worker threads with one compare-and-swap on shared data
+//! ([`gcra`] is the pure step a host applies to a shared TAT).
+//!
+//! [`KeyedBuckets`] holds one TAT per tenant in a fixed table with bounded probing. Memory never
+//! grows with the number of tenants: when the probe window is full, the entry with the oldest TAT
+//! (the tenant closest to a full bucket) is evicted, and a fully refilled bucket is
+//! indistinguishable from a fresh one, so evicting idle tenants loses nothing. Under adversarial
+//! key churn an evicted busy tenant gets a fresh bucket: memory stays bounded at the price of
+//! some leniency, which is the documented trade.
+
+use crate::time::{Nanos, SECOND};
+use alloc::vec::Vec;
+
+/// A rate: `amount` units per `period`, with bursts up to `burst` units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Units replenished per period (> 0).
+    pub amount: u64,
+    /// The period (> 0).
+    pub period: Nanos,
+    /// The largest cost accepted at once when the bucket is full (> 0).
+    pub burst: u64,
+}
+
+impl Rate {
+    /// `amount` per second with a burst of `amount`.
+    pub const fn per_second(amount: u64) -> Self {
+        Self {
+            amount,
+            period: SECOND,
+            burst: amount,
+        }
+    }
+
+    /// `amount` per minute with a burst of `amount`.
+    pub const fn per_minute(amount: u64) -> Self {
+        Self {
+            amount,
+            period: 60 * SECOND,
+            burst: amount,
+        }
+    }
+
+    /// Sets the burst.
+    pub const fn with_burst(mut self, burst: u64) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    /// Time that `cost` units take to replenish, rounded up.
+    fn interval(&self, cost: u64) -> Nanos {
+        let amount = u128::from(self.amount.max(1));
+        let t = (u128::from(cost) * u128::from(self.period)).div_ceil(amount);
+        u64::try_from(t).unwrap_or(u64::MAX)
+    }
+
+    /// The burst expressed as time: how far ahead of `now` the TAT may run.
+    fn tolerance(&self) -> Nanos {
+        self.interval(self.burst)
+    }
+}
+
+/// The answer of a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go ahead (the cost was charged, if this was a `take`).
+    Allowed,
+    /// Not before this instant.
+    NotUntil(Nanos),
+    /// The cost exceeds the burst: it will never fit. The caller must reduce it (or the
+    /// operator the cost), not wait.
+    Never,
+}
+
+impl Decision {
+    /// Whether the request may proceed.
+    pub const fn is_allowed(self) -> bool {
+        matches!(self, Self::Allowed)
+    }
+}
+
+/// One GCRA step on a bare TAT: returns the decision and the TAT to store if it was allowed.
+/// Hosts that keep the TAT in shared memory apply this in a compare-and-swap loop.
+pub fn gcra(rate: &Rate, tat: Nanos, now: Nanos, cost: u64) -> (Decision, Nanos) {
+    if cost > rate.burst {
+        return (Decision::Never, tat);
+    }
+    let start = tat.max(now);
+    let new_tat = start.saturating_add(rate.interval(cost));
+    let allow_at = new_tat.saturating_sub(rate.tolerance());
+    if allow_at <= now {
+        (Decision::Allowed, new_tat)
+    } else {
+        (Decision::NotUntil(allow_at), tat)
+    }
+}
+
+/// A single token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucket {
+    rate: Rate,
+    tat: Nanos,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub const fn new(rate: Rate) -> Self {
+        Self { rate, tat: 0 }
+    }
+
+    /// The bucket's rate.
+    pub const fn rate(&self) -> &Rate {
+        &self.rate
+    }
+
+    /// Would `cost` be allowed at `now`? Charges nothing.
+    pub fn check(&self, now: Nanos, cost: u64) -> Decision {
+        gcra(&self.rate, self.tat, now, cost).0
+    }
+
+    /// Charges `cost` if allowed.
+    pub fn take(&mut self, now: Nanos, cost: u64) -> Decision {
+        let (decision, tat) = gcra(&self.rate, self.tat, now, cost);
+        self.tat = tat;
+        decision
+    }
+
+    /// Gives back `cost` units (an estimate that turned out too high, a request refused later).
+    pub fn refund(&mut self, cost: u64) {
+        self.tat = self.tat.saturating_sub(self.rate.interval(cost));
+    }
+
+    /// Units available now, rounded down.
+    pub fn available(&self, now: Nanos) -> u64 {
+        let used = self.tat.saturating_sub(now);
+        let free = self.rate.tolerance().saturating_sub(used);
+        let units =
+            u128::from(free) * u128::from(self.rate.amount) / u128::from(self.rate.period.max(1));
+        u64::try_from(units)
+            .unwrap_or(u64::MAX)
+            .min(self.rate.burst)
+    }
+}
+
+/// A request bucket and a token bucket charged together: both allow, or neither is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestAndTokenBuckets {
+    /// Charged one unit per request.
+    pub requests: Option<TokenBucket>,
+    /// Charged the estimated LLM tokens per request.
+    pub tokens: Option<TokenBucket>,
+}
+
+impl RequestAndTokenBuckets {
+    /// Charges one request and `tokens` tokens if both buckets allow; otherwise charges nothing
+    /// and says when both would.
+    pub fn take(&mut self, now: Nanos, tokens: u64) -> Decision {
+        let by_requests = self
+            .requests
+            .as_ref()
+            .map_or(Decision::Allowed, |b| b.check(now, 1));
+        let by_tokens = self
+            .tokens
+            .as_ref()
+            .map_or(Decision::Allowed, |b| b.check(now, tokens));
+        match combine(by_requests, by_tokens) {
+            Decision::Allowed => {
+                if let Some(b) = self.requests.as_mut() {
+                    b.take(now, 1);
+                }
+                if let Some(b) = self.tokens.as_mut() {
+                    b.take(now, tokens);
+                }
+                Decision::Allowed
+            }
+            other => other,
+        }
+    }
+}
+
+/// The stricter of two decisions.
+pub fn combine(a: Decision, b: Decision) -> Decision {
+    match (a, b) {
+        (Decision::Never, _) | (_, Decision::Never) => Decision::Never,
+        (Decision::NotUntil(x), Decision::NotUntil(y)) => Decision::NotUntil(x.max(y)),
+        (Decision::NotUntil(x), Decision::Allowed) | (Decision::Allowed, Decision::NotUntil(x)) => {
+            Decision::NotUntil(x)
+        }
+        (Decision::Allowed, Decision::Allowed) => Decision::Allowed,
+    }
+}
+
+/// How many slots past a key's home slot are searched. Eight keeps a lookup within one or two
+/// cache lines and makes eviction choose among eight candidates.
+const PROBE: usize = 8;
+
+/// One bucket per key (tenant) in a fixed-size table.
+#[derive(Debug, Clone)]
+pub struct KeyedBuckets {
+    rate: Rate,
+    /// `(key, tat)`; key 0 marks an empty slot (keys are remapped away from 0).
+    slots: Vec<(u64, Nanos)>,
+}
+
+impl KeyedBuckets {
+    /// A table for about `capacity` concurrently active keys (at least [`PROBE`]).
+    pub fn new(rate: Rate, capacity: usize) -> Self {
+        Self {
+            rate,
+            slots: alloc::vec![(0, 0); capacity.max(PROBE)],
+        }
+    }
+
+    /// The number of slots (fixed at construction).
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Charges `cost` to `key`'s bucket if allowed. `key` is a hash of the tenant identity.
+    pub fn take(&mut self, key: u64, now: Nanos, cost: u64) -> Decision {
+        let rate = self.rate;
+        let key = if key == 0 { 1 } else { key };
+        let len = self.slots.len();
+        let home = (mix(key) % len as u64) as usize;
+        let mut victim = home;
+        let mut victim_tat = Nanos::MAX;
+        for step in 0..PROBE.min(len) {
+            let index = (home + step) % len;
+            let Some(&(k, tat)) = self.slots.get(index) else {
+                continue;
+            };
+            if k == key {
+                let (decision, new_tat) = gcra(&rate, tat, now, cost);
+                if let Some(slot) = self.slots.get_mut(index) {
+                    slot.1 = new_tat;
+                }
+                return decision;
+            }
+            // Empty slots and fully refilled buckets are free to reuse; otherwise remember the
+            // slot whose bucket is closest to full.
+            let effective_tat = if k == 0 { 0 } else { tat };
+            if effective_tat < victim_tat {
+                victim = index;
+                victim_tat = effective_tat;
+            }
+        }
+        let (decision, new_tat) = gcra(&rate, 0, now, cost);
+        if let Some(slot) = self.slots.get_mut(victim) {
+            *slot = (key, new_tat);
+        }
+        decision
+    }
+}
+
+/// A cheap 64-bit mixer (the finaliser of splitmix64) so that similar keys land apart.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::{ms, secs};
+
+    #[test]
+    fn burst_then_paced() {
+        let mut b = TokenBucket::new(Rate::per_second(10));
+        for _ in 0..10 {
+            assert_eq!(b.take(secs(1), 1), Decision::Allowed);
+        }
+        assert_eq!(b.take(secs(1), 1), Decision::NotUntil(secs(1) + ms(100)));
+        assert_eq!(b.take(secs(1) + ms(100), 1), Decision::Allowed);
+    }
+
+    #[test]
+    fn cost_and_never() {
+        let mut b = TokenBucket::new(Rate::per_minute(60_000));
+        assert_eq!(b.take(secs(60), 50_000), Decision::Allowed);
+        // 10k left; 20k more needs 10k to refill: 10 s at 1000/s.
+        assert_eq!(b.take(secs(60), 20_000), Decision::NotUntil(secs(70)));
+        assert_eq!(b.take(secs(60), 60_001), Decision::Never);
+        assert_eq!(b.available(secs(60)), 10_000);
+    }
+
+    #[test]
+    fn combined_charges_both_or_neither() {
+        let mut both = RequestAndTokenBuckets {
+            requests: Some(TokenBucket::new(Rate::per_second(100))),
+            tokens: Some(TokenBucket::new(Rate::per_second(1000))),
+        };
+        assert_eq!(both.take(secs(1), 900), Decision::Allowed);
+        assert!(matches!(both.take(secs(1), 900), Decision::NotUntil(_)));
+        // The refused request did not consume a request unit.
+        let requests = both.requests.as_ref().map(|b| b.available(secs(1)));
+        assert_eq!(requests, Some(99));
+    }
+
+    #[test]
+    fn keyed_buckets_isolate_tenants() {
+        let mut k = KeyedBuckets::new(Rate::per_second(2), 64);
+        assert!(k.take(1, secs(1), 1).is_allowed());
+        assert!(k.take(1, secs(1), 1).is_allowed());
+        assert!(!k.take(1, secs(1), 1).is_allowed());
+        assert!(k.take(2, secs(1), 1).is_allowed());
+        assert_eq!(k.capacity(), 64);
+    }
+
+    #[test]
+    fn keyed_buckets_stay_bounded() {
+        let mut k = KeyedBuckets::new(Rate::per_second(1), 16);
+        for key in 0..10_000u64 {
+            let _ = k.take(key, secs(1), 1);
+        }
+        assert_eq!(k.capacity(), 16);
+    }
+}

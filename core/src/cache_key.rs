@@ -1,0 +1,984 @@
+//! Canonical, tenant-scoped cache keys for OpenAI-compatible requests.
+//!
+//! Two requests that ask the same thing must get the same key, whatever order their JSON keys
+//! came in, however their numbers were spelled (`0`, `0.0`, `0e0`), and whatever escapes their
+//! strings used. Two tenants must never share a key, or one tenant would be served another's
+//! answer. And a body that is not JSON must give "not cacheable", never a panic.
+//!
+//! ## The canonical form
+//! RFC 8785 (JSON Canonicalization Scheme) style:
+//! - object members sorted by key, compared as UTF-16 code units; duplicate keys make the body
+//!   not cacheable (I-JSON forbids them and providers disagree on which one wins);
+//! - numbers written as ECMAScript's `Number.prototype.toString` writes the nearest double
+//!   (`1.0` → `1`, `1e2` → `100`, `1e21` → `1e+21`, `-0` → `0`); integers of up to 15 digits are
+//!   copied as they are (they are already canonical and exact);
+//! - strings with only the escapes JSON requires (`\"`, `\\`, `\b \f \n \r \t`, other control
+//!   characters as `\u00xx`), everything else as raw UTF-8; lone surrogates are malformed;
+//! - no insignificant whitespace.
+//!
+//! ## What is left out
+//! Top-level fields that do not change the answer are dropped before hashing
+//! ([`IGNORED_FIELDS`]): `user`, `metadata`, `store`, `service_tier`, `prompt_cache_key`,
+//! `safety_identifier`. `stream` and `stream_options` are kept: the cached bytes of a streamed
+//! answer are SSE and those of a plain one are JSON, so the two must not share an entry.
+//!
+//! ## What is cacheable
+//! - A request marked [`OptIn::Never`] (e.g. `cache-control: no-store`) never is.
+//! - A request marked [`OptIn::Always`] (e.g. `x-unbusy-cache: force`) is, if its body is a valid
+//!   JSON object.
+//! - Otherwise only deterministic requests are: `temperature` present and equal to 0, and `n`
+//!   absent or 1. (LLMs are not bit-exact even at temperature 0; serving the same answer to the
+//!   same question is what callers of a cache ask for.)
+//!
+//! ## The key
+//! SipHash-1-3 with 128-bit output over a version tag, the tenant, the endpoint path and the
+//! canonical body, each length-prefixed so that no two different inputs concatenate alike. The
+//! SipHash key is a fixed constant: keys must agree across proxies sharing a Redis cache. Hosts
+//! store the tenant beside the entry and check it on a hit, so even a 2^-128 collision cannot
+//! cross tenants.
+//!
+//! The parser builds a flat array of nodes over the borrowed body (no string copies) and emits
+//! the canonical form into a reused buffer: about one pass to parse and one to write.
+
+use alloc::borrow::Cow;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cmp::Ordering;
+use core::fmt;
+use core::hash::Hasher;
+use siphasher::sip128::{Hasher128, SipHasher13};
+
+/// Top-level request fields that do not change the answer and are left out of the key.
+pub const IGNORED_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
+/// Deeper nesting than this is refused (not cacheable): real requests nest a handful of levels,
+/// and a bound keeps the recursive parser's stack use bounded on hostile input.
+pub const MAX_DEPTH: usize = 128;
+
+/// The fixed SipHash key, so that every proxy computes the same key for the same request.
+const SIP_KEY: (u64, u64) = (0x756e_6275_7379_2d63, 0x6163_6865_2d6b_6579);
+
+/// Bumped whenever the canonical form changes, so old cache entries are not misread.
+const VERSION_TAG: &[u8] = b"unbusy-cache-key-v1";
+
+/// A 128-bit cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(pub u128);
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// The caller's explicit wish about caching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptIn {
+    /// Cache if the request is deterministic.
+    #[default]
+    Default,
+    /// Cache whatever the settings.
+    Always,
+    /// Never cache.
+    Never,
+}
+
+/// Why a request gets no key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotCacheable {
+    /// The caller opted out.
+    OptedOut,
+    /// The body is not valid JSON (or not UTF-8); `at` is the byte offset of the problem.
+    Malformed {
+        /// Byte offset.
+        at: usize,
+    },
+    /// The body is valid JSON but not an object.
+    NotAnObject,
+    /// The body nests deeper than [`MAX_DEPTH`].
+    TooDeep,
+    /// The body is larger than 4 GiB.
+    TooLarge,
+    /// An object has the same key twice.
+    DuplicateKey,
+    /// Sampling is not deterministic (`temperature` not 0, or `n` > 1) and the caller did not
+    /// opt in.
+    NonDeterministic,
+}
+
+impl fmt::Display for NotCacheable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OptedOut => f.write_str("the request opted out of caching"),
+            Self::Malformed { at } => write!(f, "the body is not valid JSON (byte {at})"),
+            Self::NotAnObject => f.write_str("the body is not a JSON object"),
+            Self::TooDeep => write!(f, "the body nests deeper than {MAX_DEPTH} levels"),
+            Self::TooLarge => f.write_str("the body is larger than 4 GiB"),
+            Self::DuplicateKey => f.write_str("the body has a duplicate object key"),
+            Self::NonDeterministic => {
+                f.write_str("sampling is not deterministic (temperature must be 0, n at most 1)")
+            }
+        }
+    }
+}
+
+/// What a key is computed from.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRequest<'a> {
+    /// The tenant's identity (a hash of the API key, or a configured header's value).
+    pub tenant: &'a [u8],
+    /// The endpoint path, e.g. `/v1/chat/completions`.
+    pub endpoint: &'a str,
+    /// The request body.
+    pub body: &'a [u8],
+    /// The caller's explicit wish.
+    pub opt_in: OptIn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    True,
+    False,
+    Number,
+    /// A string; `escaped` when it contains a backslash.
+    String {
+        escaped: bool,
+    },
+    Array,
+    Object,
+}
+
+/// Scalars: `a..b` is the source span (strings: inside the quotes). Containers: `a..b` is the
+/// range of child indices in `Canonicalizer::children` (objects: key, value, key, value, ...).
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    kind: Kind,
+    a: u32,
+    b: u32,
+}
+
+/// Reusable buffers for computing keys; keep one per worker to avoid reallocating per request.
+#[derive(Debug, Default)]
+pub struct Canonicalizer {
+    nodes: Vec<Node>,
+    children: Vec<u32>,
+    pending: Vec<u32>,
+    members: Vec<(u32, u32)>,
+    out: Vec<u8>,
+}
+
+impl Canonicalizer {
+    /// Empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cache key of a request, or why it has none.
+    pub fn key(&mut self, request: &KeyRequest<'_>) -> Result<CacheKey, NotCacheable> {
+        if request.opt_in == OptIn::Never {
+            return Err(NotCacheable::OptedOut);
+        }
+        let root = self.parse(request.body)?;
+        let root_node = self.node(root);
+        if root_node.kind != Kind::Object {
+            return Err(NotCacheable::NotAnObject);
+        }
+        if request.opt_in == OptIn::Default && !self.is_deterministic(request.body, root_node)? {
+            return Err(NotCacheable::NonDeterministic);
+        }
+        self.out.clear();
+        self.emit(request.body, root, true)?;
+        let mut h = SipHasher13::new_with_keys(SIP_KEY.0, SIP_KEY.1);
+        for part in [VERSION_TAG, request.tenant, request.endpoint.as_bytes()] {
+            h.write_u64(part.len() as u64);
+            h.write(part);
+        }
+        h.write_u64(self.out.len() as u64);
+        h.write(&self.out);
+        Ok(CacheKey(h.finish128().as_u128()))
+    }
+
+    /// The canonical form of any JSON document (every field kept), for tests and debugging.
+    pub fn canonical_json(&mut self, body: &[u8]) -> Result<String, NotCacheable> {
+        let root = self.parse(body)?;
+        self.out.clear();
+        self.emit(body, root, false)?;
+        String::from_utf8(core::mem::take(&mut self.out))
+            .map_err(|_| NotCacheable::Malformed { at: 0 })
+    }
+
+    fn node(&self, index: u32) -> Node {
+        self.nodes.get(index as usize).copied().unwrap_or(Node {
+            kind: Kind::Null,
+            a: 0,
+            b: 0,
+        })
+    }
+
+    fn parse(&mut self, body: &[u8]) -> Result<u32, NotCacheable> {
+        if u32::try_from(body.len()).is_err() {
+            return Err(NotCacheable::TooLarge);
+        }
+        if let Err(e) = core::str::from_utf8(body) {
+            return Err(NotCacheable::Malformed {
+                at: e.valid_up_to(),
+            });
+        }
+        self.nodes.clear();
+        self.children.clear();
+        self.pending.clear();
+        let mut parser = Parser { src: body, pos: 0 };
+        parser.skip_ws();
+        let root = parser.value(self, 0)?;
+        parser.skip_ws();
+        if parser.pos != body.len() {
+            return Err(NotCacheable::Malformed { at: parser.pos });
+        }
+        Ok(root)
+    }
+
+    fn push(&mut self, node: Node) -> u32 {
+        self.nodes.push(node);
+        (self.nodes.len() - 1) as u32
+    }
+
+    /// Reads the top-level `temperature` and `n`.
+    fn is_deterministic(&self, src: &[u8], root: Node) -> Result<bool, NotCacheable> {
+        let mut temperature_zero = false;
+        let mut n_ok = true;
+        let mut i = root.a;
+        while i + 1 < root.b {
+            let key = self.node(self.child(i));
+            let value = self.node(self.child(i + 1));
+            let name = span(src, key.a, key.b);
+            if value.kind == Kind::Number && matches!(name, b"temperature" | b"n") {
+                let number =
+                    parse_f64(span(src, value.a, value.b)).ok_or(NotCacheable::Malformed {
+                        at: value.a as usize,
+                    })?;
+                if name == b"temperature" {
+                    temperature_zero = number == 0.0;
+                } else {
+                    n_ok = number == 1.0;
+                }
+            } else if name == b"n" && value.kind != Kind::Null {
+                n_ok = false;
+            }
+            i += 2;
+        }
+        Ok(temperature_zero && n_ok)
+    }
+
+    fn child(&self, i: u32) -> u32 {
+        self.children.get(i as usize).copied().unwrap_or(0)
+    }
+
+    fn emit(&mut self, src: &[u8], index: u32, top_level: bool) -> Result<(), NotCacheable> {
+        let node = self.node(index);
+        match node.kind {
+            Kind::Null => self.out.extend_from_slice(b"null"),
+            Kind::True => self.out.extend_from_slice(b"true"),
+            Kind::False => self.out.extend_from_slice(b"false"),
+            Kind::Number => write_number(span(src, node.a, node.b), &mut self.out).ok_or(
+                NotCacheable::Malformed {
+                    at: node.a as usize,
+                },
+            )?,
+            Kind::String { escaped } => {
+                self.out.push(b'"');
+                let raw = span(src, node.a, node.b);
+                if escaped {
+                    write_unescaped(raw, &mut self.out).ok_or(NotCacheable::Malformed {
+                        at: node.a as usize,
+                    })?;
+                } else {
+                    self.out.extend_from_slice(raw);
+                }
+                self.out.push(b'"');
+            }
+            Kind::Array => {
+                self.out.push(b'[');
+                for (n, i) in (node.a..node.b).enumerate() {
+                    if n > 0 {
+                        self.out.push(b',');
+                    }
+                    self.emit(src, self.child(i), false)?;
+                }
+                self.out.push(b']');
+            }
+            Kind::Object => {
+                let base = self.members.len();
+                let mut i = node.a;
+                while i + 1 < node.b {
+                    let key = self.child(i);
+                    let keep = !top_level || {
+                        let k = self.node(key);
+                        let name = span(src, k.a, k.b);
+                        !IGNORED_FIELDS.iter().any(|f| f.as_bytes() == name)
+                    };
+                    if keep {
+                        self.members.push((key, self.child(i + 1)));
+                    }
+                    i += 2;
+                }
+                let nodes = &self.nodes;
+                let lookup = |i: u32| {
+                    nodes.get(i as usize).copied().unwrap_or(Node {
+                        kind: Kind::Null,
+                        a: 0,
+                        b: 0,
+                    })
+                };
+                let tail = self.members.get_mut(base..).unwrap_or_default();
+                tail.sort_unstable_by(|x, y| compare_keys(src, lookup(x.0), lookup(y.0)));
+                let duplicate = tail
+                    .windows(2)
+                    .any(|w| matches!(w, [x, y] if compare_keys(src, lookup(x.0), lookup(y.0)) == Ordering::Equal));
+                if duplicate {
+                    self.members.truncate(base);
+                    return Err(NotCacheable::DuplicateKey);
+                }
+                let end = self.members.len();
+                self.out.push(b'{');
+                let mut result = Ok(());
+                for m in base..end {
+                    let Some(&(key, value)) = self.members.get(m) else {
+                        break;
+                    };
+                    if m > base {
+                        self.out.push(b',');
+                    }
+                    result = self.emit(src, key, false).and_then(|()| {
+                        self.out.push(b':');
+                        self.emit(src, value, false)
+                    });
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                self.members.truncate(base);
+                result?;
+                self.out.push(b'}');
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A one-off key (allocates fresh buffers; prefer a reused [`Canonicalizer`] on hot paths).
+pub fn cache_key(request: &KeyRequest<'_>) -> Result<CacheKey, NotCacheable> {
+    Canonicalizer::new().key(request)
+}
+
+fn span(src: &[u8], a: u32, b: u32) -> &[u8] {
+    src.get(a as usize..b as usize).unwrap_or_default()
+}
+
+/// Orders keys by their decoded value as UTF-16 code units (RFC 8785 §3.2.3).
+fn compare_keys(src: &[u8], x: Node, y: Node) -> Ordering {
+    let (xa, ya) = (span(src, x.a, x.b), span(src, y.a, y.b));
+    let plain = |n: Node| matches!(n.kind, Kind::String { escaped: false });
+    if plain(x) && plain(y) && xa.is_ascii() && ya.is_ascii() {
+        return xa.cmp(ya);
+    }
+    decoded_key(x, xa)
+        .encode_utf16()
+        .cmp(decoded_key(y, ya).encode_utf16())
+}
+
+/// A key's decoded text: borrowed when it has no escapes.
+fn decoded_key(node: Node, raw: &[u8]) -> Cow<'_, str> {
+    if matches!(node.kind, Kind::String { escaped: false }) {
+        Cow::Borrowed(core::str::from_utf8(raw).unwrap_or(""))
+    } else {
+        let mut buf = Vec::new();
+        let _ = decode_string(raw, &mut |cp| push_utf8(&mut buf, cp));
+        Cow::Owned(String::from_utf8(buf).unwrap_or_default())
+    }
+}
+
+struct Parser<'a> {
+    src: &'a [u8],
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.src.get(self.pos).copied()
+    }
+
+    fn err(&self) -> NotCacheable {
+        NotCacheable::Malformed { at: self.pos }
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), NotCacheable> {
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.err())
+        }
+    }
+
+    fn value(&mut self, c: &mut Canonicalizer, depth: usize) -> Result<u32, NotCacheable> {
+        if depth > MAX_DEPTH {
+            return Err(NotCacheable::TooDeep);
+        }
+        let start = self.pos as u32;
+        match self.peek() {
+            Some(b'{') => self.container(c, depth, Kind::Object),
+            Some(b'[') => self.container(c, depth, Kind::Array),
+            Some(b'"') => self.string(c),
+            Some(b't') => self.literal(c, b"true", Kind::True, start),
+            Some(b'f') => self.literal(c, b"false", Kind::False, start),
+            Some(b'n') => self.literal(c, b"null", Kind::Null, start),
+            Some(b'-' | b'0'..=b'9') => {
+                self.number()?;
+                Ok(c.push(Node {
+                    kind: Kind::Number,
+                    a: start,
+                    b: self.pos as u32,
+                }))
+            }
+            _ => Err(self.err()),
+        }
+    }
+
+    fn literal(
+        &mut self,
+        c: &mut Canonicalizer,
+        word: &[u8],
+        kind: Kind,
+        start: u32,
+    ) -> Result<u32, NotCacheable> {
+        if self.src.get(self.pos..self.pos + word.len()) == Some(word) {
+            self.pos += word.len();
+            Ok(c.push(Node {
+                kind,
+                a: start,
+                b: self.pos as u32,
+            }))
+        } else {
+            Err(self.err())
+        }
+    }
+
+    fn container(
+        &mut self,
+        c: &mut Canonicalizer,
+        depth: usize,
+        kind: Kind,
+    ) -> Result<u32, NotCacheable> {
+        let close = if kind == Kind::Object { b'}' } else { b']' };
+        self.pos += 1;
+        let mark = c.pending.len();
+        self.skip_ws();
+        if self.peek() == Some(close) {
+            self.pos += 1;
+        } else {
+            loop {
+                self.skip_ws();
+                if kind == Kind::Object {
+                    if self.peek() != Some(b'"') {
+                        return Err(self.err());
+                    }
+                    let key = self.string(c)?;
+                    c.pending.push(key);
+                    self.skip_ws();
+                    self.expect(b':')?;
+                    self.skip_ws();
+                }
+                let value = self.value(c, depth + 1)?;
+                c.pending.push(value);
+                self.skip_ws();
+                match self.peek() {
+                    Some(b',') => self.pos += 1,
+                    Some(b) if b == close => {
+                        self.pos += 1;
+                        break;
+                    }
+                    _ => return Err(self.err()),
+                }
+            }
+        }
+        let a = c.children.len() as u32;
+        let moved = c.pending.get(mark..).unwrap_or_default();
+        c.children.extend_from_slice(moved);
+        c.pending.truncate(mark);
+        let b = c.children.len() as u32;
+        Ok(c.push(Node { kind, a, b }))
+    }
+
+    fn string(&mut self, c: &mut Canonicalizer) -> Result<u32, NotCacheable> {
+        self.pos += 1; // the opening quote
+        let start = self.pos;
+        let mut escaped = false;
+        loop {
+            let rest = self.src.get(self.pos..).unwrap_or_default();
+            let Some(offset) = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            else {
+                self.pos = self.src.len();
+                return Err(self.err());
+            };
+            self.pos += offset;
+            match self.peek() {
+                Some(b'"') => break,
+                Some(b'\\') => {
+                    escaped = true;
+                    self.pos += 1;
+                    match self.peek() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                            self.pos += 1;
+                        }
+                        Some(b'u') => {
+                            let hex = self.src.get(self.pos + 1..self.pos + 5);
+                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                                return Err(self.err());
+                            }
+                            self.pos += 5;
+                        }
+                        _ => return Err(self.err()),
+                    }
+                }
+                _ => return Err(self.err()), // a raw control character
+            }
+        }
+        let end = self.pos;
+        self.pos += 1; // the closing quote
+        Ok(c.push(Node {
+            kind: Kind::String { escaped },
+            a: start as u32,
+            b: end as u32,
+        }))
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.pos;
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.pos += 1;
+        }
+        self.pos - start
+    }
+
+    fn number(&mut self) -> Result<(), NotCacheable> {
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return Err(self.err()),
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if self.digits() == 0 {
+                return Err(self.err());
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if self.digits() == 0 {
+                return Err(self.err());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_f64(raw: &[u8]) -> Option<f64> {
+    let v: f64 = core::str::from_utf8(raw).ok()?.parse().ok()?;
+    v.is_finite().then_some(v)
+}
+
+/// Writes a validated JSON number in ECMAScript canonical form. `None` for numbers that are not
+/// finite doubles (RFC 8785 refuses them).
+fn write_number(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let (negative, digits) = match raw.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, raw),
+    };
+    // Fast path: a plain integer of up to 15 digits is exactly representable and JSON already
+    // forbids leading zeros, so it is its own canonical form.
+    if digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) {
+        if digits == b"0" {
+            out.push(b'0');
+        } else {
+            if negative {
+                out.push(b'-');
+            }
+            out.extend_from_slice(digits);
+        }
+        return Some(());
+    }
+    let v = parse_f64(raw)?;
+    write_f64(v, out);
+    Some(())
+}
+
+/// A fixed buffer for `core::fmt` output (a double's shortest form fits in 32 bytes).
+struct StackBuf {
+    bytes: [u8; 40],
+    len: usize,
+}
+
+impl fmt::Write for StackBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// ECMAScript `Number.prototype.toString` for a finite double.
+pub(crate) fn write_f64(v: f64, out: &mut Vec<u8>) {
+    if v == 0.0 {
+        out.push(b'0');
+        return;
+    }
+    let mut buf = StackBuf {
+        bytes: [0; 40],
+        len: 0,
+    };
+    // `{:e}` gives the shortest digits that round-trip, as `d.ddde[-]x`.
+    if fmt::write(&mut buf, format_args!("{:e}", v.abs())).is_err() {
+        return;
+    }
+    let text = buf.bytes.get(..buf.len).unwrap_or_default();
+    let Some(e_at) = text.iter().position(|&b| b == b'e') else {
+        return;
+    };
+    let (mantissa, exponent) = (
+        text.get(..e_at).unwrap_or_default(),
+        text.get(e_at + 1..).unwrap_or_default(),
+    );
+    let exponent: i32 = core::str::from_utf8(exponent)
+        .ok()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0);
+    let mut digits = [0u8; 24];
+    let mut k = 0;
+    for &b in mantissa.iter().filter(|b| b.is_ascii_digit()) {
+        if let Some(slot) = digits.get_mut(k) {
+            *slot = b;
+            k += 1;
+        }
+    }
+    let digits = digits.get(..k).unwrap_or_default();
+    let n = exponent + 1; // the decimal point sits after `n` digits
+    let k = k as i32;
+    if v < 0.0 {
+        out.push(b'-');
+    }
+    if k <= n && n <= 21 {
+        out.extend_from_slice(digits);
+        out.extend(core::iter::repeat_n(b'0', (n - k) as usize));
+    } else if 0 < n && n <= 21 {
+        let (int, frac) = digits.split_at(n as usize);
+        out.extend_from_slice(int);
+        out.push(b'.');
+        out.extend_from_slice(frac);
+    } else if -6 < n && n <= 0 {
+        out.extend_from_slice(b"0.");
+        out.extend(core::iter::repeat_n(b'0', (-n) as usize));
+        out.extend_from_slice(digits);
+    } else {
+        let (first, rest) = digits.split_at(1.min(digits.len()));
+        out.extend_from_slice(first);
+        if !rest.is_empty() {
+            out.push(b'.');
+            out.extend_from_slice(rest);
+        }
+        out.push(b'e');
+        out.push(if n - 1 < 0 { b'-' } else { b'+' });
+        let mut exp = StackBuf {
+            bytes: [0; 40],
+            len: 0,
+        };
+        let _ = fmt::write(&mut exp, format_args!("{}", (n - 1).unsigned_abs()));
+        out.extend_from_slice(exp.bytes.get(..exp.len).unwrap_or_default());
+    }
+}
+
+/// Decodes a JSON string's escapes, calling `emit` with each code point. `None` on a lone
+/// surrogate or a malformed escape.
+fn decode_string(raw: &[u8], emit: &mut impl FnMut(u32)) -> Option<()> {
+    let text = core::str::from_utf8(raw).ok()?;
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch != '\\' {
+            emit(ch as u32);
+            continue;
+        }
+        let cp = match chars.next()? {
+            '"' => 0x22,
+            '\\' => 0x5c,
+            '/' => 0x2f,
+            'b' => 0x08,
+            'f' => 0x0c,
+            'n' => 0x0a,
+            'r' => 0x0d,
+            't' => 0x09,
+            'u' => {
+                let unit = hex4(&mut chars)?;
+                match unit {
+                    0xd800..=0xdbff => {
+                        if chars.next()? != '\\' || chars.next()? != 'u' {
+                            return None;
+                        }
+                        let low = hex4(&mut chars)?;
+                        if !(0xdc00..=0xdfff).contains(&low) {
+                            return None;
+                        }
+                        0x10000 + ((unit - 0xd800) << 10) + (low - 0xdc00)
+                    }
+                    0xdc00..=0xdfff => return None,
+                    _ => unit,
+                }
+            }
+            _ => return None,
+        };
+        emit(cp);
+    }
+    Some(())
+}
+
+fn hex4(chars: &mut core::str::Chars<'_>) -> Option<u32> {
+    let mut v = 0;
+    for _ in 0..4 {
+        v = v * 16 + chars.next()?.to_digit(16)?;
+    }
+    Some(v)
+}
+
+fn push_utf8(out: &mut Vec<u8>, cp: u32) {
+    if let Some(ch) = char::from_u32(cp) {
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+    }
+}
+
+/// Re-escapes a string with escapes in canonical form.
+fn write_unescaped(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    decode_string(raw, &mut |cp| match cp {
+        0x22 => out.extend_from_slice(b"\\\""),
+        0x5c => out.extend_from_slice(b"\\\\"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        0x0c => out.extend_from_slice(b"\\f"),
+        0x0a => out.extend_from_slice(b"\\n"),
+        0x0d => out.extend_from_slice(b"\\r"),
+        0x09 => out.extend_from_slice(b"\\t"),
+        0..=0x1f => {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX.get((cp >> 4) as usize).copied().unwrap_or(b'0'));
+            out.push(HEX.get((cp & 0xf) as usize).copied().unwrap_or(b'0'));
+        }
+        _ => push_utf8(out, cp),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::format;
+
+    fn canon(s: &str) -> Result<String, NotCacheable> {
+        Canonicalizer::new().canonical_json(s.as_bytes())
+    }
+
+    fn key(tenant: &str, body: &str) -> Result<CacheKey, NotCacheable> {
+        cache_key(&KeyRequest {
+            tenant: tenant.as_bytes(),
+            endpoint: "/v1/chat/completions",
+            body: body.as_bytes(),
+            opt_in: OptIn::Default,
+        })
+    }
+
+    #[test]
+    fn rfc8785_numbers() {
+        let cases = [
+            ("0", "0"),
+            ("-0", "0"),
+            ("-0.0", "0"),
+            ("1.0", "1"),
+            ("1e2", "100"),
+            ("1E+2", "100"),
+            ("0.5", "0.5"),
+            ("1e21", "1e+21"),
+            ("1e20", "100000000000000000000"),
+            ("1e-6", "0.000001"),
+            ("1e-7", "1e-7"),
+            ("123456789012345678", "123456789012345680"),
+            ("4.50", "4.5"),
+            ("2e-3", "0.002"),
+            ("-1.5e300", "-1.5e+300"),
+            ("9007199254740993", "9007199254740992"),
+            ("333333333.33333329", "333333333.3333333"),
+            ("1.7976931348623157e308", "1.7976931348623157e+308"),
+            ("5e-324", "5e-324"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(canon(input).as_deref(), Ok(want), "{input}");
+        }
+        assert!(matches!(
+            canon("1e400"),
+            Err(NotCacheable::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn rfc8785_strings_and_order() {
+        assert_eq!(
+            canon(r#"{"b":1,"a":"\u0041\n\u001f\/\"","c":[true,false,null]}"#).as_deref(),
+            Ok(r#"{"a":"A\n\u001f/\"","b":1,"c":[true,false,null]}"#)
+        );
+        // RFC 8785 §3.2.3's example: UTF-16 code unit order puts the surrogate pair of U+1F600
+        // (0xD83D 0xDE00) before U+FB33, unlike UTF-8 byte order.
+        assert_eq!(
+            canon(r#"{"\u20ac":1,"\r":2,"\ufb33":3,"1":4,"\ud83d\ude00":5,"\u0080":6,"\u00f6":7}"#)
+                .as_deref(),
+            Ok("{\"\\r\":2,\"1\":4,\"\u{80}\":6,\"\u{f6}\":7,\"\u{20ac}\":1,\"\u{1F600}\":5,\"\u{FB33}\":3}")
+        );
+        assert_eq!(canon(r#""\ud83d\ude00""#).as_deref(), Ok("\"\u{1F600}\""));
+    }
+
+    #[test]
+    fn malformed_inputs_are_not_cacheable() {
+        for bad in [
+            "",
+            " ",
+            "{",
+            "}",
+            "[1,]",
+            "{\"a\":}",
+            "{\"a\" 1}",
+            "01",
+            "1.",
+            "-",
+            "1e",
+            "tru",
+            "\"abc",
+            "\"\\x\"",
+            "\"\\u12\"",
+            "\"\\ud800\"",
+            "{\"a\":1}x",
+            "{'a':1}",
+            "NaN",
+        ] {
+            assert!(
+                matches!(canon(bad), Err(NotCacheable::Malformed { .. })),
+                "{bad:?} gave {:?}",
+                canon(bad)
+            );
+        }
+        assert!(matches!(
+            Canonicalizer::new().canonical_json(b"{\"a\":\"\xff\"}"),
+            Err(NotCacheable::Malformed { at: 6 })
+        ));
+        assert_eq!(canon("{\"a\":1,\"a\":2}"), Err(NotCacheable::DuplicateKey));
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(canon(&deep), Err(NotCacheable::TooDeep));
+    }
+
+    #[test]
+    fn equivalent_requests_share_a_key() {
+        let a = key(
+            "t1",
+            r#"{"model":"deepseek-chat","temperature":0,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        let b = key(
+            "t1",
+            r#" { "messages" : [ {"content":"hi","role":"user"} ], "temperature" : 0.0,
+                 "model":"deepseek-chat", "user":"alice", "metadata":{"trace":"x"} } "#,
+        );
+        assert!(a.is_ok());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn tenants_endpoints_and_content_separate_keys() {
+        let body = r#"{"model":"m","temperature":0,"messages":[]}"#;
+        assert_ne!(key("t1", body), key("t2", body));
+        assert_ne!(
+            key("t1", body),
+            key("t1", r#"{"model":"m2","temperature":0,"messages":[]}"#)
+        );
+        let other_endpoint = cache_key(&KeyRequest {
+            tenant: b"t1",
+            endpoint: "/v1/completions",
+            body: body.as_bytes(),
+            opt_in: OptIn::Default,
+        });
+        assert_ne!(key("t1", body), other_endpoint);
+        // Stream and non-stream answers are stored in different formats.
+        assert_ne!(
+            key("t1", body),
+            key(
+                "t1",
+                r#"{"model":"m","temperature":0,"messages":[],"stream":true}"#
+            )
+        );
+    }
+
+    #[test]
+    fn cacheability_rule() {
+        assert_eq!(
+            key("t", r#"{"model":"m","messages":[]}"#),
+            Err(NotCacheable::NonDeterministic)
+        );
+        assert_eq!(
+            key("t", r#"{"model":"m","temperature":0.7,"messages":[]}"#),
+            Err(NotCacheable::NonDeterministic)
+        );
+        assert_eq!(
+            key("t", r#"{"model":"m","temperature":0,"n":3,"messages":[]}"#),
+            Err(NotCacheable::NonDeterministic)
+        );
+        assert!(key("t", r#"{"model":"m","temperature":0,"n":1,"messages":[]}"#).is_ok());
+        let forced = cache_key(&KeyRequest {
+            tenant: b"t",
+            endpoint: "/v1/chat/completions",
+            body: br#"{"model":"m","temperature":1.3}"#,
+            opt_in: OptIn::Always,
+        });
+        assert!(forced.is_ok());
+        let never = cache_key(&KeyRequest {
+            tenant: b"t",
+            endpoint: "/v1/chat/completions",
+            body: br#"{"model":"m","temperature":0}"#,
+            opt_in: OptIn::Never,
+        });
+        assert_eq!(never, Err(NotCacheable::OptedOut));
+        assert_eq!(key("t", "[1,2]"), Err(NotCacheable::NotAnObject));
+    }
+
+    #[test]
+    fn key_display_is_32_hex_digits() {
+        let k = key("t", r#"{"temperature":0}"#).map(|k| format!("{k}"));
+        assert_eq!(k.as_ref().map(String::len), Ok(32));
+    }
+}

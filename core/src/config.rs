@@ -1,0 +1,894 @@
+//! The configuration schema, its defaults and its validation.
+//!
+//! One schema serves every host: the Envoy filter reads it from its plugin configuration, the
+//! npm package from `createFetch(config)`, the simulator from the command line. It is plain
+//! serde over JSON with a documented default for every field, so `{"providers":[...]}` is a
+//! complete configuration. Unknown fields are refused (a typo must not silently become a
+//! default). Durations are whole milliseconds in fields ending in `_ms`.
+//!
+//! Validation never panics and names the field that is wrong, the way an operator would look
+//! for it: `providers[1].weight must be > 0`. All problems are reported at once, so a bad
+//! configuration is fixed in one round.
+
+use crate::backoff::{Backoff, Jitter};
+use crate::breaker::BreakerSettings;
+use crate::bucket::Rate;
+use crate::budget::BudgetSettings;
+use crate::concurrency::ConcurrencySettings;
+use crate::degrade::{LadderSettings, Thresholds};
+use crate::throttle::ThrottleSettings;
+use crate::time::{ms, Nanos};
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The providers, in order of preference (see [`ProviderConfig::priority`]). At least one.
+    pub providers: Vec<ProviderConfig>,
+    /// Retries and backoff.
+    pub retry: RetryConfig,
+    /// The retry budget.
+    pub budget: BudgetConfig,
+    /// Token-bucket limits, global and per tenant.
+    pub limits: LimitsConfig,
+    /// The adaptive concurrency limit per provider.
+    pub concurrency: ConcurrencyConfig,
+    /// Adaptive client-side throttling per provider.
+    pub throttle: ThrottleConfig,
+    /// The circuit breaker per provider.
+    pub breaker: BreakerConfig,
+    /// Deadlines for a request and its attempts.
+    pub deadlines: DeadlinesConfig,
+    /// The response cache.
+    pub cache: CacheConfig,
+    /// The degradation ladder.
+    pub degradation: DegradationConfig,
+    /// How a request's tenant is identified.
+    pub tenancy: TenancyConfig,
+}
+
+/// One upstream LLM provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// A unique name, used in metrics, logs and the `x-unbusy` header. Required.
+    pub name: String,
+    /// The provider's base URL, e.g. `https://api.deepseek.com` (JS package, `unbusy-up`).
+    /// One of `base_url` or `cluster` is required.
+    pub base_url: Option<String>,
+    /// The Envoy cluster that reaches the provider (Envoy filter).
+    pub cluster: Option<String>,
+    /// The API key to send to this provider, replacing the caller's. Never logged. Default:
+    /// none, the caller's `Authorization` is passed through.
+    pub api_key: Option<String>,
+    /// Model name mapping for this provider: the caller's model name to the provider's.
+    /// Default: empty, names pass through.
+    pub models: BTreeMap<String, String>,
+    /// Share of load within its priority tier. Default 1; must be > 0.
+    pub weight: u32,
+    /// Lower is preferred; a tier is used when every provider of better tiers is unusable.
+    /// Default 0.
+    pub priority: u32,
+    /// The provider's concurrency quota (requests in flight) if known: caps the adaptive limit.
+    /// Default: none, learned adaptively up to `concurrency.max`.
+    pub max_concurrency: Option<u32>,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            base_url: None,
+            cluster: None,
+            api_key: None,
+            models: BTreeMap::new(),
+            weight: 1,
+            priority: 0,
+            max_concurrency: None,
+        }
+    }
+}
+
+/// Retries and backoff. See [`crate::backoff`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per request, the first included. Default 4; 1 disables retries; at most 16.
+    pub max_attempts: u32,
+    /// The first retry's delay before jitter. Default 250.
+    pub base_ms: u64,
+    /// The longest delay. Default 8000.
+    pub cap_ms: u64,
+    /// `full`, `equal`, `decorrelated` or `none`. Default `full`.
+    pub jitter: Jitter,
+    /// The longest server hint (`Retry-After` and friends) honoured; a longer one makes the
+    /// engine fail over or fail fast instead of waiting. Default 60000.
+    pub max_hint_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let b = Backoff::DEFAULT;
+        Self {
+            max_attempts: b.max_attempts,
+            base_ms: b.base / ms(1),
+            cap_ms: b.cap / ms(1),
+            jitter: b.jitter,
+            max_hint_ms: b.max_hint / ms(1),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The backoff policy.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            base: ms(self.base_ms),
+            cap: ms(self.cap_ms),
+            max_attempts: self.max_attempts,
+            jitter: self.jitter,
+            max_hint: ms(self.max_hint_ms),
+        }
+    }
+}
+
+/// The retry budget. See [`crate::budget`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// How long first attempts and retries count. Default 10000.
+    pub window_ms: u64,
+    /// Retries allowed as a fraction of first attempts. Default 0.2; between 0 and 10.
+    pub ratio: f64,
+    /// Retries per second always allowed. Default 1.
+    pub min_per_second: u32,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        let d = BudgetSettings::default();
+        Self {
+            window_ms: d.window / ms(1),
+            ratio: f64::from(d.ratio_permille) / 1000.0,
+            min_per_second: d.min_per_second,
+        }
+    }
+}
+
+impl BudgetConfig {
+    /// The budget's settings.
+    pub fn settings(&self) -> BudgetSettings {
+        BudgetSettings {
+            window: ms(self.window_ms),
+            ratio_permille: libm::round(self.ratio * 1000.0) as u32,
+            min_per_second: self.min_per_second,
+        }
+    }
+}
+
+/// A rate limit on requests and/or LLM tokens. See [`crate::bucket`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateConfig {
+    /// Requests per minute. Default: unlimited.
+    pub requests_per_minute: Option<u64>,
+    /// Estimated LLM tokens (prompt + `max_tokens`) per minute. Default: unlimited.
+    pub tokens_per_minute: Option<u64>,
+    /// Requests accepted at once from a full bucket. Default: `requests_per_minute`.
+    pub burst_requests: Option<u64>,
+    /// Tokens accepted at once from a full bucket. Default: `tokens_per_minute`.
+    pub burst_tokens: Option<u64>,
+}
+
+impl RateConfig {
+    /// The request rate, if limited.
+    pub fn request_rate(&self) -> Option<Rate> {
+        self.requests_per_minute
+            .map(|r| Rate::per_minute(r).with_burst(self.burst_requests.unwrap_or(r)))
+    }
+
+    /// The token rate, if limited.
+    pub fn token_rate(&self) -> Option<Rate> {
+        self.tokens_per_minute
+            .map(|r| Rate::per_minute(r).with_burst(self.burst_tokens.unwrap_or(r)))
+    }
+}
+
+/// Token-bucket limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Across all tenants. Default: unlimited.
+    pub global: RateConfig,
+    /// Per tenant. Default: unlimited.
+    pub per_tenant: RateConfig,
+    /// Tenants tracked at once (fixed memory). Default 4096; at least 8.
+    pub tenant_slots: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            global: RateConfig::default(),
+            per_tenant: RateConfig::default(),
+            tenant_slots: 4096,
+        }
+    }
+}
+
+/// The adaptive concurrency limit. See [`crate::concurrency`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConcurrencyConfig {
+    /// The starting limit per provider. Default 16.
+    pub initial: u32,
+    /// The lowest limit. Default 1.
+    pub min: u32,
+    /// The highest limit (a provider's `max_concurrency` caps it further). Default 256.
+    pub max: u32,
+    /// Multiplier on overload, in (0, 1). Default 0.75.
+    pub backoff_ratio: f64,
+    /// The least time between two decreases. Default 500.
+    pub decrease_cooldown_ms: u64,
+    /// A success slower than this multiple of the average counts as mild overload; 0 disables.
+    /// Default 3.
+    pub latency_tolerance: f64,
+    /// How long a request may wait for a free slot before it is refused (or served stale).
+    /// Default 10000.
+    pub queue_timeout_ms: u64,
+}
+
+impl Default for ConcurrencyConfig {
+    fn default() -> Self {
+        let d = ConcurrencySettings::default();
+        Self {
+            initial: d.initial as u32,
+            min: d.min as u32,
+            max: d.max as u32,
+            backoff_ratio: d.backoff_ratio,
+            decrease_cooldown_ms: d.decrease_cooldown / ms(1),
+            latency_tolerance: d.latency_tolerance,
+            queue_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ConcurrencyConfig {
+    /// The limiter settings for a provider with the given quota.
+    pub fn settings(&self, provider_quota: Option<u32>) -> ConcurrencySettings {
+        let max = provider_quota.map_or(self.max, |q| q.min(self.max)).max(1);
+        ConcurrencySettings {
+            initial: f64::from(self.initial.min(max)),
+            min: f64::from(self.min.min(max)),
+            max: f64::from(max),
+            backoff_ratio: self.backoff_ratio,
+            decrease_cooldown: ms(self.decrease_cooldown_ms),
+            latency_tolerance: self.latency_tolerance,
+        }
+    }
+}
+
+/// Adaptive throttling. See [`crate::throttle`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThrottleConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Default 60000.
+    pub window_ms: u64,
+    /// The multiplier K, at least 1. Default 2.
+    pub k: f64,
+    /// The highest rejection probability, in [0, 1). Default 0.9.
+    pub max_reject: f64,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        let d = ThrottleSettings::default();
+        Self {
+            enabled: true,
+            window_ms: d.window / ms(1),
+            k: d.k,
+            max_reject: d.max_reject,
+        }
+    }
+}
+
+impl ThrottleConfig {
+    /// The throttle's settings.
+    pub fn settings(&self) -> ThrottleSettings {
+        ThrottleSettings {
+            window: ms(self.window_ms),
+            k: self.k,
+            max_reject: self.max_reject,
+        }
+    }
+}
+
+/// The circuit breaker. See [`crate::breaker`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Default 10000.
+    pub window_ms: u64,
+    /// Default 10.
+    pub min_volume: u32,
+    /// In [0, 1]. Default 0.5.
+    pub min_success_rate: f64,
+    /// 0 disables. Default 5.
+    pub consecutive_failures: u32,
+    /// Default 5000.
+    pub open_ms: u64,
+    /// At least `open_ms`. Default 60000.
+    pub max_open_ms: u64,
+    /// At least 1. Default 1.
+    pub half_open_probes: u32,
+    /// At least 1. Default 2.
+    pub probe_successes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        let d = BreakerSettings::default();
+        Self {
+            window_ms: d.window / ms(1),
+            min_volume: d.min_volume,
+            min_success_rate: d.min_success_rate,
+            consecutive_failures: d.consecutive_failures,
+            open_ms: d.open_for / ms(1),
+            max_open_ms: d.max_open_for / ms(1),
+            half_open_probes: d.half_open_probes,
+            probe_successes: d.probe_successes,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// The breaker's settings.
+    pub fn settings(&self) -> BreakerSettings {
+        BreakerSettings {
+            window: ms(self.window_ms),
+            min_volume: self.min_volume,
+            min_success_rate: self.min_success_rate,
+            consecutive_failures: self.consecutive_failures,
+            open_for: ms(self.open_ms),
+            max_open_for: ms(self.max_open_ms),
+            half_open_probes: self.half_open_probes,
+            probe_successes: self.probe_successes,
+        }
+    }
+}
+
+/// Deadlines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadlinesConfig {
+    /// The whole request, retries and waits included; a caller's own deadline (a header or an
+    /// `AbortSignal`) may shorten it. Default 60000.
+    pub total_ms: u64,
+    /// Per attempt: real progress (the first SSE `data:` event, the first JSON byte) must start
+    /// within this, keep-alive bytes do not count. Default 15000.
+    pub first_token_ms: u64,
+    /// Per attempt: once started, real progress may pause at most this long. Default 30000.
+    pub stall_ms: u64,
+}
+
+impl Default for DeadlinesConfig {
+    fn default() -> Self {
+        Self {
+            total_ms: 60_000,
+            first_token_ms: 15_000,
+            stall_ms: 30_000,
+        }
+    }
+}
+
+impl DeadlinesConfig {
+    /// The whole request's deadline as a duration.
+    pub fn total(&self) -> Nanos {
+        ms(self.total_ms)
+    }
+}
+
+/// The response cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Default true. Only cacheable requests are cached (see [`crate::cache_key`]).
+    pub enabled: bool,
+    /// How long an answer is fresh. Default 300000 (5 minutes).
+    pub ttl_ms: u64,
+    /// How long past freshness an answer may still be served when degraded (tier 2+).
+    /// Default 3600000 (1 hour).
+    pub stale_ttl_ms: u64,
+    /// The in-process cache's size bound. Default 67108864 (64 MiB).
+    pub max_bytes: u64,
+    /// Larger answers are not cached. Default 1048576 (1 MiB); at most `max_bytes`.
+    pub max_entry_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl_ms: 300_000,
+            stale_ttl_ms: 3_600_000,
+            max_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The degradation ladder. See [`crate::degrade`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DegradationConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Pressure at which tiers 1, 2, 3 are entered, increasing, in (0, 1]. Default
+    /// [0.3, 0.6, 0.9].
+    pub enter: [f64; 3],
+    /// Pressure below which they are left; each below its `enter`. Default [0.15, 0.4, 0.7].
+    pub exit: [f64; 3],
+    /// The least time between two tier changes. Default 10000.
+    pub min_dwell_ms: u64,
+    /// Tier 1+: `max_tokens` is capped at this. Default 1024; 0 disables the cap.
+    pub max_tokens_cap: u32,
+    /// Tier 1+: expensive model → cheaper model. Default: empty.
+    pub model_fallbacks: BTreeMap<String, String>,
+}
+
+impl Default for DegradationConfig {
+    fn default() -> Self {
+        let d = LadderSettings::default();
+        Self {
+            enabled: true,
+            enter: d.tiers.map(|t| t.enter),
+            exit: d.tiers.map(|t| t.exit),
+            min_dwell_ms: d.min_dwell / ms(1),
+            max_tokens_cap: 1024,
+            model_fallbacks: BTreeMap::new(),
+        }
+    }
+}
+
+impl DegradationConfig {
+    /// The ladder's settings.
+    pub fn settings(&self) -> LadderSettings {
+        let mut tiers = [Thresholds {
+            enter: 0.0,
+            exit: 0.0,
+        }; 3];
+        for ((t, enter), exit) in tiers.iter_mut().zip(self.enter).zip(self.exit) {
+            *t = Thresholds { enter, exit };
+        }
+        LadderSettings {
+            tiers,
+            min_dwell: ms(self.min_dwell_ms),
+        }
+    }
+}
+
+/// How the tenant of a request is identified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenancyConfig {
+    /// A request header whose value names the tenant (e.g. `x-tenant-id`). Default: none, the
+    /// tenant is a hash of the caller's `Authorization` header.
+    pub header: Option<String>,
+    /// The tenant of requests that carry neither. Default `anonymous`.
+    pub default_tenant: String,
+}
+
+impl Default for TenancyConfig {
+    fn default() -> Self {
+        Self {
+            header: None,
+            default_tenant: "anonymous".to_string(),
+        }
+    }
+}
+
+/// What is wrong with a field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Problem {
+    /// The JSON could not be read; the message is serde's (it names unknown fields).
+    Syntax(String),
+    /// Must be greater than zero.
+    MustBePositive,
+    /// Must lie in a range.
+    OutOfRange {
+        /// Lowest allowed.
+        min: f64,
+        /// Highest allowed.
+        max: f64,
+    },
+    /// Must not be empty.
+    Empty,
+    /// Must be unique; the value appears more than once.
+    Duplicate(String),
+    /// Exactly one of two fields must be set.
+    ExactlyOneOf(&'static str, &'static str),
+    /// Must be an `http://` or `https://` URL with a host.
+    NotAUrl,
+    /// Must be at least another field's value.
+    LessThan(&'static str),
+    /// Must be below another field's value.
+    NotBelow(&'static str),
+}
+
+/// One validation error: which field, what is wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// The field's path, e.g. `providers[1].weight`.
+    pub field: String,
+    /// What is wrong.
+    pub problem: Problem,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let field = &self.field;
+        match &self.problem {
+            Problem::Syntax(message) => write!(f, "invalid configuration: {message}"),
+            Problem::MustBePositive => write!(f, "{field} must be > 0"),
+            Problem::OutOfRange { min, max } => {
+                write!(f, "{field} must be between {min} and {max}")
+            }
+            Problem::Empty => write!(f, "{field} must not be empty"),
+            Problem::Duplicate(value) => write!(f, "{field} must be unique: {value:?} repeats"),
+            Problem::ExactlyOneOf(a, b) => {
+                write!(f, "{field} must set exactly one of `{a}` or `{b}`")
+            }
+            Problem::NotAUrl => write!(f, "{field} must be an http:// or https:// URL with a host"),
+            Problem::LessThan(other) => write!(f, "{field} must be at least {other}"),
+            Problem::NotBelow(other) => write!(f, "{field} must be below {other}"),
+        }
+    }
+}
+
+impl core::error::Error for ConfigError {}
+
+/// Every problem found in a configuration (never empty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl core::error::Error for ConfigErrors {}
+
+struct Check(Vec<ConfigError>);
+
+impl Check {
+    fn fail(&mut self, field: impl Into<String>, problem: Problem) {
+        self.0.push(ConfigError {
+            field: field.into(),
+            problem,
+        });
+    }
+
+    fn positive(&mut self, field: &str, value: u64) {
+        if value == 0 {
+            self.fail(field, Problem::MustBePositive);
+        }
+    }
+
+    fn range(&mut self, field: &str, value: f64, min: f64, max: f64) {
+        if !(value >= min && value <= max) {
+            self.fail(field, Problem::OutOfRange { min, max });
+        }
+    }
+
+    fn rate(&mut self, prefix: &str, rate: &RateConfig) {
+        for (name, value) in [
+            ("requests_per_minute", rate.requests_per_minute),
+            ("tokens_per_minute", rate.tokens_per_minute),
+            ("burst_requests", rate.burst_requests),
+            ("burst_tokens", rate.burst_tokens),
+        ] {
+            if value == Some(0) {
+                self.fail(format!("{prefix}.{name}"), Problem::MustBePositive);
+            }
+        }
+    }
+}
+
+fn is_http_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(rest) => {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            !host.is_empty() && !host.starts_with(':') && !host.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+impl Config {
+    /// Parses and validates a JSON configuration.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigErrors> {
+        let config: Self = serde_json::from_slice(json).map_err(|e| {
+            ConfigErrors(alloc::vec![ConfigError {
+                field: String::new(),
+                problem: Problem::Syntax(e.to_string()),
+            }])
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field; returns all problems found.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut c = Check(Vec::new());
+        if self.providers.is_empty() {
+            c.fail("providers", Problem::Empty);
+        }
+        if self.providers.len() > crate::choice::MAX_PROVIDERS {
+            c.fail(
+                "providers",
+                Problem::OutOfRange {
+                    min: 1.0,
+                    max: crate::choice::MAX_PROVIDERS as f64,
+                },
+            );
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            let at = |field: &str| format!("providers[{i}].{field}");
+            if p.name.trim().is_empty() {
+                c.fail(at("name"), Problem::Empty);
+            } else if self.providers.iter().take(i).any(|q| q.name == p.name) {
+                c.fail(at("name"), Problem::Duplicate(p.name.clone()));
+            }
+            match (&p.base_url, &p.cluster) {
+                (Some(url), None) => {
+                    if !is_http_url(url) {
+                        c.fail(at("base_url"), Problem::NotAUrl);
+                    }
+                }
+                (None, Some(cluster)) => {
+                    if cluster.trim().is_empty() {
+                        c.fail(at("cluster"), Problem::Empty);
+                    }
+                }
+                _ => c.fail(
+                    format!("providers[{i}]"),
+                    Problem::ExactlyOneOf("base_url", "cluster"),
+                ),
+            }
+            if p.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+                c.fail(at("api_key"), Problem::Empty);
+            }
+            c.positive(&at("weight"), u64::from(p.weight));
+            if p.max_concurrency == Some(0) {
+                c.fail(at("max_concurrency"), Problem::MustBePositive);
+            }
+            for (from, to) in &p.models {
+                if from.is_empty() || to.is_empty() {
+                    c.fail(format!("providers[{i}].models[{from:?}]"), Problem::Empty);
+                }
+            }
+        }
+
+        let r = &self.retry;
+        c.range("retry.max_attempts", f64::from(r.max_attempts), 1.0, 16.0);
+        c.positive("retry.base_ms", r.base_ms);
+        if r.cap_ms < r.base_ms {
+            c.fail("retry.cap_ms", Problem::LessThan("retry.base_ms"));
+        }
+
+        let b = &self.budget;
+        c.positive("budget.window_ms", b.window_ms);
+        c.range("budget.ratio", b.ratio, 0.0, 10.0);
+
+        c.rate("limits.global", &self.limits.global);
+        c.rate("limits.per_tenant", &self.limits.per_tenant);
+        c.range(
+            "limits.tenant_slots",
+            f64::from(self.limits.tenant_slots),
+            8.0,
+            1_048_576.0,
+        );
+
+        let k = &self.concurrency;
+        c.positive("concurrency.min", u64::from(k.min));
+        c.positive("concurrency.initial", u64::from(k.initial));
+        if k.max < k.min {
+            c.fail("concurrency.max", Problem::LessThan("concurrency.min"));
+        }
+        if !(k.backoff_ratio > 0.0 && k.backoff_ratio < 1.0) {
+            c.fail(
+                "concurrency.backoff_ratio",
+                Problem::OutOfRange { min: 0.0, max: 1.0 },
+            );
+        }
+        c.range(
+            "concurrency.latency_tolerance",
+            k.latency_tolerance,
+            0.0,
+            1000.0,
+        );
+
+        let t = &self.throttle;
+        c.positive("throttle.window_ms", t.window_ms);
+        c.range("throttle.k", t.k, 1.0, 100.0);
+        c.range("throttle.max_reject", t.max_reject, 0.0, 0.999);
+
+        let br = &self.breaker;
+        c.positive("breaker.window_ms", br.window_ms);
+        c.range("breaker.min_success_rate", br.min_success_rate, 0.0, 1.0);
+        c.positive("breaker.open_ms", br.open_ms);
+        if br.max_open_ms < br.open_ms {
+            c.fail("breaker.max_open_ms", Problem::LessThan("breaker.open_ms"));
+        }
+        c.positive("breaker.half_open_probes", u64::from(br.half_open_probes));
+        c.positive("breaker.probe_successes", u64::from(br.probe_successes));
+
+        let d = &self.deadlines;
+        c.positive("deadlines.total_ms", d.total_ms);
+        c.positive("deadlines.first_token_ms", d.first_token_ms);
+        c.positive("deadlines.stall_ms", d.stall_ms);
+
+        let ca = &self.cache;
+        c.positive("cache.ttl_ms", ca.ttl_ms);
+        c.positive("cache.max_entry_bytes", ca.max_entry_bytes);
+        if ca.max_bytes < ca.max_entry_bytes {
+            c.fail(
+                "cache.max_bytes",
+                Problem::LessThan("cache.max_entry_bytes"),
+            );
+        }
+
+        let g = &self.degradation;
+        for i in 0..3 {
+            let (enter, exit) = (
+                g.enter.get(i).copied().unwrap_or(0.0),
+                g.exit.get(i).copied().unwrap_or(0.0),
+            );
+            if !(enter > 0.0 && enter <= 1.0) {
+                c.fail(
+                    format!("degradation.enter[{i}]"),
+                    Problem::OutOfRange { min: 0.0, max: 1.0 },
+                );
+            }
+            if !(exit >= 0.0 && exit < enter) {
+                c.fail(
+                    format!("degradation.exit[{i}]"),
+                    Problem::NotBelow("its degradation.enter"),
+                );
+            }
+            if i > 0 && g.enter.get(i - 1).is_some_and(|prev| enter <= *prev) {
+                c.fail(
+                    format!("degradation.enter[{i}]"),
+                    Problem::LessThan("the previous tier's enter (strictly above)"),
+                );
+            }
+        }
+
+        if self
+            .tenancy
+            .header
+            .as_deref()
+            .is_some_and(|h| h.trim().is_empty())
+        {
+            c.fail("tenancy.header", Problem::Empty);
+        }
+        if self.tenancy.default_tenant.is_empty() {
+            c.fail("tenancy.default_tenant", Problem::Empty);
+        }
+
+        if c.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(c.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    fn errors(json: &str) -> String {
+        match Config::from_json(json.as_bytes()) {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"deepseek","base_url":"https://api.deepseek.com"}]}"#,
+        );
+        let c = c.unwrap();
+        assert_eq!(c.retry.max_attempts, 4);
+        assert_eq!(c.providers[0].weight, 1);
+        assert_eq!(c.deadlines.first_token_ms, 15_000);
+        assert_eq!(c.retry.backoff(), Backoff::DEFAULT);
+        assert_eq!(c.breaker.settings(), BreakerSettings::default());
+        assert_eq!(c.degradation.settings(), LadderSettings::default());
+        assert_eq!(c.budget.settings(), BudgetSettings::default());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","base_url":"https://a"},
+                                 {"name":"b","base_url":"https://b","weight":0}]}"#
+            ),
+            "providers[1].weight must be > 0"
+        );
+        assert_eq!(
+            errors(r#"{"providers":[{"name":"a","base_url":"ftp://x"}]}"#),
+            "providers[0].base_url must be an http:// or https:// URL with a host"
+        );
+        assert_eq!(
+            errors(r#"{"providers":[{"name":"a","cluster":"c","base_url":"https://x"}]}"#),
+            "providers[0] must set exactly one of `base_url` or `cluster`"
+        );
+        assert_eq!(errors("{}"), "providers must not be empty");
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"},{"name":"a","cluster":"d"}],
+                    "retry":{"max_attempts":0,"base_ms":500,"cap_ms":100}}"#
+            ),
+            "providers[1].name must be unique: \"a\" repeats; \
+             retry.max_attempts must be between 1 and 16; retry.cap_ms must be at least retry.base_ms"
+        );
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_refused() {
+        let e = errors(r#"{"providers":[{"name":"a","cluster":"c","weigth":2}]}"#);
+        assert!(e.contains("unknown field `weigth`"), "{e}");
+        let e = errors(r#"{"providers":[{"name":"a","cluster":"c","weight":-1}]}"#);
+        assert!(e.starts_with("invalid configuration:"), "{e}");
+        assert!(errors("not json").starts_with("invalid configuration:"));
+    }
+
+    #[test]
+    fn degradation_thresholds_must_be_ordered() {
+        let e = errors(
+            r#"{"providers":[{"name":"a","cluster":"c"}],
+                "degradation":{"enter":[0.5,0.4,0.9],"exit":[0.6,0.3,0.8]}}"#,
+        );
+        assert!(
+            e.contains("degradation.exit[0] must be below its degradation.enter"),
+            "{e}"
+        );
+        assert!(e.contains("degradation.enter[1]"), "{e}");
+    }
+
+    #[test]
+    fn nan_is_out_of_range() {
+        let mut c = Config::default();
+        c.providers.push(ProviderConfig {
+            name: "a".into(),
+            cluster: Some("c".into()),
+            ..ProviderConfig::default()
+        });
+        c.throttle.k = f64::NAN;
+        let e = c.validate().unwrap_err().to_string();
+        assert_eq!(e, "throttle.k must be between 1 and 100");
+    }
+}

@@ -1,0 +1,66 @@
+//! # unbusy-core
+//!
+//! Every resilience policy unbusy applies to calls against busy LLM APIs (DeepSeek first, any
+//! OpenAI-compatible API after it), written once and driven by thin hosts: the Envoy proxy-wasm
+//! filter, the npm package and the deterministic simulator.
+//!
+//! ## Why sans-IO
+//! The same decisions must come out of an Envoy worker, a browser tab, an edge worker and a
+//! simulator that replays two minutes of traffic in milliseconds. So nothing in this crate reads a
+//! clock, a socket or a global random number generator:
+//! - **time is a parameter**: every call that depends on time takes `now`, a [`time::Nanos`]
+//!   count since an origin the host chooses (monotonic, never going backwards for one instance);
+//! - **randomness is injected**: policies that jitter take a `&mut fastrand::Rng` that the host
+//!   seeded, so a simulation with the same seed gives the same result;
+//! - **state is fixed-size** where possible (rings of time buckets, bounded key tables), so a
+//!   proxy's memory does not grow with traffic or with the number of tenants.
+//!
+//! The crate is `no_std` + `alloc` and builds for `wasm32-unknown-unknown`, `wasm32-wasip1` and
+//! `wasm32v1-none`.
+//!
+//! ## The policies
+//! | module | job |
+//! |---|---|
+//! | [`classify`] | what an attempt's outcome means: success, busy, rate limited, server error, transport fault, caller error; and the server's wait hint |
+//! | [`backoff`] | when to try again: full, equal or decorrelated jitter, server hints within a cap, never past the deadline |
+//! | [`budget`] | whether a retry is affordable: retries bounded by a fraction of recent traffic plus a floor |
+//! | [`bucket`] | token buckets with cost (requests and LLM tokens), per tenant in bounded memory |
+//! | [`throttle`] | adaptive client-side throttling (Google SRE) |
+//! | [`concurrency`] | an AIMD concurrency limit per provider, so a provider with a concurrency quota is paced |
+//! | [`breaker`] | circuit breaker: closed, open, half-open |
+//! | [`choice`] | which provider gets the next attempt |
+//! | [`progress`] | real progress versus keep-alive bytes in a response, first-token time and stalls |
+//! | [`degrade`] | the degradation ladder: normal, feature, data, service |
+//! | [`anomaly`] | rolling mean/deviation and EWMA detectors over latency and error rate |
+//! | [`cache_key`] | canonical, tenant-scoped 128-bit keys for OpenAI-compatible requests |
+//! | [`config`] | the configuration schema with defaults and field-naming validation errors |
+//! | [`reply`] | OpenAI-compatible local error replies that SDKs back off on correctly |
+//!
+//! [`window`] is the fixed ring of time buckets that the budget, the throttle and the breaker
+//! count in.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod anomaly;
+pub mod backoff;
+pub mod breaker;
+pub mod bucket;
+pub mod budget;
+pub mod cache_key;
+pub mod choice;
+pub mod classify;
+pub mod concurrency;
+pub mod config;
+pub mod degrade;
+pub mod progress;
+pub mod reply;
+pub mod throttle;
+pub mod time;
+pub mod window;
+
+pub use fastrand::Rng;

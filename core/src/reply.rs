@@ -1,0 +1,187 @@
+//! OpenAI-compatible local error replies.
+//!
+//! When unbusy refuses or gives up locally (a tenant over its quota, every provider busy, the
+//! deadline gone, degraded to fail-fast), the caller is usually an OpenAI SDK. SDKs only back off
+//! correctly on answers shaped like the provider's: an `{"error":{...}}` body, a 429 or 5xx
+//! status, and the wait in headers they read: `retry-after-ms` (first) and `retry-after` (whole
+//! seconds), plus `x-should-retry`, which the OpenAI SDKs obey over their own status rules.
+//! This module builds that reply once for every host.
+
+use crate::time::{to_ms_ceil, to_secs_ceil, Nanos};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use serde::Serialize;
+
+/// Why unbusy answered locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplyKind {
+    /// A token bucket or quota refused the request (429).
+    RateLimited,
+    /// Every provider is busy, open or at capacity, or the service tier fails fast (503).
+    Overloaded,
+    /// The request's deadline passed before an answer (504).
+    DeadlineExceeded,
+    /// The request was shed by degradation (low priority) (503).
+    Shed,
+    /// The request is malformed (400): no retry will help.
+    BadRequest,
+    /// The request body is larger than unbusy buffers (413): no retry will help.
+    TooLarge,
+}
+
+impl ReplyKind {
+    /// The HTTP status.
+    pub const fn status(self) -> u16 {
+        match self {
+            Self::RateLimited => 429,
+            Self::Overloaded | Self::Shed => 503,
+            Self::DeadlineExceeded => 504,
+            Self::BadRequest => 400,
+            Self::TooLarge => 413,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub const fn error_type(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limit_error",
+            Self::Overloaded | Self::Shed | Self::DeadlineExceeded => "server_error",
+            Self::BadRequest | Self::TooLarge => "invalid_request_error",
+        }
+    }
+
+    /// The error `code`, stable for programs to match on.
+    pub const fn code(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limit_exceeded",
+            Self::Overloaded => "overloaded",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Shed => "load_shed",
+            Self::BadRequest => "invalid_request",
+            Self::TooLarge => "request_too_large",
+        }
+    }
+
+    /// Whether a retry (after the hinted wait) can succeed.
+    pub const fn retryable(self) -> bool {
+        !matches!(self, Self::BadRequest | Self::TooLarge)
+    }
+}
+
+/// A complete local reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// The HTTP status.
+    pub status: u16,
+    /// Headers to send (lower-case names).
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body.
+    pub body: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<()>,
+    code: &'static str,
+}
+
+/// Builds the reply. `retry_after` is the wait to announce (retryable kinds only); the
+/// `retry-after` header is rounded up to whole seconds and at least 1, so SDKs that read only it
+/// never retry early.
+pub fn local_reply(kind: ReplyKind, message: &str, retry_after: Option<Nanos>) -> LocalReply {
+    let body = serde_json::to_string(&Body {
+        error: ErrorObject {
+            message,
+            kind: kind.error_type(),
+            param: None,
+            code: kind.code(),
+        },
+    })
+    .unwrap_or_else(|_| format!("{{\"error\":{{\"code\":\"{}\"}}}}", kind.code()));
+    let mut headers: Vec<(&'static str, String)> = Vec::with_capacity(5);
+    headers.push(("content-type", "application/json".to_string()));
+    headers.push((
+        "x-should-retry",
+        if kind.retryable() { "true" } else { "false" }.to_string(),
+    ));
+    if let (true, Some(wait)) = (kind.retryable(), retry_after) {
+        headers.push(("retry-after", to_secs_ceil(wait).max(1).to_string()));
+        headers.push(("retry-after-ms", to_ms_ceil(wait).to_string()));
+    }
+    LocalReply {
+        status: kind.status(),
+        headers,
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{classify, BodyProgress, OutcomeClass, Response};
+    use crate::time::ms;
+
+    fn header<'a>(r: &'a LocalReply, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn rate_limited_reply_is_openai_shaped() {
+        let r = local_reply(
+            ReplyKind::RateLimited,
+            "tenant \"a\" over quota",
+            Some(ms(1200)),
+        );
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), Some("2"));
+        assert_eq!(header(&r, "retry-after-ms"), Some("1200"));
+        assert_eq!(header(&r, "x-should-retry"), Some("true"));
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["error"]["message"], "tenant \"a\" over quota");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn our_own_replies_classify_as_what_they_mean() {
+        for (kind, class) in [
+            (ReplyKind::RateLimited, OutcomeClass::RateLimited),
+            (ReplyKind::Overloaded, OutcomeClass::Busy),
+            (ReplyKind::DeadlineExceeded, OutcomeClass::ServerError),
+        ] {
+            let r = local_reply(kind, "x", Some(ms(10)));
+            let headers: Vec<(&str, &str)> =
+                r.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let c = classify(&Response {
+                status: r.status,
+                headers: &headers,
+                body_prefix: r.body.as_bytes(),
+                progress: BodyProgress::Real,
+                unix_now_s: None,
+            });
+            assert_eq!(c.class, class, "{kind:?}");
+            assert_eq!(c.retry_after, Some(ms(10)));
+        }
+    }
+
+    #[test]
+    fn bad_request_says_do_not_retry() {
+        let r = local_reply(ReplyKind::BadRequest, "body is not JSON", Some(ms(5)));
+        assert_eq!(r.status, 400);
+        assert_eq!(header(&r, "x-should-retry"), Some("false"));
+        assert_eq!(header(&r, "retry-after"), None);
+    }
+}
