@@ -148,7 +148,8 @@ enum Kind {
     True,
     False,
     Number,
-    /// A string; `escaped` when it contains a backslash.
+    /// A string. Without escapes, `a..b` is its span in the source; with escapes, `a..b` is its
+    /// already canonical form in `Canonicalizer::escaped`.
     String {
         escaped: bool,
     },
@@ -165,6 +166,13 @@ struct Node {
     b: u32,
 }
 
+/// Stands in for an index that is out of range (which the parser never produces).
+const NULL_NODE: Node = Node {
+    kind: Kind::Null,
+    a: 0,
+    b: 0,
+};
+
 /// Reusable buffers for computing keys; keep one per worker to avoid reallocating per request.
 #[derive(Debug, Default)]
 pub struct Canonicalizer {
@@ -172,6 +180,8 @@ pub struct Canonicalizer {
     children: Vec<u32>,
     pending: Vec<u32>,
     members: Vec<(u32, u32)>,
+    /// Canonical forms of strings that had escapes, written while parsing.
+    escaped: Vec<u8>,
     out: Vec<u8>,
 }
 
@@ -216,11 +226,7 @@ impl Canonicalizer {
     }
 
     fn node(&self, index: u32) -> Node {
-        self.nodes.get(index as usize).copied().unwrap_or(Node {
-            kind: Kind::Null,
-            a: 0,
-            b: 0,
-        })
+        self.nodes.get(index as usize).copied().unwrap_or(NULL_NODE)
     }
 
     fn parse(&mut self, body: &[u8]) -> Result<u32, NotCacheable> {
@@ -235,6 +241,7 @@ impl Canonicalizer {
         self.nodes.clear();
         self.children.clear();
         self.pending.clear();
+        self.escaped.clear();
         let mut parser = Parser { src: body, pos: 0 };
         parser.skip_ws();
         let root = parser.value(self, 0)?;
@@ -258,7 +265,8 @@ impl Canonicalizer {
         while i + 1 < root.b {
             let key = self.node(self.child(i));
             let value = self.node(self.child(i + 1));
-            let name = span(src, key.a, key.b);
+            let name = key_text(src, &self.escaped, key);
+            let name = name.as_bytes();
             if value.kind == Kind::Number && matches!(name, b"temperature" | b"n") {
                 let number =
                     parse_f64(span(src, value.a, value.b)).ok_or(NotCacheable::Malformed {
@@ -292,16 +300,10 @@ impl Canonicalizer {
                     at: node.a as usize,
                 },
             )?,
-            Kind::String { escaped } => {
+            Kind::String { .. } => {
                 self.out.push(b'"');
-                let raw = span(src, node.a, node.b);
-                if escaped {
-                    write_unescaped(raw, &mut self.out).ok_or(NotCacheable::Malformed {
-                        at: node.a as usize,
-                    })?;
-                } else {
-                    self.out.extend_from_slice(raw);
-                }
+                self.out
+                    .extend_from_slice(string_span(src, &self.escaped, node));
                 self.out.push(b'"');
             }
             Kind::Array => {
@@ -320,28 +322,24 @@ impl Canonicalizer {
                 while i + 1 < node.b {
                     let key = self.child(i);
                     let keep = !top_level || {
-                        let k = self.node(key);
-                        let name = span(src, k.a, k.b);
-                        !IGNORED_FIELDS.iter().any(|f| f.as_bytes() == name)
+                        let name = key_text(src, &self.escaped, self.node(key));
+                        !IGNORED_FIELDS.contains(&&*name)
                     };
                     if keep {
                         self.members.push((key, self.child(i + 1)));
                     }
                     i += 2;
                 }
-                let nodes = &self.nodes;
-                let lookup = |i: u32| {
-                    nodes.get(i as usize).copied().unwrap_or(Node {
-                        kind: Kind::Null,
-                        a: 0,
-                        b: 0,
-                    })
+                let (nodes, escaped) = (&self.nodes, &self.escaped[..]);
+                let order = |x: u32, y: u32| {
+                    let lookup = |i: u32| nodes.get(i as usize).copied().unwrap_or(NULL_NODE);
+                    compare_keys(src, escaped, lookup(x), lookup(y))
                 };
                 let tail = self.members.get_mut(base..).unwrap_or_default();
-                tail.sort_unstable_by(|x, y| compare_keys(src, lookup(x.0), lookup(y.0)));
+                tail.sort_unstable_by(|x, y| order(x.0, y.0));
                 let duplicate = tail
                     .windows(2)
-                    .any(|w| matches!(w, [x, y] if compare_keys(src, lookup(x.0), lookup(y.0)) == Ordering::Equal));
+                    .any(|w| matches!(w, [x, y] if order(x.0, y.0) == Ordering::Equal));
                 if duplicate {
                     self.members.truncate(base);
                     return Err(NotCacheable::DuplicateKey);
@@ -382,27 +380,37 @@ fn span(src: &[u8], a: u32, b: u32) -> &[u8] {
     src.get(a as usize..b as usize).unwrap_or_default()
 }
 
+/// A string node's bytes as they are emitted: the source span, or the canonical form written
+/// while parsing for strings that had escapes.
+fn string_span<'a>(src: &'a [u8], escaped: &'a [u8], node: Node) -> &'a [u8] {
+    match node.kind {
+        Kind::String { escaped: true } => span(escaped, node.a, node.b),
+        _ => span(src, node.a, node.b),
+    }
+}
+
+/// A string node's decoded text: borrowed when it had no escapes.
+fn key_text<'a>(src: &'a [u8], escaped: &'a [u8], node: Node) -> Cow<'a, str> {
+    let raw = string_span(src, escaped, node);
+    if matches!(node.kind, Kind::String { escaped: true }) {
+        let mut buf = Vec::new();
+        let _ = decode_string(raw, &mut buf);
+        Cow::Owned(String::from_utf8(buf).unwrap_or_default())
+    } else {
+        Cow::Borrowed(core::str::from_utf8(raw).unwrap_or(""))
+    }
+}
+
 /// Orders keys by their decoded value as UTF-16 code units (RFC 8785 §3.2.3).
-fn compare_keys(src: &[u8], x: Node, y: Node) -> Ordering {
-    let (xa, ya) = (span(src, x.a, x.b), span(src, y.a, y.b));
+fn compare_keys(src: &[u8], escaped: &[u8], x: Node, y: Node) -> Ordering {
     let plain = |n: Node| matches!(n.kind, Kind::String { escaped: false });
+    let (xa, ya) = (span(src, x.a, x.b), span(src, y.a, y.b));
     if plain(x) && plain(y) && xa.is_ascii() && ya.is_ascii() {
         return xa.cmp(ya);
     }
-    decoded_key(x, xa)
+    key_text(src, escaped, x)
         .encode_utf16()
-        .cmp(decoded_key(y, ya).encode_utf16())
-}
-
-/// A key's decoded text: borrowed when it has no escapes.
-fn decoded_key(node: Node, raw: &[u8]) -> Cow<'_, str> {
-    if matches!(node.kind, Kind::String { escaped: false }) {
-        Cow::Borrowed(core::str::from_utf8(raw).unwrap_or(""))
-    } else {
-        let mut buf = Vec::new();
-        let _ = decode_string(raw, &mut |cp| push_utf8(&mut buf, cp));
-        Cow::Owned(String::from_utf8(buf).unwrap_or_default())
-    }
+        .cmp(key_text(src, escaped, y).encode_utf16())
 }
 
 struct Parser<'a> {
@@ -526,13 +534,12 @@ impl Parser<'_> {
     fn string(&mut self, c: &mut Canonicalizer) -> Result<u32, NotCacheable> {
         self.pos += 1; // the opening quote
         let start = self.pos;
-        let mut escaped = false;
+        // Where this string's canonical form starts in `c.escaped`, once an escape is seen.
+        let mut escaped_from: Option<usize> = None;
+        let mut run_start = start;
         loop {
             let rest = self.src.get(self.pos..).unwrap_or_default();
-            let Some(offset) = rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-            else {
+            let Some(offset) = find_string_special(rest) else {
                 self.pos = self.src.len();
                 return Err(self.err());
             };
@@ -540,32 +547,38 @@ impl Parser<'_> {
             match self.peek() {
                 Some(b'"') => break,
                 Some(b'\\') => {
-                    escaped = true;
-                    self.pos += 1;
-                    match self.peek() {
-                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
-                            self.pos += 1;
-                        }
-                        Some(b'u') => {
-                            let hex = self.src.get(self.pos + 1..self.pos + 5);
-                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-                                return Err(self.err());
-                            }
-                            self.pos += 5;
-                        }
-                        _ => return Err(self.err()),
-                    }
+                    escaped_from.get_or_insert(c.escaped.len());
+                    let run = self.src.get(run_start..self.pos).unwrap_or_default();
+                    c.escaped.extend_from_slice(run);
+                    let tail = self.src.get(self.pos..).unwrap_or_default();
+                    let (cp, len) = decode_escape(tail).ok_or_else(|| self.err())?;
+                    write_escaped_code_point(cp, &mut c.escaped);
+                    self.pos += len;
+                    run_start = self.pos;
                 }
                 _ => return Err(self.err()), // a raw control character
             }
         }
         let end = self.pos;
         self.pos += 1; // the closing quote
-        Ok(c.push(Node {
-            kind: Kind::String { escaped },
-            a: start as u32,
-            b: end as u32,
-        }))
+        let node = match escaped_from {
+            None => Node {
+                kind: Kind::String { escaped: false },
+                a: start as u32,
+                b: end as u32,
+            },
+            Some(from) => {
+                let run = self.src.get(run_start..end).unwrap_or_default();
+                c.escaped.extend_from_slice(run);
+                let to = u32::try_from(c.escaped.len()).map_err(|_| NotCacheable::TooLarge)?;
+                Node {
+                    kind: Kind::String { escaped: true },
+                    a: from as u32,
+                    b: to,
+                }
+            }
+        };
+        Ok(c.push(node))
     }
 
     fn digits(&mut self) -> usize {
@@ -604,6 +617,42 @@ impl Parser<'_> {
         }
         Ok(())
     }
+}
+
+/// The first byte that ends a run of plain string content: `"`, `\` or a control character.
+/// Eight bytes at a time (SWAR): string content is most of a chat request's bytes.
+fn find_string_special(bytes: &[u8]) -> Option<usize> {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in chunks.by_ref() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let mask = special_mask(u64::from_le_bytes(word));
+        if mask != 0 {
+            return Some(offset + (mask.trailing_zeros() / 8) as usize);
+        }
+        offset += 8;
+    }
+    // The tail, padded with a byte that is not special.
+    let tail = chunks.remainder();
+    let mut word = [b'a'; 8];
+    word.get_mut(..tail.len())?.copy_from_slice(tail);
+    let mask = special_mask(u64::from_le_bytes(word));
+    (mask != 0).then(|| offset + (mask.trailing_zeros() / 8) as usize)
+}
+
+/// High bit set in each byte of `w` (little-endian) that is `"`, `\` or below 0x20, possibly
+/// also in bytes above a true hit (a borrow carries upward), never below the first one: so the
+/// lowest set bit always marks the first special byte.
+const fn special_mask(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let quote = w ^ (ONES * b'"' as u64);
+    let backslash = w ^ (ONES * b'\\' as u64);
+    let zero_quote = quote.wrapping_sub(ONES) & !quote;
+    let zero_backslash = backslash.wrapping_sub(ONES) & !backslash;
+    let control = w.wrapping_sub(ONES * 0x20);
+    (zero_quote | zero_backslash | control) & !w & HIGHS
 }
 
 fn parse_f64(raw: &[u8]) -> Option<f64> {
@@ -722,55 +771,45 @@ pub(crate) fn write_f64(v: f64, out: &mut Vec<u8>) {
     }
 }
 
-/// Decodes a JSON string's escapes, calling `emit` with each code point. `None` on a lone
-/// surrogate or a malformed escape.
-fn decode_string(raw: &[u8], emit: &mut impl FnMut(u32)) -> Option<()> {
-    let text = core::str::from_utf8(raw).ok()?;
-    let mut chars = text.chars();
-    while let Some(ch) = chars.next() {
-        if ch != '\\' {
-            emit(ch as u32);
-            continue;
-        }
-        let cp = match chars.next()? {
-            '"' => 0x22,
-            '\\' => 0x5c,
-            '/' => 0x2f,
-            'b' => 0x08,
-            'f' => 0x0c,
-            'n' => 0x0a,
-            'r' => 0x0d,
-            't' => 0x09,
-            'u' => {
-                let unit = hex4(&mut chars)?;
-                match unit {
-                    0xd800..=0xdbff => {
-                        if chars.next()? != '\\' || chars.next()? != 'u' {
-                            return None;
-                        }
-                        let low = hex4(&mut chars)?;
-                        if !(0xdc00..=0xdfff).contains(&low) {
-                            return None;
-                        }
-                        0x10000 + ((unit - 0xd800) << 10) + (low - 0xdc00)
+/// Decodes the escape at the start of `tail` (which begins with a backslash): the code point and
+/// the escape's length in bytes. `None` on a malformed escape or a lone surrogate.
+fn decode_escape(tail: &[u8]) -> Option<(u32, usize)> {
+    let simple = |cp| Some((cp, 2));
+    match tail.get(1)? {
+        b'"' => simple(0x22),
+        b'\\' => simple(0x5c),
+        b'/' => simple(0x2f),
+        b'b' => simple(0x08),
+        b'f' => simple(0x0c),
+        b'n' => simple(0x0a),
+        b'r' => simple(0x0d),
+        b't' => simple(0x09),
+        b'u' => {
+            let unit = hex4(tail.get(2..6)?)?;
+            match unit {
+                0xd800..=0xdbff => {
+                    if tail.get(6..8)? != b"\\u" {
+                        return None;
                     }
-                    0xdc00..=0xdfff => return None,
-                    _ => unit,
+                    let low = hex4(tail.get(8..12)?)?;
+                    if !(0xdc00..=0xdfff).contains(&low) {
+                        return None;
+                    }
+                    Some((0x10000 + ((unit - 0xd800) << 10) + (low - 0xdc00), 12))
                 }
+                0xdc00..=0xdfff => None,
+                _ => Some((unit, 6)),
             }
-            _ => return None,
-        };
-        emit(cp);
+        }
+        _ => None,
     }
-    Some(())
 }
 
-fn hex4(chars: &mut core::str::Chars<'_>) -> Option<u32> {
-    let mut v = 0;
-    for _ in 0..4 {
-        v = v * 16 + chars.next()?.to_digit(16)?;
-    }
-    Some(v)
+fn hex4(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |v, &d| {
+        let n = (d as char).to_digit(16)?;
+        Some(v * 16 + n)
+    })
 }
 
 fn push_utf8(out: &mut Vec<u8>, cp: u32) {
@@ -780,10 +819,31 @@ fn push_utf8(out: &mut Vec<u8>, cp: u32) {
     }
 }
 
-/// Re-escapes a string with escapes in canonical form.
-fn write_unescaped(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
+/// Copies a string's raw content to `out`: runs without a backslash (valid UTF-8 with no control
+/// characters, as the parser checked) in bulk, each escape decoded and written by `escape`.
+fn walk_string(raw: &[u8], out: &mut Vec<u8>, escape: fn(u32, &mut Vec<u8>)) -> Option<()> {
+    let mut rest = raw;
+    // Inside validated content the only special byte left is the backslash.
+    while let Some(at) = find_string_special(rest) {
+        let (plain, tail) = rest.split_at(at);
+        out.extend_from_slice(plain);
+        let (cp, len) = decode_escape(tail)?;
+        escape(cp, out);
+        rest = tail.get(len..)?;
+    }
+    out.extend_from_slice(rest);
+    Some(())
+}
+
+/// A string's decoded UTF-8 bytes.
+fn decode_string(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    walk_string(raw, out, |cp, out| push_utf8(out, cp))
+}
+
+/// Writes one decoded code point with the escapes RFC 8785 requires.
+fn write_escaped_code_point(cp: u32, out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    decode_string(raw, &mut |cp| match cp {
+    match cp {
         0x22 => out.extend_from_slice(b"\\\""),
         0x5c => out.extend_from_slice(b"\\\\"),
         0x08 => out.extend_from_slice(b"\\b"),
@@ -797,7 +857,7 @@ fn write_unescaped(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
             out.push(HEX.get((cp & 0xf) as usize).copied().unwrap_or(b'0'));
         }
         _ => push_utf8(out, cp),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -816,6 +876,26 @@ mod tests {
             body: body.as_bytes(),
             opt_in: OptIn::Default,
         })
+    }
+
+    #[test]
+    fn swar_scan_finds_the_first_special_byte() {
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut bytes = std::vec![b'a'; len];
+                    // Fill after `at` with a mix, to catch borrows and later hits.
+                    for (i, slot) in bytes.iter_mut().enumerate().skip(at + 1) {
+                        *slot = [b'"', 0x01, 0xff, b'\\', b'z'][i % 5];
+                    }
+                    bytes[at] = b;
+                    let naive = bytes
+                        .iter()
+                        .position(|&c| c == b'"' || c == b'\\' || c < 0x20);
+                    assert_eq!(find_string_special(&bytes), naive, "{bytes:?}");
+                }
+            }
+        }
     }
 
     #[test]

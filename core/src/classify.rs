@@ -184,17 +184,21 @@ pub fn classify(response: &Response<'_>) -> Classification {
         .body_prefix
         .get(..BODY_SNIFF_BYTES)
         .unwrap_or(response.body_prefix);
-    let marker = body_marker(body);
+    // The body is read only where it can change the verdict: a successful answer's content is
+    // not searched unless it is an error object, and a 503 is busy whatever it says.
+    let marker = || body_marker(body);
     let class = match response.status {
-        200..=299 => match (response.progress, marker) {
-            (BodyProgress::KeepAliveOnly, _) => OutcomeClass::Transport(TransportFault::Stall),
+        200..=299 => match response.progress {
+            BodyProgress::KeepAliveOnly => OutcomeClass::Transport(TransportFault::Stall),
             // A 200 whose body is an error object saying "overloaded" is busy in disguise.
-            (_, Some(BodyMarker::Overloaded)) if looks_like_error_object(body) => {
+            BodyProgress::Real
+                if looks_like_error_object(body) && marker() == Some(BodyMarker::Overloaded) =>
+            {
                 OutcomeClass::Busy
             }
-            _ => OutcomeClass::Success,
+            BodyProgress::Real => OutcomeClass::Success,
         },
-        429 => match marker {
+        429 => match marker() {
             Some(BodyMarker::QuotaExhausted) => OutcomeClass::CallerError(CallerErrorKind::Billing),
             Some(BodyMarker::Overloaded) => OutcomeClass::Busy,
             _ => OutcomeClass::RateLimited,
@@ -203,7 +207,7 @@ pub fn classify(response: &Response<'_>) -> Classification {
         408 => OutcomeClass::Transport(TransportFault::Timeout),
         // OpenAI retries 409 (lock timeouts); it is the server's contention, not the caller's.
         409 => OutcomeClass::ServerError,
-        400..=499 => match marker {
+        400..=499 => match marker() {
             Some(BodyMarker::Overloaded) => OutcomeClass::Busy,
             _ => OutcomeClass::CallerError(match response.status {
                 401 | 403 => CallerErrorKind::Auth,
@@ -213,7 +217,7 @@ pub fn classify(response: &Response<'_>) -> Classification {
                 _ => CallerErrorKind::BadRequest,
             }),
         },
-        500..=599 => match marker {
+        500..=599 => match marker() {
             Some(BodyMarker::Overloaded) => OutcomeClass::Busy,
             _ => OutcomeClass::ServerError,
         },
@@ -258,27 +262,60 @@ const QUOTA_PHRASES: &[&[u8]] = &[
 ];
 
 fn body_marker(body: &[u8]) -> Option<BodyMarker> {
-    if QUOTA_PHRASES
-        .iter()
-        .any(|p| contains_ignore_ascii_case(body, p))
-    {
+    if contains_any(body, QUOTA_PHRASES, &QUOTA_FIRST_BYTES) {
         Some(BodyMarker::QuotaExhausted)
-    } else if OVERLOAD_PHRASES
-        .iter()
-        .any(|p| contains_ignore_ascii_case(body, p))
-    {
+    } else if contains_any(body, OVERLOAD_PHRASES, &OVERLOAD_FIRST_BYTES) {
         Some(BodyMarker::Overloaded)
     } else {
         None
     }
 }
 
+const QUOTA_FIRST_BYTES: [bool; 256] = first_bytes(QUOTA_PHRASES);
+const OVERLOAD_FIRST_BYTES: [bool; 256] = first_bytes(OVERLOAD_PHRASES);
+const ERROR_KEY: &[&[u8]] = &[b"\"error\""];
+const ERROR_KEY_FIRST_BYTES: [bool; 256] = first_bytes(ERROR_KEY);
+
+/// Which bytes start a needle, in either ASCII case. Only ever evaluated at compile time (for
+/// the consts above), where an out-of-range index is a build error, not a runtime panic; and
+/// every index is in range anyway (`i < len`, a `u8` below 256).
+#[allow(clippy::indexing_slicing)]
+const fn first_bytes(needles: &[&[u8]]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < needles.len() {
+        if let Some(&b) = needles[i].first() {
+            table[b.to_ascii_lowercase() as usize] = true;
+            table[b.to_ascii_uppercase() as usize] = true;
+        }
+        i += 1;
+    }
+    table
+}
+
+/// Whether any needle occurs in `haystack` (ASCII case-insensitively; other bytes exactly).
+/// One pass; a needle is compared only where the byte can start one.
+fn contains_any(haystack: &[u8], needles: &[&[u8]], first: &[bool; 256]) -> bool {
+    haystack.iter().enumerate().any(|(i, b)| {
+        first.get(usize::from(*b)).copied().unwrap_or(false)
+            && needles.iter().any(|n| {
+                haystack
+                    .get(i..i + n.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(n))
+            })
+    })
+}
+
+/// Whether the body is an error object (`{"error":...}` or `{"type":"error","error":...}`),
+/// possibly as an SSE `data:` line. Only the start is read: a successful answer that merely
+/// mentions an error further on is not one.
 fn looks_like_error_object(body: &[u8]) -> bool {
     let trimmed = trim_ascii_start(body);
     let trimmed = trimmed
         .strip_prefix(b"data:")
         .map_or(trimmed, trim_ascii_start);
-    trimmed.starts_with(b"{") && contains_ignore_ascii_case(trimmed, b"\"error\"")
+    let head = trimmed.get(..32).unwrap_or(trimmed);
+    trimmed.starts_with(b"{") && contains_any(head, ERROR_KEY, &ERROR_KEY_FIRST_BYTES)
 }
 
 fn trim_ascii_start(b: &[u8]) -> &[u8] {
@@ -287,16 +324,6 @@ fn trim_ascii_start(b: &[u8]) -> &[u8] {
         .position(|c| !c.is_ascii_whitespace())
         .unwrap_or(b.len());
     b.get(start..).unwrap_or_default()
-}
-
-/// Case-insensitive (ASCII) substring search; non-ASCII bytes compare exactly.
-pub(crate) fn contains_ignore_ascii_case(haystack: &[u8], needle: &[u8]) -> bool {
-    if needle.is_empty() {
-        return true;
-    }
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 fn header<'a>(headers: &'a [(&'a str, &'a str)], name: &str) -> Option<&'a str> {

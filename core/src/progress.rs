@@ -117,7 +117,9 @@ impl ProgressDetector {
 
     fn scan_sse(&mut self, chunk: &[u8]) -> bool {
         let mut progressed = false;
-        for &b in chunk {
+        let mut i = 0;
+        while let Some(&b) = chunk.get(i) {
+            i += 1;
             if self.line == Line::AfterCr {
                 self.line = Line::Start;
                 if b == b'\n' {
@@ -158,6 +160,14 @@ impl ProgressDetector {
                 }
                 Line::Skip => Line::Skip,
             };
+            if self.line == Line::Skip {
+                // Nothing in the rest of this line can matter: jump to its end.
+                let rest = chunk.get(i..).unwrap_or_default();
+                i += rest
+                    .iter()
+                    .position(|&c| c == b'\n' || c == b'\r')
+                    .unwrap_or(rest.len());
+            }
         }
         progressed
     }
