@@ -680,9 +680,57 @@ fn write_number(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
         }
         return Some(());
     }
+    if write_plain_decimal(negative, digits, out) {
+        return Some(());
+    }
     let v = parse_f64(raw)?;
     write_f64(v, out);
     Some(())
+}
+
+/// Fast path for the decimals requests are full of (`0.7`, `1.0`, `0.95`): without an exponent
+/// and with at most 15 significant digits, a decimal is exactly what its double prints as once
+/// trailing fraction zeros are gone (two such decimals never share a double, as 10^15 < 2^53).
+/// Values below 1e-6 print in exponent form and take the general path. Returns false when the
+/// number is not of this shape (nothing was written).
+fn write_plain_decimal(negative: bool, digits: &[u8], out: &mut Vec<u8>) -> bool {
+    let Some(dot) = digits.iter().position(|&b| b == b'.') else {
+        return false;
+    };
+    let (int, frac) = (
+        digits.get(..dot).unwrap_or_default(),
+        digits.get(dot + 1..).unwrap_or_default(),
+    );
+    if !int.iter().chain(frac).all(u8::is_ascii_digit) {
+        return false; // an exponent
+    }
+    let frac_len = frac.iter().rposition(|&b| b != b'0').map_or(0, |i| i + 1);
+    let frac = frac.get(..frac_len).unwrap_or_default();
+    let significant = if int == b"0" {
+        let leading_zeros = frac.iter().take_while(|&&b| b == b'0').count();
+        if leading_zeros > 5 {
+            return false;
+        }
+        frac.len() - leading_zeros
+    } else {
+        int.len() + frac.len()
+    };
+    if significant > 15 {
+        return false;
+    }
+    if frac.is_empty() && int == b"0" {
+        out.push(b'0'); // -0.0 is 0
+        return true;
+    }
+    if negative {
+        out.push(b'-');
+    }
+    out.extend_from_slice(int);
+    if !frac.is_empty() {
+        out.push(b'.');
+        out.extend_from_slice(frac);
+    }
+    true
 }
 
 /// A fixed buffer for `core::fmt` output (a double's shortest form fits in 32 bytes).
@@ -919,6 +967,13 @@ mod tests {
             ("9007199254740993", "9007199254740992"),
             ("333333333.33333329", "333333333.3333333"),
             ("1.7976931348623157e308", "1.7976931348623157e+308"),
+            ("0.000001", "0.000001"),
+            ("0.0000001", "1e-7"),
+            ("-0.0000015", "-0.0000015"),
+            ("123.4560", "123.456"),
+            ("-0.25", "-0.25"),
+            ("-7.000", "-7"),
+            ("0.1234567890123456", "0.1234567890123456"),
             ("5e-324", "5e-324"),
         ];
         for (input, want) in cases {
@@ -928,6 +983,31 @@ mod tests {
             canon("1e400"),
             Err(NotCacheable::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn plain_decimal_fast_path_agrees_with_the_general_path() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        for _ in 0..20_000 {
+            let scale = 10f64.powi(rng.i32(-7..16));
+            let v = (rng.f64() - 0.5) * scale;
+            for text in [
+                std::format!("{v}"),
+                std::format!("{v:.3}"),
+                std::format!("{v:.1}"),
+            ] {
+                let (negative, digits) = match text.as_bytes().split_first() {
+                    Some((b'-', rest)) => (true, rest),
+                    _ => (false, text.as_bytes()),
+                };
+                let mut fast = Vec::new();
+                if write_plain_decimal(negative, digits, &mut fast) {
+                    let mut general = Vec::new();
+                    write_f64(parse_f64(text.as_bytes()).unwrap(), &mut general);
+                    assert_eq!(fast, general, "{text}");
+                }
+            }
+        }
     }
 
     #[test]
