@@ -225,6 +225,18 @@ impl KeyedBuckets {
         self.slots.len()
     }
 
+    /// Would `cost` be allowed for `key` at `now`? Charges nothing.
+    pub fn check(&self, key: u64, now: Nanos, cost: u64) -> Decision {
+        let key = if key == 0 { 1 } else { key };
+        let len = self.slots.len();
+        let home = (mix(key) % len as u64) as usize;
+        let tat = (0..PROBE.min(len))
+            .filter_map(|step| self.slots.get((home + step) % len))
+            .find(|(k, _)| *k == key)
+            .map_or(0, |(_, tat)| *tat);
+        gcra(&self.rate, tat, now, cost).0
+    }
+
     /// Charges `cost` to `key`'s bucket if allowed. `key` is a hash of the tenant identity.
     pub fn take(&mut self, key: u64, now: Nanos, cost: u64) -> Decision {
         let rate = self.rate;

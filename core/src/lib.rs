@@ -36,6 +36,8 @@
 //! | [`config`] | the configuration schema with defaults and field-naming validation errors |
 //! | [`reply`] | OpenAI-compatible local error replies that SDKs back off on correctly |
 //!
+//! [`engine::Engine`] composes them behind one sans-IO interface that every host drives.
+//!
 //! [`window`] is the fixed ring of time buckets that the budget, the throttle and the breaker
 //! count in.
 #![no_std]
@@ -57,6 +59,7 @@ pub mod classify;
 pub mod concurrency;
 pub mod config;
 pub mod degrade;
+pub mod engine;
 pub mod progress;
 pub mod reply;
 pub mod throttle;

@@ -13,6 +13,10 @@
 //! seen at once, while a provider that accepts nothing receives only a trickle. Locally rejected
 //! attempts count as requests (as in the book), so the probability stays high while the provider
 //! is down, and falls as soon as accepts return.
+//!
+//! Unlike the book, a sent attempt is counted when its outcome arrives, not when it leaves: LLM
+//! calls take seconds, and counting attempts still in flight as "not accepted" would throttle a
+//! healthy provider whenever traffic starts.
 
 use crate::time::{Nanos, SECOND};
 use crate::window::Ring;
@@ -75,18 +79,26 @@ impl AdaptiveThrottle {
         p.clamp(0.0, self.settings.max_reject)
     }
 
-    /// Counts an attempt and decides whether to reject it locally (`false`: send it).
+    /// Decides whether to reject an attempt locally (`false`: send it, and report its outcome
+    /// with [`AdaptiveThrottle::on_outcome`]). A rejection counts as a request at once.
     pub fn should_reject(&mut self, now: Nanos, rng: &mut Rng) -> bool {
         let p = self.reject_probability(now);
-        let counts = self.ring.current(now);
-        counts.requests = counts.requests.saturating_add(1);
-        p > 0.0 && rng.f64() < p
+        let reject = p > 0.0 && rng.f64() < p;
+        if reject {
+            let counts = self.ring.current(now);
+            counts.requests = counts.requests.saturating_add(1);
+        }
+        reject
     }
 
-    /// Counts an attempt the provider accepted (answered without an overload verdict).
-    pub fn on_accepted(&mut self, now: Nanos) {
+    /// Counts a sent attempt's outcome: `accepted` when the provider answered without an
+    /// overload verdict.
+    pub fn on_outcome(&mut self, now: Nanos, accepted: bool) {
         let counts = self.ring.current(now);
-        counts.accepts = counts.accepts.saturating_add(1);
+        counts.requests = counts.requests.saturating_add(1);
+        if accepted {
+            counts.accepts = counts.accepts.saturating_add(1);
+        }
     }
 }
 
@@ -101,7 +113,7 @@ mod tests {
         let mut rng = Rng::with_seed(3);
         for i in 0..1000 {
             assert!(!t.should_reject(ms(i), &mut rng));
-            t.on_accepted(ms(i));
+            t.on_outcome(ms(i), true);
         }
         assert_eq!(t.reject_probability(ms(1000)), 0.0);
     }
@@ -114,6 +126,7 @@ mod tests {
         for i in 0..1000 {
             if !t.should_reject(ms(i * 10), &mut rng) {
                 sent += 1;
+                t.on_outcome(ms(i * 10), false);
             }
         }
         assert!(sent < 200, "sent {sent} of 1000 to a dead provider");

@@ -280,8 +280,8 @@ proptest! {
             now += ms(step);
             let p = t.reject_probability(now);
             prop_assert!((0.0..=settings.max_reject).contains(&p));
-            if !t.should_reject(now, &mut rng) && accepted {
-                t.on_accepted(now);
+            if !t.should_reject(now, &mut rng) {
+                t.on_outcome(now, accepted);
             }
         }
     }

@@ -1,0 +1,1076 @@
+//! The engine: every policy composed behind one sans-IO interface.
+//!
+//! Hosts (the Envoy filter, the npm package, the simulator) translate their events into calls
+//! and carry out the actions the engine queues; they decide nothing about retries, limits,
+//! providers, caching or degradation. In the style of quinn-proto:
+//! - the host calls [`Engine::admit`] for a new request, [`Engine::on_first_progress`] when an
+//!   attempt's first real byte (first token) arrives, [`Engine::on_outcome`] when an attempt
+//!   ends, [`Engine::cancel`] when the caller gives up, and [`Engine::on_tick`] at (or after)
+//!   [`Engine::next_wakeup`];
+//! - every call takes `now`, and the engine's randomness comes from the seed the host gave;
+//! - the host drains [`Engine::poll_action`] after every call and carries each action out
+//!   (send an attempt, abort one, deliver, serve from cache, reply locally), and drains
+//!   [`Engine::poll_event`] into its metrics.
+//!
+//! A request lives from `admit` until an action finishes it (deliver, cache, local reply) or the
+//! host cancels it. At most one attempt per request is in flight.
+
+use crate::backoff::{Backoff, GiveUp, Schedule};
+use crate::breaker::{BreakerState, CircuitBreaker};
+use crate::bucket::{combine, Decision, KeyedBuckets, RequestAndTokenBuckets, TokenBucket};
+use crate::budget::RetryBudget;
+use crate::cache_key::CacheKey;
+use crate::choice::{choose, Candidate, Choice, Tried};
+use crate::classify::{Classification, OutcomeClass};
+use crate::concurrency::{AimdLimit, Release};
+use crate::config::{Config, ConfigErrors};
+use crate::degrade::{pressure, Ladder, Tier};
+use crate::reply::{local_reply, LocalReply, ReplyKind};
+use crate::throttle::AdaptiveThrottle;
+use crate::time::{ms, Nanos, SECOND};
+use crate::window::Ring;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use fastrand::Rng;
+
+/// Identifies a request for the life of the engine.
+pub type RequestId = u64;
+
+/// How important a request is to its caller; low-priority requests are shed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Priority {
+    /// Shed at tier 1 and above.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Never shed (still subject to limits and fail-fast).
+    High,
+}
+
+/// What the host knows of a cached answer for this request, looked up before `admit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheLookup {
+    /// No entry (or the request is not cacheable).
+    Miss,
+    /// A fresh entry.
+    Fresh,
+    /// An entry past its TTL but within the stale window: served only when degraded or when no
+    /// provider can answer.
+    Stale,
+}
+
+/// A new request as the engine needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestMeta {
+    /// A hash of the tenant's identity (see `tenancy` in the configuration).
+    pub tenant: u64,
+    /// The requested model, for model mapping.
+    pub model: String,
+    /// Whether the caller asked for a stream.
+    pub stream: bool,
+    /// The caller's priority.
+    pub priority: Priority,
+    /// Estimated prompt tokens plus `max_tokens`, charged to token buckets.
+    pub estimated_tokens: u64,
+    /// The caller's own deadline (an absolute instant), if earlier than the configured one.
+    pub deadline: Option<Nanos>,
+    /// The cache key, if the request is cacheable.
+    pub cache_key: Option<CacheKey>,
+    /// What the host's cache holds for the key.
+    pub cached: CacheLookup,
+}
+
+/// The rewrites an attempt needs on its way to a provider.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rewrite {
+    /// Replace the request's model with this one.
+    pub model: Option<String>,
+    /// Cap `max_tokens` at this (degraded).
+    pub max_tokens_cap: Option<u32>,
+}
+
+/// Send attempt number `attempt` of a request to a provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendAttempt {
+    /// The request.
+    pub request: RequestId,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// The provider's index in the configuration.
+    pub provider: usize,
+    /// Real progress must start before this instant; the engine aborts the attempt otherwise.
+    pub first_token_deadline: Nanos,
+    /// The request's deadline.
+    pub deadline: Nanos,
+    /// What to change in the request.
+    pub rewrite: Rewrite,
+}
+
+/// Why an attempt is aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    /// No real progress before the first-token deadline (keep-alive bytes do not count).
+    FirstTokenDeadline,
+    /// The request's deadline passed.
+    Deadline,
+}
+
+/// What the host must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start an attempt.
+    Send(SendAttempt),
+    /// Abort the attempt in flight (the engine has already accounted for it; do not report
+    /// its outcome). When nothing reached the caller yet, another action for the request follows.
+    Abort {
+        /// The request.
+        request: RequestId,
+        /// The attempt.
+        attempt: u32,
+        /// Why.
+        reason: AbortReason,
+    },
+    /// Pass the attempt's answer to the caller; the request is finished.
+    Deliver {
+        /// The request.
+        request: RequestId,
+        /// Whether to store the answer in the cache (a successful answer to a cacheable request).
+        store_in_cache: bool,
+    },
+    /// Answer from the cache; the request is finished.
+    ServeCache {
+        /// The request.
+        request: RequestId,
+        /// Whether the entry is stale (the host adds a `Warning`/`x-unbusy` note).
+        stale: bool,
+    },
+    /// Answer locally; the request is finished.
+    Reply {
+        /// The request.
+        request: RequestId,
+        /// The reply.
+        reply: LocalReply,
+    },
+}
+
+impl Action {
+    /// The request this action is about.
+    pub fn request(&self) -> RequestId {
+        match self {
+            Self::Send(s) => s.request,
+            Self::Abort { request, .. }
+            | Self::Deliver { request, .. }
+            | Self::ServeCache { request, .. }
+            | Self::Reply { request, .. } => *request,
+        }
+    }
+}
+
+/// How a request ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A provider's successful answer.
+    Success,
+    /// A provider's caller-error answer, passed through.
+    CallerError,
+    /// A fresh cache hit.
+    Cached,
+    /// A stale cache entry.
+    Stale,
+    /// Refused by a rate limit.
+    RateLimited,
+    /// Shed by degradation.
+    Shed,
+    /// Failed fast or after retries: no provider could answer.
+    Failed,
+    /// The deadline passed.
+    DeadlineExceeded,
+    /// The caller cancelled.
+    Cancelled,
+}
+
+impl RequestOutcome {
+    /// A stable label for metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::CallerError => "caller_error",
+            Self::Cached => "cached",
+            Self::Stale => "stale",
+            Self::RateLimited => "rate_limited",
+            Self::Shed => "shed",
+            Self::Failed => "failed",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Something that happened, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A request finished.
+    RequestFinished {
+        /// How.
+        outcome: RequestOutcome,
+        /// Attempts made.
+        attempts: u32,
+        /// From admission to the end.
+        latency: Nanos,
+    },
+    /// An attempt finished (or was aborted).
+    AttemptFinished {
+        /// The provider's index.
+        provider: usize,
+        /// How (a [`OutcomeClass::label`]).
+        class: OutcomeClass,
+        /// From send to the end.
+        latency: Nanos,
+    },
+    /// An attempt's first real progress.
+    FirstToken {
+        /// The provider's index.
+        provider: usize,
+        /// From send to first token.
+        latency: Nanos,
+    },
+    /// A retry was refused by the retry budget.
+    BudgetExhausted,
+    /// A provider's breaker changed state (0 closed, 1 half-open, 2 open).
+    BreakerChanged {
+        /// The provider's index.
+        provider: usize,
+        /// The new state's gauge value.
+        state: u8,
+    },
+    /// The degradation tier changed.
+    TierChanged {
+        /// The new tier.
+        tier: Tier,
+    },
+    /// An attempt was rejected locally by adaptive throttling.
+    Throttled {
+        /// The provider's index.
+        provider: usize,
+    },
+}
+
+struct ProviderState {
+    breaker: CircuitBreaker,
+    limit: AimdLimit,
+    throttle: AdaptiveThrottle,
+    last_breaker_gauge: u8,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    attempt: u32,
+    provider: usize,
+    sent_at: Nanos,
+    first_token_deadline: Nanos,
+    progressed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct RequestState {
+    meta: RequestMeta,
+    admitted_at: Nanos,
+    deadline: Nanos,
+    attempts: u32,
+    tried: Tried,
+    in_flight: Option<InFlight>,
+    /// Waiting for a backoff delay or a free slot until this instant.
+    waiting_until: Option<Nanos>,
+    /// Whether the wait is for capacity (re-dispatched as soon as a slot frees).
+    waiting_for_capacity: bool,
+    previous_delay: Nanos,
+    last_class: Option<OutcomeClass>,
+    last_hint: Option<Nanos>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Health {
+    ok: u32,
+    failed: u32,
+}
+
+/// How often the degradation ladder is re-evaluated without other events.
+const LADDER_PERIOD: Nanos = SECOND;
+
+/// The engine.
+pub struct Engine {
+    config: Config,
+    backoff: Backoff,
+    providers: Vec<ProviderState>,
+    budget: RetryBudget,
+    global: RequestAndTokenBuckets,
+    tenant_requests: Option<KeyedBuckets>,
+    tenant_tokens: Option<KeyedBuckets>,
+    ladder: Ladder,
+    health: Ring<Health, 10>,
+    requests: BTreeMap<RequestId, RequestState>,
+    next_id: RequestId,
+    next_ladder_at: Nanos,
+    rng: Rng,
+    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
+}
+
+impl Engine {
+    /// An engine for a validated configuration, with randomness from `seed`.
+    pub fn new(config: Config, seed: u64) -> Result<Self, ConfigErrors> {
+        config.validate()?;
+        let providers = config
+            .providers
+            .iter()
+            .map(|p| ProviderState {
+                breaker: CircuitBreaker::new(config.breaker.settings()),
+                limit: AimdLimit::new(config.concurrency.settings(p.max_concurrency)),
+                throttle: AdaptiveThrottle::new(config.throttle.settings()),
+                last_breaker_gauge: 0,
+            })
+            .collect();
+        let limits = &config.limits;
+        let slots = limits.tenant_slots as usize;
+        Ok(Self {
+            backoff: config.retry.backoff(),
+            budget: RetryBudget::new(config.budget.settings()),
+            global: RequestAndTokenBuckets {
+                requests: limits.global.request_rate().map(TokenBucket::new),
+                tokens: limits.global.token_rate().map(TokenBucket::new),
+            },
+            tenant_requests: limits
+                .per_tenant
+                .request_rate()
+                .map(|r| KeyedBuckets::new(r, slots)),
+            tenant_tokens: limits
+                .per_tenant
+                .token_rate()
+                .map(|r| KeyedBuckets::new(r, slots)),
+            ladder: Ladder::new(config.degradation.settings()),
+            health: Ring::new(10 * SECOND),
+            providers,
+            requests: BTreeMap::new(),
+            next_id: 1,
+            next_ladder_at: 0,
+            rng: Rng::with_seed(seed),
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The next action for the host, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next event for metrics, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The current degradation tier.
+    pub fn tier(&self) -> Tier {
+        self.ladder.tier()
+    }
+
+    /// Requests admitted and not finished.
+    pub fn active_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Attempts in flight to provider `index`.
+    pub fn in_flight(&self, index: usize) -> u32 {
+        self.providers.get(index).map_or(0, |p| p.limit.in_flight())
+    }
+
+    /// Provider `index`'s current concurrency limit.
+    pub fn concurrency_limit(&self, index: usize) -> u32 {
+        self.providers.get(index).map_or(0, |p| p.limit.limit())
+    }
+
+    /// Provider `index`'s breaker state.
+    pub fn breaker_state(&self, index: usize, now: Nanos) -> Option<BreakerState> {
+        self.providers.get(index).map(|p| p.breaker.state(now))
+    }
+
+    /// The earliest instant at which [`Engine::on_tick`] has something to do. (The degradation
+    /// ladder is re-evaluated on every call at most once a second; it needs no wake-up of its
+    /// own, since it only matters to requests being admitted.)
+    pub fn next_wakeup(&self) -> Option<Nanos> {
+        let mut next: Option<Nanos> = None;
+        let mut consider = |t: Nanos| next = Some(next.map_or(t, |n| n.min(t)));
+        for r in self.requests.values() {
+            consider(r.deadline);
+            if let Some(t) = r.waiting_until {
+                consider(t);
+            }
+            if let Some(f) = r.in_flight.filter(|f| !f.progressed) {
+                consider(f.first_token_deadline);
+            }
+        }
+        next
+    }
+
+    /// Admits a new request; its first action is queued. Returns its id.
+    pub fn admit(&mut self, now: Nanos, meta: RequestMeta) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.update_ladder(now);
+        let total = self.config.deadlines.total();
+        let deadline = meta.deadline.map_or(now.saturating_add(total), |d| {
+            d.min(now.saturating_add(total))
+        });
+        let state = RequestState {
+            meta,
+            admitted_at: now,
+            deadline,
+            attempts: 0,
+            tried: Tried::default(),
+            in_flight: None,
+            waiting_until: None,
+            waiting_for_capacity: false,
+            previous_delay: 0,
+            last_class: None,
+            last_hint: None,
+        };
+        let cached = state.meta.cached;
+        let priority = state.meta.priority;
+        let tenant = state.meta.tenant;
+        let tokens = state.meta.estimated_tokens;
+        self.requests.insert(id, state);
+        let tier = self.ladder.tier();
+
+        if cached == CacheLookup::Fresh {
+            self.finish_cache(now, id, false);
+            return id;
+        }
+        let stale = cached == CacheLookup::Stale;
+        if stale && tier.serves_stale() {
+            self.finish_cache(now, id, true);
+            return id;
+        }
+        if self.config.degradation.enabled && tier.fails_fast() {
+            let wait = ms(self.config.degradation.min_dwell_ms);
+            self.fail(
+                now,
+                id,
+                ReplyKind::Overloaded,
+                Some(wait),
+                "all providers are overloaded",
+            );
+            return id;
+        }
+        if self.config.degradation.enabled && tier.degrades_features() && priority == Priority::Low
+        {
+            if stale {
+                self.finish_cache(now, id, true);
+            } else {
+                let wait = ms(self.config.degradation.min_dwell_ms);
+                self.fail(
+                    now,
+                    id,
+                    ReplyKind::Shed,
+                    Some(wait),
+                    "low-priority request shed",
+                );
+            }
+            return id;
+        }
+        match self.charge_limits(now, tenant, tokens) {
+            Decision::Allowed => {
+                self.budget.deposit(now);
+                self.dispatch(now, id);
+            }
+            Decision::NotUntil(at) => {
+                let wait = at.saturating_sub(now);
+                self.fail(
+                    now,
+                    id,
+                    ReplyKind::RateLimited,
+                    Some(wait),
+                    "rate limit reached",
+                );
+            }
+            Decision::Never => {
+                self.fail(
+                    now,
+                    id,
+                    ReplyKind::TooLarge,
+                    None,
+                    "the request's estimated tokens exceed the configured burst",
+                );
+            }
+        }
+        id
+    }
+
+    /// Charges the global and per-tenant buckets, all or nothing.
+    fn charge_limits(&mut self, now: Nanos, tenant: u64, tokens: u64) -> Decision {
+        let check = |b: &Option<KeyedBuckets>, cost: u64| {
+            b.as_ref()
+                .map_or(Decision::Allowed, |b| b.check(tenant, now, cost))
+        };
+        let tenant_decision = combine(
+            check(&self.tenant_requests, 1),
+            check(&self.tenant_tokens, tokens),
+        );
+        if !tenant_decision.is_allowed() {
+            return tenant_decision;
+        }
+        let global = self.global.take(now, tokens);
+        if global.is_allowed() {
+            if let Some(b) = self.tenant_requests.as_mut() {
+                b.take(tenant, now, 1);
+            }
+            if let Some(b) = self.tenant_tokens.as_mut() {
+                b.take(tenant, now, tokens);
+            }
+        }
+        global
+    }
+
+    /// Records that the attempt's first real progress arrived (first token).
+    pub fn on_first_progress(&mut self, now: Nanos, request: RequestId, attempt: u32) {
+        let Some(r) = self.requests.get_mut(&request) else {
+            return;
+        };
+        if let Some(f) = r.in_flight.as_mut().filter(|f| f.attempt == attempt) {
+            if !f.progressed {
+                f.progressed = true;
+                self.events.push_back(Event::FirstToken {
+                    provider: f.provider,
+                    latency: now.saturating_sub(f.sent_at),
+                });
+            }
+        }
+    }
+
+    /// Records how an attempt ended and queues what comes next.
+    pub fn on_outcome(
+        &mut self,
+        now: Nanos,
+        request: RequestId,
+        attempt: u32,
+        outcome: Classification,
+    ) {
+        let Some(flight) = self
+            .requests
+            .get(&request)
+            .and_then(|r| r.in_flight)
+            .filter(|f| f.attempt == attempt)
+        else {
+            return; // stale report (aborted attempt, cancelled request): already accounted for
+        };
+        self.settle_attempt(now, request, flight, outcome.class);
+        let class = outcome.class;
+        if let Some(r) = self.requests.get_mut(&request) {
+            r.last_class = Some(class);
+            r.last_hint = outcome.retry_after;
+        }
+        match class {
+            OutcomeClass::Success => {
+                let cacheable = self
+                    .requests
+                    .get(&request)
+                    .is_some_and(|r| r.meta.cache_key.is_some() && self.config.cache.enabled);
+                self.finish(now, request, RequestOutcome::Success);
+                self.actions.push_back(Action::Deliver {
+                    request,
+                    store_in_cache: cacheable,
+                });
+            }
+            c if !(c.is_retryable() || c.fails_over() && self.has_untried_ready(now, request)) => {
+                // The caller's fault (or this provider's account's, with nowhere else to go):
+                // the provider's answer is the most useful thing to pass on.
+                self.finish(now, request, RequestOutcome::CallerError);
+                self.actions.push_back(Action::Deliver {
+                    request,
+                    store_in_cache: false,
+                });
+            }
+            _ if flight.progressed
+                && self.requests.get(&request).is_some_and(|r| r.meta.stream) =>
+            {
+                // Bytes already reached the caller: a stream cannot be retried from here.
+                self.finish(now, request, RequestOutcome::Failed);
+                self.actions.push_back(Action::Deliver {
+                    request,
+                    store_in_cache: false,
+                });
+            }
+            _ => self.retry(now, request),
+        }
+        self.wake_capacity_waiters(now);
+    }
+
+    /// The caller gave up: frees what the request held. Nothing more is queued for it.
+    pub fn cancel(&mut self, now: Nanos, request: RequestId) {
+        let Some(r) = self.requests.get(&request) else {
+            return;
+        };
+        if let Some(f) = r.in_flight {
+            self.release_slot(now, f, None);
+        }
+        self.finish(now, request, RequestOutcome::Cancelled);
+        self.wake_capacity_waiters(now);
+    }
+
+    /// Handles everything due at `now`: backoff waits that ended, first-token deadlines, request
+    /// deadlines and the degradation ladder.
+    pub fn on_tick(&mut self, now: Nanos) {
+        self.update_ladder(now);
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            let Some(r) = self.requests.get(&id) else {
+                continue;
+            };
+            let (deadline, in_flight, waiting) = (r.deadline, r.in_flight, r.waiting_until);
+            if now >= deadline {
+                if let Some(f) = in_flight {
+                    self.actions.push_back(Action::Abort {
+                        request: id,
+                        attempt: f.attempt,
+                        reason: AbortReason::Deadline,
+                    });
+                    self.settle_attempt(
+                        now,
+                        id,
+                        f,
+                        OutcomeClass::Transport(crate::classify::TransportFault::Timeout),
+                    );
+                    if f.progressed {
+                        // The answer was streaming: what the caller got is what there is.
+                        self.finish(now, id, RequestOutcome::DeadlineExceeded);
+                        continue;
+                    }
+                }
+                self.give_up(now, id, GiveUp::PastDeadline);
+                continue;
+            }
+            match (in_flight, waiting) {
+                (Some(f), _) if !f.progressed && now >= f.first_token_deadline => {
+                    self.actions.push_back(Action::Abort {
+                        request: id,
+                        attempt: f.attempt,
+                        reason: AbortReason::FirstTokenDeadline,
+                    });
+                    let stall = OutcomeClass::Transport(crate::classify::TransportFault::Stall);
+                    self.settle_attempt(now, id, f, stall);
+                    if let Some(r) = self.requests.get_mut(&id) {
+                        r.last_class = Some(stall);
+                        r.last_hint = None;
+                    }
+                    self.retry(now, id);
+                }
+                (None, Some(until)) if now >= until => {
+                    if let Some(r) = self.requests.get_mut(&id) {
+                        r.waiting_until = None;
+                        r.waiting_for_capacity = false;
+                    }
+                    self.dispatch(now, id);
+                }
+                _ => {}
+            }
+        }
+        self.wake_capacity_waiters(now);
+    }
+
+    /// Accounts for the end of an attempt: slots, breaker, throttle, health, events.
+    fn settle_attempt(&mut self, now: Nanos, id: RequestId, f: InFlight, class: OutcomeClass) {
+        self.release_slot(now, f, Some(class));
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.in_flight = None;
+        }
+        let h = self.health.current(now);
+        if class.is_retryable() {
+            h.failed = h.failed.saturating_add(1);
+        } else {
+            h.ok = h.ok.saturating_add(1);
+        }
+        self.events.push_back(Event::AttemptFinished {
+            provider: f.provider,
+            class,
+            latency: now.saturating_sub(f.sent_at),
+        });
+    }
+
+    fn release_slot(&mut self, now: Nanos, f: InFlight, class: Option<OutcomeClass>) {
+        let Some(p) = self.providers.get_mut(f.provider) else {
+            return;
+        };
+        let release = match class {
+            Some(OutcomeClass::Success) => Release::Success(now.saturating_sub(f.sent_at)),
+            Some(c) if c.is_overload() => Release::Overload,
+            _ => Release::Neutral,
+        };
+        p.limit.release(now, release);
+        match class {
+            Some(c) => {
+                p.breaker.on_outcome(now, c.breaker_signal());
+                p.throttle.on_outcome(now, !c.is_overload());
+            }
+            // A cancelled attempt proves nothing; free a half-open probe slot.
+            None => p
+                .breaker
+                .on_outcome(now, crate::classify::BreakerSignal::Ignore),
+        }
+        let gauge = p.breaker.state(now).gauge();
+        if gauge != p.last_breaker_gauge {
+            p.last_breaker_gauge = gauge;
+            self.events.push_back(Event::BreakerChanged {
+                provider: f.provider,
+                state: gauge,
+            });
+        }
+    }
+
+    /// Decides what follows a failed attempt: failover now, a later retry, or giving up.
+    fn retry(&mut self, now: Nanos, id: RequestId) {
+        let Some(r) = self.requests.get(&id) else {
+            return;
+        };
+        let next_attempt = r.attempts + 1;
+        if next_attempt > self.backoff.max_attempts {
+            self.give_up(now, id, GiveUp::AttemptsExhausted);
+            return;
+        }
+        if !self.budget.try_withdraw(now) {
+            self.events.push_back(Event::BudgetExhausted);
+            self.give_up(now, id, GiveUp::AttemptsExhausted);
+            return;
+        }
+        // Another provider that this request has not tried, usable now: fail over at once.
+        // A provider's hint and a backoff apply to the provider that was busy, not to others.
+        if self.has_untried_ready(now, id) {
+            self.dispatch(now, id);
+            return;
+        }
+        let schedule = self.backoff.schedule(
+            now,
+            r.deadline,
+            next_attempt,
+            r.previous_delay,
+            r.last_hint,
+            &mut self.rng,
+        );
+        match schedule {
+            Schedule::RetryAt { at, delay } => {
+                if let Some(r) = self.requests.get_mut(&id) {
+                    r.waiting_until = Some(at);
+                    r.previous_delay = delay;
+                }
+            }
+            Schedule::GiveUp(why) => self.give_up(now, id, why),
+        }
+    }
+
+    /// Sends the request's next attempt, or queues it for capacity, or gives up.
+    fn dispatch(&mut self, now: Nanos, id: RequestId) {
+        // Each pass either sends, waits, gives up, or marks one more provider as tried, so
+        // providers + 1 passes always suffice.
+        for _ in 0..=self.providers.len() {
+            let Some((tried, deadline)) = self.requests.get(&id).map(|r| (r.tried, r.deadline))
+            else {
+                return;
+            };
+            // Hosts may call late; an attempt never starts at or past the deadline.
+            if now >= deadline {
+                return self.give_up(now, id, GiveUp::PastDeadline);
+            }
+            let candidates = self.candidates(now);
+            let index = match choose(&candidates, tried, &mut self.rng) {
+                Choice::Provider(index) => index,
+                Choice::WaitForCapacity => return self.wait_for_capacity(now, id),
+                Choice::NoneAvailable => return self.give_up(now, id, GiveUp::AttemptsExhausted),
+            };
+            let throttle_enabled = self.config.throttle.enabled;
+            let Some(p) = self.providers.get_mut(index) else {
+                return;
+            };
+            if throttle_enabled && p.throttle.should_reject(now, &mut self.rng) {
+                self.events.push_back(Event::Throttled { provider: index });
+                let Some(r) = self.requests.get_mut(&id) else {
+                    return;
+                };
+                if tried.contains(index) {
+                    // Nothing untried is left and this one is throttled: back off.
+                    r.last_class = Some(OutcomeClass::Busy);
+                    return self.retry_later(now, id);
+                }
+                r.tried.insert(index);
+                continue;
+            }
+            if !p.breaker.try_acquire(now) {
+                return self.wait_for_capacity(now, id);
+            }
+            if !p.limit.try_acquire() {
+                p.breaker
+                    .on_outcome(now, crate::classify::BreakerSignal::Ignore);
+                return self.wait_for_capacity(now, id);
+            }
+            return self.send(now, id, index);
+        }
+        self.retry_later(now, id);
+    }
+
+    fn retry_later(&mut self, now: Nanos, id: RequestId) {
+        let Some(r) = self.requests.get(&id) else {
+            return;
+        };
+        let next = (r.attempts + 1).max(2);
+        match self
+            .backoff
+            .schedule(now, r.deadline, next, r.previous_delay, None, &mut self.rng)
+        {
+            Schedule::RetryAt { at, delay } => {
+                if let Some(r) = self.requests.get_mut(&id) {
+                    r.waiting_until = Some(at);
+                    r.previous_delay = delay;
+                }
+            }
+            Schedule::GiveUp(why) => self.give_up(now, id, why),
+        }
+    }
+
+    fn wait_for_capacity(&mut self, now: Nanos, id: RequestId) {
+        let queue_timeout = ms(self.config.concurrency.queue_timeout_ms);
+        let Some(r) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let limit = r.admitted_at.saturating_add(queue_timeout).min(r.deadline);
+        if now >= limit {
+            self.give_up(now, id, GiveUp::PastDeadline);
+            return;
+        }
+        r.waiting_until = Some(limit);
+        r.waiting_for_capacity = true;
+    }
+
+    /// Re-dispatches requests waiting for a slot, oldest first, while slots are free.
+    fn wake_capacity_waiters(&mut self, now: Nanos) {
+        let waiting: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.waiting_for_capacity && r.in_flight.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            let has_room = self
+                .candidates(now)
+                .iter()
+                .any(|c| c.breaker_allows && c.has_room && c.weight > 0);
+            if !has_room {
+                break;
+            }
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.waiting_until = None;
+                r.waiting_for_capacity = false;
+            }
+            self.dispatch(now, id);
+        }
+    }
+
+    fn has_untried_ready(&self, now: Nanos, id: RequestId) -> bool {
+        let Some(r) = self.requests.get(&id) else {
+            return false;
+        };
+        self.candidates(now)
+            .iter()
+            .enumerate()
+            .any(|(i, c)| !r.tried.contains(i) && c.breaker_allows && c.has_room && c.weight > 0)
+    }
+
+    fn candidates(&self, now: Nanos) -> Vec<Candidate> {
+        self.config
+            .providers
+            .iter()
+            .zip(&self.providers)
+            .map(|(cfg, p)| Candidate {
+                priority: cfg.priority,
+                weight: cfg.weight,
+                outstanding: p.limit.in_flight(),
+                breaker_allows: p.breaker.would_allow(now),
+                has_room: p.limit.has_room(),
+            })
+            .collect()
+    }
+
+    fn send(&mut self, now: Nanos, id: RequestId, provider: usize) {
+        let tier = self.ladder.tier();
+        let degrade = self.config.degradation.enabled && tier.degrades_features();
+        let Some(r) = self.requests.get_mut(&id) else {
+            return;
+        };
+        r.attempts += 1;
+        r.tried.insert(provider);
+        let first_token_deadline = now
+            .saturating_add(ms(self.config.deadlines.first_token_ms))
+            .min(r.deadline);
+        r.in_flight = Some(InFlight {
+            attempt: r.attempts,
+            provider,
+            sent_at: now,
+            first_token_deadline,
+            progressed: false,
+        });
+        let cfg = &self.config;
+        let mut model = r.meta.model.clone();
+        let mut mapped = false;
+        if degrade {
+            if let Some(cheaper) = cfg.degradation.model_fallbacks.get(&model) {
+                model = cheaper.clone();
+                mapped = true;
+            }
+        }
+        if let Some(provider_model) = cfg
+            .providers
+            .get(provider)
+            .and_then(|p| p.models.get(&model))
+        {
+            model = provider_model.clone();
+            mapped = true;
+        }
+        let cap = cfg.degradation.max_tokens_cap;
+        let rewrite = Rewrite {
+            model: mapped.then_some(model),
+            max_tokens_cap: (degrade && cap > 0).then_some(cap),
+        };
+        self.actions.push_back(Action::Send(SendAttempt {
+            request: id,
+            attempt: r.attempts,
+            provider,
+            first_token_deadline,
+            deadline: r.deadline,
+            rewrite,
+        }));
+    }
+
+    fn give_up(&mut self, now: Nanos, id: RequestId, why: GiveUp) {
+        let Some(r) = self.requests.get(&id) else {
+            return;
+        };
+        if r.meta.cached == CacheLookup::Stale {
+            self.finish_cache(now, id, true);
+            return;
+        }
+        let (kind, outcome) = match (why, r.last_class) {
+            (GiveUp::PastDeadline, _) if now >= r.deadline => (
+                ReplyKind::DeadlineExceeded,
+                RequestOutcome::DeadlineExceeded,
+            ),
+            (_, Some(OutcomeClass::RateLimited)) => {
+                (ReplyKind::RateLimited, RequestOutcome::Failed)
+            }
+            _ => (ReplyKind::Overloaded, RequestOutcome::Failed),
+        };
+        let hint = match why {
+            GiveUp::HintTooLong(h) => Some(h),
+            _ => r.last_hint.or(Some(self.suggested_wait(now))),
+        };
+        let message = match (why, r.last_class) {
+            (GiveUp::PastDeadline, _) => String::from("no provider answered before the deadline"),
+            (_, Some(class)) => format!(
+                "no provider could answer after {} attempt(s); last: {}",
+                r.attempts,
+                class.label()
+            ),
+            (_, None) => String::from("every provider is unavailable"),
+        };
+        let reply = local_reply(kind, &message, hint);
+        self.finish(now, id, outcome);
+        self.actions.push_back(Action::Reply { request: id, reply });
+    }
+
+    /// How long a caller should wait when every provider is unavailable: until the earliest
+    /// open breaker may probe again, at least a second.
+    fn suggested_wait(&self, now: Nanos) -> Nanos {
+        self.providers
+            .iter()
+            .filter_map(|p| match p.breaker.state(now) {
+                BreakerState::Open { until } => Some(until.saturating_sub(now)),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(SECOND)
+            .max(SECOND)
+    }
+
+    fn fail(
+        &mut self,
+        now: Nanos,
+        id: RequestId,
+        kind: ReplyKind,
+        wait: Option<Nanos>,
+        message: &str,
+    ) {
+        let outcome = match kind {
+            ReplyKind::RateLimited => RequestOutcome::RateLimited,
+            ReplyKind::Shed => RequestOutcome::Shed,
+            ReplyKind::DeadlineExceeded => RequestOutcome::DeadlineExceeded,
+            _ => RequestOutcome::Failed,
+        };
+        let reply = local_reply(kind, message, wait);
+        self.finish(now, id, outcome);
+        self.actions.push_back(Action::Reply { request: id, reply });
+    }
+
+    fn finish_cache(&mut self, now: Nanos, id: RequestId, stale: bool) {
+        let outcome = if stale {
+            RequestOutcome::Stale
+        } else {
+            RequestOutcome::Cached
+        };
+        self.finish(now, id, outcome);
+        self.actions
+            .push_back(Action::ServeCache { request: id, stale });
+    }
+
+    fn finish(&mut self, now: Nanos, id: RequestId, outcome: RequestOutcome) {
+        if let Some(r) = self.requests.remove(&id) {
+            self.events.push_back(Event::RequestFinished {
+                outcome,
+                attempts: r.attempts,
+                latency: now.saturating_sub(r.admitted_at),
+            });
+        }
+    }
+
+    fn update_ladder(&mut self, now: Nanos) {
+        if now < self.next_ladder_at {
+            return;
+        }
+        self.next_ladder_at = now.saturating_add(LADDER_PERIOD);
+        let (ok, failed) = self.health.fold(now, (0u64, 0u64), |(o, f), h| {
+            (o + u64::from(h.ok), f + u64::from(h.failed))
+        });
+        // Too few outcomes say nothing about health.
+        let error_rate = if ok + failed >= 10 {
+            failed as f64 / (ok + failed) as f64
+        } else {
+            0.0
+        };
+        let open = self
+            .providers
+            .iter()
+            .filter(|p| matches!(p.breaker.state(now), BreakerState::Open { .. }))
+            .count();
+        let open_share = open as f64 / self.providers.len().max(1) as f64;
+        let before = self.ladder.tier();
+        let after = self
+            .ladder
+            .update(now, pressure(error_rate, open_share, false));
+        if before != after {
+            self.events.push_back(Event::TierChanged { tier: after });
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The engine end to end, driven as a host would drive it: scenarios for each decision, then
+//! invariants over many seeds with random provider behaviour.
+
+// Test helpers may panic: a panic here is a failing test, not a dead proxy.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::collections::HashMap;
+use unbusy_core::cache_key::CacheKey;
+use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
+use unbusy_core::config::{Config, ProviderConfig};
+use unbusy_core::engine::{
+    AbortReason, Action, CacheLookup, Engine, Priority, RequestId, RequestMeta,
+};
+use unbusy_core::time::{ms, secs, Nanos};
+use unbusy_core::Rng;
+
+fn provider(name: &str, priority: u32) -> ProviderConfig {
+    ProviderConfig {
+        name: name.into(),
+        cluster: Some(name.into()),
+        priority,
+        ..ProviderConfig::default()
+    }
+}
+
+fn config(providers: Vec<ProviderConfig>) -> Config {
+    Config {
+        providers,
+        ..Config::default()
+    }
+}
+
+fn meta(tenant: u64) -> RequestMeta {
+    RequestMeta {
+        tenant,
+        model: "deepseek-chat".into(),
+        stream: false,
+        priority: Priority::Normal,
+        estimated_tokens: 100,
+        deadline: None,
+        cache_key: None,
+        cached: CacheLookup::Miss,
+    }
+}
+
+fn actions(e: &mut Engine) -> Vec<Action> {
+    std::iter::from_fn(|| e.poll_action()).collect()
+}
+
+fn outcome(class: OutcomeClass, retry_after: Option<Nanos>) -> Classification {
+    Classification { class, retry_after }
+}
+
+fn sent(a: &[Action]) -> (u32, usize) {
+    match a {
+        [Action::Send(s)] => (s.attempt, s.provider),
+        other => panic!("expected one send, got {other:?}"),
+    }
+}
+
+#[test]
+fn success_is_delivered_and_cached_when_cacheable() {
+    let mut e = Engine::new(config(vec![provider("deepseek", 0)]), 1).unwrap();
+    let id = e.admit(
+        0,
+        RequestMeta {
+            cache_key: Some(CacheKey(7)),
+            ..meta(1)
+        },
+    );
+    assert_eq!(sent(&actions(&mut e)), (1, 0));
+    e.on_first_progress(ms(400), id, 1);
+    e.on_outcome(ms(900), id, 1, outcome(OutcomeClass::Success, None));
+    assert_eq!(
+        actions(&mut e),
+        vec![Action::Deliver {
+            request: id,
+            store_in_cache: true
+        }]
+    );
+    assert_eq!(e.active_requests(), 0);
+    assert_eq!(e.in_flight(0), 0);
+}
+
+#[test]
+fn busy_primary_fails_over_to_backup_at_once() {
+    let mut e = Engine::new(
+        config(vec![provider("deepseek", 0), provider("backup", 1)]),
+        1,
+    )
+    .unwrap();
+    let id = e.admit(0, meta(1));
+    assert_eq!(sent(&actions(&mut e)), (1, 0));
+    e.on_outcome(ms(50), id, 1, outcome(OutcomeClass::Busy, Some(secs(5))));
+    // The primary's hint does not delay the backup.
+    assert_eq!(sent(&actions(&mut e)), (2, 1));
+}
+
+#[test]
+fn single_provider_retry_honours_the_hint() {
+    let mut e = Engine::new(config(vec![provider("deepseek", 0)]), 1).unwrap();
+    let id = e.admit(0, meta(1));
+    actions(&mut e);
+    e.on_outcome(
+        ms(10),
+        id,
+        1,
+        outcome(OutcomeClass::RateLimited, Some(secs(2))),
+    );
+    assert!(actions(&mut e).is_empty());
+    let wake = e.next_wakeup().unwrap();
+    assert!(
+        wake >= ms(10) + secs(2) && wake <= ms(10) + secs(2) + ms(250),
+        "{wake}"
+    );
+    e.on_tick(wake - 1);
+    assert!(actions(&mut e).is_empty());
+    e.on_tick(wake);
+    assert_eq!(sent(&actions(&mut e)), (2, 0));
+}
+
+#[test]
+fn caller_errors_are_passed_through_not_retried() {
+    let mut e = Engine::new(config(vec![provider("a", 0), provider("b", 0)]), 1).unwrap();
+    let id = e.admit(0, meta(1));
+    actions(&mut e);
+    let bad = OutcomeClass::CallerError(unbusy_core::classify::CallerErrorKind::BadRequest);
+    e.on_outcome(ms(10), id, 1, outcome(bad, None));
+    assert_eq!(
+        actions(&mut e),
+        vec![Action::Deliver {
+            request: id,
+            store_in_cache: false
+        }]
+    );
+}
+
+#[test]
+fn keepalive_past_first_token_deadline_fails_over() {
+    let mut e = Engine::new(
+        config(vec![provider("deepseek", 0), provider("backup", 1)]),
+        1,
+    )
+    .unwrap();
+    let id = e.admit(
+        0,
+        RequestMeta {
+            stream: true,
+            ..meta(1)
+        },
+    );
+    let first = match actions(&mut e).as_slice() {
+        [Action::Send(s)] => s.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first.first_token_deadline, secs(15));
+    assert_eq!(e.next_wakeup(), Some(secs(15)));
+    e.on_tick(secs(15));
+    let a = actions(&mut e);
+    assert_eq!(
+        a[0],
+        Action::Abort {
+            request: id,
+            attempt: 1,
+            reason: AbortReason::FirstTokenDeadline
+        }
+    );
+    assert_eq!(sent(&a[1..]), (2, 1));
+    // A late report from the aborted attempt changes nothing.
+    e.on_outcome(secs(16), id, 1, outcome(OutcomeClass::Success, None));
+    assert!(actions(&mut e).is_empty());
+}
+
+#[test]
+fn tenant_limit_refuses_with_retry_after_and_spares_other_tenants() {
+    let mut c = config(vec![provider("deepseek", 0)]);
+    c.limits.per_tenant.requests_per_minute = Some(1);
+    let mut e = Engine::new(c, 1).unwrap();
+    e.admit(0, meta(1));
+    assert!(matches!(actions(&mut e).as_slice(), [Action::Send(_)]));
+    e.admit(ms(1), meta(1));
+    match actions(&mut e).as_slice() {
+        [Action::Reply { reply, .. }] => {
+            assert_eq!(reply.status, 429);
+            let ra = reply
+                .headers
+                .iter()
+                .find(|(n, _)| *n == "retry-after")
+                .unwrap();
+            assert_eq!(ra.1, "60");
+        }
+        other => panic!("{other:?}"),
+    }
+    e.admit(ms(2), meta(2));
+    assert!(matches!(actions(&mut e).as_slice(), [Action::Send(_)]));
+}
+
+#[test]
+fn cache_fresh_and_stale() {
+    let mut e = Engine::new(config(vec![provider("deepseek", 0)]), 1).unwrap();
+    let id = e.admit(
+        0,
+        RequestMeta {
+            cached: CacheLookup::Fresh,
+            ..meta(1)
+        },
+    );
+    assert_eq!(
+        actions(&mut e),
+        vec![Action::ServeCache {
+            request: id,
+            stale: false
+        }]
+    );
+    // Stale entries are used only when the provider cannot answer.
+    let mut c = config(vec![provider("deepseek", 0)]);
+    c.retry.max_attempts = 1;
+    let mut e = Engine::new(c, 1).unwrap();
+    let id = e.admit(
+        0,
+        RequestMeta {
+            cached: CacheLookup::Stale,
+            ..meta(1)
+        },
+    );
+    actions(&mut e);
+    e.on_outcome(ms(5), id, 1, outcome(OutcomeClass::Busy, None));
+    assert_eq!(
+        actions(&mut e),
+        vec![Action::ServeCache {
+            request: id,
+            stale: true
+        }]
+    );
+}
+
+#[test]
+fn concurrency_quota_paces_instead_of_sending() {
+    let mut p = provider("deepseek", 0);
+    p.max_concurrency = Some(1);
+    let mut e = Engine::new(config(vec![p]), 1).unwrap();
+    let first = e.admit(0, meta(1));
+    assert_eq!(sent(&actions(&mut e)), (1, 0));
+    let second = e.admit(ms(1), meta(2));
+    assert!(
+        actions(&mut e).is_empty(),
+        "the second request must wait for the slot"
+    );
+    assert_eq!(e.in_flight(0), 1);
+    e.on_outcome(ms(500), first, 1, outcome(OutcomeClass::Success, None));
+    let a = actions(&mut e);
+    assert_eq!(
+        a[0],
+        Action::Deliver {
+            request: first,
+            store_in_cache: false
+        }
+    );
+    match &a[1] {
+        Action::Send(s) => assert_eq!((s.request, s.attempt), (second, 1)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn everything_down_fails_fast_with_an_sdk_friendly_reply() {
+    let mut c = config(vec![provider("deepseek", 0)]);
+    c.retry.max_attempts = 2;
+    let mut e = Engine::new(c, 1).unwrap();
+    let id = e.admit(0, meta(1));
+    actions(&mut e);
+    e.on_outcome(ms(5), id, 1, outcome(OutcomeClass::Busy, None));
+    let wake = e.next_wakeup().unwrap();
+    e.on_tick(wake);
+    let (attempt, _) = sent(&actions(&mut e));
+    e.on_outcome(wake + ms(5), id, attempt, outcome(OutcomeClass::Busy, None));
+    match actions(&mut e).as_slice() {
+        [Action::Reply { reply, .. }] => {
+            assert_eq!(reply.status, 503);
+            assert!(reply.body.contains("overloaded"), "{}", reply.body);
+            assert!(reply
+                .headers
+                .iter()
+                .any(|(n, v)| *n == "x-should-retry" && v == "true"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn invalid_config_is_refused() {
+    assert!(Engine::new(Config::default(), 1).is_err());
+}
+
+/// A random busy world: each attempt ends busy, rate limited, in a server error, a stall, a
+/// reset, a caller error or a success, after a random time; callers sometimes cancel.
+fn run_world(seed: u64) {
+    let mut rng = Rng::with_seed(seed);
+    let mut c = config(vec![provider("a", 0), provider("b", 0), provider("c", 1)]);
+    c.retry.max_attempts = 1 + rng.u32(0..5);
+    c.providers[0].max_concurrency = Some(1 + rng.u32(0..4));
+    c.deadlines.total_ms = 2_000 + rng.u64(0..20_000);
+    c.deadlines.first_token_ms = 500 + rng.u64(0..5_000);
+    let max_attempts = c.retry.max_attempts;
+    let quota = c.providers[0].max_concurrency.unwrap();
+    let mut e = Engine::new(c, seed).unwrap();
+    let mut now: Nanos = 0;
+    // request -> (deadline-ish admitted_at, attempts seen, tenant, cache key)
+    let mut admitted: HashMap<RequestId, (Nanos, u32)> = HashMap::new();
+    let mut in_flight: Vec<(Nanos, RequestId, u32)> = Vec::new();
+    let mut finished = 0;
+    for step in 0..400 {
+        now += rng.u64(0..ms(300));
+        if step < 300 && rng.bool() {
+            let id = e.admit(
+                now,
+                RequestMeta {
+                    stream: rng.bool(),
+                    ..meta(rng.u64(0..5))
+                },
+            );
+            admitted.insert(id, (now, 0));
+        }
+        if rng.u8(0..20) == 0 {
+            if let Some(&(_, id, _)) = in_flight.first() {
+                e.cancel(now, id);
+                in_flight.retain(|(_, r, _)| *r != id);
+                admitted.remove(&id);
+            }
+        }
+        // Attempts that end now.
+        let (due, later): (Vec<_>, Vec<_>) = in_flight.into_iter().partition(|(t, _, _)| *t <= now);
+        in_flight = later;
+        for (_, id, attempt) in due {
+            let result = match rng.u8(0..8) {
+                0 => outcome(OutcomeClass::Busy, None),
+                1 => outcome(OutcomeClass::RateLimited, Some(ms(rng.u64(0..3_000)))),
+                2 => outcome(OutcomeClass::ServerError, None),
+                3 => classify_fault(TransportFault::Reset),
+                4 => outcome(
+                    OutcomeClass::CallerError(unbusy_core::classify::CallerErrorKind::BadRequest),
+                    None,
+                ),
+                _ => outcome(OutcomeClass::Success, None),
+            };
+            if rng.bool() {
+                e.on_first_progress(now, id, attempt);
+            }
+            e.on_outcome(now, id, attempt, result);
+        }
+        if let Some(t) = e.next_wakeup() {
+            if t <= now {
+                e.on_tick(now);
+            }
+        }
+        while let Some(action) = e.poll_action() {
+            let id = action.request();
+            match action {
+                Action::Send(s) => {
+                    let (admitted_at, attempts) =
+                        admitted.get_mut(&id).expect("send for a live request");
+                    *attempts += 1;
+                    assert_eq!(s.attempt, *attempts, "attempts are numbered in order");
+                    assert!(
+                        s.attempt <= max_attempts,
+                        "attempt {} > max {max_attempts}",
+                        s.attempt
+                    );
+                    assert!(now < s.deadline, "attempt started at or past the deadline");
+                    assert!(s.deadline <= *admitted_at + secs(22));
+                    // A provider's known quota is never exceeded.
+                    assert!(
+                        e.in_flight(0) <= quota,
+                        "{} in flight over a quota of {quota}",
+                        e.in_flight(0)
+                    );
+                    assert!(e.concurrency_limit(s.provider) <= 256);
+                    in_flight.push((now + rng.u64(0..ms(3_000)), id, s.attempt));
+                }
+                Action::Abort { attempt, .. } => {
+                    in_flight.retain(|(_, r, a)| !(*r == id && *a == attempt));
+                }
+                Action::Deliver { .. } | Action::ServeCache { .. } | Action::Reply { .. } => {
+                    assert!(admitted.remove(&id).is_some(), "finished twice: {id}");
+                    in_flight.retain(|(_, r, _)| *r != id);
+                    finished += 1;
+                }
+            }
+        }
+        while e.poll_event().is_some() {}
+    }
+    // Let everything left run out: deadlines end every request.
+    for _ in 0..200 {
+        now += ms(500);
+        for (_, id, attempt) in std::mem::take(&mut in_flight) {
+            e.on_outcome(now, id, attempt, outcome(OutcomeClass::Busy, None));
+        }
+        e.on_tick(now);
+        while let Some(action) = e.poll_action() {
+            match action {
+                Action::Send(s) => {
+                    assert!(now < s.deadline);
+                    in_flight.push((now, s.request, s.attempt));
+                }
+                Action::Abort {
+                    request, attempt, ..
+                } => {
+                    in_flight.retain(|(_, r, a)| !(*r == request && *a == attempt));
+                }
+                other => {
+                    admitted.remove(&other.request());
+                    finished += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        e.active_requests(),
+        0,
+        "seed {seed}: requests never finished"
+    );
+    assert!(
+        admitted.is_empty(),
+        "seed {seed}: {} requests got no final action",
+        admitted.len()
+    );
+    assert!(finished > 0);
+    for p in 0..3 {
+        assert_eq!(e.in_flight(p), 0, "seed {seed}: provider {p} leaked a slot");
+    }
+}
+
+#[test]
+fn invariants_hold_for_every_seed() {
+    for seed in 0..300 {
+        run_world(seed);
+    }
+}
