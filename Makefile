@@ -34,9 +34,12 @@ clippy: setup
 	$(CARGO) clippy -p unbusy-envoy --target wasm32-wasip1 -- -D warnings
 	$(CARGO) clippy -p unbusy-js --target wasm32-unknown-unknown -- -D warnings
 
-## test-rust: unit, property and doc tests of every crate.
+## test-rust: unit, property and doc tests of every crate, closing with one total line.
 test-rust: setup
-	$(CARGO) test --workspace
+	mkdir -p target
+	$(CARGO) test --workspace 2>&1 | tee target/test-rust.log
+	@awk '/^test result:/ { passed += $$4; failed += $$6 } \
+	  END { printf "%d passed, %d failed\n", passed, failed }' target/test-rust.log
 
 ## wasm: the release builds of the core and its two wasm hosts.
 wasm: setup
@@ -46,9 +49,9 @@ wasm: setup
 	$(CARGO) build -p unbusy-envoy --release --target wasm32-wasip1
 	$(CARGO) build -p unbusy-js --release --target wasm32-unknown-unknown
 
-## test: everything that checks the project.
-test: fmt-check clippy test-rust wasm
-	@echo "make test: all checks passed"
+## test: everything that checks the project; the tests run last so their total closes the output.
+test: fmt-check clippy wasm
+	$(MAKE) --no-print-directory test-rust
 
 ## bench: every benchmark (numbers for BENCHMARKS.md; nothing is asserted).
 bench: bench-core
