@@ -755,12 +755,21 @@ impl Engine {
             self.dispatch(now, id);
             return;
         }
+        let hint = r.last_hint;
+        self.wait_backoff(now, id, next_attempt, hint);
+    }
+
+    /// Schedules attempt `next_attempt` after a backoff (honouring `hint`), or gives up.
+    fn wait_backoff(&mut self, now: Nanos, id: RequestId, next_attempt: u32, hint: Option<Nanos>) {
+        let Some(r) = self.requests.get(&id) else {
+            return;
+        };
         let schedule = self.backoff.schedule(
             now,
             r.deadline,
             next_attempt,
             r.previous_delay,
-            r.last_hint,
+            hint,
             &mut self.rng,
         );
         match schedule {
@@ -823,23 +832,13 @@ impl Engine {
         self.retry_later(now, id);
     }
 
+    /// Backs off before trying again when no attempt could even be sent (every provider
+    /// throttled locally): no server hint applies.
     fn retry_later(&mut self, now: Nanos, id: RequestId) {
-        let Some(r) = self.requests.get(&id) else {
+        let Some(next) = self.requests.get(&id).map(|r| (r.attempts + 1).max(2)) else {
             return;
         };
-        let next = (r.attempts + 1).max(2);
-        match self
-            .backoff
-            .schedule(now, r.deadline, next, r.previous_delay, None, &mut self.rng)
-        {
-            Schedule::RetryAt { at, delay } => {
-                if let Some(r) = self.requests.get_mut(&id) {
-                    r.waiting_until = Some(at);
-                    r.previous_delay = delay;
-                }
-            }
-            Schedule::GiveUp(why) => self.give_up(now, id, why),
-        }
+        self.wait_backoff(now, id, next, None);
     }
 
     fn wait_for_capacity(&mut self, now: Nanos, id: RequestId) {
