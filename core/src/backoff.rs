@@ -83,11 +83,14 @@ pub enum Schedule {
 }
 
 impl Backoff {
-    /// The documented defaults: 250 ms base, 8 s cap, 4 attempts, full jitter, 60 s hint cap.
+    /// The documented defaults: 250 ms base, 8 s cap, 8 attempts, full jitter, 60 s hint cap.
+    /// Eight attempts because a brownout answering 35% of requests busy leaves 1.5% of
+    /// requests failed after four attempts and 0.02% after eight; the retry budget, not the
+    /// attempt count, is what bounds the extra load.
     pub const DEFAULT: Self = Self {
         base: ms(250),
         cap: secs(8),
-        max_attempts: 4,
+        max_attempts: 8,
         jitter: Jitter::Full,
         max_hint: secs(60),
     };

@@ -7,13 +7,23 @@
 //!
 //! The limit is AIMD (additive increase, multiplicative decrease, as TCP and Netflix's
 //! `concurrency-limits`):
-//! - each successful completion adds `1 / limit` (so one whole slot per `limit` successes);
-//! - an overload verdict (429 not about quota, 503, keep-alive stall) multiplies the limit by
-//!   `backoff_ratio`, at most once per `decrease_cooldown`, because one burst of overload
-//!   returns many 429s at once and should shrink the limit once, not twenty times;
-//! - the latency signal: a success slower than `latency_tolerance` times the long-run average
-//!   (an EWMA of successful latencies) counts as a gentle overload (half a decrease), since a
-//!   provider queueing our requests gets slower before it starts refusing them.
+//! - each successful completion adds `1 / limit` (so one whole slot per `limit` successes),
+//!   except in *slow start*, before the first quota verdict, when it adds a whole slot (TCP's
+//!   slow start: the limit doubles per round trip). Without it, a provider with no quota whose
+//!   answers held slots longer (keep-alive stalls) queued our requests for minutes while the
+//!   limit crept up one slot every few seconds (the simulator's brownout);
+//! - a quota verdict multiplies the limit by `backoff_ratio`, at most once per
+//!   `decrease_cooldown`, because one burst of overload returns many 429s at once and should
+//!   shrink the limit once, not twenty times. The engine reports a quota verdict for a 429 that
+//!   carries no retry hint (DeepSeek's concurrency quota answers exactly so); a 429 with a hint
+//!   is paced by the hint, and 503 "busy" and keep-alive stalls are provider-wide conditions
+//!   that our own concurrency does not cause: the breaker and the adaptive throttle handle
+//!   them. The simulator showed why: treating a brownout's random 503s (25% of answers) as a
+//!   quota verdict collapsed the limit to 1 and failed 95% of requests waiting for a slot;
+//! - the optional latency signal: a success slower than `latency_tolerance` times the long-run
+//!   average (an EWMA of successful latencies) counts as a gentle overload (half a decrease).
+//!   Off by default: an LLM answer's latency follows its length (p99 is often 6x p50), so
+//!   slowness alone says little about queueing.
 //!
 //! Fixed-size state, `now` passed in.
 
@@ -22,7 +32,8 @@ use crate::time::{ms, Nanos};
 /// The limit's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ConcurrencySettings {
-    /// The limit to start with. Default 16.
+    /// The limit to start with. Default 64: LLM calls take seconds, so 20 requests a second
+    /// already keep 40-60 in flight; a low start would queue a healthy provider's traffic.
     pub initial: f64,
     /// Never below this. Default 1: one request in flight always makes progress.
     pub min: f64,
@@ -33,20 +44,20 @@ pub struct ConcurrencySettings {
     pub backoff_ratio: f64,
     /// The least time between two decreases. Default 500 ms.
     pub decrease_cooldown: Nanos,
-    /// A success slower than this multiple of the average counts as mild overload. Default 3.0;
-    /// 0 disables the latency signal (LLM latency varies with output length, so be generous).
+    /// A success slower than this multiple of the average counts as mild overload. Default 0
+    /// (off): LLM latency varies with output length.
     pub latency_tolerance: f64,
 }
 
 impl Default for ConcurrencySettings {
     fn default() -> Self {
         Self {
-            initial: 16.0,
+            initial: 64.0,
             min: 1.0,
             max: 256.0,
             backoff_ratio: 0.75,
             decrease_cooldown: ms(500),
-            latency_tolerance: 3.0,
+            latency_tolerance: 0.0,
         }
     }
 }
@@ -56,7 +67,7 @@ impl Default for ConcurrencySettings {
 pub enum Release {
     /// Completed normally after this long (for the latency signal).
     Success(Nanos),
-    /// The provider said it had no room.
+    /// The provider said our account has no room (a quota verdict).
     Overload,
     /// Anything else (caller error, transport fault unrelated to load, cancelled).
     Neutral,
@@ -73,6 +84,8 @@ pub struct AimdLimit {
     in_flight: u32,
     last_decrease: Option<Nanos>,
     latency_avg: Option<f64>,
+    /// Before the first decrease: grow a slot per success.
+    slow_start: bool,
 }
 
 impl AimdLimit {
@@ -84,6 +97,7 @@ impl AimdLimit {
             in_flight: 0,
             last_decrease: None,
             latency_avg: None,
+            slow_start: true,
         }
     }
 
@@ -134,7 +148,12 @@ impl AimdLimit {
                 } else if self.in_flight + 1 >= self.limit() / 2 {
                     // Only grow when the limit is actually being used: a limit that is never
                     // reached proves nothing about the provider.
-                    self.limit = (self.limit + 1.0 / self.limit).min(self.settings.max);
+                    let step = if self.slow_start {
+                        1.0
+                    } else {
+                        1.0 / self.limit
+                    };
+                    self.limit = (self.limit + step).min(self.settings.max);
                 }
             }
             Release::Overload => self.decrease(now, self.settings.backoff_ratio),
@@ -147,6 +166,7 @@ impl AimdLimit {
             .last_decrease
             .is_none_or(|t| now.saturating_sub(t) >= self.settings.decrease_cooldown);
         if cooled {
+            self.slow_start = false;
             self.limit = (self.limit * ratio).max(self.settings.min);
             self.last_decrease = Some(now);
         }
@@ -172,7 +192,10 @@ mod tests {
 
     #[test]
     fn overload_burst_decreases_once_per_cooldown() {
-        let mut l = AimdLimit::new(ConcurrencySettings::default());
+        let mut l = AimdLimit::new(ConcurrencySettings {
+            initial: 16.0,
+            ..ConcurrencySettings::default()
+        });
         for _ in 0..16 {
             assert!(l.try_acquire());
         }
@@ -205,6 +228,29 @@ mod tests {
             }
         }
         assert!((8..=14).contains(&l.limit()), "limit {}", l.limit());
+    }
+
+    #[test]
+    fn slow_start_grows_fast_until_the_first_quota_verdict() {
+        let mut l = AimdLimit::new(ConcurrencySettings {
+            initial: 4.0,
+            ..ConcurrencySettings::default()
+        });
+        // Steady use: every slot refilled as soon as it frees. Twelve successes: 4 -> 16.
+        for _ in 0..12 {
+            while l.try_acquire() {}
+            l.release(ms(1), Release::Success(ms(10)));
+        }
+        assert_eq!(l.limit(), 16);
+        while l.try_acquire() {}
+        l.release(ms(10), Release::Overload);
+        assert_eq!(l.limit(), 12);
+        // Now additive: about a limit's worth of successes adds one slot.
+        for _ in 0..13 {
+            while l.try_acquire() {}
+            l.release(ms(20), Release::Success(ms(10)));
+        }
+        assert_eq!(l.limit(), 13);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! A request lives from `admit` until an action finishes it (deliver, cache, local reply) or the
 //! host cancels it. At most one attempt per request is in flight.
 
+use crate::anomaly::AnomalyDetector;
 use crate::backoff::{Backoff, GiveUp, Schedule};
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::bucket::{combine, Decision, KeyedBuckets, RequestAndTokenBuckets, TokenBucket};
@@ -116,6 +117,10 @@ pub enum AbortReason {
     FirstTokenDeadline,
     /// The request's deadline passed.
     Deadline,
+    /// Real progress started, then paused longer than `deadlines.stall_ms`. For a stream the
+    /// request ends with this abort (what reached the caller is all there is; the host ends the
+    /// caller's stream); otherwise another action follows.
+    Stalled,
 }
 
 /// What the host must do.
@@ -263,7 +268,20 @@ struct ProviderState {
     limit: AimdLimit,
     throttle: AdaptiveThrottle,
     last_breaker_gauge: u8,
+    /// Rate-limit answers with a retry hint since the last success.
+    consecutive_rate_limits: u32,
+    /// No new attempts before this instant: the provider asked for a pause (see
+    /// [`RATE_LIMIT_COOLDOWN_AFTER`]).
+    cooldown_until: Nanos,
 }
+
+/// After this many rate-limit answers in a row carrying a retry hint, a provider's hint applies
+/// to every request, not just the one that got it: the limit is the account's (OpenAI-style
+/// RPM/TPM limits are), so sending more before the hint passes only collects more 429s. One or
+/// two in a row among successes are treated as the single requests' bad luck (the simulator's
+/// brownout has 5% random 429s with `Retry-After: 1`; pausing the provider for each would stall
+/// all traffic).
+const RATE_LIMIT_COOLDOWN_AFTER: u32 = 3;
 
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
@@ -272,6 +290,8 @@ struct InFlight {
     sent_at: Nanos,
     first_token_deadline: Nanos,
     progressed: bool,
+    /// The latest real progress (for the stall deadline).
+    last_progress: Nanos,
 }
 
 #[derive(Debug, Clone)]
@@ -286,6 +306,10 @@ struct RequestState {
     waiting_until: Option<Nanos>,
     /// Whether the wait is for capacity (re-dispatched as soon as a slot frees).
     waiting_for_capacity: bool,
+    /// When the current wait for a slot began (cleared when an attempt is sent).
+    capacity_wait_since: Option<Nanos>,
+    /// Whether the wait is for the retry budget (the retry asks it again when the wait ends).
+    budget_wait: bool,
     previous_delay: Nanos,
     last_class: Option<OutcomeClass>,
     last_hint: Option<Nanos>,
@@ -295,7 +319,15 @@ struct RequestState {
 struct Health {
     ok: u32,
     failed: u32,
+    /// First-token (or whole-response) latencies flagged as 3-sigma outliers.
+    slow: u32,
 }
+
+/// Latency outliers in the health window needed before latency counts as anomalous, and their
+/// least share of successful outcomes: LLM latency is heavy-tailed, so one outlier says
+/// nothing, but a fifth of answers far slower than usual is a provider queueing.
+const SLOW_MIN: u64 = 5;
+const SLOW_SHARE: f64 = 0.2;
 
 /// How often the degradation ladder is re-evaluated without other events.
 const LADDER_PERIOD: Nanos = SECOND;
@@ -311,9 +343,16 @@ pub struct Engine {
     tenant_tokens: Option<KeyedBuckets>,
     ladder: Ladder,
     health: Ring<Health, 10>,
+    /// When the outcomes now in the health window started arriving.
+    health_since: Nanos,
+    first_token_latency: AnomalyDetector<64>,
+    response_latency: AnomalyDetector<64>,
+    stall: Nanos,
     requests: BTreeMap<RequestId, RequestState>,
     next_id: RequestId,
     next_ladder_at: Nanos,
+    /// The latest `now` a call brought (time never goes back inside the engine).
+    latest: Nanos,
     rng: Rng,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
@@ -331,6 +370,8 @@ impl Engine {
                 limit: AimdLimit::new(config.concurrency.settings(p.max_concurrency)),
                 throttle: AdaptiveThrottle::new(config.throttle.settings()),
                 last_breaker_gauge: 0,
+                consecutive_rate_limits: 0,
+                cooldown_until: 0,
             })
             .collect();
         let limits = &config.limits;
@@ -352,10 +393,15 @@ impl Engine {
                 .map(|r| KeyedBuckets::new(r, slots)),
             ladder: Ladder::new(config.degradation.settings()),
             health: Ring::new(10 * SECOND),
+            health_since: 0,
+            first_token_latency: AnomalyDetector::new(3.0, 20, 30 * SECOND),
+            response_latency: AnomalyDetector::new(3.0, 20, 30 * SECOND),
+            stall: ms(config.deadlines.stall_ms),
             providers,
             requests: BTreeMap::new(),
             next_id: 1,
             next_ladder_at: 0,
+            latest: 0,
             rng: Rng::with_seed(seed),
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -409,13 +455,23 @@ impl Engine {
     pub fn next_wakeup(&self) -> Option<Nanos> {
         let mut next: Option<Nanos> = None;
         let mut consider = |t: Nanos| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.requests.values().any(|r| r.waiting_for_capacity) {
+            // Waiters are woken when a provider takes attempts again.
+            if let Some(at) = self.earliest_probe(self.latest) {
+                consider(at);
+            }
+        }
         for r in self.requests.values() {
             consider(r.deadline);
             if let Some(t) = r.waiting_until {
                 consider(t);
             }
-            if let Some(f) = r.in_flight.filter(|f| !f.progressed) {
-                consider(f.first_token_deadline);
+            if let Some(f) = r.in_flight {
+                consider(if f.progressed {
+                    f.last_progress.saturating_add(self.stall)
+                } else {
+                    f.first_token_deadline
+                });
             }
         }
         next
@@ -423,6 +479,7 @@ impl Engine {
 
     /// Admits a new request; its first action is queued. Returns its id.
     pub fn admit(&mut self, now: Nanos, meta: RequestMeta) -> RequestId {
+        self.latest = self.latest.max(now);
         let id = self.next_id;
         self.next_id += 1;
         self.update_ladder(now);
@@ -439,6 +496,8 @@ impl Engine {
             in_flight: None,
             waiting_until: None,
             waiting_for_capacity: false,
+            capacity_wait_since: None,
+            budget_wait: false,
             previous_delay: 0,
             last_class: None,
             last_hint: None,
@@ -459,7 +518,7 @@ impl Engine {
             self.finish_cache(now, id, true);
             return id;
         }
-        if self.config.degradation.enabled && tier.fails_fast() {
+        if self.config.degradation.enabled && tier.fails_fast() && !self.help_in_time(now, id) {
             let wait = ms(self.config.degradation.min_dwell_ms);
             self.fail(
                 now,
@@ -541,17 +600,53 @@ impl Engine {
 
     /// Records that the attempt's first real progress arrived (first token).
     pub fn on_first_progress(&mut self, now: Nanos, request: RequestId, attempt: u32) {
+        self.latest = self.latest.max(now);
         let Some(r) = self.requests.get_mut(&request) else {
             return;
         };
+        let stream = r.meta.stream;
         if let Some(f) = r.in_flight.as_mut().filter(|f| f.attempt == attempt) {
+            f.last_progress = f.last_progress.max(now);
             if !f.progressed {
                 f.progressed = true;
+                let latency = now.saturating_sub(f.sent_at);
                 self.events.push_back(Event::FirstToken {
                     provider: f.provider,
-                    latency: now.saturating_sub(f.sent_at),
+                    latency,
                 });
+                let detector = if stream {
+                    &mut self.first_token_latency
+                } else {
+                    &mut self.response_latency
+                };
+                let verdict = detector.observe(now, latency as f64 / 1e6);
+                if verdict.anomalous {
+                    let h = self.health.current(now);
+                    h.slow = h.slow.saturating_add(1);
+                }
             }
+        }
+    }
+
+    /// Records more real progress on an attempt (a later SSE event or body chunk): resets its
+    /// stall deadline. Hosts may call it for every chunk; it is cheap.
+    pub fn on_progress(&mut self, now: Nanos, request: RequestId, attempt: u32) {
+        let first = self
+            .requests
+            .get(&request)
+            .and_then(|r| r.in_flight)
+            .is_some_and(|f| f.attempt == attempt && !f.progressed);
+        if first {
+            return self.on_first_progress(now, request, attempt);
+        }
+        self.latest = self.latest.max(now);
+        if let Some(f) = self
+            .requests
+            .get_mut(&request)
+            .and_then(|r| r.in_flight.as_mut())
+            .filter(|f| f.attempt == attempt)
+        {
+            f.last_progress = f.last_progress.max(now);
         }
     }
 
@@ -563,6 +658,7 @@ impl Engine {
         attempt: u32,
         outcome: Classification,
     ) {
+        self.latest = self.latest.max(now);
         let Some(flight) = self
             .requests
             .get(&request)
@@ -571,7 +667,7 @@ impl Engine {
         else {
             return; // stale report (aborted attempt, cancelled request): already accounted for
         };
-        self.settle_attempt(now, request, flight, outcome.class);
+        self.settle_attempt_hinted(now, request, flight, outcome.class, outcome.retry_after);
         let class = outcome.class;
         if let Some(r) = self.requests.get_mut(&request) {
             r.last_class = Some(class);
@@ -579,6 +675,9 @@ impl Engine {
         }
         match class {
             OutcomeClass::Success => {
+                if attempt >= 2 {
+                    self.budget.refund(now);
+                }
                 let cacheable = self
                     .requests
                     .get(&request)
@@ -615,11 +714,12 @@ impl Engine {
 
     /// The caller gave up: frees what the request held. Nothing more is queued for it.
     pub fn cancel(&mut self, now: Nanos, request: RequestId) {
+        self.latest = self.latest.max(now);
         let Some(r) = self.requests.get(&request) else {
             return;
         };
         if let Some(f) = r.in_flight {
-            self.release_slot(now, f, None);
+            self.release_slot(now, f, None, None);
         }
         self.finish(now, request, RequestOutcome::Cancelled);
         self.wake_capacity_waiters(now);
@@ -628,6 +728,7 @@ impl Engine {
     /// Handles everything due at `now`: backoff waits that ended, first-token deadlines, request
     /// deadlines and the degradation ladder.
     pub fn on_tick(&mut self, now: Nanos) {
+        self.latest = self.latest.max(now);
         self.update_ladder(now);
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
@@ -657,7 +758,29 @@ impl Engine {
                 self.give_up(now, id, GiveUp::PastDeadline);
                 continue;
             }
+            let stream = r.meta.stream;
             match (in_flight, waiting) {
+                (Some(f), _)
+                    if f.progressed && now >= f.last_progress.saturating_add(self.stall) =>
+                {
+                    self.actions.push_back(Action::Abort {
+                        request: id,
+                        attempt: f.attempt,
+                        reason: AbortReason::Stalled,
+                    });
+                    let stall = OutcomeClass::Transport(crate::classify::TransportFault::Stall);
+                    self.settle_attempt(now, id, f, stall);
+                    if let Some(r) = self.requests.get_mut(&id) {
+                        r.last_class = Some(stall);
+                        r.last_hint = None;
+                    }
+                    if stream {
+                        // Bytes reached the caller: the stream ends here, cut short.
+                        self.finish(now, id, RequestOutcome::Failed);
+                    } else {
+                        self.retry(now, id);
+                    }
+                }
                 (Some(f), _) if !f.progressed && now >= f.first_token_deadline => {
                     self.actions.push_back(Action::Abort {
                         request: id,
@@ -673,11 +796,17 @@ impl Engine {
                     self.retry(now, id);
                 }
                 (None, Some(until)) if now >= until => {
+                    let mut budget_wait = false;
                     if let Some(r) = self.requests.get_mut(&id) {
                         r.waiting_until = None;
                         r.waiting_for_capacity = false;
+                        budget_wait = core::mem::take(&mut r.budget_wait);
                     }
-                    self.dispatch(now, id);
+                    if budget_wait {
+                        self.retry(now, id);
+                    } else {
+                        self.dispatch(now, id);
+                    }
                 }
                 _ => {}
             }
@@ -687,9 +816,28 @@ impl Engine {
 
     /// Accounts for the end of an attempt: slots, breaker, throttle, health, events.
     fn settle_attempt(&mut self, now: Nanos, id: RequestId, f: InFlight, class: OutcomeClass) {
-        self.release_slot(now, f, Some(class));
+        self.settle_attempt_hinted(now, id, f, class, None);
+    }
+
+    /// [`Engine::settle_attempt`] with the provider's retry hint, which tells a rate limit
+    /// (paced by the hint) from a concurrency quota verdict (429 without one).
+    fn settle_attempt_hinted(
+        &mut self,
+        now: Nanos,
+        id: RequestId,
+        f: InFlight,
+        class: OutcomeClass,
+        hint: Option<Nanos>,
+    ) {
+        self.release_slot(now, f, Some(class), hint);
         if let Some(r) = self.requests.get_mut(&id) {
             r.in_flight = None;
+        }
+        if self
+            .health
+            .fold(now, true, |e, h| e && h.ok == 0 && h.failed == 0)
+        {
+            self.health_since = now;
         }
         let h = self.health.current(now);
         if class.is_retryable() {
@@ -704,19 +852,39 @@ impl Engine {
         });
     }
 
-    fn release_slot(&mut self, now: Nanos, f: InFlight, class: Option<OutcomeClass>) {
+    fn release_slot(
+        &mut self,
+        now: Nanos,
+        f: InFlight,
+        class: Option<OutcomeClass>,
+        hint: Option<Nanos>,
+    ) {
         let Some(p) = self.providers.get_mut(f.provider) else {
             return;
         };
         let release = match class {
             Some(OutcomeClass::Success) => Release::Success(now.saturating_sub(f.sent_at)),
-            Some(c) if c.is_overload() => Release::Overload,
+            // Only a quota verdict shrinks the concurrency limit (see `concurrency`).
+            Some(OutcomeClass::RateLimited) if hint.is_none() => Release::Overload,
             _ => Release::Neutral,
         };
         p.limit.release(now, release);
+        let pending = p.limit.in_flight();
+        match (class, hint) {
+            (Some(OutcomeClass::Success), _) => p.consecutive_rate_limits = 0,
+            (Some(OutcomeClass::RateLimited), Some(h)) => {
+                p.consecutive_rate_limits = p.consecutive_rate_limits.saturating_add(1);
+                if p.consecutive_rate_limits >= RATE_LIMIT_COOLDOWN_AFTER {
+                    let until = now.saturating_add(h.min(self.backoff.max_hint));
+                    p.cooldown_until = p.cooldown_until.max(until);
+                }
+            }
+            _ => {}
+        }
         match class {
             Some(c) => {
-                p.breaker.on_outcome(now, c.breaker_signal());
+                p.breaker
+                    .on_outcome_pending(now, c.breaker_signal(), pending);
                 p.throttle.on_outcome(now, !c.is_overload());
             }
             // A cancelled attempt proves nothing; free a half-open probe slot.
@@ -740,13 +908,22 @@ impl Engine {
             return;
         };
         let next_attempt = r.attempts + 1;
+        let hint = r.last_hint;
         if next_attempt > self.backoff.max_attempts {
             self.give_up(now, id, GiveUp::AttemptsExhausted);
             return;
         }
         if !self.budget.try_withdraw(now) {
+            // The budget bounds attempts, not patience: wait (no load on anyone) and ask the
+            // budget again, until the deadline. Failing here turned the first seconds of an
+            // outage, before the breaker opened, into hundreds of failed requests that the
+            // provider's recovery a few seconds later would have answered (the simulator's
+            // herd scenario).
             self.events.push_back(Event::BudgetExhausted);
-            self.give_up(now, id, GiveUp::AttemptsExhausted);
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.budget_wait = true;
+            }
+            self.wait_backoff(now, id, next_attempt, hint);
             return;
         }
         // Another provider that this request has not tried, usable now: fail over at once.
@@ -755,7 +932,6 @@ impl Engine {
             self.dispatch(now, id);
             return;
         }
-        let hint = r.last_hint;
         self.wait_backoff(now, id, next_attempt, hint);
     }
 
@@ -800,7 +976,7 @@ impl Engine {
             let index = match choose(&candidates, tried, &mut self.rng) {
                 Choice::Provider(index) => index,
                 Choice::WaitForCapacity => return self.wait_for_capacity(now, id),
-                Choice::NoneAvailable => return self.give_up(now, id, GiveUp::AttemptsExhausted),
+                Choice::NoneAvailable => return self.wait_for_probe(now, id),
             };
             let throttle_enabled = self.config.throttle.enabled;
             let Some(p) = self.providers.get_mut(index) else {
@@ -841,12 +1017,76 @@ impl Engine {
         self.wait_backoff(now, id, next, None);
     }
 
+    /// Every provider's breaker is open: wait for the earliest to let a probe through if that
+    /// happens before the request's wait limit (a short outage costs latency, not the request),
+    /// or fail fast with Retry-After now (waiting would only hang the caller).
+    fn wait_for_probe(&mut self, now: Nanos, id: RequestId) {
+        let queue_timeout = ms(self.config.concurrency.queue_timeout_ms);
+        let Some(limit) = self.requests.get(&id).map(|r| {
+            r.capacity_wait_since
+                .unwrap_or(now)
+                .saturating_add(queue_timeout)
+                .min(r.deadline)
+        }) else {
+            return;
+        };
+        if self.probing(now) || self.earliest_probe(now).is_some_and(|at| at < limit) {
+            self.wait_for_capacity(now, id)
+        } else {
+            self.give_up(now, id, GiveUp::AttemptsExhausted)
+        }
+    }
+
+    /// Whether a half-open breaker's probe is in flight: its outcome will wake the waiters.
+    fn probing(&self, now: Nanos) -> bool {
+        self.providers
+            .iter()
+            .any(|p| matches!(p.breaker.state(now), BreakerState::HalfOpen { .. }))
+    }
+
+    /// Whether a provider can take an attempt now, or will before the request's wait limit.
+    /// Tier 3 fails fast only when neither is true: the simulator's thundering-herd scenario
+    /// showed failing everything for the ladder's dwell time after a provider recovered costing
+    /// more answers than the baselines lost.
+    fn help_in_time(&self, now: Nanos, id: RequestId) -> bool {
+        let Some(r) = self.requests.get(&id) else {
+            return false;
+        };
+        let usable_now = self
+            .candidates(now)
+            .iter()
+            .any(|c| c.breaker_allows && c.weight > 0);
+        let limit = now
+            .saturating_add(ms(self.config.concurrency.queue_timeout_ms))
+            .min(r.deadline);
+        usable_now || self.probing(now) || self.earliest_probe(now).is_some_and(|at| at < limit)
+    }
+
+    /// When the first provider that is unavailable now (breaker open, or cooling down after
+    /// rate limits) will take attempts again.
+    fn earliest_probe(&self, now: Nanos) -> Option<Nanos> {
+        self.providers
+            .iter()
+            .filter_map(|p| {
+                let open = match p.breaker.state(now) {
+                    BreakerState::Open { until } => until,
+                    _ => now,
+                };
+                let at = open.max(p.cooldown_until);
+                (at > now).then_some(at)
+            })
+            .min()
+    }
+
     fn wait_for_capacity(&mut self, now: Nanos, id: RequestId) {
         let queue_timeout = ms(self.config.concurrency.queue_timeout_ms);
         let Some(r) = self.requests.get_mut(&id) else {
             return;
         };
-        let limit = r.admitted_at.saturating_add(queue_timeout).min(r.deadline);
+        // The wait is measured from when it starts: a request that already spent 15 s on a
+        // stalled attempt still deserves its turn for a slot (the deadline bounds it anyway).
+        let since = *r.capacity_wait_since.get_or_insert(now);
+        let limit = since.saturating_add(queue_timeout).min(r.deadline);
         if now >= limit {
             self.give_up(now, id, GiveUp::PastDeadline);
             return;
@@ -898,7 +1138,7 @@ impl Engine {
                 priority: cfg.priority,
                 weight: cfg.weight,
                 outstanding: p.limit.in_flight(),
-                breaker_allows: p.breaker.would_allow(now),
+                breaker_allows: p.breaker.would_allow(now) && now >= p.cooldown_until,
                 has_room: p.limit.has_room(),
             })
             .collect()
@@ -912,15 +1152,20 @@ impl Engine {
         };
         r.attempts += 1;
         r.tried.insert(provider);
-        let first_token_deadline = now
-            .saturating_add(ms(self.config.deadlines.first_token_ms))
-            .min(r.deadline);
+        r.capacity_wait_since = None;
+        let first_byte_within = if r.meta.stream {
+            self.config.deadlines.first_token_ms
+        } else {
+            self.config.deadlines.response_ms
+        };
+        let first_token_deadline = now.saturating_add(ms(first_byte_within)).min(r.deadline);
         r.in_flight = Some(InFlight {
             attempt: r.attempts,
             provider,
             sent_at: now,
             first_token_deadline,
             progressed: false,
+            last_progress: now,
         });
         let cfg = &self.config;
         let mut model = r.meta.model.clone();
@@ -1049,11 +1294,19 @@ impl Engine {
             return;
         }
         self.next_ladder_at = now.saturating_add(LADDER_PERIOD);
-        let (ok, failed) = self.health.fold(now, (0u64, 0u64), |(o, f), h| {
-            (o + u64::from(h.ok), f + u64::from(h.failed))
+        let (ok, failed, slow) = self.health.fold(now, (0u64, 0u64, 0u64), |(o, f, s), h| {
+            (
+                o + u64::from(h.ok),
+                f + u64::from(h.failed),
+                s + u64::from(h.slow),
+            )
         });
-        // Too few outcomes say nothing about health.
-        let error_rate = if ok + failed >= 10 {
+        let latency_anomalous = slow >= SLOW_MIN && slow as f64 >= SLOW_SHARE * ok.max(1) as f64;
+        // Too few outcomes say nothing about health, and neither do the first seconds of
+        // traffic: busy answers return in 100 ms, successes take seconds, so early outcomes
+        // are nearly all failures (as in the breaker).
+        let spans_enough = now.saturating_sub(self.health_since) >= 5 * SECOND;
+        let error_rate = if ok + failed >= 10 && spans_enough {
             failed as f64 / (ok + failed) as f64
         } else {
             0.0
@@ -1067,7 +1320,7 @@ impl Engine {
         let before = self.ladder.tier();
         let after = self
             .ladder
-            .update(now, pressure(error_rate, open_share, false));
+            .update(now, pressure(error_rate, open_share, latency_anomalous));
         if before != after {
             self.events.push_back(Event::TierChanged { tier: after });
         }

@@ -10,13 +10,19 @@
 //! ```
 //!
 //! With `K = 2` the client keeps sending up to twice what the provider accepts, so recovery is
-//! seen at once, while a provider that accepts nothing receives only a trickle. Locally rejected
-//! attempts count as requests (as in the book), so the probability stays high while the provider
-//! is down, and falls as soon as accepts return.
+//! seen at once, while a provider that accepts nothing receives only a trickle.
 //!
-//! Unlike the book, a sent attempt is counted when its outcome arrives, not when it leaves: LLM
-//! calls take seconds, and counting attempts still in flight as "not accepted" would throttle a
-//! healthy provider whenever traffic starts.
+//! Two departures from the book, both found in the simulator (`simulate`):
+//! - A sent attempt is counted when its outcome arrives, not when it leaves: LLM calls take
+//!   seconds, and counting attempts still in flight as "not accepted" would throttle a healthy
+//!   provider whenever traffic starts.
+//! - Locally rejected attempts are not counted as requests, and nothing is rejected before
+//!   [`MIN_OUTCOMES`] outcomes are in the window. Busy answers arrive in 100 ms while successes
+//!   take seconds, so the first outcomes of any traffic start are mostly failures; with
+//!   rejections counted, the probability then fed itself (`p' = 1 - K a (1 - p)` moves away from
+//!   1 only by a factor `K a` per window) and a provider answering 65% of requests stayed
+//!   throttled at 90% for minutes. Counting only real outcomes, `p = 0` whenever the provider
+//!   accepts more than `1/K` of what it gets, and recovery shows within one round trip.
 
 use crate::time::{Nanos, SECOND};
 use crate::window::Ring;
@@ -28,14 +34,19 @@ struct Counts {
     accepts: u32,
 }
 
-/// Buckets in the window (one per 5 s with the default 60 s window).
+/// Buckets in the window (one per 1.7 s with the default 20 s window).
 const BUCKETS: usize = 12;
+
+/// Outcomes needed in the window before anything is rejected: a handful of early failures is
+/// not a verdict on a provider.
+pub const MIN_OUTCOMES: u64 = 20;
 
 /// The throttle's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ThrottleSettings {
-    /// How long requests and accepts count. Default 60 s (the book uses two minutes; LLM
-    /// providers' brownouts come and go faster).
+    /// How long requests and accepts count. Default 20 s (the book uses two minutes; LLM
+    /// providers' rate-limit bursts come and go in seconds, and the simulator's alternating
+    /// scenario showed a 60 s memory throttling a provider 40 s after it recovered).
     pub window: Nanos,
     /// The multiplier `K`. Default 2.0, the book's recommendation. Lower is more aggressive.
     pub k: f64,
@@ -46,7 +57,7 @@ pub struct ThrottleSettings {
 impl Default for ThrottleSettings {
     fn default() -> Self {
         Self {
-            window: 60 * SECOND,
+            window: 20 * SECOND,
             k: 2.0,
             max_reject: 0.9,
         }
@@ -74,21 +85,19 @@ impl AdaptiveThrottle {
         let (requests, accepts) = self.ring.fold(now, (0u64, 0u64), |(r, a), c| {
             (r + u64::from(c.requests), a + u64::from(c.accepts))
         });
+        if requests < MIN_OUTCOMES {
+            return 0.0;
+        }
         let requests = requests as f64;
         let p = (requests - self.settings.k * accepts as f64) / (requests + 1.0);
         p.clamp(0.0, self.settings.max_reject)
     }
 
     /// Decides whether to reject an attempt locally (`false`: send it, and report its outcome
-    /// with [`AdaptiveThrottle::on_outcome`]). A rejection counts as a request at once.
-    pub fn should_reject(&mut self, now: Nanos, rng: &mut Rng) -> bool {
+    /// with [`AdaptiveThrottle::on_outcome`]).
+    pub fn should_reject(&self, now: Nanos, rng: &mut Rng) -> bool {
         let p = self.reject_probability(now);
-        let reject = p > 0.0 && rng.f64() < p;
-        if reject {
-            let counts = self.ring.current(now);
-            counts.requests = counts.requests.saturating_add(1);
-        }
-        reject
+        p > 0.0 && rng.f64() < p
     }
 
     /// Counts a sent attempt's outcome: `accepted` when the provider answered without an
@@ -116,6 +125,27 @@ mod tests {
             t.on_outcome(ms(i), true);
         }
         assert_eq!(t.reject_probability(ms(1000)), 0.0);
+    }
+
+    #[test]
+    fn early_failures_do_not_lock_a_mostly_healthy_provider() {
+        // Failures answer fast, successes slowly: the first outcomes are all failures. Once
+        // successes arrive at 65%, nothing is rejected.
+        let mut t = AdaptiveThrottle::new(ThrottleSettings::default());
+        let mut rng = Rng::with_seed(9);
+        for i in 0..15 {
+            t.on_outcome(ms(i * 10), false);
+        }
+        assert_eq!(
+            t.reject_probability(ms(150)),
+            0.0,
+            "too few outcomes to judge"
+        );
+        for i in 0..100u64 {
+            t.on_outcome(ms(1000 + i * 10), i % 20 < 13);
+        }
+        assert_eq!(t.reject_probability(ms(2000)), 0.0);
+        assert!(!t.should_reject(ms(2000), &mut rng));
     }
 
     #[test]
