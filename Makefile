@@ -8,7 +8,7 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup fmt-check clippy test-rust wasm test bench bench-core
+.PHONY: setup fmt-check clippy test-rust wasm test bench bench-core simulate
 
 ## setup: the Rust targets and components the build needs (idempotent).
 setup:
@@ -54,7 +54,13 @@ test: fmt-check clippy wasm
 	$(MAKE) --no-print-directory test-rust
 
 ## bench: every benchmark (numbers for BENCHMARKS.md; nothing is asserted).
-bench: bench-core
+bench: bench-core simulate
 
 bench-core: setup
 	$(CARGO) bench -p unbusy-core --bench hot_paths
+
+## simulate: every policy over every scenario (the tables and plot in BENCHMARKS.md).
+SCENARIOS := $(wildcard tests/scenarios/shared/*.json) $(wildcard tests/scenarios/*.json)
+simulate: setup
+	$(CARGO) build --release -p unbusy-tests --bin simulate
+	./target/release/simulate $(addprefix --scenario ,$(SCENARIOS)) --markdown --svg docs/simulation.svg

@@ -1,5 +1,17 @@
 //! # unbusy-tests
 //!
-//! The harness around the engine: the busy-provider emulator, the deterministic simulator and the
-//! launchers for real Envoy, Redis, workerd and Chromium used by the end-to-end tests. Each
-//! arrives with the issue that needs it; this crate holds the place in the workspace.
+//! The harness around the engine:
+//! - [`scenario`]: the busy-provider scenario format shared by the simulator and the emulator;
+//! - [`sim`]: the deterministic discrete-event simulator (binary `simulate`) comparing unbusy
+//!   with the baseline client policies;
+//! - [`plot`]: the SVG chart of simulator results in `BENCHMARKS.md`;
+//! - the `busy-provider` binary: a real HTTP/1.1 server behaving like a struggling
+//!   OpenAI-compatible provider, for end-to-end tests and the demo.
+
+// The harness is test tooling, not a proxy: indexing its own vectors may panic on a bug, and a
+// panic here is a failed run, not a dead worker.
+#![allow(clippy::indexing_slicing)]
+
+pub mod plot;
+pub mod scenario;
+pub mod sim;

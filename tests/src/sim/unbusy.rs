@@ -1,0 +1,315 @@
+//! The `unbusy` policy: the engine with its default configuration plus the scenario's
+//! providers, driven exactly as a host drives it (admit, progress, outcomes, ticks; carry out
+//! every action), with a tenant-scoped response cache beside it.
+
+use super::{AttId, AttemptResult, Policy, ReqId, World};
+use std::collections::HashMap;
+use unbusy_core::cache_key::{cache_key, CacheKey, KeyRequest, OptIn};
+use unbusy_core::classify::{
+    classify, classify_fault, BodyProgress, Classification, Response, TransportFault,
+};
+use unbusy_core::config::{Config, ConfigErrors, ProviderConfig};
+use unbusy_core::engine::{Action, CacheLookup, Engine, Priority, RequestId, RequestMeta};
+use unbusy_core::time::{ms, Nanos};
+
+/// The configuration the `unbusy` policy runs with: defaults plus the scenario's providers
+/// (a provider's capacity becomes its `max_concurrency`, the quota a user would configure).
+pub fn config_for(world: &World, use_capacity: bool) -> Config {
+    let providers = world
+        .scenario
+        .providers
+        .iter()
+        .map(|p| ProviderConfig {
+            name: p.name.clone(),
+            cluster: Some(p.name.clone()),
+            weight: p.weight,
+            priority: p.priority,
+            max_concurrency: (use_capacity && p.capacity > 0).then_some(p.capacity),
+            ..ProviderConfig::default()
+        })
+        .collect();
+    Config {
+        providers,
+        ..Config::default()
+    }
+}
+
+struct Entry {
+    tenant: u32,
+    stored_at: Nanos,
+}
+
+/// The engine as a simulated client.
+pub struct UnbusyPolicy {
+    engine: Engine,
+    ttl: Nanos,
+    stale_ttl: Nanos,
+    cache: HashMap<CacheKey, Entry>,
+    by_engine: HashMap<RequestId, ReqId>,
+    engine_id: Vec<Option<RequestId>>,
+    keys: Vec<Option<CacheKey>>,
+    attempt_of: HashMap<(RequestId, u32), AttId>,
+    engine_attempt: Vec<(RequestId, u32)>,
+    tick_at: Option<Nanos>,
+    /// Print every action and event to stderr (`UNBUSY_SIM_TRACE=1`).
+    trace: bool,
+}
+
+impl UnbusyPolicy {
+    /// A policy for this configuration, its randomness seeded from the world.
+    pub fn new(config: Config, seed: u64) -> Result<Self, ConfigErrors> {
+        let ttl = ms(config.cache.ttl_ms);
+        let stale_ttl = ms(config.cache.stale_ttl_ms);
+        Ok(Self {
+            engine: Engine::new(config, seed)?,
+            ttl,
+            stale_ttl,
+            cache: HashMap::new(),
+            by_engine: HashMap::new(),
+            engine_id: Vec::new(),
+            keys: Vec::new(),
+            attempt_of: HashMap::new(),
+            engine_attempt: Vec::new(),
+            tick_at: None,
+            trace: std::env::var_os("UNBUSY_SIM_TRACE").is_some(),
+        })
+    }
+
+    /// The engine (for invariant checks).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn carry_out(&mut self, w: &mut World) {
+        while let Some(action) = self.engine.poll_action() {
+            let Some(&req) = self.by_engine.get(&action.request()) else {
+                continue;
+            };
+            match action {
+                Action::Send(s) => {
+                    if self.trace {
+                        eprintln!(
+                            "{:>10.3} send r{} a{} p{} in_flight {:?} limits {:?} breakers {:?}",
+                            w.now as f64 / 1e9,
+                            s.request,
+                            s.attempt,
+                            s.provider,
+                            (0..w.providers.len())
+                                .map(|i| self.engine.in_flight(i))
+                                .collect::<Vec<_>>(),
+                            (0..w.providers.len())
+                                .map(|i| self.engine.concurrency_limit(i))
+                                .collect::<Vec<_>>(),
+                            (0..w.providers.len())
+                                .map(|i| self.engine.breaker_state(i, w.now).map(|b| b.gauge()))
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                    let att = w.send(req, s.provider);
+                    self.attempt_of.insert((s.request, s.attempt), att);
+                    if self.engine_attempt.len() <= att {
+                        self.engine_attempt.resize(att + 1, (0, 0));
+                    }
+                    self.engine_attempt[att] = (s.request, s.attempt);
+                }
+                Action::Abort {
+                    request, attempt, ..
+                } => {
+                    if let Some(att) = self.attempt_of.remove(&(request, attempt)) {
+                        w.abort(att);
+                    }
+                }
+                Action::Deliver {
+                    request,
+                    store_in_cache,
+                } => {
+                    let last_ok = w.requests[req]
+                        .attempt_ids
+                        .last()
+                        .is_some_and(|&a| w.attempts[a].result == AttemptResult::Ok);
+                    if store_in_cache && last_ok {
+                        if let Some(key) = self.keys[req] {
+                            let tenant = w.requests[req].tenant;
+                            self.cache.insert(
+                                key,
+                                Entry {
+                                    tenant,
+                                    stored_at: w.now,
+                                },
+                            );
+                        }
+                    }
+                    self.by_engine.remove(&request);
+                    if !w.requests[req].done {
+                        w.finish(req, last_ok);
+                    }
+                }
+                Action::ServeCache { request, stale } => {
+                    self.by_engine.remove(&request);
+                    if !w.requests[req].done {
+                        w.cache_hits += 1;
+                        w.stale_hits += u64::from(stale);
+                        w.finish(req, true);
+                    }
+                }
+                Action::Reply { request, reply } => {
+                    if self.trace {
+                        eprintln!(
+                            "{:>10.3} reply r{request} {} {}",
+                            w.now as f64 / 1e9,
+                            reply.status,
+                            reply.body
+                        );
+                    }
+                    self.by_engine.remove(&request);
+                    if !w.requests[req].done {
+                        w.finish(req, false);
+                    }
+                }
+            }
+        }
+        while let Some(e) = self.engine.poll_event() {
+            if self.trace {
+                eprintln!("{:>10.3} {e:?}", w.now as f64 / 1e9);
+            }
+        }
+        if let Some(next) = self.engine.next_wakeup() {
+            let next = next.max(w.now + 1);
+            if self.tick_at.is_none_or(|t| next < t) {
+                self.tick_at = Some(next);
+                w.timer(next, 0);
+            }
+        }
+    }
+
+    fn lookup(&self, w: &mut World, req: ReqId, key: Option<CacheKey>) -> CacheLookup {
+        let Some(entry) = key.and_then(|k| self.cache.get(&k)) else {
+            return CacheLookup::Miss;
+        };
+        if entry.tenant != w.requests[req].tenant {
+            w.violations.cross_tenant_hits += 1;
+        }
+        let age = w.now.saturating_sub(entry.stored_at);
+        if age < self.ttl {
+            CacheLookup::Fresh
+        } else if age < self.ttl + self.stale_ttl {
+            CacheLookup::Stale
+        } else {
+            CacheLookup::Miss
+        }
+    }
+}
+
+/// How the client classifies an attempt's end, through the same code a host uses.
+pub fn classification(result: AttemptResult) -> Classification {
+    match result {
+        AttemptResult::Ok => classify(&Response {
+            status: 200,
+            headers: &[("content-type", "application/json")],
+            body_prefix: b"",
+            progress: BodyProgress::Real,
+            unix_now_s: None,
+        }),
+        AttemptResult::Status {
+            status,
+            retry_after_s,
+        } => {
+            let hint = retry_after_s.map(|s| format!("{}", s.ceil().max(0.0) as u64));
+            let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+            if let Some(h) = hint.as_deref() {
+                headers.push(("retry-after", h));
+            }
+            classify(&Response {
+                status,
+                headers: &headers,
+                body_prefix: result.body().as_bytes(),
+                progress: BodyProgress::Real,
+                unix_now_s: None,
+            })
+        }
+        AttemptResult::StallClosed => classify_fault(TransportFault::Stall),
+        AttemptResult::Reset => classify_fault(TransportFault::Reset),
+        AttemptResult::Refused => classify_fault(TransportFault::Refused),
+    }
+}
+
+impl Policy for UnbusyPolicy {
+    fn on_arrival(&mut self, w: &mut World, req: ReqId) {
+        let body = w.requests[req].body();
+        let tenant = format!("tenant-{}", w.requests[req].tenant);
+        let key = cache_key(&KeyRequest {
+            tenant: tenant.as_bytes(),
+            endpoint: "/v1/chat/completions",
+            body: body.as_bytes(),
+            opt_in: OptIn::Default,
+        })
+        .ok();
+        if self.keys.len() <= req {
+            self.keys.resize(req + 1, None);
+            self.engine_id.resize(req + 1, None);
+        }
+        self.keys[req] = key;
+        let cached = self.lookup(w, req, key);
+        let r = &w.requests[req];
+        let meta = RequestMeta {
+            tenant: u64::from(r.tenant),
+            model: String::from("deepseek-chat"),
+            stream: r.stream,
+            priority: Priority::Normal,
+            estimated_tokens: 300,
+            deadline: Some(r.deadline),
+            cache_key: key,
+            cached,
+        };
+        let id = self.engine.admit(w.now, meta);
+        self.by_engine.insert(id, req);
+        self.engine_id[req] = Some(id);
+        self.carry_out(w);
+    }
+
+    fn on_first_token(&mut self, w: &mut World, att: AttId) {
+        let (request, attempt) = self.engine_attempt[att];
+        self.engine.on_first_progress(w.now, request, attempt);
+        self.carry_out(w);
+    }
+
+    fn on_progress(&mut self, w: &mut World, att: AttId) {
+        let (request, attempt) = self.engine_attempt[att];
+        self.engine.on_progress(w.now, request, attempt);
+        self.carry_out(w);
+    }
+
+    fn on_attempt_end(&mut self, w: &mut World, att: AttId) {
+        let (request, attempt) = self.engine_attempt[att];
+        self.attempt_of.remove(&(request, attempt));
+        let outcome = classification(w.attempts[att].result);
+        if self.trace {
+            eprintln!(
+                "{:>10.3} end r{request} a{attempt} p{} {:?}",
+                w.now as f64 / 1e9,
+                w.attempts[att].provider,
+                outcome
+            );
+        }
+        self.engine.on_outcome(w.now, request, attempt, outcome);
+        self.carry_out(w);
+    }
+
+    fn on_timer(&mut self, w: &mut World, _key: u64) {
+        if self.tick_at.is_some_and(|t| t > w.now) {
+            return; // superseded by an earlier tick that already ran
+        }
+        self.tick_at = None;
+        self.engine.on_tick(w.now);
+        self.carry_out(w);
+    }
+
+    fn on_caller_gave_up(&mut self, w: &mut World, req: ReqId) {
+        if let Some(id) = self.engine_id[req] {
+            if self.by_engine.remove(&id).is_some() {
+                self.engine.cancel(w.now, id);
+            }
+        }
+        self.carry_out(w);
+    }
+}
