@@ -12,6 +12,7 @@
 // panic here is a failed run, not a dead worker.
 #![allow(clippy::indexing_slicing)]
 
+pub mod emulator;
 pub mod plot;
 pub mod scenario;
 pub mod sim;

@@ -1,0 +1,61 @@
+//! The counters `GET /stats` returns.
+
+use serde::Serialize;
+
+/// How many requests the emulator kept.
+const RECENT: usize = 64;
+
+/// A request as the emulator received it, for tests that check rewrites (model mapping,
+/// credentials, `max_tokens` caps). The keys here are test keys.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RecentRequest {
+    /// The `model` field.
+    pub model: String,
+    /// Whether it asked for a stream.
+    pub stream: bool,
+    /// The `max_tokens` field.
+    pub max_tokens: Option<u64>,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+}
+
+/// Counters since start-up (or the last `POST /stats/reset`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Well-formed chat/completions requests received.
+    pub attempts: u64,
+    /// Answered normally.
+    pub ok: u64,
+    /// 503 with an overload body.
+    pub busy_503: u64,
+    /// 500.
+    pub error_500: u64,
+    /// 429 with Retry-After.
+    pub rate_limit_429: u64,
+    /// 429 without Retry-After (a rate-limit fault with `retry_after_s` 0).
+    pub rate_limit_429_bare: u64,
+    /// 429 because the concurrency quota was full.
+    pub capacity_429: u64,
+    /// 200 then keep-alive only, then closed.
+    pub stalls: u64,
+    /// Connections reset before any byte.
+    pub resets: u64,
+    /// Malformed requests answered 400 (or 413).
+    pub malformed_400: u64,
+    /// Answers in progress now.
+    pub in_flight: u32,
+    /// The most answers in progress at once.
+    pub max_in_flight: u32,
+    /// The latest requests, oldest first.
+    pub recent: Vec<RecentRequest>,
+}
+
+impl Stats {
+    /// Keeps `r` among the recent requests.
+    pub fn remember(&mut self, r: RecentRequest) {
+        if self.recent.len() >= RECENT {
+            self.recent.remove(0);
+        }
+        self.recent.push(r);
+    }
+}

@@ -1,0 +1,394 @@
+//! The busy-provider emulator over real sockets: every fault it offers, as a client sees it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use unbusy_core::progress::{Feed, Framing, ProgressDetector};
+use unbusy_tests::emulator::{start, Behaviour};
+use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
+
+struct Reply {
+    status: u16,
+    headers: hyper::HeaderMap,
+    /// The body, or the error that cut it.
+    body: Result<Bytes, String>,
+}
+
+async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<Reply, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "emulator")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer test-key")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn fast(faults: Vec<FaultWindow>) -> Behaviour {
+    Behaviour {
+        provider: Provider {
+            name: "emu".into(),
+            latency_ms: Latency {
+                first_token: [20.0, 40.0],
+                total: [60.0, 100.0],
+            },
+            faults,
+            ..Provider::default()
+        },
+        keepalive_every: Duration::from_millis(50),
+    }
+}
+
+fn always(f: FaultWindow) -> Vec<FaultWindow> {
+    vec![FaultWindow {
+        from_s: 0.0,
+        to_s: 1e9,
+        ..f
+    }]
+}
+
+const CHAT: &str =
+    r#"{"model":"deepseek-chat","max_tokens":77,"messages":[{"role":"user","content":"hello"}]}"#;
+const CHAT_STREAM: &str = r#"{"model":"deepseek-chat","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hello"}]}"#;
+
+fn json_of(r: &Reply) -> Value {
+    serde_json::from_slice(r.body.as_ref().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn answers_like_an_openai_compatible_provider() {
+    let (emu, addr) = start(fast(vec![]), 1, "127.0.0.1:0").await.unwrap();
+    let r = call(addr, "POST", "/v1/chat/completions", CHAT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-busy-provider"], "emu");
+    let v = json_of(&r);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "deepseek-chat");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("hello"));
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0);
+
+    let r = call(addr, "POST", "/v1/chat/completions", CHAT_STREAM)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = String::from_utf8(r.body.unwrap().to_vec()).unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let usage = events[events.len() - 2];
+    assert!(usage.contains("\"usage\""), "{usage}");
+    let content: String = events[..events.len() - 2]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e.strip_prefix("data: ").unwrap()).unwrap())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(content.contains("hello"), "{content}");
+
+    let r = call(addr, "GET", "/v1/models", "").await.unwrap();
+    assert_eq!(json_of(&r)["object"], "list");
+
+    let stats = emu.stats();
+    assert_eq!((stats.attempts, stats.ok), (2, 2));
+    assert_eq!(stats.recent[0].max_tokens, Some(77));
+    assert_eq!(
+        stats.recent[0].authorization.as_deref(),
+        Some("Bearer test-key")
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_openai_shaped_400s() {
+    let (emu, addr) = start(fast(vec![]), 1, "127.0.0.1:0").await.unwrap();
+    for body in [
+        "{not json",
+        "[1,2]",
+        r#"{"model":"m"}"#,
+        r#"{"messages":[{"role":"user","content":"x"}]}"#,
+        r#"{"model":"m","messages":[]}"#,
+        r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
+    ] {
+        let r = call(addr, "POST", "/v1/chat/completions", body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}");
+        let v = json_of(&r);
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+        assert!(v["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    let huge = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(5 << 20)
+    );
+    let r = call(addr, "POST", "/v1/chat/completions", &huge)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(emu.stats().malformed_400, 7);
+    assert_eq!(emu.stats().attempts, 0);
+}
+
+#[tokio::test]
+async fn error_faults_carry_the_bodies_and_hints_real_providers_send() {
+    let cases = [
+        (
+            FaultWindow {
+                busy_503: 1.0,
+                ..Default::default()
+            },
+            503,
+            None,
+            "overloaded",
+        ),
+        (
+            FaultWindow {
+                error_500: 1.0,
+                ..Default::default()
+            },
+            500,
+            None,
+            "server had an error",
+        ),
+        (
+            FaultWindow {
+                rate_limit_429: 1.0,
+                retry_after_s: 3.0,
+                ..Default::default()
+            },
+            429,
+            Some("3"),
+            "Rate limit",
+        ),
+        (
+            FaultWindow {
+                rate_limit_429: 1.0,
+                retry_after_s: 0.0,
+                ..Default::default()
+            },
+            429,
+            None,
+            "Rate limit",
+        ),
+        (
+            FaultWindow {
+                outage: true,
+                ..Default::default()
+            },
+            503,
+            None,
+            "overloaded",
+        ),
+    ];
+    for (fault, status, retry_after, phrase) in cases {
+        let (emu, addr) = start(fast(always(fault)), 1, "127.0.0.1:0").await.unwrap();
+        let r = call(addr, "POST", "/v1/chat/completions", CHAT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, status);
+        assert_eq!(
+            r.headers.get("retry-after").map(|v| v.to_str().unwrap()),
+            retry_after
+        );
+        let v = json_of(&r);
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(phrase),
+            "{v}"
+        );
+        let s = emu.stats();
+        assert_eq!(
+            s.busy_503 + s.error_500 + s.rate_limit_429 + s.rate_limit_429_bare,
+            1
+        );
+        // The answer is classified as unbusy will classify it.
+        let class = unbusy_core::classify::classify(&unbusy_core::classify::Response {
+            status,
+            headers: &[],
+            body_prefix: r.body.as_ref().unwrap(),
+            progress: Default::default(),
+            unix_now_s: None,
+        });
+        assert!(class.class.is_retryable(), "{status} {class:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_stall_sends_only_keepalive_then_breaks_the_connection() {
+    for (body, framing) in [(CHAT_STREAM, Framing::Sse), (CHAT, Framing::Json)] {
+        let fault = FaultWindow {
+            stall: 1.0,
+            stall_s: 0.5,
+            ..Default::default()
+        };
+        let (emu, addr) = start(fast(always(fault)), 1, "127.0.0.1:0").await.unwrap();
+        let started = Instant::now();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/v1/chat/completions")
+            .header("host", "e")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut detector = ProgressDetector::new(framing, 0);
+        let mut body = resp.into_body();
+        let mut chunks = 0;
+        let end = loop {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        chunks += 1;
+                        assert_eq!(detector.feed(0, &data), Feed::KeepAlive, "{data:?}");
+                    }
+                }
+                Some(Err(e)) => break Err(e.to_string()),
+                None => break Ok(()),
+            }
+        };
+        assert!(end.is_err(), "the body must end broken, not complete");
+        assert!(chunks >= 5, "keep-alive every 50 ms for 0.5 s: {chunks}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(450), "{took:?}");
+        assert_eq!(emu.stats().stalls, 1);
+    }
+}
+
+#[tokio::test]
+async fn a_reset_gets_no_response_at_all() {
+    let fault = FaultWindow {
+        reset: 1.0,
+        ..Default::default()
+    };
+    let (emu, addr) = start(fast(always(fault)), 1, "127.0.0.1:0").await.unwrap();
+    let r = call(addr, "POST", "/v1/chat/completions", CHAT).await;
+    assert!(r.is_err(), "expected a broken connection");
+    assert_eq!(emu.stats().resets, 1);
+}
+
+#[tokio::test]
+async fn a_concurrency_quota_answers_429_above_it() {
+    let mut b = fast(vec![]);
+    b.provider.capacity = 3;
+    b.provider.latency_ms = Latency {
+        first_token: [300.0, 300.0],
+        total: [400.0, 400.0],
+    };
+    let (emu, addr) = start(b, 1, "127.0.0.1:0").await.unwrap();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            tokio::spawn(async move { call(addr, "POST", "/v1/chat/completions", CHAT).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    let mut hinted = 0;
+    for c in calls {
+        let r = c.await.unwrap().unwrap();
+        statuses.push(r.status);
+        hinted += usize::from(r.headers.contains_key("retry-after"));
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429]);
+    assert_eq!(hinted, 0, "a quota 429 carries no Retry-After");
+    let s = emu.stats();
+    assert_eq!((s.capacity_429, s.max_in_flight, s.in_flight), (2, 3, 0));
+}
+
+#[tokio::test]
+async fn behaviour_can_be_replaced_at_run_time() {
+    let (_emu, addr) = start(fast(vec![]), 1, "127.0.0.1:0").await.unwrap();
+    let control = json!({"faults": [{"from_s": 0, "to_s": 1e9, "busy_503": 1.0}]}).to_string();
+    let r = call(addr, "PUT", "/control", &control).await.unwrap();
+    assert_eq!(r.status, 200);
+    let r = call(addr, "POST", "/v1/chat/completions", CHAT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    let r = call(addr, "PUT", "/control", "{\"faults\": 3}")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let r = call(addr, "POST", "/stats/reset", "").await.unwrap();
+    assert_eq!(r.status, 200);
+    let r = call(addr, "GET", "/stats", "").await.unwrap();
+    assert_eq!(json_of(&r)["attempts"], 0);
+}
+
+#[test]
+fn the_binary_reads_a_scenario_provider_and_refuses_bad_flags() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let exe = env!("CARGO_BIN_EXE_busy-provider");
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scenarios/shared/failover.json"
+    );
+    let mut child = Command::new(exe)
+        .args(["--scenario", scenario, "--provider", "backup"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        line.starts_with("busy-provider backup listening on http://127.0.0.1:"),
+        "{line}"
+    );
+
+    for bad in [
+        vec!["--busy-503", "2"],
+        vec!["--scenario", scenario, "--provider", "nope"],
+        vec!["--scenario", scenario],
+        vec!["--frobnicate"],
+        vec!["--total-ms", "9,3"],
+    ] {
+        let out = Command::new(exe).args(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("busy-provider: "), "{bad:?}: {err}");
+    }
+}
