@@ -87,6 +87,13 @@ pub struct RequestMeta {
 /// The rewrites an attempt needs on its way to a provider.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Rewrite {
+    /// Where the attempt goes: the provider's Envoy cluster (Envoy filter)...
+    pub cluster: Option<String>,
+    /// ...or its base URL (the npm package, `unbusy-up`).
+    pub base_url: Option<String>,
+    /// Replace the caller's `Authorization` header with this value (`Bearer <api_key>` from
+    /// the provider's configuration); `None` passes the caller's through. Hosts never log it.
+    pub authorization: Option<String>,
     /// Replace the request's model with this one.
     pub model: Option<String>,
     /// Cap `max_tokens` at this (degraded).
@@ -1185,7 +1192,13 @@ impl Engine {
             mapped = true;
         }
         let cap = cfg.degradation.max_tokens_cap;
+        let target = cfg.providers.get(provider);
         let rewrite = Rewrite {
+            cluster: target.and_then(|p| p.cluster.clone()),
+            base_url: target.and_then(|p| p.base_url.clone()),
+            authorization: target
+                .and_then(|p| p.api_key.as_deref())
+                .map(|key| format!("Bearer {key}")),
             model: mapped.then_some(model),
             max_tokens_cap: (degrade && cap > 0).then_some(cap),
         };

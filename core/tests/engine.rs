@@ -471,6 +471,48 @@ fn an_outage_longer_than_the_wait_limit_fails_fast_with_retry_after() {
 }
 
 #[test]
+fn each_attempt_carries_its_providers_rewrites() {
+    let mut primary = provider("deepseek", 0);
+    primary.api_key = Some("sk-primary".into());
+    primary
+        .models
+        .insert("gpt-4o".into(), "deepseek-chat".into());
+    let mut backup = provider("backup", 1);
+    backup.cluster = None;
+    backup.base_url = Some("https://backup.example/v1".into());
+    let mut e = Engine::new(config(vec![primary, backup]), 1).unwrap();
+    let id = e.admit(
+        0,
+        RequestMeta {
+            model: "gpt-4o".into(),
+            ..meta(1)
+        },
+    );
+    let first = match actions(&mut e).as_slice() {
+        [Action::Send(s)] => s.rewrite.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first.cluster.as_deref(), Some("deepseek"));
+    assert_eq!(first.authorization.as_deref(), Some("Bearer sk-primary"));
+    assert_eq!(first.model.as_deref(), Some("deepseek-chat"));
+    e.on_outcome(ms(5), id, 1, outcome(OutcomeClass::Busy, None));
+    let second = match actions(&mut e).as_slice() {
+        [Action::Send(s)] => s.rewrite.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        second.base_url.as_deref(),
+        Some("https://backup.example/v1")
+    );
+    assert_eq!(second.cluster, None);
+    assert_eq!(
+        second.authorization, None,
+        "the caller's key passes through"
+    );
+    assert_eq!(second.model, None, "no mapping for this provider");
+}
+
+#[test]
 fn invalid_config_is_refused() {
     assert!(Engine::new(Config::default(), 1).is_err());
 }
