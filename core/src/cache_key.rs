@@ -173,6 +173,17 @@ const NULL_NODE: Node = Node {
     b: 0,
 };
 
+/// A tenant's identity as the engine's `RequestMeta::tenant`: a keyed 64-bit SipHash of what
+/// identifies it (the caller's API key, or a configured header's value), so hosts agree on it
+/// and never keep the key itself.
+pub fn tenant_id(identity: &[u8]) -> u64 {
+    use core::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(SIP_KEY.1, SIP_KEY.0);
+    h.write(VERSION_TAG);
+    h.write(identity);
+    h.finish()
+}
+
 /// Reusable buffers for computing keys; keep one per worker to avoid reallocating per request.
 #[derive(Debug, Default)]
 pub struct Canonicalizer {

@@ -524,7 +524,7 @@ pub enum Problem {
     /// Must be unique; the value appears more than once.
     Duplicate(String),
     /// Exactly one of two fields must be set.
-    ExactlyOneOf(&'static str, &'static str),
+    AtLeastOneOf(&'static str, &'static str),
     /// Must be an `http://` or `https://` URL with a host.
     NotAUrl,
     /// Must be at least another field's value.
@@ -553,8 +553,8 @@ impl fmt::Display for ConfigError {
             }
             Problem::Empty => write!(f, "{field} must not be empty"),
             Problem::Duplicate(value) => write!(f, "{field} must be unique: {value:?} repeats"),
-            Problem::ExactlyOneOf(a, b) => {
-                write!(f, "{field} must set exactly one of `{a}` or `{b}`")
+            Problem::AtLeastOneOf(a, b) => {
+                write!(f, "{field} must set `{a}` or `{b}` (or both)")
             }
             Problem::NotAUrl => write!(f, "{field} must be an http:// or https:// URL with a host"),
             Problem::LessThan(other) => write!(f, "{field} must be at least {other}"),
@@ -667,21 +667,23 @@ impl Config {
             } else if self.providers.iter().take(i).any(|q| q.name == p.name) {
                 c.fail(at("name"), Problem::Duplicate(p.name.clone()));
             }
-            match (&p.base_url, &p.cluster) {
-                (Some(url), None) => {
-                    if !is_http_url(url) {
-                        c.fail(at("base_url"), Problem::NotAUrl);
-                    }
+            // The Envoy filter routes by `cluster` and takes the host name and path prefix from
+            // `base_url` when both are set; the npm package needs `base_url`.
+            if let Some(url) = &p.base_url {
+                if !is_http_url(url) {
+                    c.fail(at("base_url"), Problem::NotAUrl);
                 }
-                (None, Some(cluster)) => {
-                    if cluster.trim().is_empty() {
-                        c.fail(at("cluster"), Problem::Empty);
-                    }
+            }
+            if let Some(cluster) = &p.cluster {
+                if cluster.trim().is_empty() {
+                    c.fail(at("cluster"), Problem::Empty);
                 }
-                _ => c.fail(
+            }
+            if p.base_url.is_none() && p.cluster.is_none() {
+                c.fail(
                     format!("providers[{i}]"),
-                    Problem::ExactlyOneOf("base_url", "cluster"),
-                ),
+                    Problem::AtLeastOneOf("base_url", "cluster"),
+                );
             }
             if p.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
                 c.fail(at("api_key"), Problem::Empty);
@@ -854,8 +856,8 @@ mod tests {
             "providers[0].base_url must be an http:// or https:// URL with a host"
         );
         assert_eq!(
-            errors(r#"{"providers":[{"name":"a","cluster":"c","base_url":"https://x"}]}"#),
-            "providers[0] must set exactly one of `base_url` or `cluster`"
+            errors(r#"{"providers":[{"name":"a"}]}"#),
+            "providers[0] must set `base_url` or `cluster` (or both)"
         );
         assert_eq!(errors("{}"), "providers must not be empty");
         assert_eq!(

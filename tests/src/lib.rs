@@ -13,6 +13,7 @@
 #![allow(clippy::indexing_slicing)]
 
 pub mod emulator;
+pub mod envoy;
 pub mod plot;
 pub mod scenario;
 pub mod sim;

@@ -1,0 +1,974 @@
+//! The filter's per-VM state: the engine, the requests it manages, and the translation of
+//! Envoy's callbacks into engine calls and of engine actions into host effects.
+//!
+//! Every callback borrows this state, computes what to do, releases it, and only then makes
+//! the hostcalls (see [`Effect`]): Envoy may call back into the VM from inside a hostcall
+//! (a local reply runs the encoder filters), and a second borrow would panic.
+//!
+//! How an attempt reaches a provider:
+//! - the first one rides the stream itself: the request is held until its body is read, the
+//!   engine's choice is written into `x-unbusy-cluster` (the route's `cluster_header`), the
+//!   provider's credentials and model mapping into headers and body, and the request goes on,
+//!   so a good answer streams to the caller as it arrives;
+//! - its response headers are held until the answer shows real progress (the first SSE `data:`
+//!   event, the first non-blank JSON byte); keep-alive comments and blank lines do not count;
+//! - any later attempt (failover, retry, after a first-token deadline) is a
+//!   `dispatch_http_call` to the chosen provider's cluster and is answered with
+//!   `send_http_response` while nothing has reached the caller: such an answer arrives whole
+//!   (proxy-wasm buffers it), streams included. See `docs/envoy-filter.md`.
+
+use crate::metrics::{CacheResult, Metrics, Rejection};
+use crate::shared;
+use std::collections::HashMap;
+use std::time::Duration;
+use unbusy_core::bucket::{Decision, Rate};
+use unbusy_core::cache_key::{cache_key, tenant_id, CacheKey, KeyRequest, OptIn};
+use unbusy_core::classify::{classify, classify_fault, BodyProgress, Response, TransportFault};
+use unbusy_core::config::Config;
+use unbusy_core::engine::{
+    Action, CacheLookup, Engine, Priority, RequestId, RequestMeta, SendAttempt,
+};
+use unbusy_core::progress::{Feed, Framing, ProgressDetector};
+use unbusy_core::reply::{local_reply, LocalReply, ReplyKind};
+use unbusy_core::time::{ms, Nanos};
+
+/// Request bodies larger than this are refused with 413 (a chat request is kilobytes).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Answers larger than this are passed on without being held or cached.
+pub const MAX_HELD_RESPONSE_BYTES: usize = 8 << 20;
+
+/// What the host must do after a callback, outside the state's borrow.
+#[derive(Debug)]
+pub enum Effect {
+    /// Rewrite the held request and let it go to the router.
+    ResumeRequest {
+        /// The stream.
+        ctx: u32,
+        /// Headers to set (`None` removes).
+        headers: Vec<(String, Option<String>)>,
+        /// A replacement body.
+        body: Option<Vec<u8>>,
+    },
+    /// Set a response header on the held response.
+    SetResponseHeader {
+        /// The stream.
+        ctx: u32,
+        /// Name.
+        name: String,
+        /// Value.
+        value: String,
+    },
+    /// Let the held response go to the caller, with these headers added.
+    ResumeResponse {
+        /// The stream.
+        ctx: u32,
+        /// Headers to set.
+        headers: Vec<(String, String)>,
+    },
+    /// Answer the caller locally (or with an answer obtained by a dispatched attempt).
+    Reply {
+        /// The stream.
+        ctx: u32,
+        /// Status.
+        status: u16,
+        /// Headers.
+        headers: Vec<(String, String)>,
+        /// Body.
+        body: Vec<u8>,
+    },
+    /// Send an attempt outside the stream.
+    Dispatch {
+        /// The stream.
+        ctx: u32,
+        /// The engine's request.
+        request: RequestId,
+        /// The attempt.
+        attempt: u32,
+        /// The provider's cluster.
+        cluster: String,
+        /// Headers.
+        headers: Vec<(String, String)>,
+        /// Body.
+        body: Vec<u8>,
+        /// Give up after this long.
+        timeout: Duration,
+    },
+}
+
+/// Where a managed request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Request held in the request phase (body being read, or waiting for the engine).
+    RequestHeld,
+    /// Attempt 1 is with the router; nothing received yet.
+    Router,
+    /// Router answer: 200 stream, headers held until the first real event.
+    HoldingStream,
+    /// Router answer: 200 JSON, body being buffered.
+    BufferingBody,
+    /// Router answer: an error, body being buffered for classification.
+    BufferingError,
+    /// Router answer is flowing to the caller.
+    Streaming,
+    /// Waiting for another action from the engine (after a failed attempt, or a dispatch).
+    Waiting,
+    /// Answered; nothing more to do.
+    Done,
+}
+
+struct Flow {
+    request: RequestId,
+    stream: bool,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    cache_key: Option<CacheKey>,
+    cache_note: &'static str,
+    phase: Phase,
+    attempt: u32,
+    provider: usize,
+    router_attempt: Option<u32>,
+    detector: ProgressDetector,
+    fed: usize,
+    response_status: u16,
+    response_headers: Vec<(String, String)>,
+    response_body: Vec<u8>,
+    keep_body: bool,
+}
+
+/// The state of one filter VM (one per Envoy worker thread).
+pub struct State {
+    engine: Engine,
+    config: Config,
+    metrics: Metrics,
+    flows: HashMap<u32, Flow>,
+    by_request: HashMap<RequestId, u32>,
+    calls: HashMap<u32, (u32, RequestId, u32)>,
+    global_requests: Option<Rate>,
+    global_tokens: Option<Rate>,
+    tenant_requests: Option<Rate>,
+    tenant_tokens: Option<Rate>,
+    authorities: Vec<Option<String>>,
+}
+
+fn authority_of(base_url: &str) -> Option<String> {
+    let rest = base_url
+        .strip_prefix("https://")
+        .or_else(|| base_url.strip_prefix("http://"))?;
+    let host = rest.split('/').next()?;
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+fn path_prefix_of(base_url: &str) -> String {
+    let rest = base_url
+        .strip_prefix("https://")
+        .or_else(|| base_url.strip_prefix("http://"))
+        .unwrap_or("");
+    match rest.find('/') {
+        Some(i) => rest
+            .get(i..)
+            .unwrap_or("")
+            .trim_end_matches('/')
+            .to_string(),
+        None => String::new(),
+    }
+}
+
+/// Why a configuration was refused, in one line naming the field.
+pub fn check_config(config: &Config) -> Result<(), String> {
+    config.validate().map_err(|e| e.to_string())?;
+    for (i, p) in config.providers.iter().enumerate() {
+        if p.cluster.as_deref().is_none_or(str::is_empty) {
+            return Err(format!(
+                "providers[{i}].cluster is required by the Envoy filter (the cluster that reaches {:?})",
+                p.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl State {
+    /// The state for a checked configuration.
+    pub fn new(config: Config, seed: u64) -> Result<Self, String> {
+        check_config(&config)?;
+        // Rate limits must hold across workers: the filter applies them through shared data,
+        // so the per-worker engine gets none.
+        let mut engine_config = config.clone();
+        engine_config.limits.global = Default::default();
+        engine_config.limits.per_tenant = Default::default();
+        let engine = Engine::new(engine_config, seed).map_err(|e| e.to_string())?;
+        let names: Vec<String> = config.providers.iter().map(|p| p.name.clone()).collect();
+        let limits = &config.limits;
+        Ok(Self {
+            engine,
+            metrics: Metrics::define(&names),
+            flows: HashMap::new(),
+            by_request: HashMap::new(),
+            calls: HashMap::new(),
+            global_requests: limits.global.request_rate(),
+            global_tokens: limits.global.token_rate(),
+            tenant_requests: limits.per_tenant.request_rate(),
+            tenant_tokens: limits.per_tenant.token_rate(),
+            authorities: config
+                .providers
+                .iter()
+                .map(|p| p.base_url.as_deref().and_then(authority_of))
+                .collect(),
+            config,
+        })
+    }
+
+    /// Whether this stream is one the filter manages.
+    pub fn manages(&self, ctx: u32) -> bool {
+        self.flows.contains_key(&ctx)
+    }
+
+    /// The headers that send an unmanaged request (not chat/completions) to the preferred
+    /// provider, with its credentials.
+    pub fn passthrough_headers(&self) -> Vec<(String, Option<String>)> {
+        let Some(p) = self.config.providers.iter().min_by_key(|p| p.priority) else {
+            return Vec::new();
+        };
+        let mut h = vec![("x-unbusy-cluster".to_string(), p.cluster.clone())];
+        if let Some(key) = &p.api_key {
+            h.push(("authorization".into(), Some(format!("Bearer {key}"))));
+        }
+        h
+    }
+
+    /// Starts managing a chat/completions request whose headers arrived.
+    pub fn begin(&mut self, ctx: u32, path: String, headers: Vec<(String, String)>) {
+        self.flows.insert(
+            ctx,
+            Flow {
+                request: 0,
+                stream: false,
+                path,
+                headers,
+                body: Vec::new(),
+                cache_key: None,
+                cache_note: "none",
+                phase: Phase::RequestHeld,
+                attempt: 0,
+                provider: 0,
+                router_attempt: None,
+                detector: ProgressDetector::new(Framing::Sse, 0),
+                fed: 0,
+                response_status: 0,
+                response_headers: Vec::new(),
+                response_body: Vec::new(),
+                keep_body: false,
+            },
+        );
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn local(ctx: u32, reply: &LocalReply, note: &str) -> Effect {
+        let mut headers: Vec<(String, String)> = reply
+            .headers
+            .iter()
+            .map(|(n, v)| ((*n).to_string(), v.clone()))
+            .collect();
+        headers.push(("x-unbusy".into(), note.to_string()));
+        Effect::Reply {
+            ctx,
+            status: reply.status,
+            headers,
+            body: reply.body.clone().into_bytes(),
+        }
+    }
+
+    /// The whole request body arrived: checks, limits, cache, admission.
+    pub fn request_body(&mut self, ctx: u32, now: Nanos, body: Vec<u8>) -> Vec<Effect> {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
+            return Vec::new();
+        };
+        let parsed: Result<serde_json::Value, String> = serde_json::from_slice(&body)
+            .map_err(|e| format!("the request body is not valid JSON: {e}"));
+        let v = match parsed {
+            Ok(v) if v.is_object() => v,
+            Ok(_) => {
+                return self.refuse(
+                    ctx,
+                    ReplyKind::BadRequest,
+                    "the request body must be a JSON object",
+                )
+            }
+            Err(e) => return self.refuse(ctx, ReplyKind::BadRequest, &e),
+        };
+        let model = v
+            .get("model")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_string();
+        let stream = v
+            .get("stream")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        let max_tokens = v
+            .get("max_tokens")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(1024);
+        let estimated_tokens = (body.len() as u64 / 4).saturating_add(max_tokens);
+        let tenancy = &self.config.tenancy;
+        let identity = tenancy
+            .header
+            .as_deref()
+            .and_then(|h| Self::header(&flow.headers, h))
+            .or_else(|| Self::header(&flow.headers, "authorization"))
+            .unwrap_or(&tenancy.default_tenant)
+            .to_string();
+        let tenant = tenant_id(identity.as_bytes());
+        flow.stream = stream;
+        flow.body = body;
+        // Rate limits, shared by every worker.
+        let tenant_key = format!("unbusy:limit:tenant:{tenant:016x}");
+        let checks = [
+            (self.tenant_requests.as_ref(), tenant_key.clone() + ":r", 1),
+            (
+                self.tenant_tokens.as_ref(),
+                tenant_key + ":t",
+                estimated_tokens,
+            ),
+            (
+                self.global_requests.as_ref(),
+                "unbusy:limit:global:r".to_string(),
+                1,
+            ),
+            (
+                self.global_tokens.as_ref(),
+                "unbusy:limit:global:t".to_string(),
+                estimated_tokens,
+            ),
+        ];
+        for (rate, key, cost) in &checks {
+            if let Some(rate) = rate {
+                match shared::check(key, rate, now, *cost) {
+                    Decision::Allowed => {}
+                    Decision::NotUntil(at) => {
+                        self.metrics.rejection(Rejection::RateLimited);
+                        let reply = local_reply(
+                            ReplyKind::RateLimited,
+                            "rate limit reached",
+                            Some(at.saturating_sub(now)),
+                        );
+                        self.flows.remove(&ctx);
+                        return vec![Self::local(ctx, &reply, "limit=rate")];
+                    }
+                    Decision::Never => {
+                        return self.refuse(
+                            ctx,
+                            ReplyKind::TooLarge,
+                            "the request's estimated tokens exceed the configured burst",
+                        );
+                    }
+                }
+            }
+        }
+        for (rate, key, cost) in &checks {
+            if let Some(rate) = rate {
+                let _ = shared::charge(key, rate, now, *cost);
+            }
+        }
+        // The cache, scoped by tenant.
+        let Some(flow) = self.flows.get_mut(&ctx) else {
+            return Vec::new();
+        };
+        let key = if self.config.cache.enabled {
+            cache_key(&KeyRequest {
+                tenant: identity.as_bytes(),
+                endpoint: "/v1/chat/completions",
+                body: &flow.body,
+                opt_in: match Self::header(&flow.headers, "x-unbusy-cache") {
+                    Some("always") => OptIn::Always,
+                    Some("never") => OptIn::Never,
+                    _ => OptIn::Default,
+                },
+            })
+            .ok()
+        } else {
+            None
+        };
+        flow.cache_key = key;
+        let (cached, entry) = match key {
+            Some(k) => shared::cache_get(
+                k,
+                now,
+                ms(self.config.cache.ttl_ms),
+                ms(self.config.cache.stale_ttl_ms),
+            ),
+            None => (CacheLookup::Miss, None),
+        };
+        if key.is_some() {
+            self.metrics.cache(match cached {
+                CacheLookup::Fresh => CacheResult::Hit,
+                CacheLookup::Stale => CacheResult::Stale,
+                CacheLookup::Miss => CacheResult::Miss,
+            });
+            flow.cache_note = "miss";
+        }
+        if let Some(e) = entry {
+            flow.response_body = e.body;
+            flow.stream = e.stream;
+        }
+        let priority = match Self::header(&flow.headers, "x-unbusy-priority") {
+            Some("low") => Priority::Low,
+            Some("high") => Priority::High,
+            _ => Priority::Normal,
+        };
+        let deadline = Self::header(&flow.headers, "x-unbusy-deadline-ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|d| now.saturating_add(ms(d)));
+        let request = self.engine.admit(
+            now,
+            RequestMeta {
+                tenant,
+                model,
+                stream,
+                priority,
+                estimated_tokens,
+                deadline,
+                cache_key: key,
+                cached,
+            },
+        );
+        if let Some(flow) = self.flows.get_mut(&ctx) {
+            flow.request = request;
+        }
+        self.by_request.insert(request, ctx);
+        self.drain(now)
+    }
+
+    fn refuse(&mut self, ctx: u32, kind: ReplyKind, message: &str) -> Vec<Effect> {
+        self.flows.remove(&ctx);
+        vec![Self::local(
+            ctx,
+            &local_reply(kind, message, None),
+            "refused=bad_request",
+        )]
+    }
+
+    /// The router's answer to attempt 1: its headers.
+    pub fn response_headers(
+        &mut self,
+        ctx: u32,
+        now: Nanos,
+        headers: Vec<(String, String)>,
+        end_of_stream: bool,
+    ) -> (bool, Vec<Effect>) {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
+            return (false, Vec::new());
+        };
+        match flow.phase {
+            Phase::Router => {}
+            // Our own local reply (an answer from a dispatched attempt, the cache, or an
+            // error) passes through the encoder filters too: let it go.
+            Phase::Done => return (false, Vec::new()),
+            // An attempt the engine gave up on (first-token deadline): keep it from the caller.
+            _ => return (true, Vec::new()),
+        }
+        let status = Self::header(&headers, ":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(502);
+        let content_type = Self::header(&headers, "content-type")
+            .unwrap_or("")
+            .to_string();
+        flow.response_status = status;
+        flow.response_headers = headers;
+        flow.fed = 0;
+        flow.response_body.clear();
+        flow.phase = match status {
+            200 if content_type.contains("event-stream") => Phase::HoldingStream,
+            200 => Phase::BufferingBody,
+            _ => Phase::BufferingError,
+        };
+        flow.detector = ProgressDetector::new(Framing::from_content_type(&content_type), now);
+        // Headers can only be changed here, before they are released; a local reply that
+        // replaces this answer carries its own note.
+        let note = self.note(ctx);
+        let mut effects = vec![Effect::SetResponseHeader {
+            ctx,
+            name: "x-unbusy".into(),
+            value: note,
+        }];
+        if end_of_stream {
+            let (hold, more) = self.router_body(ctx, now, &[], true);
+            effects.extend(more);
+            return (hold, effects);
+        }
+        (true, effects)
+    }
+
+    /// A chunk of the router's answer. `body` is everything buffered so far (the filter keeps
+    /// the body buffered while it holds the headers) or, once streaming, the new chunk.
+    /// Returns whether to keep holding it.
+    pub fn router_body(
+        &mut self,
+        ctx: u32,
+        now: Nanos,
+        body: &[u8],
+        end_of_stream: bool,
+    ) -> (bool, Vec<Effect>) {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
+            return (false, Vec::new());
+        };
+        let (request, attempt) = (flow.request, flow.router_attempt.unwrap_or(0));
+        match flow.phase {
+            Phase::HoldingStream => {
+                let new = body.get(flow.fed..).unwrap_or(&[]);
+                flow.fed = body.len();
+                let feed = flow.detector.feed(now, new);
+                if feed == Feed::FirstProgress || feed == Feed::Progress {
+                    flow.phase = Phase::Streaming;
+                    flow.keep_body = flow.cache_key.is_some();
+                    if flow.keep_body {
+                        flow.response_body.extend_from_slice(body);
+                    }
+                    self.engine.on_first_progress(now, request, attempt);
+                    let mut effects = Vec::new();
+                    if end_of_stream {
+                        effects = self.finish_router(ctx, now, request, attempt);
+                    }
+                    let mut all = vec![Effect::ResumeResponse {
+                        ctx,
+                        headers: Vec::new(),
+                    }];
+                    all.extend(effects);
+                    return (false, all);
+                }
+                if end_of_stream || body.len() > MAX_HELD_RESPONSE_BYTES {
+                    // Only keep-alive bytes, then the end: busy in disguise.
+                    self.engine.on_outcome(
+                        now,
+                        request,
+                        attempt,
+                        classify_fault(TransportFault::Stall),
+                    );
+                    let effects = self.drain(now);
+                    return (true, effects);
+                }
+                (true, Vec::new())
+            }
+            Phase::Streaming => {
+                if flow.keep_body {
+                    if flow.response_body.len() + body.len()
+                        <= self.config.cache.max_entry_bytes as usize
+                    {
+                        flow.response_body.extend_from_slice(body);
+                    } else {
+                        flow.keep_body = false;
+                    }
+                }
+                self.engine.on_progress(now, request, attempt);
+                let effects = if end_of_stream {
+                    self.finish_router(ctx, now, request, attempt)
+                } else {
+                    Vec::new()
+                };
+                (false, effects)
+            }
+            Phase::BufferingBody | Phase::BufferingError => {
+                if !end_of_stream && body.len() <= MAX_HELD_RESPONSE_BYTES {
+                    return (true, Vec::new());
+                }
+                flow.response_body = body.to_vec();
+                let status = flow.response_status;
+                let outcome = if flow.phase == Phase::BufferingBody {
+                    if flow.detector.feed(now, body) == Feed::KeepAlive {
+                        classify_fault(TransportFault::Stall)
+                    } else {
+                        self.engine.on_first_progress(now, request, attempt);
+                        classify(&Response {
+                            status,
+                            headers: &[],
+                            body_prefix: body,
+                            progress: BodyProgress::Real,
+                            unix_now_s: Some(now / 1_000_000_000),
+                        })
+                    }
+                } else {
+                    let hdrs: Vec<(&str, &str)> = flow
+                        .response_headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_str()))
+                        .collect();
+                    classify(&Response {
+                        status,
+                        headers: &hdrs,
+                        body_prefix: body,
+                        progress: BodyProgress::Real,
+                        unix_now_s: Some(now / 1_000_000_000),
+                    })
+                };
+                if let Some(flow) = self.flows.get_mut(&ctx) {
+                    flow.phase = Phase::Waiting;
+                }
+                self.engine.on_outcome(now, request, attempt, outcome);
+                let effects = self.drain(now);
+                // Delivering the router's own answer releases it; otherwise keep holding it.
+                let released = effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::ResumeResponse { ctx: c, .. } if *c == ctx));
+                (!released, effects)
+            }
+            Phase::Done => (false, Vec::new()),
+            // Replaced by another attempt: never let this one through.
+            _ => (true, Vec::new()),
+        }
+    }
+
+    fn finish_router(
+        &mut self,
+        _ctx: u32,
+        now: Nanos,
+        request: RequestId,
+        attempt: u32,
+    ) -> Vec<Effect> {
+        self.engine.on_outcome(
+            now,
+            request,
+            attempt,
+            classify(&Response {
+                status: 200,
+                headers: &[],
+                body_prefix: b"",
+                progress: BodyProgress::Real,
+                unix_now_s: None,
+            }),
+        );
+        self.drain(now)
+    }
+
+    /// A dispatched attempt's answer (status 0: it failed before an answer).
+    pub fn call_response(
+        &mut self,
+        token: u32,
+        now: Nanos,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> Vec<Effect> {
+        let Some((ctx, request, attempt)) = self.calls.remove(&token) else {
+            return Vec::new();
+        };
+        let Some(flow) = self.flows.get_mut(&ctx) else {
+            return Vec::new();
+        };
+        if flow.request != request || flow.attempt != attempt {
+            return Vec::new(); // aborted: the engine already moved on
+        }
+        let status = Self::header(&headers, ":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let content_type = Self::header(&headers, "content-type")
+            .unwrap_or("")
+            .to_string();
+        let outcome = if status == 0 {
+            classify_fault(TransportFault::Reset)
+        } else {
+            let mut detector =
+                ProgressDetector::new(Framing::from_content_type(&content_type), now);
+            if status == 200 && detector.feed(now, &body) == Feed::KeepAlive {
+                classify_fault(TransportFault::Stall)
+            } else {
+                if status == 200 {
+                    self.engine.on_first_progress(now, request, attempt);
+                }
+                let hdrs: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                classify(&Response {
+                    status,
+                    headers: &hdrs,
+                    body_prefix: &body,
+                    progress: BodyProgress::Real,
+                    unix_now_s: Some(now / 1_000_000_000),
+                })
+            }
+        };
+        if let Some(flow) = self.flows.get_mut(&ctx) {
+            flow.response_status = status;
+            flow.response_headers = headers;
+            flow.response_body = body;
+            flow.phase = Phase::Waiting;
+        }
+        self.engine.on_outcome(now, request, attempt, outcome);
+        self.drain(now)
+    }
+
+    /// Envoy accepted a dispatch: its answer will come with `token`.
+    pub fn dispatched(&mut self, token: u32, ctx: u32, request: RequestId, attempt: u32) {
+        self.calls.insert(token, (ctx, request, attempt));
+    }
+
+    /// A dispatch could not even start (unknown cluster, no healthy host): a refused attempt.
+    pub fn dispatch_failed(&mut self, now: Nanos, request: RequestId, attempt: u32) -> Vec<Effect> {
+        self.engine.on_outcome(
+            now,
+            request,
+            attempt,
+            classify_fault(TransportFault::Refused),
+        );
+        self.drain(now)
+    }
+
+    /// The stream ended (answered, or the caller went away).
+    pub fn end(&mut self, ctx: u32, now: Nanos) -> Vec<Effect> {
+        if let Some(flow) = self.flows.remove(&ctx) {
+            if self.by_request.remove(&flow.request).is_some() {
+                self.engine.cancel(now, flow.request);
+            }
+        }
+        self.drain(now)
+    }
+
+    /// The periodic tick: the engine's timers.
+    pub fn tick(&mut self, now: Nanos) -> Vec<Effect> {
+        if self.engine.next_wakeup().is_some_and(|t| t <= now) || self.engine.active_requests() > 0
+        {
+            self.engine.on_tick(now);
+        }
+        self.drain(now)
+    }
+
+    fn note(&self, ctx: u32) -> String {
+        let Some(flow) = self.flows.get(&ctx) else {
+            return String::new();
+        };
+        let provider = self
+            .config
+            .providers
+            .get(flow.provider)
+            .filter(|_| flow.attempt > 0)
+            .map_or("none", |p| p.name.as_str());
+        format!(
+            "provider={provider}; attempts={}; cache={}; tier={}",
+            flow.attempt,
+            flow.cache_note,
+            self.engine.tier().level()
+        )
+    }
+
+    fn rewritten_body(flow: &Flow, send: &SendAttempt) -> Option<Vec<u8>> {
+        let rw = &send.rewrite;
+        if rw.model.is_none() && rw.max_tokens_cap.is_none() {
+            return None;
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&flow.body).ok()?;
+        let obj = v.as_object_mut()?;
+        if let Some(m) = &rw.model {
+            obj.insert("model".into(), serde_json::Value::from(m.as_str()));
+        }
+        if let Some(cap) = rw.max_tokens_cap {
+            let current = obj.get("max_tokens").and_then(serde_json::Value::as_u64);
+            let capped = current.map_or(u64::from(cap), |c| c.min(u64::from(cap)));
+            obj.insert("max_tokens".into(), serde_json::Value::from(capped));
+        }
+        serde_json::to_vec(&v).ok()
+    }
+
+    /// Turns the engine's queued actions into host effects.
+    fn drain(&mut self, now: Nanos) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        while let Some(action) = self.engine.poll_action() {
+            let Some(&ctx) = self.by_request.get(&action.request()) else {
+                continue;
+            };
+            match action {
+                Action::Send(send) => self.send(ctx, now, &send, &mut effects),
+                Action::Abort { .. } => {
+                    // A router attempt stays held (its answer never reaches the caller); a
+                    // dispatched one is ignored when it answers (its token no longer matches).
+                    // (The engine ignores an aborted attempt's late outcome itself.)
+                    if let Some(flow) = self.flows.get_mut(&ctx) {
+                        flow.phase = Phase::Waiting;
+                    }
+                }
+                Action::Deliver {
+                    request,
+                    store_in_cache,
+                } => {
+                    self.by_request.remove(&request);
+                    let note = self.note(ctx);
+                    let Some(flow) = self.flows.get_mut(&ctx) else {
+                        continue;
+                    };
+                    let from_router = flow.router_attempt == Some(flow.attempt);
+                    if store_in_cache {
+                        if let Some(key) = flow.cache_key {
+                            let complete = !flow.stream || flow.phase == Phase::Streaming;
+                            if complete
+                                && flow.response_body.len() as u64
+                                    <= self.config.cache.max_entry_bytes
+                            {
+                                shared::cache_put(key, now, flow.stream, &flow.response_body);
+                            }
+                        }
+                    }
+                    match flow.phase {
+                        Phase::Streaming => {} // already flowing
+                        _ if from_router => {
+                            // (Its `x-unbusy` was set with its headers.)
+                            flow.phase = Phase::Done;
+                            effects.push(Effect::ResumeResponse {
+                                ctx,
+                                headers: Vec::new(),
+                            });
+                        }
+                        _ => {
+                            flow.phase = Phase::Done;
+                            let mut headers: Vec<(String, String)> = flow
+                                .response_headers
+                                .iter()
+                                .filter(|(n, _)| {
+                                    !n.starts_with(':')
+                                        && !matches!(
+                                            n.as_str(),
+                                            "content-length" | "transfer-encoding" | "connection"
+                                        )
+                                })
+                                .cloned()
+                                .collect();
+                            headers.push(("x-unbusy".into(), note));
+                            effects.push(Effect::Reply {
+                                ctx,
+                                status: flow.response_status,
+                                headers,
+                                body: std::mem::take(&mut flow.response_body),
+                            });
+                        }
+                    }
+                }
+                Action::ServeCache { request, stale } => {
+                    self.by_request.remove(&request);
+                    let Some(flow) = self.flows.get_mut(&ctx) else {
+                        continue;
+                    };
+                    flow.cache_note = if stale { "stale" } else { "hit" };
+                    flow.phase = Phase::Done;
+                    let content_type = if flow.stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    };
+                    let note = self.note(ctx);
+                    let Some(flow) = self.flows.get_mut(&ctx) else {
+                        continue;
+                    };
+                    effects.push(Effect::Reply {
+                        ctx,
+                        status: 200,
+                        headers: vec![
+                            ("content-type".into(), content_type.into()),
+                            ("x-unbusy".into(), note),
+                        ],
+                        body: std::mem::take(&mut flow.response_body),
+                    });
+                }
+                Action::Reply { request, reply } => {
+                    self.by_request.remove(&request);
+                    let note = self.note(ctx);
+                    if let Some(flow) = self.flows.get_mut(&ctx) {
+                        flow.phase = Phase::Done;
+                    }
+                    effects.push(Self::local(ctx, &reply, &note));
+                }
+            }
+        }
+        while let Some(event) = self.engine.poll_event() {
+            self.metrics.event(&event);
+        }
+        for i in 0..self.config.providers.len() {
+            self.metrics.in_flight(i, self.engine.in_flight(i));
+        }
+        effects
+    }
+
+    fn send(&mut self, ctx: u32, now: Nanos, send: &SendAttempt, effects: &mut Vec<Effect>) {
+        let authority = self.authorities.get(send.provider).cloned().flatten();
+        let prefix = send
+            .rewrite
+            .base_url
+            .as_deref()
+            .map(path_prefix_of)
+            .unwrap_or_default();
+        let Some(flow) = self.flows.get_mut(&ctx) else {
+            return;
+        };
+        flow.attempt = send.attempt;
+        flow.provider = send.provider;
+        let body = Self::rewritten_body(flow, send);
+        let cluster = send.rewrite.cluster.clone().unwrap_or_default();
+        if flow.phase == Phase::RequestHeld {
+            flow.phase = Phase::Router;
+            flow.router_attempt = Some(send.attempt);
+            let mut headers = vec![("x-unbusy-cluster".to_string(), Some(cluster))];
+            if let Some(auth) = &send.rewrite.authorization {
+                headers.push(("authorization".into(), Some(auth.clone())));
+            }
+            if let Some(a) = authority {
+                headers.push((":authority".into(), Some(a)));
+            }
+            if !prefix.is_empty() {
+                headers.push((":path".into(), Some(format!("{prefix}{}", flow.path))));
+            }
+            if let Some(b) = &body {
+                headers.push(("content-length".into(), Some(b.len().to_string())));
+            }
+            effects.push(Effect::ResumeRequest { ctx, headers, body });
+            return;
+        }
+        flow.phase = Phase::Waiting;
+        let mut headers: Vec<(String, String)> = flow
+            .headers
+            .iter()
+            .filter(|(n, _)| {
+                !matches!(
+                    n.as_str(),
+                    ":authority"
+                        | ":path"
+                        | ":method"
+                        | ":scheme"
+                        | "content-length"
+                        | "transfer-encoding"
+                        | "x-unbusy-cluster"
+                        | "authorization"
+                        | "accept-encoding"
+                )
+            })
+            .cloned()
+            .collect();
+        headers.push((":method".into(), "POST".into()));
+        headers.push((":path".into(), format!("{prefix}{}", flow.path)));
+        headers.push((
+            ":authority".into(),
+            authority.unwrap_or_else(|| cluster.clone()),
+        ));
+        let auth = send
+            .rewrite
+            .authorization
+            .clone()
+            .or_else(|| Self::header(&flow.headers, "authorization").map(str::to_string));
+        if let Some(a) = auth {
+            headers.push(("authorization".into(), a));
+        }
+        headers.push(("x-unbusy-attempt".into(), send.attempt.to_string()));
+        let timeout = Duration::from_nanos(send.deadline.saturating_sub(now).max(1_000_000));
+        effects.push(Effect::Dispatch {
+            ctx,
+            request: send.request,
+            attempt: send.attempt,
+            cluster,
+            headers,
+            body: body.unwrap_or_else(|| flow.body.clone()),
+            timeout,
+        });
+    }
+}

@@ -1,0 +1,330 @@
+//! Rendering a complete Envoy configuration for unbusy (`unbusy-up`, the demo, the end-to-end
+//! tests and the benchmark): a listener with the wasm filter and the router, one cluster per
+//! provider (TLS for https URLs), and Envoy's tag extraction for the filter's metric labels.
+
+use serde_json::Value;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+/// A provider as given on the command line: `NAME=URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The provider's name.
+    pub name: String,
+    /// `https` or `http`.
+    pub tls: bool,
+    /// Host name or IP.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// The URL as given.
+    pub url: String,
+}
+
+impl Upstream {
+    /// Parses `NAME=URL`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (name, url) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--provider {spec:?}: expected NAME=URL"))?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "--provider {spec:?}: the name must be letters, digits, - or _"
+            ));
+        }
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "--provider {spec:?}: the URL must start with http:// or https://"
+            ));
+        };
+        let authority = rest.split('/').next().unwrap_or("");
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>()
+                    .map_err(|_| format!("--provider {spec:?}: bad port {p:?}"))?,
+            ),
+            None => (authority.to_string(), if tls { 443 } else { 80 }),
+        };
+        if host.is_empty() {
+            return Err(format!("--provider {spec:?}: the URL has no host"));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            tls,
+            host,
+            port,
+            url: url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The Envoy cluster's name.
+    pub fn cluster(&self) -> String {
+        format!("unbusy_{}", self.name)
+    }
+}
+
+/// Builds the filter's configuration: `base` (the engine schema, possibly empty) with the
+/// upstreams as its providers, in order of preference. A provider already in `base` keeps its
+/// settings (credentials, model mapping, quota); its URL, cluster and priority come from the
+/// command line. A key in `UNBUSY_KEY_<NAME>` (upper case, `-` as `_`) becomes its `api_key`.
+pub fn filter_config(
+    base: &Value,
+    upstreams: &[Upstream],
+    keys: &dyn Fn(&str) -> Option<String>,
+) -> Result<Value, String> {
+    let mut config = match base {
+        Value::Null => serde_json::json!({}),
+        Value::Object(_) => base.clone(),
+        _ => return Err("the configuration file must hold a JSON object".into()),
+    };
+    let existing: Vec<Value> = config
+        .get("providers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut providers = Vec::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        let mut p = existing
+            .iter()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(u.name.as_str()))
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        p["name"] = Value::from(u.name.clone());
+        p["base_url"] = Value::from(u.url.clone());
+        p["cluster"] = Value::from(u.cluster());
+        p["priority"] = Value::from(i as u64);
+        let env = format!(
+            "UNBUSY_KEY_{}",
+            u.name.to_ascii_uppercase().replace('-', "_")
+        );
+        if let Some(k) = keys(&env) {
+            p["api_key"] = Value::from(k);
+        }
+        providers.push(p);
+    }
+    config["providers"] = Value::Array(providers);
+    let text = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    unbusy_core::config::Config::from_json(&text)
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    Ok(config)
+}
+
+/// What the rendered Envoy runs.
+pub struct Render<'a> {
+    /// Listener address.
+    pub listen: (&'a str, u16),
+    /// Admin address.
+    pub admin: (&'a str, u16),
+    /// The upstreams.
+    pub upstreams: &'a [Upstream],
+    /// The filter's configuration (JSON); `None` renders Envoy without the filter (bare).
+    pub filter: Option<&'a Value>,
+    /// The filter's `.wasm`.
+    pub wasm: &'a Path,
+    /// Envoy's native `local_ratelimit` and route `retry_policy` instead of the filter, with
+    /// this many requests per second (the benchmark's comparison).
+    pub native: Option<u32>,
+}
+
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// Envoy's YAML.
+pub fn render(r: &Render<'_>) -> String {
+    let mut y = String::new();
+    let _ = write!(
+        y,
+        r#"# Rendered by unbusy-up. Envoy with the unbusy wasm filter in front of LLM providers.
+admin:
+  address: {{ socket_address: {{ address: {admin_host}, port_value: {admin_port} }} }}
+stats_config:
+  stats_tags:
+  - {{ tag_name: outcome, regex: '^wasmcustom\.unbusy_requests_total(\.outcome\.([^.]+))$' }}
+  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_attempts_total\.provider\.[^.]+(\.result\.([^.]+))$' }}
+  - {{ tag_name: provider, regex: '^wasmcustom\.unbusy_[a-z_]+(\.provider\.([^.]+))' }}
+  - {{ tag_name: reason, regex: '^wasmcustom\.unbusy_rejections_total(\.reason\.([^.]+))$' }}
+  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_cache_total(\.result\.([^.]+))$' }}
+static_resources:
+  listeners:
+  - name: unbusy
+    address: {{ socket_address: {{ address: {listen_host}, port_value: {listen_port} }} }}
+    per_connection_buffer_limit_bytes: 16777216
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: unbusy
+          stream_idle_timeout: 600s
+          route_config:
+            name: providers
+            virtual_hosts:
+            - name: providers
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+"#,
+        admin_host = yaml_str(r.admin.0),
+        admin_port = r.admin.1,
+        listen_host = yaml_str(r.listen.0),
+        listen_port = r.listen.1,
+    );
+    let first = r
+        .upstreams
+        .first()
+        .map(Upstream::cluster)
+        .unwrap_or_default();
+    if r.filter.is_some() {
+        y.push_str("                  cluster_header: x-unbusy-cluster\n");
+        y.push_str("                  timeout: 0s\n");
+    } else {
+        let _ = writeln!(y, "                  cluster: {first}");
+        y.push_str("                  timeout: 0s\n");
+        if let Some(u) = r.upstreams.first() {
+            if u.tls {
+                let _ = writeln!(
+                    y,
+                    "                  host_rewrite_literal: {}",
+                    yaml_str(&u.host)
+                );
+            }
+        }
+        if r.native.is_some() {
+            y.push_str(
+                r#"                  retry_policy:
+                    retry_on: "5xx,reset,connect-failure,retriable-status-codes"
+                    retriable_status_codes: [429, 503]
+                    num_retries: 2
+                    retry_back_off: { base_interval: 0.025s, max_interval: 0.25s }
+                    rate_limited_retry_back_off:
+                      reset_headers: [{ name: retry-after, format: SECONDS }]
+                      max_interval: 300s
+"#,
+            );
+        }
+    }
+    y.push_str("          http_filters:\n");
+    if let Some(rps) = r.native {
+        let _ = write!(
+            y,
+            r#"          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: native_limit
+              token_bucket: {{ max_tokens: {rps}, tokens_per_fill: {rps}, fill_interval: 1s }}
+              filter_enabled: {{ default_value: {{ numerator: 100, denominator: HUNDRED }}, runtime_key: rl_enabled }}
+              filter_enforced: {{ default_value: {{ numerator: 100, denominator: HUNDRED }}, runtime_key: rl_enforced }}
+"#
+        );
+    }
+    if let Some(config) = r.filter {
+        let json = serde_json::to_string(config).unwrap_or_else(|_| "{}".into());
+        let _ = write!(
+            y,
+            r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: unbusy
+                root_id: unbusy
+                allow_on_headers_stop_iteration: true
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {json}
+                vm_config:
+                  vm_id: unbusy
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {wasm} }} }}
+"#,
+            json = yaml_str(&json),
+            wasm = yaml_str(&r.wasm.display().to_string()),
+        );
+    }
+    y.push_str(
+        r#"          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+"#,
+    );
+    for u in r.upstreams {
+        let address = if u.host.parse::<std::net::IpAddr>().is_ok() {
+            "STATIC"
+        } else {
+            "STRICT_DNS"
+        };
+        let _ = write!(
+            y,
+            r#"  - name: {cluster}
+    type: {address}
+    connect_timeout: 5s
+    dns_lookup_family: V4_PREFERRED
+    per_connection_buffer_limit_bytes: 16777216
+    circuit_breakers:
+      # unbusy decides how many attempts and retries are in flight; Envoy's defaults
+      # (1024 requests, 3 retries) must not cap it silently.
+      thresholds: [{{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100000 }}]
+    load_assignment:
+      cluster_name: {cluster}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}
+"#,
+            cluster = u.cluster(),
+            host = yaml_str(&u.host),
+            port = u.port,
+        );
+        if u.tls {
+            let _ = write!(
+                y,
+                r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {host}
+        common_tls_context:
+          validation_context:
+            trusted_ca: {{ filename: /etc/ssl/certs/ca-certificates.crt }}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{ exact: {host} }}
+"#,
+                host = yaml_str(&u.host)
+            );
+        }
+    }
+    y
+}
+
+/// The repository's root (where `.venv/` and `target/` are).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Envoy from the project's `.venv` (installed by `make setup`), or `UNBUSY_ENVOY`.
+pub fn envoy_binary() -> PathBuf {
+    std::env::var_os("UNBUSY_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/envoy"))
+}
+
+/// The filter built by `make filter`, or `UNBUSY_WASM`.
+pub fn filter_wasm() -> PathBuf {
+    std::env::var_os("UNBUSY_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/wasm32-wasip1/wasm-filter/unbusy_envoy.wasm"))
+}
