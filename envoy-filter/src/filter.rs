@@ -134,6 +134,8 @@ struct Flow {
     response_headers: Vec<(String, String)>,
     response_body: Vec<u8>,
     keep_body: bool,
+    /// The provider whose cross-worker concurrency slot the current attempt holds.
+    slot: Option<usize>,
 }
 
 /// The state of one filter VM (one per Envoy worker thread).
@@ -272,6 +274,7 @@ impl State {
                 response_headers: Vec::new(),
                 response_body: Vec::new(),
                 keep_body: false,
+                slot: None,
             },
         );
     }
@@ -558,7 +561,8 @@ impl State {
                 }
                 if end_of_stream || body.len() > MAX_HELD_RESPONSE_BYTES {
                     // Only keep-alive bytes, then the end: busy in disguise.
-                    self.engine.on_outcome(
+                    self.outcome(
+                        ctx,
                         now,
                         request,
                         attempt,
@@ -623,7 +627,7 @@ impl State {
                 if let Some(flow) = self.flows.get_mut(&ctx) {
                     flow.phase = Phase::Waiting;
                 }
-                self.engine.on_outcome(now, request, attempt, outcome);
+                self.outcome(ctx, now, request, attempt, outcome);
                 let effects = self.drain(now);
                 // Delivering the router's own answer releases it; otherwise keep holding it.
                 let released = effects
@@ -639,12 +643,13 @@ impl State {
 
     fn finish_router(
         &mut self,
-        _ctx: u32,
+        ctx: u32,
         now: Nanos,
         request: RequestId,
         attempt: u32,
     ) -> Vec<Effect> {
-        self.engine.on_outcome(
+        self.outcome(
+            ctx,
             now,
             request,
             attempt,
@@ -712,8 +717,32 @@ impl State {
             flow.response_body = body;
             flow.phase = Phase::Waiting;
         }
-        self.engine.on_outcome(now, request, attempt, outcome);
+        self.outcome(ctx, now, request, attempt, outcome);
         self.drain(now)
+    }
+
+    /// Reports an attempt's outcome, first giving back its provider slot.
+    fn outcome(
+        &mut self,
+        ctx: u32,
+        now: Nanos,
+        request: RequestId,
+        attempt: u32,
+        outcome: unbusy_core::classify::Classification,
+    ) {
+        self.release_slot(ctx);
+        self.engine.on_outcome(now, request, attempt, outcome);
+    }
+
+    /// Gives back the cross-worker slot the stream's attempt holds, if any.
+    fn release_slot(&mut self, ctx: u32) {
+        if let Some(p) = self.flows.get_mut(&ctx).and_then(|f| f.slot.take()) {
+            shared::slot_release(&Self::slot_key(p));
+        }
+    }
+
+    fn slot_key(provider: usize) -> String {
+        format!("unbusy:slots:{provider}")
     }
 
     /// Envoy accepted a dispatch: its answer will come with `token`.
@@ -723,7 +752,9 @@ impl State {
 
     /// A dispatch could not even start (unknown cluster, no healthy host): a refused attempt.
     pub fn dispatch_failed(&mut self, now: Nanos, request: RequestId, attempt: u32) -> Vec<Effect> {
-        self.engine.on_outcome(
+        let ctx = self.by_request.get(&request).copied().unwrap_or(0);
+        self.outcome(
+            ctx,
             now,
             request,
             attempt,
@@ -734,6 +765,7 @@ impl State {
 
     /// The stream ended (answered, or the caller went away).
     pub fn end(&mut self, ctx: u32, now: Nanos) -> Vec<Effect> {
+        self.release_slot(ctx);
         if let Some(flow) = self.flows.remove(&ctx) {
             if self.by_request.remove(&flow.request).is_some() {
                 self.engine.cancel(now, flow.request);
@@ -797,6 +829,7 @@ impl State {
             match action {
                 Action::Send(send) => self.send(ctx, now, &send, &mut effects),
                 Action::Abort { .. } => {
+                    self.release_slot(ctx);
                     // A router attempt stays held (its answer never reaches the caller); a
                     // dispatched one is ignored when it answers (its token no longer matches).
                     // (The engine ignores an aborted attempt's late outcome itself.)
@@ -905,6 +938,32 @@ impl State {
     }
 
     fn send(&mut self, ctx: u32, now: Nanos, send: &SendAttempt, effects: &mut Vec<Effect>) {
+        // A provider's concurrency quota holds across workers: each worker's engine paces its
+        // own attempts, and a shared count makes the sum respect the quota. A full count is
+        // answered as the provider itself would (429 without a hint: a quota verdict), so the
+        // engine fails over, queues or backs off exactly as for the real thing.
+        if let Some(quota) = self
+            .config
+            .providers
+            .get(send.provider)
+            .and_then(|p| p.max_concurrency)
+        {
+            if !shared::slot_acquire(&Self::slot_key(send.provider), quota) {
+                self.engine.on_outcome(
+                    now,
+                    send.request,
+                    send.attempt,
+                    unbusy_core::classify::Classification {
+                        class: unbusy_core::classify::OutcomeClass::RateLimited,
+                        retry_after: None,
+                    },
+                );
+                return;
+            }
+            if let Some(flow) = self.flows.get_mut(&ctx) {
+                flow.slot = Some(send.provider);
+            }
+        }
         let authority = self.authorities.get(send.provider).cloned().flatten();
         let base = send.rewrite.base_url.as_deref().map(path_prefix_of);
         let Some(flow) = self.flows.get_mut(&ctx) else {

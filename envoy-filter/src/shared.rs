@@ -43,6 +43,36 @@ pub fn check(key: &str, rate: &Rate, now: Nanos, cost: u64) -> Decision {
     gcra(rate, tat, now, cost).0
 }
 
+/// Takes one of `quota` slots of a counter shared by every worker; `false` when all are taken.
+pub fn slot_acquire(key: &str, quota: u32) -> bool {
+    for _ in 0..CAS_ROUNDS {
+        let (value, cas) = host::shared_get(key);
+        let held = value
+            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+            .map_or(0, u32::from_le_bytes);
+        if held >= quota {
+            return false;
+        }
+        if host::shared_set(key, &(held + 1).to_le_bytes(), cas) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Gives a slot back.
+pub fn slot_release(key: &str) {
+    for _ in 0..CAS_ROUNDS {
+        let (value, cas) = host::shared_get(key);
+        let held = value
+            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+            .map_or(0, u32::from_le_bytes);
+        if host::shared_set(key, &held.saturating_sub(1).to_le_bytes(), cas) {
+            return;
+        }
+    }
+}
+
 fn cache_slot(key: CacheKey) -> String {
     format!("unbusy:cache:{key}")
 }

@@ -515,3 +515,33 @@ fn the_example_envoy_config_is_valid_for_this_envoy() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && log.contains("OK"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_providers_concurrency_quota_holds_across_workers() {
+    // DeepSeek-style quota: 3 in flight; above it the provider answers 429. Twelve callers at
+    // once through two workers: unbusy queues them, so the provider never sees a fourth.
+    let mut slow = behaviour("primary", vec![]);
+    slow.provider.capacity = 3;
+    slow.provider.latency_ms = Latency {
+        first_token: [300.0, 300.0],
+        total: [400.0, 400.0],
+    };
+    let config = json!({"providers": [{"name": "primary", "max_concurrency": 3}]});
+    let w = world(vec![slow], test_config(config), 2).await;
+    let addr = w.envoy.listen;
+    let calls: Vec<_> = (0..12)
+        .map(|i| {
+            tokio::spawn(async move {
+                chat(addr, &chat_body(&format!("q{i}"), false, false), &[]).await
+            })
+        })
+        .collect();
+    for c in calls {
+        let r = c.await.unwrap().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let s = w.providers[0].stats();
+    assert_eq!(s.capacity_429, 0, "the quota was exceeded: {s:?}");
+    assert!(s.max_in_flight <= 3, "{}", s.max_in_flight);
+    assert_eq!(s.ok, 12);
+}

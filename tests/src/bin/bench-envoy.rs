@@ -26,7 +26,12 @@ struct Run {
     errors: u64,
 }
 
-async fn load(addr: std::net::SocketAddr, body: String, seconds: f64, connections: usize) -> (u64, Vec<f64>, u64) {
+async fn load(
+    addr: std::net::SocketAddr,
+    body: String,
+    seconds: f64,
+    connections: usize,
+) -> (u64, Vec<f64>, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..connections {
@@ -98,17 +103,34 @@ async fn bench(seconds: f64, connections: usize) -> Result<Vec<Run>, String> {
         },
         keepalive_every: Duration::from_secs(1),
     };
-    let (_emu, addr) = start(fast, 1, "127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let (_emu, addr) = start(fast, 1, "127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let upstreams = [Upstream::parse(&format!("fast=http://{addr}"))?];
     let wasm = filter_wasm();
     let filter = filter_config(&serde_json::Value::Null, &upstreams, &|_| None)?;
     let miss = chat_body("benchmark", false, false);
     let hit = chat_body("benchmark", false, true);
     let mut runs = Vec::new();
-    let cases: [(&'static str, Option<&serde_json::Value>, Option<u32>, &String); 4] = [
+    let cases: [(
+        &'static str,
+        Option<&serde_json::Value>,
+        Option<u32>,
+        &String,
+    ); 4] = [
         ("bare Envoy", None, None, &miss),
-        ("Envoy + native local_ratelimit + retry_policy", None, Some(1_000_000), &miss),
-        ("Envoy + unbusy, cache miss (pass-through)", Some(&filter), None, &miss),
+        (
+            "Envoy + native local_ratelimit + retry_policy",
+            None,
+            Some(1_000_000),
+            &miss,
+        ),
+        (
+            "Envoy + unbusy, cache miss (pass-through)",
+            Some(&filter),
+            None,
+            &miss,
+        ),
         ("Envoy + unbusy, cache hit", Some(&filter), None, &hit),
     ];
     for (name, filter, native, body) in cases {
@@ -149,7 +171,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("bench-envoy: {e}");
@@ -166,12 +192,22 @@ fn main() -> ExitCode {
     let base = runs.first().map_or(1.0, |r| r.rps.max(1e-9));
     let (b50, b99) = runs.first().map_or((0.0, 0.0), |r| (r.p50_ms, r.p99_ms));
     println!("one Envoy worker, {connections} keep-alive connections, {seconds} s per case, non-streaming chat/completions");
-    println!("| case | requests | req/s | vs bare | p50 ms | p99 ms | added p50 | added p99 | errors |");
+    println!(
+        "| case | requests | req/s | vs bare | p50 ms | p99 ms | added p50 | added p99 | errors |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &runs {
         println!(
             "| {} | {} | {:.0} | {:.2}x | {:.3} | {:.3} | {:+.3} | {:+.3} | {} |",
-            r.name, r.requests, r.rps, r.rps / base, r.p50_ms, r.p99_ms, r.p50_ms - b50, r.p99_ms - b99, r.errors
+            r.name,
+            r.requests,
+            r.rps,
+            r.rps / base,
+            r.p50_ms,
+            r.p99_ms,
+            r.p50_ms - b50,
+            r.p99_ms - b99,
+            r.errors
         );
     }
     ExitCode::SUCCESS
