@@ -67,6 +67,7 @@ export class MemoryCache {
 }
 
 const encoder = new TextEncoder();
+const EMPTY = new Uint8Array();
 const decoder = new TextDecoder();
 
 function abortError(signal) {
@@ -120,6 +121,13 @@ export function makeCreateFetch(wasm) {
     }
 
     function schedule() {
+      if (requests.size === 0) {
+        // Nothing left to time: no stray timer keeps a process or a worker request alive.
+        if (timer) clearTimeout(timer);
+        timer = null;
+        timerAt = Infinity;
+        return;
+      }
       const at = engine.nextWakeup();
       if (Number.isNaN(at) || at >= timerAt) return;
       if (timer) clearTimeout(timer);
@@ -161,11 +169,16 @@ export function makeCreateFetch(wasm) {
           send(r, a);
           break;
         case 'abort':
-          if (r.attemptAbort && r.attemptNo === a.attempt) r.attemptAbort.abort();
+          if (r.attemptNo !== a.attempt) break;
+          r.attemptAbort?.abort();
           r.attemptAbort = null;
           if (r.streaming) {
             // Bytes already reached the caller: end their stream here.
-            r.streaming.error(new Error('unbusy: the provider stopped making progress'));
+            try {
+              r.streaming.error(new Error(`unbusy: the provider stopped making progress (${a.reason})`));
+            } catch {
+              /* the caller's stream already ended */
+            }
             finish(r);
           }
           break;
@@ -253,6 +266,25 @@ export function makeCreateFetch(wasm) {
         if (!live()) return;
         r.answer = { status: resp.status, headers: resp.headers, body: text };
         engine.onResponse(now(), r.id, attempt, resp.status, JSON.stringify(hintHeaders), encoder.encode(text.slice(0, 512)), false, Date.now() / 1000);
+        drain();
+        return;
+      }
+      if (!r.stream) {
+        // Held whole anyway: read it at once; blank lines only means a stall in disguise.
+        let text;
+        try {
+          text = await resp.text();
+        } catch {
+          if (!live()) return;
+          engine.onFault(now(), r.id, attempt, 'stall');
+          drain();
+          return;
+        }
+        if (!live()) return;
+        const real = /\S/.test(text);
+        if (real) engine.onFirstProgress(now(), r.id, attempt);
+        r.answer = { status: 200, headers: resp.headers, body: text };
+        engine.onResponse(now(), r.id, attempt, 200, '[]', EMPTY, !real, Date.now() / 1000);
         drain();
         return;
       }
@@ -372,14 +404,17 @@ export function makeCreateFetch(wasm) {
     return async function unbusyFetch(input, init) {
       const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
       const method = String(init?.method ?? (typeof input === 'object' ? input.method : undefined) ?? 'GET').toUpperCase();
-      const p = providerOf(url);
-      if (!p || method !== 'POST' || !CHAT.test(new URL(url).pathname)) {
+      const p = method === 'POST' ? providerOf(url) : null;
+      if (!p || !CHAT.test(url.split('?')[0])) {
         return baseFetch(input, init); // not ours: untouched
       }
       const signal = init?.signal ?? (typeof input === 'object' ? input.signal : undefined);
       if (signal?.aborted) throw abortError(signal);
-      const request = new Request(input, init);
-      const bodyText = await request.text();
+      // The common case (a URL string and a string body, as SDKs send) needs no Request copy.
+      const simple = typeof input === 'string' && typeof init?.body === 'string';
+      const request = simple ? null : new Request(input, init);
+      const bodyText = simple ? init.body : await request.text();
+      const requestHeaders = simple ? new Headers(init.headers) : request.headers;
       let json;
       try {
         json = JSON.parse(bodyText);
@@ -390,10 +425,10 @@ export function makeCreateFetch(wasm) {
         return baseFetch(input, { ...init, body: bodyText }); // let the provider say what is wrong
       }
       const headers = {};
-      request.headers.forEach((v, k) => {
+      requestHeaders.forEach((v, k) => {
         headers[k] = v;
       });
-      const tenant = (tenantHeader && request.headers.get(tenantHeader)) || request.headers.get('authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
+      const tenant = (tenantHeader && requestHeaders.get(tenantHeader)) || requestHeaders.get('authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
       const stream = json.stream === true;
       const key = wasm.cacheKey(tenant, encoder.encode(bodyText), 0);
       let cached;
