@@ -210,6 +210,17 @@ struct Stream {
 }
 
 impl Stream {
+    /// Runs a response callback's effects and answers Envoy: keep holding the response unless
+    /// the state let it go or an effect released it.
+    fn hold_or_release(&self, (hold, effects): (bool, Vec<Effect>)) -> Action {
+        let released = run(&self.state, effects, Some(self.id));
+        if hold && !released {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
     fn with<T: Default>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         self.state
             .try_borrow_mut()
@@ -305,14 +316,8 @@ impl HttpContext for Stream {
             return Action::Continue;
         }
         let headers = host::headers(MapType::HttpResponseHeaders);
-        let (hold, effects) =
-            self.with(|s| s.response_headers(id, host::now(), headers, end_of_stream));
-        let release = run(&self.state, effects, Some(id));
-        if hold && !release {
-            Action::Pause
-        } else {
-            Action::Continue
-        }
+        let verdict = self.with(|s| s.response_headers(id, host::now(), headers, end_of_stream));
+        self.hold_or_release(verdict)
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -321,12 +326,7 @@ impl HttpContext for Stream {
             return Action::Continue;
         }
         let body = host::buffer(BufferType::HttpResponseBody, size).unwrap_or_default();
-        let (hold, effects) = self.with(|s| s.router_body(id, host::now(), &body, end_of_stream));
-        let release = run(&self.state, effects, Some(id));
-        if hold && !release {
-            Action::Pause
-        } else {
-            Action::Continue
-        }
+        let verdict = self.with(|s| s.router_body(id, host::now(), &body, end_of_stream));
+        self.hold_or_release(verdict)
     }
 }

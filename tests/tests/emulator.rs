@@ -11,44 +11,16 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_tests::emulator::{start, Behaviour};
+use unbusy_tests::harness::{request, Reply};
 use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
 
-struct Reply {
-    status: u16,
-    headers: hyper::HeaderMap,
-    /// The body, or the error that cut it.
-    body: Result<Bytes, String>,
-}
-
+/// One request through the harness client, with the test key and a JSON content type.
 async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<Reply, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "emulator")
-        .header("content-type", "application/json")
-        .header("authorization", "Bearer test-key")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| e.to_string());
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer test-key"),
+    ];
+    request(addr, method, path, &headers, body.to_string()).await
 }
 
 fn fast(faults: Vec<FaultWindow>) -> Behaviour {
