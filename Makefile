@@ -68,9 +68,12 @@ clippy: setup
 	$(CARGO) clippy -p unbusy-envoy --target wasm32-wasip1 -- -D warnings
 	$(CARGO) clippy -p unbusy-js --target wasm32-unknown-unknown -- -D warnings
 
-## filter: the Envoy filter, size-optimised.
-filter: setup-rust
+## filter: the Envoy filter, size-optimised: opt-level z and LTO, then binaryen's wasm-opt.
+filter: setup-rust setup-js
 	$(CARGO) build -p unbusy-envoy --target wasm32-wasip1 --profile wasm-filter
+	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
+	  --enable-sign-ext --enable-reference-types --enable-multivalue --enable-mutable-globals \
+	  $(FILTER_WASM) -o $(FILTER_WASM)
 	@ls -l $(FILTER_WASM) | awk '{ printf "filter: %s, %d bytes\n", $$9, $$5 }'
 
 ## js: the npm package in wasm-js/npm: the engine for wasm32-unknown-unknown, its JS glue,
