@@ -120,6 +120,15 @@ export function makeCreateFetch(wasm) {
       }
     }
 
+    function onError(action, e) {
+      const r = requests.get(action.request);
+      if (r && action.type !== 'abort') {
+        engine.cancel(now(), r.id);
+        finish(r);
+        r.reject(e);
+      }
+    }
+
     function schedule() {
       if (requests.size === 0) {
         // Nothing left to time: no stray timer keeps a process or a worker request alive.
@@ -145,7 +154,15 @@ export function makeCreateFetch(wasm) {
       for (;;) {
         const text = engine.takeActions();
         if (!text) break;
-        for (const action of JSON.parse(text)) act(action);
+        for (const action of JSON.parse(text)) {
+          // One action failing (a runtime refusing an abort, say) must not drop the others:
+          // the next one is often the failover that answers the caller.
+          try {
+            act(action);
+          } catch (e) {
+            onError(action, e);
+          }
+        }
       }
       emit();
       schedule();
@@ -170,7 +187,11 @@ export function makeCreateFetch(wasm) {
           break;
         case 'abort':
           if (r.attemptNo !== a.attempt) break;
-          r.attemptAbort?.abort();
+          try {
+            r.attemptAbort?.abort();
+          } catch {
+            /* the runtime may refuse to abort a body it is reading; the attempt is dropped anyway */
+          }
           r.attemptAbort = null;
           if (r.streaming) {
             // Bytes already reached the caller: end their stream here.
