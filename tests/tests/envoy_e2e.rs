@@ -35,6 +35,7 @@ fn behaviour(name: &str, faults: Vec<FaultWindow>) -> Behaviour {
 struct World {
     envoy: Envoy,
     providers: Vec<std::sync::Arc<Emulator>>,
+    addrs: Vec<std::net::SocketAddr>,
 }
 
 /// Test deadlines: short, so a stall costs a second and a half, not fifteen.
@@ -53,11 +54,13 @@ fn test_config(extra: Value) -> Value {
 async fn world(behaviours: Vec<Behaviour>, config: Value, concurrency: u32) -> World {
     let mut upstreams = Vec::new();
     let mut providers = Vec::new();
+    let mut addrs = Vec::new();
     for b in behaviours {
         let name = b.provider.name.clone();
         let (emu, addr) = start(b, 7, "127.0.0.1:0").await.unwrap();
         upstreams.push(Upstream::parse(&format!("{name}=http://{addr}")).unwrap());
         providers.push(emu);
+        addrs.push(addr);
     }
     let filter = filter_config(&config, &upstreams, &|_| None).unwrap();
     let wasm = filter_wasm();
@@ -74,7 +77,11 @@ async fn world(behaviours: Vec<Behaviour>, config: Value, concurrency: u32) -> W
         wasm: &wasm,
     })
     .unwrap();
-    World { envoy, providers }
+    World {
+        envoy,
+        providers,
+        addrs,
+    }
 }
 
 fn busy() -> FaultWindow {
@@ -544,4 +551,41 @@ async fn a_providers_concurrency_quota_holds_across_workers() {
     assert_eq!(s.capacity_429, 0, "the quota was exceeded: {s:?}");
     assert!(s.max_in_flight <= 3, "{}", s.max_in_flight);
     assert_eq!(s.ok, 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_rate_limited_provider_is_retried_after_its_retry_after_not_before() {
+    let limited = FaultWindow {
+        rate_limit_429: 1.0,
+        retry_after_s: 1.0,
+        ..FaultWindow::default()
+    };
+    let w = world(
+        vec![behaviour("primary", vec![limited])],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    let emulator = w.providers[0].clone();
+    let addr = w.envoy.listen;
+    let call =
+        tokio::spawn(async move { chat(addr, &chat_body("patience", false, false), &[]).await });
+    // The provider recovers while unbusy waits out its Retry-After.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(emulator.stats().attempts, 1, "no retry before the hint");
+    let control =
+        json!({"name": "primary", "latency_ms": {"first_token": [30, 60], "total": [120, 200]}});
+    let r = request(w.addrs[0], "PUT", "/control", &[], control.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.total >= Duration::from_millis(950),
+        "retried before Retry-After: {:?}",
+        r.total
+    );
+    assert!(r.header("x-unbusy").unwrap().contains("attempts=2"));
+    assert_eq!(w.providers[0].stats().attempts, 2);
 }
