@@ -136,6 +136,9 @@ struct Flow {
     keep_body: bool,
     /// The provider whose cross-worker concurrency slot the current attempt holds.
     slot: Option<usize>,
+    /// The cache entry found at admission (served if the engine says so, even after attempts
+    /// whose answers went into `response_body`).
+    cached: Option<shared::Cached>,
 }
 
 /// The state of one filter VM (one per Envoy worker thread).
@@ -275,6 +278,7 @@ impl State {
                 response_body: Vec::new(),
                 keep_body: false,
                 slot: None,
+                cached: None,
             },
         );
     }
@@ -430,10 +434,7 @@ impl State {
             });
             flow.cache_note = "miss";
         }
-        if let Some(e) = entry {
-            flow.response_body = e.body;
-            flow.stream = e.stream;
-        }
+        flow.cached = entry;
         let priority = match Self::header(&flow.headers, "x-unbusy-priority") {
             Some("low") => Priority::Low,
             Some("high") => Priority::High,
@@ -899,14 +900,20 @@ impl State {
                     };
                     flow.cache_note = if stale { "stale" } else { "hit" };
                     flow.phase = Phase::Done;
-                    let content_type = if flow.stream {
-                        "text/event-stream"
-                    } else {
-                        "application/json"
-                    };
                     let note = self.note(ctx);
                     let Some(flow) = self.flows.get_mut(&ctx) else {
                         continue;
+                    };
+                    let Some(entry) = flow.cached.take() else {
+                        // (The engine serves the cache only when admission found an entry.)
+                        let reply = local_reply(ReplyKind::Overloaded, "no cached answer", None);
+                        effects.push(Self::local(ctx, &reply, &note));
+                        continue;
+                    };
+                    let content_type = if entry.stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
                     };
                     effects.push(Effect::Reply {
                         ctx,
@@ -915,7 +922,7 @@ impl State {
                             ("content-type".into(), content_type.into()),
                             ("x-unbusy".into(), note),
                         ],
-                        body: std::mem::take(&mut flow.response_body),
+                        body: entry.body,
                     });
                 }
                 Action::Reply { request, reply } => {

@@ -589,3 +589,33 @@ async fn a_lone_rate_limited_provider_is_retried_after_its_retry_after_not_befor
     assert!(r.header("x-unbusy").unwrap().contains("attempts=2"));
     assert_eq!(w.providers[0].stats().attempts, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_answer_is_served_when_no_provider_can_answer() {
+    let config =
+        json!({"cache": {"ttl_ms": 300, "stale_ttl_ms": 60000}, "retry": {"max_attempts": 2}});
+    let w = world(vec![behaviour("primary", vec![])], test_config(config), 1).await;
+    let body = chat_body("remember me", false, true);
+    let fresh = chat(w.envoy.listen, &body, &[]).await.unwrap();
+    assert_eq!(fresh.status, 200);
+    tokio::time::sleep(Duration::from_millis(400)).await; // past the TTL: stale now
+    let down = json!({"name": "primary", "faults": [{"from_s": 0, "to_s": 1e9, "outage": true}]});
+    let r = request(w.addrs[0], "PUT", "/control", &[], down.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let stale = chat(w.envoy.listen, &body, &[]).await.unwrap();
+    assert_eq!(stale.status, 200, "{}", stale.text());
+    assert!(
+        stale.header("x-unbusy").unwrap().contains("cache=stale"),
+        "{:?}",
+        stale.header("x-unbusy")
+    );
+    assert_eq!(stale.text(), fresh.text());
+    // A request with nothing cached gets the clear error instead.
+    let other = chat(w.envoy.listen, &chat_body("never seen", false, true), &[])
+        .await
+        .unwrap();
+    assert_eq!(other.status, 503);
+    assert!(other.header("retry-after").is_some());
+}
