@@ -144,9 +144,13 @@ export function makeCreateFetch(wasm) {
       timer = setTimeout(() => {
         timer = null;
         timerAt = Infinity;
-        engine.tick(now());
+        // A timer fires no earlier than it was set for, but a runtime's clock may be coarser
+        // than the engine's instants (workerd's stands still between I/O events, in whole
+        // milliseconds): ticking with the clock alone could find the wake-up not yet due and
+        // set a 1 ms timer again and again without ever getting there.
+        engine.tick(Math.max(now(), at));
         drain();
-      }, Math.max(0, at - now()));
+      }, Math.max(0, Math.ceil(at - now())));
       if (typeof timer === 'object' && timer?.unref) timer.unref();
     }
 
