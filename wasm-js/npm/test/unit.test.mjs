@@ -1,0 +1,35 @@
+// Unit tests of the host's own pieces: the default cache store and the configuration's
+// camelCase translation (model names inside `models` stay as written).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createFetch, MemoryCache } from 'unbusy';
+
+test('MemoryCache evicts the least recently used entries beyond its byte bound', async () => {
+  const c = new MemoryCache({ maxBytes: 400 });
+  const entry = (n) => ({ body: 'x'.repeat(n), stream: false, status: 200, storedAt: Date.now() });
+  await c.set('a', entry(100), 60000);
+  await c.set('b', entry(100), 60000);
+  assert.ok(await c.get('a')); // a is now the most recent
+  await c.set('c', entry(100), 60000); // 3 x (100 + 64 overhead) > 400: the least recently used, b, goes
+  assert.equal(await c.get('b'), undefined);
+  assert.ok(await c.get('a'));
+  assert.ok(await c.get('c'));
+  await c.set('huge', entry(1000), 60000); // larger than the bound: not stored
+  assert.equal(await c.get('huge'), undefined);
+  await c.set('short', entry(10), 1);
+  await new Promise((r) => setTimeout(r, 5));
+  assert.equal(await c.get('short'), undefined, 'expired');
+});
+
+test('camelCase configuration reaches the engine; model names are not rewritten', () => {
+  // Valid only if every camelCase key was translated: an unknown key would be refused.
+  createFetch({
+    providers: [{ name: 'p', baseUrl: 'http://127.0.0.1:9', maxConcurrency: 3, models: { 'gpt-4oMini': 'deepseek_chat' } }],
+    retry: { maxAttempts: 3, baseMs: 100, capMs: 1000, maxHintMs: 5000 },
+    deadlines: { firstTokenMs: 1000, responseMs: 2000, totalMs: 10000, stallMs: 5000 },
+    cache: { ttlMs: 1000, staleTtlMs: 1000, maxBytes: 1 << 20, maxEntryBytes: 1 << 16 },
+    degradation: { modelFallbacks: { 'big-Model': 'small_model' }, maxTokensCap: 512 },
+    tenancy: { header: 'x-tenant', defaultTenant: 'anon' },
+  });
+  assert.throws(() => createFetch({ providers: [{ name: 'p', baseUrl: 'http://x', bogusField: 1 }] }), /bogusField|bogus_field|unknown field/);
+});
