@@ -17,6 +17,7 @@
 //!   `send_http_response` while nothing has reached the caller: such an answer arrives whole
 //!   (proxy-wasm buffers it), streams included. See `docs/envoy-filter.md`.
 
+use crate::host;
 use crate::metrics::{CacheResult, Metrics, Rejection};
 use crate::shared;
 use std::collections::HashMap;
@@ -177,6 +178,33 @@ fn path_prefix_of(base_url: &str) -> String {
             .to_string(),
         None => String::new(),
     }
+}
+
+/// What a complete (held) answer means, for the router's attempt and a dispatched one alike:
+/// a 200 holding only keep-alive bytes is a stall in disguise; anything else is classified
+/// from its status, hint headers and body. Also says whether a 200 showed real progress.
+fn judge_answer(
+    now: Nanos,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (unbusy_core::classify::Classification, bool) {
+    if status == 200 {
+        let content_type = State::header(headers, "content-type").unwrap_or("");
+        let mut detector = ProgressDetector::new(Framing::from_content_type(content_type), now);
+        if detector.feed(now, body) == Feed::KeepAlive {
+            return (classify_fault(TransportFault::Stall), false);
+        }
+    }
+    let pairs = host::pairs(headers);
+    let outcome = classify(&Response {
+        status,
+        headers: &pairs,
+        body_prefix: body,
+        progress: BodyProgress::Real,
+        unix_now_s: Some(now / 1_000_000_000),
+    });
+    (outcome, status == 200)
 }
 
 /// Why a configuration was refused, in one line naming the field.
@@ -597,36 +625,11 @@ impl State {
                     return (true, Vec::new());
                 }
                 flow.response_body = body.to_vec();
-                let status = flow.response_status;
-                let outcome = if flow.phase == Phase::BufferingBody {
-                    if flow.detector.feed(now, body) == Feed::KeepAlive {
-                        classify_fault(TransportFault::Stall)
-                    } else {
-                        self.engine.on_first_progress(now, request, attempt);
-                        classify(&Response {
-                            status,
-                            headers: &[],
-                            body_prefix: body,
-                            progress: BodyProgress::Real,
-                            unix_now_s: Some(now / 1_000_000_000),
-                        })
-                    }
-                } else {
-                    let hdrs: Vec<(&str, &str)> = flow
-                        .response_headers
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_str()))
-                        .collect();
-                    classify(&Response {
-                        status,
-                        headers: &hdrs,
-                        body_prefix: body,
-                        progress: BodyProgress::Real,
-                        unix_now_s: Some(now / 1_000_000_000),
-                    })
-                };
-                if let Some(flow) = self.flows.get_mut(&ctx) {
-                    flow.phase = Phase::Waiting;
+                flow.phase = Phase::Waiting;
+                let (outcome, progressed) =
+                    judge_answer(now, flow.response_status, &flow.response_headers, body);
+                if progressed {
+                    self.engine.on_first_progress(now, request, attempt);
                 }
                 self.outcome(ctx, now, request, attempt, outcome);
                 let effects = self.drain(now);
@@ -685,32 +688,14 @@ impl State {
         let status = Self::header(&headers, ":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        let content_type = Self::header(&headers, "content-type")
-            .unwrap_or("")
-            .to_string();
         let outcome = if status == 0 {
             classify_fault(TransportFault::Reset)
         } else {
-            let mut detector =
-                ProgressDetector::new(Framing::from_content_type(&content_type), now);
-            if status == 200 && detector.feed(now, &body) == Feed::KeepAlive {
-                classify_fault(TransportFault::Stall)
-            } else {
-                if status == 200 {
-                    self.engine.on_first_progress(now, request, attempt);
-                }
-                let hdrs: Vec<(&str, &str)> = headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
-                classify(&Response {
-                    status,
-                    headers: &hdrs,
-                    body_prefix: &body,
-                    progress: BodyProgress::Real,
-                    unix_now_s: Some(now / 1_000_000_000),
-                })
+            let (outcome, progressed) = judge_answer(now, status, &headers, &body);
+            if progressed {
+                self.engine.on_first_progress(now, request, attempt);
             }
+            outcome
         };
         if let Some(flow) = self.flows.get_mut(&ctx) {
             flow.response_status = status;

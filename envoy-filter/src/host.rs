@@ -31,6 +31,14 @@ pub fn error(message: &str) {
     let _ = hostcalls::log(proxy_wasm::types::LogLevel::Error, message);
 }
 
+/// Borrowed `(name, value)` pairs, the shape hostcalls and the classifier take.
+pub fn pairs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect()
+}
+
 /// Makes `context_id` the one later hostcalls act on.
 pub fn enter(context_id: u32) -> bool {
     hostcalls::set_effective_context(context_id).is_ok()

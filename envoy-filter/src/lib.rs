@@ -95,10 +95,7 @@ fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
                     body,
                     ..
                 } => {
-                    let h: Vec<(&str, &str)> = headers
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_str()))
-                        .collect();
+                    let h = host::pairs(&headers);
                     host::send_response(status, &h, &body);
                 }
                 Effect::Dispatch {
@@ -110,10 +107,7 @@ fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
                     body,
                     timeout,
                 } => {
-                    let h: Vec<(&str, &str)> = headers
-                        .iter()
-                        .map(|(n, v)| (n.as_str(), v.as_str()))
-                        .collect();
+                    let h = host::pairs(&headers);
                     let more = match host::dispatch(&cluster, &h, &body, timeout) {
                         Ok(token) => {
                             if let Ok(mut s) = state.try_borrow_mut() {

@@ -11,6 +11,16 @@ use unbusy_core::cache_key::CacheKey;
 use unbusy_core::engine::CacheLookup;
 use unbusy_core::time::Nanos;
 
+/// A little-endian number stored in shared data (0 when absent or malformed), with its
+/// compare-and-swap token.
+fn read<const N: usize, T: Default>(key: &str, decode: fn([u8; N]) -> T) -> (T, Option<u32>) {
+    let (value, cas) = host::shared_get(key);
+    let n = value
+        .and_then(|v| <[u8; N]>::try_from(v.as_slice()).ok())
+        .map_or_else(T::default, decode);
+    (n, cas)
+}
+
 /// Compare-and-swap rounds before giving up (and allowing, rather than refusing on contention).
 const CAS_ROUNDS: usize = 16;
 
@@ -19,10 +29,7 @@ const CAS_ROUNDS: usize = 16;
 /// exceeded; a request is never refused for a race it lost).
 pub fn charge(key: &str, rate: &Rate, now: Nanos, cost: u64) -> Decision {
     for _ in 0..CAS_ROUNDS {
-        let (value, cas) = host::shared_get(key);
-        let tat = value
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map_or(0, u64::from_le_bytes);
+        let (tat, cas) = read(key, u64::from_le_bytes);
         let (decision, new_tat) = gcra(rate, tat, now, cost);
         if !decision.is_allowed() {
             return decision;
@@ -36,20 +43,13 @@ pub fn charge(key: &str, rate: &Rate, now: Nanos, cost: u64) -> Decision {
 
 /// Checks `cost` against the bucket without charging it.
 pub fn check(key: &str, rate: &Rate, now: Nanos, cost: u64) -> Decision {
-    let tat = host::shared_get(key)
-        .0
-        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map_or(0, u64::from_le_bytes);
-    gcra(rate, tat, now, cost).0
+    gcra(rate, read(key, u64::from_le_bytes).0, now, cost).0
 }
 
 /// Takes one of `quota` slots of a counter shared by every worker; `false` when all are taken.
 pub fn slot_acquire(key: &str, quota: u32) -> bool {
     for _ in 0..CAS_ROUNDS {
-        let (value, cas) = host::shared_get(key);
-        let held = value
-            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
-            .map_or(0, u32::from_le_bytes);
+        let (held, cas) = read(key, u32::from_le_bytes);
         if held >= quota {
             return false;
         }
@@ -63,10 +63,7 @@ pub fn slot_acquire(key: &str, quota: u32) -> bool {
 /// Gives a slot back.
 pub fn slot_release(key: &str) {
     for _ in 0..CAS_ROUNDS {
-        let (value, cas) = host::shared_get(key);
-        let held = value
-            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
-            .map_or(0, u32::from_le_bytes);
+        let (held, cas) = read(key, u32::from_le_bytes);
         if host::shared_set(key, &held.saturating_sub(1).to_le_bytes(), cas) {
             return;
         }
