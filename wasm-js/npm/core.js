@@ -306,7 +306,8 @@ export function makeCreateFetch(wasm) {
           return;
         }
         if (!live()) return;
-        const real = /\S/.test(text);
+        // The core's JSON rule (progress.rs): any byte that is not JSON whitespace is real.
+        const real = /[^ \t\n\r]/.test(text);
         if (real) engine.onFirstProgress(now(), r.id, attempt);
         r.answer = { status: 200, headers: resp.headers, body: text };
         engine.onResponse(now(), r.id, attempt, 200, '[]', EMPTY, !real, Date.now() / 1000);
