@@ -64,6 +64,12 @@ pub struct ProviderConfig {
     pub base_url: Option<String>,
     /// The Envoy cluster that reaches the provider (Envoy filter).
     pub cluster: Option<String>,
+    /// An Envoy aggregate cluster that starts with this provider's cluster and goes on with the
+    /// other providers' in preference order (Envoy filter with its upstream instance). With it,
+    /// an attempt that starts here fails over to the next provider as one of the router's own
+    /// retries, so the next answer streams. Default: none (later attempts are dispatched by the
+    /// filter and arrive whole).
+    pub failover_cluster: Option<String>,
     /// The API key to send to this provider, replacing the caller's. Never logged. Default:
     /// none, the caller's `Authorization` is passed through.
     pub api_key: Option<String>,
@@ -86,6 +92,7 @@ impl Default for ProviderConfig {
             name: String::new(),
             base_url: None,
             cluster: None,
+            failover_cluster: None,
             api_key: None,
             models: BTreeMap::new(),
             weight: 1,
@@ -677,6 +684,11 @@ impl Config {
             if let Some(cluster) = &p.cluster {
                 if cluster.trim().is_empty() {
                     c.fail(at("cluster"), Problem::Empty);
+                }
+            }
+            if let Some(cluster) = &p.failover_cluster {
+                if cluster.trim().is_empty() {
+                    c.fail(at("failover_cluster"), Problem::Empty);
                 }
             }
             if p.base_url.is_none() && p.cluster.is_none() {

@@ -12,10 +12,18 @@
 //!   so a good answer streams to the caller as it arrives;
 //! - its response headers are held until the answer shows real progress (the first SSE `data:`
 //!   event, the first non-blank JSON byte); keep-alive comments and blank lines do not count;
-//! - any later attempt (failover, retry, after a first-token deadline) is a
-//!   `dispatch_http_call` to the chosen provider's cluster and is answered with
-//!   `send_http_response` while nothing has reached the caller: such an answer arrives whole
-//!   (proxy-wasm buffers it), streams included. See `docs/envoy-filter.md`.
+//! - with a provider's `failover_cluster` (an aggregate cluster: this provider, then the others
+//!   in preference order) and the filter's upstream instance in the router, the attempt goes to
+//!   that aggregate instead, and the upstream instance sees each of the router's attempts: it
+//!   rewrites the request for the provider the router picked, holds and judges the answer there
+//!   (the *carrier* of the attempt is then the upstream context, not the caller's), and when
+//!   the engine's next step is the aggregate's next provider, right away, it marks the held
+//!   answer [`NATIVE_RETRY_STATUS`] so the router retries there: that answer streams;
+//! - any other later attempt (a delayed retry, a provider out of the aggregate's order, after
+//!   a reset before any answer) is a `dispatch_http_call` to the chosen provider's cluster and
+//!   is answered with `send_http_response` while nothing has reached the caller: such an
+//!   answer arrives whole (proxy-wasm buffers it), streams included. See
+//!   `docs/envoy-filter.md`.
 
 use crate::host;
 use crate::metrics::{CacheResult, Metrics, Rejection};
@@ -37,6 +45,14 @@ use unbusy_core::time::{ms, Nanos};
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// Answers larger than this are passed on without being held or cached.
 pub const MAX_HELD_RESPONSE_BYTES: usize = 8 << 20;
+/// The status the upstream instance gives an attempt's held answer so that the router retries
+/// on the aggregate cluster's next provider (the route's `retriable_status_codes`). Providers
+/// do not send it; it reaches the caller's filter only if the router could not retry, and is
+/// then judged like any busy answer.
+pub const NATIVE_RETRY_STATUS: u16 = 591;
+/// The request header that ties the router's attempts to their managed request (set by the
+/// filter, removed by its upstream instance before the request leaves Envoy).
+pub const FLOW_HEADER: &str = "x-unbusy-flow";
 
 /// What the host must do after a callback, outside the state's borrow.
 #[derive(Debug)]
@@ -76,6 +92,17 @@ pub enum Effect {
         headers: Vec<(String, String)>,
         /// Body.
         body: Vec<u8>,
+    },
+    /// Mark the held answer of the router's attempt for a native retry and let it go to the
+    /// router (which retries on the aggregate cluster's next provider).
+    RetryNatively {
+        /// The upstream context carrying the attempt.
+        ctx: u32,
+        /// The caller's stream.
+        stream: u32,
+        /// The [`FLOW_HEADER`] value to put back on the request: the router retries with the
+        /// request headers as the upstream instance left them.
+        flow: String,
     },
     /// Send an attempt outside the stream.
     Dispatch {
@@ -137,6 +164,15 @@ struct Flow {
     keep_body: bool,
     /// The provider whose cross-worker concurrency slot the current attempt holds.
     slot: Option<usize>,
+    /// The context whose response callbacks carry the router's attempt: the caller's stream,
+    /// or the upstream instance's context for the current native attempt.
+    carrier: u32,
+    /// Native failover: the providers of the aggregate cluster still ahead, in its order.
+    native: Option<Vec<usize>>,
+    /// The attempt the router is about to carry natively (its rewrites are made per attempt).
+    native_send: Option<SendAttempt>,
+    /// The upstream carrier holds its attempt's answer (its headers not yet released).
+    held: bool,
     /// The cache entry found at admission (served if the engine says so, even after attempts
     /// whose answers went into `response_body`).
     cached: Option<shared::Cached>,
@@ -155,6 +191,33 @@ pub struct State {
     tenant_requests: Option<Rate>,
     tenant_tokens: Option<Rate>,
     authorities: Vec<Option<String>>,
+    /// This state's place in the VM's registry, through which the upstream instance finds it
+    /// (`None`: not registered, native failover off).
+    pub registry_index: Option<usize>,
+}
+
+/// What a response callback needs to do (see [`State::interest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// Let it through untouched.
+    Pass,
+    /// Keep holding it (an answer being replaced by another attempt's).
+    Hold,
+    /// Hand it to the state; `bytes`: with its headers or body (or, mid-stream, only the
+    /// event that a chunk passed).
+    Judge {
+        /// Whether the state reads the bytes.
+        bytes: bool,
+    },
+}
+
+/// How the upstream instance prepares one of the router's native attempts.
+#[derive(Debug, Default)]
+pub struct UpstreamPlan {
+    /// Headers to set (`None` removes).
+    pub headers: Vec<(String, Option<String>)>,
+    /// A replacement body.
+    pub body: Option<Vec<u8>>,
 }
 
 fn authority_of(base_url: &str) -> Option<String> {
@@ -249,12 +312,35 @@ impl State {
                 .map(|p| p.base_url.as_deref().and_then(authority_of))
                 .collect(),
             config,
+            registry_index: None,
         })
     }
 
     /// Whether this stream is one the filter manages.
     pub fn manages(&self, ctx: u32) -> bool {
         self.flows.contains_key(&ctx)
+    }
+
+    /// What a response callback running in context `from` must do for stream `ctx`, decided
+    /// before any header or body is copied out of Envoy (most callbacks need neither).
+    pub fn interest(&self, ctx: u32, from: u32) -> Interest {
+        let Some(flow) = self.flows.get(&ctx) else {
+            return Interest::Pass;
+        };
+        if from != flow.carrier {
+            return match flow.phase {
+                Phase::Streaming | Phase::Done => Interest::Pass,
+                Phase::Router if from == ctx => Interest::Judge { bytes: true },
+                _ => Interest::Hold,
+            };
+        }
+        match flow.phase {
+            Phase::Done => Interest::Pass,
+            Phase::Streaming => Interest::Judge {
+                bytes: flow.keep_body,
+            },
+            _ => Interest::Judge { bytes: true },
+        }
     }
 
     /// The headers that send an unmanaged request (not chat/completions) to the preferred
@@ -269,7 +355,10 @@ impl State {
         else {
             return Vec::new();
         };
-        let mut h = vec![("x-unbusy-cluster".to_string(), p.cluster.clone())];
+        let mut h = vec![
+            ("x-unbusy-cluster".to_string(), p.cluster.clone()),
+            (FLOW_HEADER.to_string(), None),
+        ];
         if let Some(key) = &p.api_key {
             h.push(("authorization".into(), Some(format!("Bearer {key}"))));
         }
@@ -307,6 +396,10 @@ impl State {
                 keep_body: false,
                 slot: None,
                 cached: None,
+                carrier: ctx,
+                native: None,
+                native_send: None,
+                held: false,
             },
         );
     }
@@ -500,10 +593,12 @@ impl State {
         )]
     }
 
-    /// The router's answer to attempt 1: its headers.
+    /// The headers of the router's answer to an attempt, seen by context `from`: the caller's
+    /// stream, or the upstream instance's context of a native attempt. Returns whether to hold.
     pub fn response_headers(
         &mut self,
         ctx: u32,
+        from: u32,
         now: Nanos,
         headers: Vec<(String, String)>,
         end_of_stream: bool,
@@ -511,6 +606,19 @@ impl State {
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return (false, Vec::new());
         };
+        if from != flow.carrier {
+            match flow.phase {
+                // The upstream instance judged and released it.
+                Phase::Streaming | Phase::Done => return (false, Vec::new()),
+                // An answer the upstream instance never saw (the router's own reply to a reset
+                // or a refused connection): the caller's stream carries it from here.
+                Phase::Router if from == ctx => {
+                    flow.carrier = ctx;
+                    flow.held = false;
+                }
+                _ => return (true, Vec::new()),
+            }
+        }
         match flow.phase {
             Phase::Router => {}
             // Our own local reply (an answer from a dispatched attempt, the cache, or an
@@ -537,14 +645,15 @@ impl State {
         flow.detector = ProgressDetector::new(Framing::from_content_type(&content_type), now);
         // Headers can only be changed here, before they are released; a local reply that
         // replaces this answer carries its own note.
+        flow.held = from != ctx;
         let note = self.note(ctx);
         let mut effects = vec![Effect::SetResponseHeader {
-            ctx,
+            ctx: from,
             name: "x-unbusy".into(),
             value: note,
         }];
         if end_of_stream {
-            let (hold, more) = self.router_body(ctx, now, &[], true);
+            let (hold, more) = self.router_body(ctx, from, now, &[], true);
             effects.extend(more);
             return (hold, effects);
         }
@@ -557,6 +666,7 @@ impl State {
     pub fn router_body(
         &mut self,
         ctx: u32,
+        from: u32,
         now: Nanos,
         body: &[u8],
         end_of_stream: bool,
@@ -564,6 +674,11 @@ impl State {
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return (false, Vec::new());
         };
+        if from != flow.carrier {
+            // The upstream instance carries (and has judged) this attempt.
+            let pass = matches!(flow.phase, Phase::Streaming | Phase::Done);
+            return (!pass, Vec::new());
+        }
         let (request, attempt) = (flow.request, flow.router_attempt.unwrap_or(0));
         match flow.phase {
             Phase::HoldingStream => {
@@ -572,6 +687,7 @@ impl State {
                 let feed = flow.detector.feed(now, new);
                 if feed == Feed::FirstProgress || feed == Feed::Progress {
                     flow.phase = Phase::Streaming;
+                    flow.held = false;
                     flow.keep_body = flow.cache_key.is_some();
                     if flow.keep_body {
                         flow.response_body.extend_from_slice(body);
@@ -582,7 +698,7 @@ impl State {
                         effects = self.finish_router(ctx, now, request, attempt);
                     }
                     let mut all = vec![Effect::ResumeResponse {
-                        ctx,
+                        ctx: from,
                         headers: Vec::new(),
                     }];
                     all.extend(effects);
@@ -634,9 +750,10 @@ impl State {
                 self.outcome(ctx, now, request, attempt, outcome);
                 let effects = self.drain(now);
                 // Delivering the router's own answer releases it; otherwise keep holding it.
-                let released = effects
-                    .iter()
-                    .any(|e| matches!(e, Effect::ResumeResponse { ctx: c, .. } if *c == ctx));
+                let released = effects.iter().any(|e| {
+                    matches!(e, Effect::ResumeResponse { ctx: c, .. }
+                        | Effect::RetryNatively { ctx: c, .. } if *c == from)
+                });
                 (!released, effects)
             }
             Phase::Done => (false, Vec::new()),
@@ -749,6 +866,103 @@ impl State {
         self.drain(now)
     }
 
+    /// The providers after `first` in an aggregate failover cluster starting with it: the
+    /// others in preference order (priority, then listing order), as `unbusy-up` renders it.
+    pub fn failover_order(&self, first: usize) -> Vec<usize> {
+        let mut rest: Vec<usize> = (0..self.config.providers.len())
+            .filter(|&i| i != first)
+            .collect();
+        rest.sort_by_key(|&i| {
+            (
+                self.config
+                    .providers
+                    .get(i)
+                    .map_or(u32::MAX, |p| p.priority),
+                i,
+            )
+        });
+        rest
+    }
+
+    /// The router starts one of a native flow's attempts; the upstream instance's context
+    /// `from` carries it, to the provider named `picked` (its host's metadata). Returns the
+    /// rewrites for that provider, or `None` when the stream is not a native flow waiting for
+    /// an attempt (the request then goes on untouched).
+    pub fn upstream_request(
+        &mut self,
+        ctx: u32,
+        from: u32,
+        picked: Option<&str>,
+    ) -> Option<UpstreamPlan> {
+        let flow = self.flows.get_mut(&ctx)?;
+        if flow.native.is_none() || flow.phase != Phase::Router {
+            return None;
+        }
+        let mut send = flow.native_send.take()?;
+        flow.carrier = from;
+        flow.held = false;
+        let reached = picked.and_then(|n| self.config.providers.iter().position(|p| p.name == n));
+        if let Some(r) = reached.filter(|&r| r != send.provider) {
+            // The router reached another provider than the engine chose (the aggregate's
+            // order differs from the configuration's): rewrite for the one it reached, so
+            // its own credentials and model names go to it.
+            host::warn("unbusy: the failover cluster reached a provider out of the expected order");
+            let p = self.config.providers.get(r)?;
+            let model = serde_json::from_slice::<serde_json::Value>(&flow.body)
+                .ok()
+                .and_then(|v| v.get("model")?.as_str().map(str::to_string))
+                .unwrap_or_default();
+            send.provider = r;
+            send.rewrite.base_url = p.base_url.clone();
+            send.rewrite.authorization = p.api_key.as_ref().map(|k| format!("Bearer {k}"));
+            send.rewrite.model = p.models.get(&model).cloned();
+        }
+        // The router retries with the headers as this attempt leaves them, so every header an
+        // attempt may rewrite is set each time, from the caller's original where the provider
+        // keeps it: one provider's credentials never go on to the next.
+        let original = |name: &str| Self::header(&flow.headers, name).map(str::to_string);
+        let authority = self
+            .authorities
+            .get(send.provider)
+            .cloned()
+            .flatten()
+            .or_else(|| original(":authority"));
+        let path = match send.rewrite.base_url.as_deref().map(path_prefix_of) {
+            Some(prefix) => {
+                let rest = flow.path.strip_prefix("/v1").unwrap_or(&flow.path);
+                format!("{prefix}{rest}")
+            }
+            None => flow.path.clone(),
+        };
+        let authorization = send
+            .rewrite
+            .authorization
+            .clone()
+            .or_else(|| original("authorization"));
+        let body = Self::rewritten_body(flow, &send);
+        let length = body.as_ref().map_or(flow.body.len(), Vec::len);
+        let headers = vec![
+            (FLOW_HEADER.to_string(), None),
+            ("x-unbusy-cluster".to_string(), None),
+            (":authority".to_string(), authority),
+            (":path".to_string(), Some(path)),
+            ("authorization".to_string(), authorization),
+            ("content-length".to_string(), Some(length.to_string())),
+        ];
+        Some(UpstreamPlan { headers, body })
+    }
+
+    /// The upstream instance's context `from` ended: if it carried the flow's attempt, the
+    /// caller's stream carries whatever comes next (the router's own reply, say).
+    pub fn upstream_done(&mut self, ctx: u32, from: u32) {
+        if let Some(flow) = self.flows.get_mut(&ctx) {
+            if flow.carrier == from {
+                flow.carrier = ctx;
+                flow.held = false;
+            }
+        }
+    }
+
     /// The stream ended (answered, or the caller went away).
     pub fn end(&mut self, ctx: u32, now: Nanos) -> Vec<Effect> {
         self.release_slot(ctx);
@@ -833,6 +1047,7 @@ impl State {
                         continue;
                     };
                     let from_router = flow.router_attempt == Some(flow.attempt);
+                    let carrier = flow.carrier;
                     if store_in_cache {
                         if let Some(key) = flow.cache_key {
                             let complete = !flow.stream || flow.phase == Phase::Streaming;
@@ -849,8 +1064,9 @@ impl State {
                         _ if from_router => {
                             // (Its `x-unbusy` was set with its headers.)
                             flow.phase = Phase::Done;
+                            flow.held = false;
                             effects.push(Effect::ResumeResponse {
-                                ctx,
+                                ctx: carrier,
                                 headers: Vec::new(),
                             });
                         }
@@ -958,9 +1174,64 @@ impl State {
         }
         let authority = self.authorities.get(send.provider).cloned().flatten();
         let base = send.rewrite.base_url.as_deref().map(path_prefix_of);
+        let native = self
+            .registry_index
+            .filter(|_| crate::registry::upstream_present())
+            .and_then(|index| {
+                let cluster = self
+                    .config
+                    .providers
+                    .get(send.provider)?
+                    .failover_cluster
+                    .clone()?;
+                Some((index, cluster, self.failover_order(send.provider)))
+            });
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return;
         };
+        if flow.phase == Phase::RequestHeld {
+            if let Some((index, cluster, rest)) = native {
+                // The router carries this attempt and, natively, the failovers after it; the
+                // upstream instance rewrites each for the provider it reaches.
+                flow.phase = Phase::Router;
+                flow.router_attempt = Some(send.attempt);
+                flow.attempt = send.attempt;
+                flow.provider = send.provider;
+                flow.native = Some(rest);
+                flow.native_send = Some(send.clone());
+                let headers = vec![
+                    ("x-unbusy-cluster".to_string(), Some(cluster)),
+                    (FLOW_HEADER.to_string(), Some(format!("{index}:{ctx}"))),
+                ];
+                effects.push(Effect::ResumeRequest {
+                    ctx,
+                    headers,
+                    body: None,
+                });
+                return;
+            }
+        } else if flow.held && flow.carrier != ctx {
+            // The router's attempt is held by the upstream instance: if the engine's choice is
+            // the aggregate's next provider, the router retries there and the answer streams.
+            if let Some(rest) = flow.native.as_mut() {
+                if rest.first() == Some(&send.provider) {
+                    rest.remove(0);
+                    flow.phase = Phase::Router;
+                    flow.router_attempt = Some(send.attempt);
+                    flow.attempt = send.attempt;
+                    flow.provider = send.provider;
+                    flow.native_send = Some(send.clone());
+                    flow.held = false;
+                    let index = self.registry_index.unwrap_or(0);
+                    effects.push(Effect::RetryNatively {
+                        ctx: flow.carrier,
+                        stream: ctx,
+                        flow: format!("{index}:{ctx}"),
+                    });
+                    return;
+                }
+            }
+        }
         // The caller's path relative to an OpenAI-style `/v1`, under the provider's base URL:
         // `/v1/chat/completions` goes to `https://api.deepseek.com/chat/completions` and to
         // `https://api.openai.com/v1/chat/completions` alike.

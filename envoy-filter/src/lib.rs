@@ -5,22 +5,30 @@
 //! host calls. It holds no policy of its own; every decision comes from [`unbusy_core`].
 //!
 //! - [`filter`]: the per-VM state and the request flow (see its module doc);
+//! - [`upstream`]: the same module as an upstream filter in the router (native failover);
+//! - [`registry`]: how the two instances in one VM find each other;
 //! - [`shared`]: rate limits and the L1 response cache in shared data, across workers;
 //! - [`metrics`]: engine events as Envoy metrics;
-//! - [`host`]: hostcalls that report failure instead of panicking.
+//! - [`host`]: hostcalls that report failure instead of panicking, over [`abi`] (the raw ABI).
 //!
 //! The plugin configuration is the engine's JSON schema (`docs/config.md`); every provider
 //! needs a `cluster`. An invalid one makes `on_configure` fail with one log line naming the
-//! field, and Envoy refuses the filter.
+//! field, and Envoy refuses the filter. The upstream instance is the same module with the
+//! root id [`UPSTREAM_ROOT_ID`]; its configuration is ignored.
 
+pub mod abi;
 pub mod filter;
 pub mod host;
 pub mod metrics;
+pub mod registry;
 pub mod shared;
+pub mod upstream;
 
-use filter::{Effect, State, MAX_REQUEST_BYTES};
+use filter::{Effect, Interest, State, FLOW_HEADER, MAX_REQUEST_BYTES, NATIVE_RETRY_STATUS};
+use host::{Buffer, Map};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use registry::Shared;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -29,21 +37,26 @@ use unbusy_core::config::Config;
 /// How often the engine's timers are checked (first-token deadlines, backoff waits).
 const TICK: Duration = Duration::from_millis(20);
 
+/// The root id that makes an instance of this module the upstream filter in the router.
+pub const UPSTREAM_ROOT_ID: &str = "unbusy_upstream";
+
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { state: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { state: None, upstream: false })
+    });
 }}
-
-type Shared = Rc<RefCell<State>>;
 
 struct Root {
     state: Option<Shared>,
+    /// This root is the upstream instance.
+    upstream: bool,
 }
 
 /// Carries out effects, outside the state's borrow. `inline` is the stream whose callback is
 /// running: effects on it are applied without switching context, and a resume of it is
 /// returned as `true` (the callback then answers `Continue`) instead of a resume hostcall.
-fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
+pub(crate) fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
     let mut continue_inline = false;
     let mut pending = effects;
     while !pending.is_empty() {
@@ -54,6 +67,7 @@ fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
                 | Effect::SetResponseHeader { ctx, .. }
                 | Effect::ResumeResponse { ctx, .. }
                 | Effect::Reply { ctx, .. }
+                | Effect::RetryNatively { ctx, .. }
                 | Effect::Dispatch { ctx, .. } => *ctx,
             };
             let here = inline == Some(ctx);
@@ -63,12 +77,12 @@ fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
             match effect {
                 Effect::ResumeRequest { headers, body, .. } => {
                     for (name, value) in &headers {
-                        host::set_header(MapType::HttpRequestHeaders, name, value.as_deref());
+                        host::set_header(Map::RequestHeaders, name, value.as_deref());
                     }
                     if let Some(b) = body {
-                        let size = host::buffer(BufferType::HttpRequestBody, MAX_REQUEST_BYTES)
+                        let size = host::buffer(Buffer::RequestBody, MAX_REQUEST_BYTES)
                             .map_or(0, |b| b.len());
-                        host::set_buffer(BufferType::HttpRequestBody, size, &b);
+                        host::set_buffer(Buffer::RequestBody, size, &b);
                     }
                     if here {
                         continue_inline = true;
@@ -77,12 +91,31 @@ fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
                     }
                 }
                 Effect::SetResponseHeader { name, value, .. } => {
-                    host::set_header(MapType::HttpResponseHeaders, &name, Some(&value));
+                    host::set_header(Map::ResponseHeaders, &name, Some(&value));
                 }
                 Effect::ResumeResponse { headers, .. } => {
                     for (name, value) in &headers {
-                        host::set_header(MapType::HttpResponseHeaders, name, Some(value));
+                        host::set_header(Map::ResponseHeaders, name, Some(value));
                     }
+                    if here {
+                        continue_inline = true;
+                    } else {
+                        host::resume_response();
+                    }
+                }
+                Effect::RetryNatively { ctx, stream, flow } => {
+                    // The router retries with the caller's request headers, as the upstream
+                    // instance left them (it removed the flow header): put it back, from the
+                    // caller's stream (the upstream context may not touch request headers in
+                    // its response phase).
+                    if host::enter(stream) {
+                        host::set_header(Map::RequestHeaders, FLOW_HEADER, Some(&flow));
+                    }
+                    if !host::enter(ctx) {
+                        continue;
+                    }
+                    let status = NATIVE_RETRY_STATUS.to_string();
+                    host::set_header(Map::ResponseHeaders, ":status", Some(&status));
                     if here {
                         continue_inline = true;
                     } else {
@@ -139,8 +172,8 @@ impl Context for Root {
         let Some(state) = &self.state else {
             return;
         };
-        let headers = host::headers(MapType::HttpCallResponseHeaders);
-        let body = host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
+        let headers = host::headers(Map::CallResponseHeaders);
+        let body = host::buffer(Buffer::CallResponseBody, body_size).unwrap_or_default();
         let effects = state
             .try_borrow_mut()
             .map(|mut s| s.call_response(token, host::now(), headers, body))
@@ -151,7 +184,13 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let bytes = host::buffer(BufferType::PluginConfiguration, size.max(1)).unwrap_or_default();
+        if host::property(&["plugin_root_id"]).as_deref() == Some(UPSTREAM_ROOT_ID.as_bytes()) {
+            self.upstream = true;
+            registry::set_upstream_present();
+            host::info("unbusy: upstream instance configured (native failover)");
+            return true;
+        }
+        let bytes = host::buffer(Buffer::PluginConfiguration, size.max(1)).unwrap_or_default();
         let config = match Config::from_json(&bytes) {
             Ok(c) => c,
             Err(e) => {
@@ -162,8 +201,13 @@ impl RootContext for Root {
         let seed = host::now() ^ 0x756e_6275_7379;
         match State::new(config, seed) {
             Ok(state) => {
-                self.state = Some(Rc::new(RefCell::new(state)));
-                let _ = proxy_wasm::hostcalls::set_tick_period(TICK);
+                let shared = Rc::new(RefCell::new(state));
+                let index = registry::register(&shared);
+                if let Ok(mut s) = shared.try_borrow_mut() {
+                    s.registry_index = Some(index);
+                }
+                self.state = Some(shared);
+                let _ = host::set_tick_period(TICK);
                 host::info("unbusy: configured");
                 true
             }
@@ -186,6 +230,9 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.upstream {
+            return Some(Box::new(upstream::Attempt::new(context_id)));
+        }
         let state = self.state.clone()?;
         Some(Box::new(Stream {
             id: context_id,
@@ -203,18 +250,65 @@ struct Stream {
     state: Shared,
 }
 
-impl Stream {
-    /// Runs a response callback's effects and answers Envoy: keep holding the response unless
-    /// the state let it go or an effect released it.
-    fn hold_or_release(&self, (hold, effects): (bool, Vec<Effect>)) -> Action {
-        let released = run(&self.state, effects, Some(self.id));
-        if hold && !released {
-            Action::Pause
-        } else {
-            Action::Continue
+/// Runs a response callback's effects (the callback runs in context `id`) and answers Envoy:
+/// keep holding the response unless the state let it go or an effect released it.
+pub(crate) fn hold_or_release(
+    state: &Shared,
+    id: u32,
+    (hold, effects): (bool, Vec<Effect>),
+) -> Action {
+    let released = run(state, effects, Some(id));
+    if hold && !released {
+        Action::Pause
+    } else {
+        Action::Continue
+    }
+}
+
+/// The response headers of stream `ctx`, seen by context `from` (the stream itself, or the
+/// upstream instance's context carrying its attempt).
+pub(crate) fn response_headers(state: &Shared, ctx: u32, from: u32, end: bool) -> Action {
+    let interest = state
+        .try_borrow()
+        .map_or(Interest::Pass, |s| s.interest(ctx, from));
+    match interest {
+        Interest::Pass => Action::Continue,
+        Interest::Hold => Action::Pause,
+        Interest::Judge { .. } => {
+            let headers = host::headers(Map::ResponseHeaders);
+            let verdict = state
+                .try_borrow_mut()
+                .map(|mut s| s.response_headers(ctx, from, host::now(), headers, end))
+                .unwrap_or_default();
+            hold_or_release(state, from, verdict)
         }
     }
+}
 
+/// A response body chunk of stream `ctx`, seen by context `from`.
+pub(crate) fn response_body(state: &Shared, ctx: u32, from: u32, size: usize, end: bool) -> Action {
+    let interest = state
+        .try_borrow()
+        .map_or(Interest::Pass, |s| s.interest(ctx, from));
+    match interest {
+        Interest::Pass => Action::Continue,
+        Interest::Hold => Action::Pause,
+        Interest::Judge { bytes } => {
+            let body = if bytes {
+                host::buffer(Buffer::ResponseBody, size).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let verdict = state
+                .try_borrow_mut()
+                .map(|mut s| s.router_body(ctx, from, host::now(), &body, end))
+                .unwrap_or_default();
+            hold_or_release(state, from, verdict)
+        }
+    }
+}
+
+impl Stream {
     fn with<T: Default>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         self.state
             .try_borrow_mut()
@@ -225,8 +319,8 @@ impl Stream {
 
 impl Context for Stream {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
-        let headers = host::headers(MapType::HttpCallResponseHeaders);
-        let body = host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
+        let headers = host::headers(Map::CallResponseHeaders);
+        let body = host::buffer(Buffer::CallResponseBody, body_size).unwrap_or_default();
         let effects = self.with(|s| s.call_response(token, host::now(), headers, body));
         run(&self.state, effects, None);
     }
@@ -241,13 +335,21 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
-        let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        // One hostcall for every header; a managed request keeps them all.
+        let headers = host::headers(Map::RequestHeaders);
+        let value = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        let method = value(":method");
+        let path = value(":path").to_string();
         let route = path.split('?').next().unwrap_or("");
         let managed = method == "POST" && (route.ends_with("/chat/completions"));
         if !managed {
             for (name, value) in self.with(|s| s.passthrough_headers(&path)) {
-                host::set_header(MapType::HttpRequestHeaders, &name, value.as_deref());
+                host::set_header(Map::RequestHeaders, &name, value.as_deref());
             }
             return Action::Continue;
         }
@@ -265,9 +367,8 @@ impl HttpContext for Stream {
             host::send_response(reply.status, &h, reply.body.as_bytes());
             return Action::Pause;
         }
-        let headers = host::headers(MapType::HttpRequestHeaders);
         let id = self.id;
-        self.with(|s| s.begin(id, path.clone(), headers));
+        self.with(|s| s.begin(id, path, headers));
         Action::Pause
     }
 
@@ -295,7 +396,7 @@ impl HttpContext for Stream {
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = host::buffer(BufferType::HttpRequestBody, size).unwrap_or_default();
+        let body = host::buffer(Buffer::RequestBody, size).unwrap_or_default();
         let effects = self.with(|s| s.request_body(id, host::now(), body));
         if run(&self.state, effects, Some(id)) {
             Action::Continue
@@ -305,22 +406,10 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        let id = self.id;
-        if !self.with(|s| s.manages(id)) {
-            return Action::Continue;
-        }
-        let headers = host::headers(MapType::HttpResponseHeaders);
-        let verdict = self.with(|s| s.response_headers(id, host::now(), headers, end_of_stream));
-        self.hold_or_release(verdict)
+        response_headers(&self.state, self.id, self.id, end_of_stream)
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        let id = self.id;
-        if !self.with(|s| s.manages(id)) {
-            return Action::Continue;
-        }
-        let body = host::buffer(BufferType::HttpResponseBody, size).unwrap_or_default();
-        let verdict = self.with(|s| s.router_body(id, host::now(), &body, end_of_stream));
-        self.hold_or_release(verdict)
+        response_body(&self.state, self.id, self.id, size, end_of_stream)
     }
 }

@@ -3,7 +3,7 @@
 //! Prometheus labels (`unbusy_requests_total{outcome="success"}`).
 
 use crate::host;
-use proxy_wasm::types::MetricType;
+use crate::host::MetricKind as MetricType;
 use unbusy_core::classify::{OutcomeClass, TransportFault};
 use unbusy_core::engine::{Event, RequestOutcome};
 
@@ -52,6 +52,8 @@ pub struct Metrics {
     attempts: Vec<Vec<Option<u32>>>,
     first_token: Vec<Option<u32>>,
     in_flight: Vec<Option<u32>>,
+    /// This VM's share of each in-flight gauge.
+    in_flight_seen: Vec<u32>,
     breaker: Vec<Option<u32>>,
     duration: Option<u32>,
     tier: Option<u32>,
@@ -121,6 +123,7 @@ impl Metrics {
                 format!("unbusy_first_token_ms.provider.{p}")
             }),
             in_flight: each(Gauge, &|p| format!("unbusy_in_flight.provider.{p}")),
+            in_flight_seen: vec![0; providers.len()],
             breaker: each(Gauge, &|p| format!("unbusy_breaker_state.provider.{p}")),
             duration: host::metric(Histogram, "unbusy_request_duration_ms"),
             tier: host::metric(Gauge, "unbusy_degradation_tier"),
@@ -174,12 +177,18 @@ impl Metrics {
         }
     }
 
-    /// Sets the in-flight gauge of a provider.
-    pub fn in_flight(&self, provider: usize, value: u32) {
-        host::record(
-            self.in_flight.get(provider).copied().flatten(),
-            u64::from(value),
-        );
+    /// Moves a provider's in-flight gauge to this VM's count. Each worker VM adds the change
+    /// in its own count, so the gauge is the sum over workers (setting it would leave only the
+    /// last writer's count); no change, no hostcall.
+    pub fn in_flight(&mut self, provider: usize, value: u32) {
+        let Some(last) = self.in_flight_seen.get_mut(provider) else {
+            return;
+        };
+        if *last != value {
+            let delta = i64::from(value) - i64::from(*last);
+            *last = value;
+            host::bump(self.in_flight.get(provider).copied().flatten(), delta);
+        }
     }
 
     /// Counts a cache lookup.

@@ -1,6 +1,12 @@
 //! Rendering a complete Envoy configuration for unbusy (`unbusy-up`, the demo, the end-to-end
 //! tests and the benchmark): a listener with the wasm filter and the router, one cluster per
 //! provider (TLS for https URLs), and Envoy's tag extraction for the filter's metric labels.
+//!
+//! With two or more providers it also renders native failover: per provider an aggregate
+//! cluster (that provider, then the others in preference order), the filter's upstream
+//! instance in the router, and a route retry policy that retries only on the status that
+//! instance sets when the engine chooses the next provider. Every endpoint names its provider
+//! in `filter_metadata.unbusy.provider`, which the upstream instance reads.
 
 use serde_json::Value;
 use std::fmt::Write;
@@ -70,6 +76,11 @@ impl Upstream {
     pub fn cluster(&self) -> String {
         format!("unbusy_{}", self.name)
     }
+
+    /// The aggregate cluster that starts with this provider and fails over natively.
+    pub fn failover_cluster(&self) -> String {
+        format!("unbusy_{}_failover", self.name)
+    }
 }
 
 /// Builds the filter's configuration: `base` (the engine schema, possibly empty) with the
@@ -102,6 +113,9 @@ pub fn filter_config(
         p["base_url"] = Value::from(u.url.clone());
         p["cluster"] = Value::from(u.cluster());
         p["priority"] = Value::from(i as u64);
+        if upstreams.len() > 1 {
+            p["failover_cluster"] = Value::from(u.failover_cluster());
+        }
         let env = format!(
             "UNBUSY_KEY_{}",
             u.name.to_ascii_uppercase().replace('-', "_")
@@ -185,9 +199,31 @@ static_resources:
         .first()
         .map(Upstream::cluster)
         .unwrap_or_default();
+    let native_failover = r.filter.is_some() && r.upstreams.len() > 1;
     if r.filter.is_some() {
         y.push_str("                  cluster_header: x-unbusy-cluster\n");
         y.push_str("                  timeout: 0s\n");
+        if native_failover {
+            // Only the filter's upstream instance asks for a retry (status 591, which no
+            // provider sends), when the engine's next provider is the aggregate's next one;
+            // the engine has already done the pacing, so the router's own backoff is minimal.
+            let _ = write!(
+                y,
+                r#"                  retry_policy:
+                    retry_on: retriable-status-codes
+                    retriable_status_codes: [{status}]
+                    num_retries: {retries}
+                    retry_back_off: {{ base_interval: 0.001s, max_interval: 0.002s }}
+                    retry_priority:
+                      name: envoy.retry_priorities.previous_priorities
+                      typed_config:
+                        "@type": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+                        update_frequency: 1
+"#,
+                status = unbusy_envoy::filter::NATIVE_RETRY_STATUS,
+                retries = r.upstreams.len() - 1,
+            );
+        }
     } else {
         let _ = writeln!(y, "                  cluster: {first}");
         y.push_str("                  timeout: 0s\n");
@@ -228,6 +264,7 @@ static_resources:
 "#
         );
     }
+    let wasm = yaml_str(&r.wasm.display().to_string());
     if let Some(config) = r.filter {
         let json = serde_json::to_string(config).unwrap_or_else(|_| "{}".into());
         let _ = write!(
@@ -248,16 +285,69 @@ static_resources:
                   code: {{ local: {{ filename: {wasm} }} }}
 "#,
             json = yaml_str(&json),
-            wasm = yaml_str(&r.wasm.display().to_string()),
         );
     }
     y.push_str(
         r#"          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
 "#,
     );
+    if native_failover {
+        // The same module and vm_config as above, so Envoy runs both in one VM per worker.
+        let _ = write!(
+            y,
+            r#"              upstream_http_filters:
+              - name: envoy.filters.http.wasm
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                  config:
+                    name: unbusy_upstream
+                    root_id: {root}
+                    allow_on_headers_stop_iteration: true
+                    vm_config:
+                      vm_id: unbusy
+                      runtime: envoy.wasm.runtime.v8
+                      code: {{ local: {{ filename: {wasm} }} }}
+              - name: envoy.filters.http.upstream_codec
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec
+"#,
+            root = unbusy_envoy::UPSTREAM_ROOT_ID,
+        );
+    }
+    y.push_str("  clusters:\n");
+    let breakers = "    circuit_breakers:
+      # unbusy decides how many attempts and retries are in flight; Envoy's defaults
+      # (1024 requests, 3 retries) must not cap it silently.
+      thresholds: [{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100000 }]
+";
+    if native_failover {
+        for (i, u) in r.upstreams.iter().enumerate() {
+            let mut order = vec![u.cluster()];
+            order.extend(
+                r.upstreams
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, o)| o.cluster()),
+            );
+            let _ = write!(
+                y,
+                r#"  - name: {name}
+    connect_timeout: 5s
+    lb_policy: CLUSTER_PROVIDED
+{breakers}    cluster_type:
+      name: envoy.clusters.aggregate
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig
+        clusters: [{order}]
+"#,
+                name = u.failover_cluster(),
+                order = order.join(", "),
+            );
+        }
+    }
     for u in r.upstreams {
         let address = if u.host.parse::<std::net::IpAddr>().is_ok() {
             "STATIC"
@@ -271,19 +361,17 @@ static_resources:
     connect_timeout: 5s
     dns_lookup_family: V4_PREFERRED
     per_connection_buffer_limit_bytes: 16777216
-    circuit_breakers:
-      # unbusy decides how many attempts and retries are in flight; Envoy's defaults
-      # (1024 requests, 3 retries) must not cap it silently.
-      thresholds: [{{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100000 }}]
-    load_assignment:
+{breakers}    load_assignment:
       cluster_name: {cluster}
       endpoints:
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}
+          metadata: {{ filter_metadata: {{ unbusy: {{ provider: {name} }} }} }}
 "#,
             cluster = u.cluster(),
             host = yaml_str(&u.host),
             port = u.port,
+            name = yaml_str(&u.name),
         );
         if u.tls {
             let _ = write!(

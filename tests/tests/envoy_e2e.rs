@@ -52,6 +52,16 @@ fn test_config(extra: Value) -> Value {
 }
 
 async fn world(behaviours: Vec<Behaviour>, config: Value, concurrency: u32) -> World {
+    world_with(behaviours, config, concurrency, |_| {}).await
+}
+
+/// A world whose filter configuration is changed by `edit` after rendering.
+async fn world_with(
+    behaviours: Vec<Behaviour>,
+    config: Value,
+    concurrency: u32,
+    edit: impl FnOnce(&mut Value),
+) -> World {
     let mut upstreams = Vec::new();
     let mut providers = Vec::new();
     let mut addrs = Vec::new();
@@ -62,7 +72,8 @@ async fn world(behaviours: Vec<Behaviour>, config: Value, concurrency: u32) -> W
         providers.push(emu);
         addrs.push(addr);
     }
-    let filter = filter_config(&config, &upstreams, &|_| None).unwrap();
+    let mut filter = filter_config(&config, &upstreams, &|_| None).unwrap();
+    edit(&mut filter);
     let wasm = filter_wasm();
     assert!(
         wasm.exists(),
@@ -173,6 +184,122 @@ async fn a_keepalive_stall_fails_over_before_the_caller_sees_a_byte() {
     assert_eq!(w.providers[0].stats().stalls, 2);
 }
 
+/// Writes `bytes` on a fresh connection and returns the status of the answer.
+async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Envoy's count of the router's own retries on a cluster (the native failovers).
+async fn router_retries(w: &World, cluster: &str) -> u64 {
+    let stats = request(w.envoy.admin, "GET", "/stats", &[], "")
+        .await
+        .unwrap()
+        .text();
+    let name = format!("cluster.{cluster}.upstream_rq_retry: ");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_over_answer_still_streams() {
+    // The backup streams slowly: first token at 100 ms, the rest over 1.5 s. A streamed
+    // answer reaches the caller's headers long before its end; a buffered one would not.
+    let mut slow_backup = behaviour("backup", vec![]);
+    slow_backup.provider.latency_ms = Latency {
+        first_token: [100.0, 100.0],
+        total: [1500.0, 1500.0],
+    };
+    let stall = FaultWindow {
+        stall: 1.0,
+        stall_s: 30.0,
+        ..FaultWindow::default()
+    };
+    for (fault, first_ms) in [(busy(), 0), (stall, 1500)] {
+        let w = world(
+            vec![behaviour("primary", vec![fault]), slow_backup.clone()],
+            test_config(json!({})),
+            1,
+        )
+        .await;
+        let r = chat(w.envoy.listen, &chat_body("stream me", true, false), &[])
+            .await
+            .unwrap();
+        let text = r.text();
+        assert_eq!(r.status, 200, "{text}");
+        assert!(text.contains("[backup]") && text.trim_end().ends_with("data: [DONE]"));
+        assert!(!text.contains("keep-alive"), "the stall leaked: {text}");
+        let note = r.header("x-unbusy").unwrap_or("");
+        assert!(
+            note.contains("provider=backup") && note.contains("attempts=2"),
+            "{note}"
+        );
+        assert!(r.header("content-length").is_none(), "not streamed");
+        // Headers at the backup's first token (after the primary's deadline, if it stalled),
+        // then the body kept flowing for most of the backup's 1.5 s.
+        assert!(
+            r.headers_after < Duration::from_millis(first_ms + 800),
+            "{:?}",
+            r.headers_after
+        );
+        assert!(
+            r.total >= r.headers_after + Duration::from_millis(1100),
+            "headers after {:?}, end after {:?}: the answer arrived whole",
+            r.headers_after,
+            r.total
+        );
+        // It was the router's own retry on the aggregate cluster, not a dispatched call.
+        assert_eq!(router_retries(&w, "unbusy_primary_failover").await, 1);
+        assert_eq!(w.providers[0].stats().attempts, 1);
+        assert_eq!(w.providers[1].stats().attempts, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_failover_cluster_the_failover_is_dispatched_and_arrives_whole() {
+    // (A dispatched answer shows no progress until it is complete, so here the whole stream
+    // must come within the first-token deadline, 1.5 s.)
+    let mut slow_backup = behaviour("backup", vec![]);
+    slow_backup.provider.latency_ms = Latency {
+        first_token: [100.0, 100.0],
+        total: [1000.0, 1000.0],
+    };
+    let w = world_with(
+        vec![behaviour("primary", vec![busy()]), slow_backup],
+        test_config(json!({})),
+        1,
+        |config| {
+            for p in config["providers"].as_array_mut().unwrap() {
+                p.as_object_mut().unwrap().remove("failover_cluster");
+            }
+        },
+    )
+    .await;
+    let r = chat(w.envoy.listen, &chat_body("whole", true, false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("[backup]"));
+    assert!(r.header("content-length").is_some());
+    assert!(
+        r.headers_after >= Duration::from_millis(900),
+        "{:?}",
+        r.headers_after
+    );
+    assert_eq!(router_retries(&w, "unbusy_primary_failover").await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_answer_streams_as_it_arrives() {
     let mut slow = behaviour("primary", vec![]);
@@ -239,29 +366,40 @@ async fn the_cache_answers_repeats_and_never_across_tenants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_provider_gets_its_own_credentials_and_model_name() {
+    // Three providers, failing over natively (the router's retries reuse the request headers
+    // an attempt left): each gets its own key, or the caller's where it has none, never the
+    // previous provider's.
     let config = json!({"providers": [
+        {"name": "primary", "api_key": "primary-key"},
         {"name": "backup", "api_key": "backup-key", "models": {"deepseek-chat": "backup-model"}}
     ]});
     let w = world(
         vec![
             behaviour("primary", vec![busy()]),
+            behaviour("middle", vec![busy()]),
             behaviour("backup", vec![]),
         ],
         test_config(config),
         1,
     )
     .await;
-    let r = chat(w.envoy.listen, &chat_body("rewrite me", false, false), &[])
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let primary = &w.providers[0].stats().recent[0];
-    assert_eq!(primary.authorization.as_deref(), Some("Bearer caller-key"));
-    assert_eq!(primary.model, "deepseek-chat");
-    let backup = &w.providers[1].stats().recent[0];
-    assert_eq!(backup.authorization.as_deref(), Some("Bearer backup-key"));
-    assert_eq!(backup.model, "backup-model");
-    assert_eq!(r.json()["model"], "backup-model");
+    for (i, stream) in [false, true].into_iter().enumerate() {
+        let r = chat(w.envoy.listen, &chat_body("rewrite me", stream, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("backup-model"), "{}", r.text());
+        let primary = &w.providers[0].stats().recent[i];
+        assert_eq!(primary.authorization.as_deref(), Some("Bearer primary-key"));
+        assert_eq!(primary.model, "deepseek-chat");
+        let middle = &w.providers[1].stats().recent[i];
+        assert_eq!(middle.authorization.as_deref(), Some("Bearer caller-key"));
+        assert_eq!(middle.model, "deepseek-chat");
+        let backup = &w.providers[2].stats().recent[i];
+        assert_eq!(backup.authorization.as_deref(), Some("Bearer backup-key"));
+        assert_eq!(backup.model, "backup-model");
+    }
+    assert_eq!(router_retries(&w, "unbusy_primary_failover").await, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -374,8 +512,9 @@ fn an_invalid_configuration_is_refused_with_the_field_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_bad_input_gets_clear_answers_and_never_a_dead_vm() {
+    // Two providers, so the upstream instance (native failover) is in the path too.
     let w = world(
-        vec![behaviour("primary", vec![])],
+        vec![behaviour("primary", vec![]), behaviour("backup", vec![])],
         test_config(json!({})),
         1,
     )
@@ -447,6 +586,14 @@ async fn a_storm_of_bad_input_gets_clear_answers_and_never_a_dead_vm() {
         assert_eq!(empty.status, 400);
         let models = request(a, "GET", "/v1/models", &[], "").await.unwrap();
         assert_eq!(models.status, 200);
+        // Header values with bytes that are not UTF-8 (HTTP allows them): the SDK's header
+        // readers would panic on these; the filter reads them lossily.
+        let status = raw_request(
+            a,
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer caf\xe9\xff\r\nx-unbusy-priority: \xfe\r\ncontent-length: 57\r\nconnection: close\r\n\r\n{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+        )
+        .await;
+        assert_eq!(status, 200, "round {round}: non-UTF-8 headers");
     }
     let good = chat(a, &chat_body("still alive", false, false), &[])
         .await
