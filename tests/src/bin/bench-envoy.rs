@@ -193,7 +193,10 @@ async fn bench_failover(seconds: f64, connections: usize) -> Result<Vec<Run>, St
         ];
         let native = filter_config(&policy, &upstreams, &|_| None)?;
         let mut dispatched = native.clone();
-        if let Some(ps) = dispatched["providers"].as_array_mut() {
+        if let Some(ps) = dispatched
+            .get_mut("providers")
+            .and_then(serde_json::Value::as_array_mut)
+        {
             for p in ps {
                 if let Some(o) = p.as_object_mut() {
                     o.remove("failover_cluster");
