@@ -190,6 +190,7 @@ pub struct State {
     global_tokens: Option<Rate>,
     tenant_requests: Option<Rate>,
     tenant_tokens: Option<Rate>,
+    cache_bounds: shared::CacheBounds,
     authorities: Vec<Option<String>>,
     /// This state's place in the VM's registry, through which the upstream instance finds it
     /// (`None`: not registered, native failover off).
@@ -306,6 +307,7 @@ impl State {
             global_tokens: limits.global.token_rate(),
             tenant_requests: limits.per_tenant.request_rate(),
             tenant_tokens: limits.per_tenant.token_rate(),
+            cache_bounds: shared::CacheBounds::for_max_bytes(config.cache.max_bytes),
             authorities: config
                 .providers
                 .iter()
@@ -541,6 +543,7 @@ impl State {
         let (cached, entry) = match key {
             Some(k) => shared::cache_get(
                 k,
+                &self.cache_bounds,
                 now,
                 ms(self.config.cache.ttl_ms),
                 ms(self.config.cache.stale_ttl_ms),
@@ -1055,7 +1058,14 @@ impl State {
                                 && flow.response_body.len() as u64
                                     <= self.config.cache.max_entry_bytes
                             {
-                                shared::cache_put(key, now, flow.stream, &flow.response_body);
+                                shared::cache_put(
+                                    key,
+                                    &self.cache_bounds,
+                                    now,
+                                    flow.stream,
+                                    &flow.response_body,
+                                );
+                                self.metrics.cache_bytes(shared::cache_bytes());
                             }
                         }
                     }

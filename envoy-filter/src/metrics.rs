@@ -58,6 +58,7 @@ pub struct Metrics {
     duration: Option<u32>,
     tier: Option<u32>,
     cache: [Option<u32>; 3],
+    cache_bytes: Option<u32>,
     rejections: [Option<u32>; 4],
 }
 
@@ -127,6 +128,7 @@ impl Metrics {
             breaker: each(Gauge, &|p| format!("unbusy_breaker_state.provider.{p}")),
             duration: host::metric(Histogram, "unbusy_request_duration_ms"),
             tier: host::metric(Gauge, "unbusy_degradation_tier"),
+            cache_bytes: host::metric(Gauge, "unbusy_cache_bytes"),
             cache: ["hit", "miss", "stale"]
                 .map(|r| host::metric(Counter, &format!("unbusy_cache_total.result.{r}"))),
             rejections: ["budget", "throttled", "rate_limited", "shed"]
@@ -189,6 +191,11 @@ impl Metrics {
             *last = value;
             host::bump(self.in_flight.get(provider).copied().flatten(), delta);
         }
+    }
+
+    /// Sets the cache's size gauge (the shared ledger: the same for every worker).
+    pub fn cache_bytes(&self, bytes: u64) {
+        host::record(self.cache_bytes, bytes);
     }
 
     /// Counts a cache lookup.

@@ -2,8 +2,9 @@
 //! store per VM id, process-wide) with compare-and-swap:
 //! - rate limits: a GCRA theoretical arrival time per bucket, stepped with
 //!   [`unbusy_core::bucket::gcra`] and written back only if no other worker wrote first;
-//! - the L1 response cache: tenant-scoped keys (the engine's cache key), bounded per entry,
-//!   with the time it was stored so the engine's fresh/stale rule applies.
+//! - the L1 response cache: tenant-scoped keys (the engine's cache key), with the time each
+//!   answer was stored so the engine's fresh/stale rule applies, bounded in bytes (see
+//!   [`CacheBounds`]).
 
 use crate::host;
 use unbusy_core::bucket::{gcra, Decision, Rate};
@@ -70,8 +71,64 @@ pub fn slot_release(key: &str) {
     }
 }
 
-fn cache_slot(key: CacheKey) -> String {
-    format!("unbusy:cache:{key}")
+/// How the L1 cache stays bounded in shared data, which has no eviction and no delete:
+/// - answers live in a fixed number of buckets (direct-mapped by the key's hash; a bucket holds
+///   one answer and the full key it belongs to, and a newer answer for another key in the same
+///   bucket replaces it), so the number of shared-data keys is bounded;
+/// - a ledger counts the bytes held by all buckets; an answer that would take it past
+///   `max_bytes` is not stored (answers already cached stay until they expire or are replaced),
+///   so the bytes are bounded;
+/// - an expired answer is emptied when a lookup finds it, and its bytes leave the ledger.
+///
+/// Bucket and ledger are two shared-data values, each updated with compare-and-swap; a worker
+/// adjusts the ledger by exactly the change its own successful bucket write made.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheBounds {
+    /// Total bytes of cached answers (their bodies and 25 bytes of header each).
+    pub max_bytes: u64,
+    /// How many buckets.
+    pub buckets: u64,
+}
+
+impl CacheBounds {
+    /// One bucket per 16 KiB of `max_bytes` (a long chat answer), between 64 and 65536.
+    pub fn for_max_bytes(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            buckets: (max_bytes / (16 << 10)).clamp(64, 65_536),
+        }
+    }
+}
+
+/// The shared-data key of the bytes ledger.
+const LEDGER: &str = "unbusy:cache:bytes";
+
+/// The bytes the cache holds now, across workers.
+pub fn cache_bytes() -> u64 {
+    read(LEDGER, u64::from_le_bytes).0
+}
+
+/// Adds `delta` to the ledger; with `limit`, only if the result stays within it.
+fn ledger_add(delta: i64, limit: Option<u64>) -> bool {
+    for _ in 0..CAS_ROUNDS {
+        let (held, cas) = read(LEDGER, u64::from_le_bytes);
+        let next = held.saturating_add_signed(delta);
+        if limit.is_some_and(|l| delta > 0 && next > l) {
+            return false;
+        }
+        if host::shared_set(LEDGER, &next.to_le_bytes(), cas) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Bytes of a stored answer before its body: stored-at (8), stream flag (1), the key (16).
+const ENTRY_HEADER: usize = 25;
+
+fn cache_slot(key: CacheKey, bounds: &CacheBounds) -> String {
+    let bucket = (key.0 % u128::from(bounds.buckets.max(1))) as u64;
+    format!("unbusy:cache:{bucket}")
 }
 
 /// A cached answer.
@@ -82,27 +139,40 @@ pub struct Cached {
     pub body: Vec<u8>,
 }
 
-/// Looks `key` up: fresh within `ttl`, stale within `ttl + stale_ttl`.
+/// Looks `key` up: fresh within `ttl`, stale within `ttl + stale_ttl`. An expired answer found
+/// in the key's bucket is emptied.
 pub fn cache_get(
     key: CacheKey,
+    bounds: &CacheBounds,
     now: Nanos,
     ttl: Nanos,
     stale_ttl: Nanos,
 ) -> (CacheLookup, Option<Cached>) {
-    let Some(v) = host::shared_get(&cache_slot(key)).0 else {
+    let slot = cache_slot(key, bounds);
+    let (Some(v), cas) = host::shared_get(&slot) else {
         return (CacheLookup::Miss, None);
     };
-    let (Some(stamp), Some(&stream), Some(body)) = (v.get(..8), v.get(8), v.get(9..)) else {
+    let (Some(stamp), Some(&stream), Some(stored_key), Some(body)) =
+        (v.get(..8), v.get(8), v.get(9..25), v.get(ENTRY_HEADER..))
+    else {
         return (CacheLookup::Miss, None);
     };
     let stored = <[u8; 8]>::try_from(stamp).map_or(0, u64::from_le_bytes);
     let age = now.saturating_sub(stored);
+    if age >= ttl.saturating_add(stale_ttl) {
+        // Expired (whoever's it was): free its bytes.
+        if host::shared_set(&slot, &[], cas) {
+            ledger_add(-(v.len() as i64), None);
+        }
+        return (CacheLookup::Miss, None);
+    }
+    if stored_key != key.0.to_le_bytes() {
+        return (CacheLookup::Miss, None); // another key's answer shares the bucket
+    }
     let lookup = if age < ttl {
         CacheLookup::Fresh
-    } else if age < ttl.saturating_add(stale_ttl) {
-        CacheLookup::Stale
     } else {
-        return (CacheLookup::Miss, None);
+        CacheLookup::Stale
     };
     (
         lookup,
@@ -113,13 +183,36 @@ pub fn cache_get(
     )
 }
 
-/// Stores an answer (last writer wins; answers to the same key are interchangeable).
-pub fn cache_put(key: CacheKey, now: Nanos, stream: bool, body: &[u8]) {
-    let mut v = Vec::with_capacity(body.len() + 9);
+/// Stores an answer in its bucket (last writer wins; answers to the same key are
+/// interchangeable). Returns `false` when it was not stored: the cache is full, or another
+/// worker wrote the bucket at the same moment.
+pub fn cache_put(
+    key: CacheKey,
+    bounds: &CacheBounds,
+    now: Nanos,
+    stream: bool,
+    body: &[u8],
+) -> bool {
+    let mut v = Vec::with_capacity(body.len() + ENTRY_HEADER);
     v.extend_from_slice(&now.to_le_bytes());
     v.push(u8::from(stream));
+    v.extend_from_slice(&key.0.to_le_bytes());
     v.extend_from_slice(body);
-    let slot = cache_slot(key);
-    let cas = host::shared_get(&slot).1;
-    let _ = host::shared_set(&slot, &v, cas);
+    let slot = cache_slot(key, bounds);
+    let (old, cas) = host::shared_get(&slot);
+    let delta = v.len() as i64 - old.map_or(0, |o| o.len() as i64);
+    // Growth is reserved in the ledger first, so concurrent writers cannot overshoot together.
+    if delta > 0 && !ledger_add(delta, Some(bounds.max_bytes)) {
+        return false;
+    }
+    if !host::shared_set(&slot, &v, cas) {
+        if delta > 0 {
+            ledger_add(-delta, None);
+        }
+        return false;
+    }
+    if delta < 0 {
+        ledger_add(delta, None);
+    }
+    true
 }

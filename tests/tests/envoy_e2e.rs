@@ -364,6 +364,58 @@ async fn the_cache_answers_repeats_and_never_across_tenants() {
     }
 }
 
+/// A gauge's value on Envoy's Prometheus endpoint.
+async fn gauge(w: &World, name: &str) -> Option<u64> {
+    let text = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name} "))
+                .or_else(|| l.strip_prefix(&format!("{name}{{}} ")))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_stays_within_its_byte_bound_across_workers() {
+    let w = world(
+        vec![behaviour("primary", vec![])],
+        test_config(json!({"cache": {"max_bytes": 2000, "max_entry_bytes": 1000}})),
+        2,
+    )
+    .await;
+    let bodies: Vec<String> = (0..12)
+        .map(|i| chat_body(&format!("bounded {i}"), false, true))
+        .collect();
+    let mut total = 0;
+    for b in &bodies {
+        let r = chat(w.envoy.listen, b, &[]).await.unwrap();
+        assert_eq!(r.status, 200);
+        // Each answer takes its body plus 25 bytes.
+        total += r.body.as_ref().map_or(0, |b| b.len()) + 25;
+    }
+    assert!(total > 4000, "the answers ({total} bytes) must overflow the bound");
+    let held = gauge(&w, "unbusy_cache_bytes").await.unwrap();
+    assert!(held > 0 && held <= 2000, "{held} bytes cached");
+    let before = w.providers[0].stats().attempts;
+    let (mut hits, mut hit_bytes) = (0, 0);
+    for b in &bodies {
+        let r = chat(w.envoy.listen, b, &[]).await.unwrap();
+        assert_eq!(r.status, 200);
+        if r.header("x-unbusy").unwrap_or("").contains("cache=hit") {
+            hits += 1;
+            hit_bytes += r.body.as_ref().map_or(0, |b| b.len()) + 25;
+        }
+    }
+    // What was cached at once (the hits) fits the bound, and is exactly what the gauge says.
+    assert!(hits >= 1 && hit_bytes <= 2000, "{hits} hits, {hit_bytes} bytes");
+    assert_eq!(hit_bytes as u64, held);
+    assert_eq!(w.providers[0].stats().attempts, before + 12 - hits as u64);
+    assert!(gauge(&w, "unbusy_cache_bytes").await.unwrap() <= 2000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_provider_gets_its_own_credentials_and_model_name() {
     // Three providers, failing over natively (the router's retries reuse the request headers
