@@ -396,7 +396,10 @@ async fn the_cache_stays_within_its_byte_bound_across_workers() {
         // Each answer takes its body plus 25 bytes.
         total += r.body.as_ref().map_or(0, |b| b.len()) + 25;
     }
-    assert!(total > 4000, "the answers ({total} bytes) must overflow the bound");
+    assert!(
+        total > 4000,
+        "the answers ({total} bytes) must overflow the bound"
+    );
     let held = gauge(&w, "unbusy_cache_bytes").await.unwrap();
     assert!(held > 0 && held <= 2000, "{held} bytes cached");
     let before = w.providers[0].stats().attempts;
@@ -410,10 +413,79 @@ async fn the_cache_stays_within_its_byte_bound_across_workers() {
         }
     }
     // What was cached at once (the hits) fits the bound, and is exactly what the gauge says.
-    assert!(hits >= 1 && hit_bytes <= 2000, "{hits} hits, {hit_bytes} bytes");
+    assert!(
+        hits >= 1 && hit_bytes <= 2000,
+        "{hits} hits, {hit_bytes} bytes"
+    );
     assert_eq!(hit_bytes as u64, held);
     assert_eq!(w.providers[0].stats().attempts, before + 12 - hits as u64);
     assert!(gauge(&w, "unbusy_cache_bytes").await.unwrap() <= 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_pressure_tier_1_cuts_features_before_the_provider_sees_them() {
+    // A provider failing 40% of attempts: the error rate (over at least 10 outcomes and 5 s)
+    // puts the engine in tier 1 (enter 0.3), not tier 2 (0.6).
+    let flaky = FaultWindow {
+        busy_503: 0.4,
+        ..FaultWindow::default()
+    };
+    let config = json!({
+        "degradation": {"min_dwell_ms": 500, "max_tokens_cap": 256,
+                        "model_fallbacks": {"deepseek-reasoner": "deepseek-chat"}},
+    });
+    let w = world(
+        vec![behaviour("primary", vec![flaky])],
+        test_config(config),
+        1,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut tier = String::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        let r = chat(w.envoy.listen, &chat_body("pressure", false, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        tier = r.header("x-unbusy").unwrap_or("").to_string();
+        if tier.contains("tier=1") {
+            break;
+        }
+    }
+    assert!(tier.contains("tier=1"), "never degraded: {tier}");
+    // Tier 1: an expensive model is mapped to its cheaper fallback, max_tokens is capped.
+    let heavy = json!({
+        "model": "deepseek-reasoner", "max_tokens": 4000, "stream": false,
+        "messages": [{"role": "user", "content": "degrade me"}],
+    })
+    .to_string();
+    let r = chat(w.envoy.listen, &heavy, &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = w.providers[0].stats().recent.last().cloned().unwrap();
+    assert_eq!(seen.model, "deepseek-chat");
+    assert_eq!(seen.max_tokens, Some(256));
+    // ...and low-priority traffic is shed locally, with a Retry-After.
+    let before = w.providers[0].stats().attempts;
+    let shed = chat(
+        w.envoy.listen,
+        &chat_body("low", false, false),
+        &[("x-unbusy-priority", "low")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(shed.status, 503, "{}", shed.text());
+    assert_eq!(shed.json()["error"]["code"], "load_shed");
+    assert!(shed.header("retry-after").is_some());
+    assert_eq!(w.providers[0].stats().attempts, before);
+    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("unbusy_degradation_tier{} 1"),
+        "tier gauge"
+    );
+    assert!(metrics.contains("unbusy_rejections_total{reason=\"shed\"} 1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
