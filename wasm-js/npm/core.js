@@ -66,6 +66,13 @@ export class MemoryCache {
   }
 }
 
+// Action kinds, as the engine numbers them.
+const SEND = 1;
+const ABORT = 2;
+const DELIVER = 3;
+const SERVE_CACHE = 4;
+const ABORT_REASONS = ['FirstTokenDeadline', 'Deadline', 'Stalled'];
+
 const encoder = new TextEncoder();
 const EMPTY = new Uint8Array();
 const decoder = new TextDecoder();
@@ -108,8 +115,12 @@ export function makeCreateFetch(wasm) {
     let timerAt = Infinity;
 
     function emit() {
+      if (!onEvent) {
+        engine.discardEvents(); // nobody listens: not worth encoding
+        return;
+      }
       const events = engine.takeEvents();
-      if (events && onEvent) {
+      if (events) {
         for (const e of JSON.parse(events)) {
           try {
             onEvent(e);
@@ -121,8 +132,8 @@ export function makeCreateFetch(wasm) {
     }
 
     function onError(action, e) {
-      const r = requests.get(action.request);
-      if (r && action.type !== 'abort') {
+      const r = requests.get(action[1]);
+      if (r && action[0] !== ABORT) {
         engine.cancel(now(), r.id);
         finish(r);
         r.reject(e);
@@ -154,18 +165,50 @@ export function makeCreateFetch(wasm) {
       if (typeof timer === 'object' && timer?.unref) timer.unref();
     }
 
+    // Each provider's base URL and credentials, asked of the engine once.
+    const routes = [];
+
+    // The engine's actions come as numbers (see `nextAction` in wasm-js/src/lib.rs); strings
+    // are asked for only when an action has them.
+    function decode(v) {
+      const request = v[1];
+      switch (v[0]) {
+        case SEND: {
+          const route = (routes[v[3]] ??= JSON.parse(engine.route(v[3])));
+          return {
+            type: 'send',
+            request,
+            attempt: v[2],
+            provider: v[3],
+            rewrite: {
+              baseUrl: route.baseUrl,
+              authorization: route.authorization,
+              model: v[5] === 1 ? engine.actionModel() : null,
+              maxTokensCap: Number.isNaN(v[4]) ? null : v[4],
+            },
+          };
+        }
+        case ABORT:
+          return { type: 'abort', request, attempt: v[2], reason: ABORT_REASONS[v[3]] };
+        case DELIVER:
+          return { type: 'deliver', request, storeInCache: v[2] === 1 };
+        case SERVE_CACHE:
+          return { type: 'serveCache', request, stale: v[2] === 1 };
+        default:
+          return { type: 'reply', request, status: v[2], headers: JSON.parse(engine.replyHeaders()), body: engine.replyBody() };
+      }
+    }
+
     function drain() {
       for (;;) {
-        const text = engine.takeActions();
-        if (!text) break;
-        for (const action of JSON.parse(text)) {
-          // One action failing (a runtime refusing an abort, say) must not drop the others:
-          // the next one is often the failover that answers the caller.
-          try {
-            act(action);
-          } catch (e) {
-            onError(action, e);
-          }
+        const action = engine.nextAction();
+        if (!action) break;
+        // One action failing (a runtime refusing an abort, say) must not drop the others:
+        // the next one is often the failover that answers the caller.
+        try {
+          act(decode(action));
+        } catch (e) {
+          onError(action, e);
         }
       }
       emit();
@@ -456,10 +499,11 @@ export function makeCreateFetch(wasm) {
       });
       const tenant = (tenantHeader && requestHeaders.get(tenantHeader)) || requestHeaders.get('authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
       const stream = json.stream === true;
-      const key = wasm.cacheKey(tenant, encoder.encode(bodyText), 0);
+      const cacheOn = snakeConfig.cache?.enabled !== false;
+      const key = cacheOn ? wasm.cacheKey(tenant, encoder.encode(bodyText), 0) : undefined;
       let cached;
       let lookup = 0;
-      if (key && snakeConfig.cache?.enabled !== false) {
+      if (key) {
         try {
           cached = await cache.get(key);
         } catch {

@@ -33,37 +33,17 @@ fn ms(ns: Nanos) -> f64 {
 #[wasm_bindgen]
 pub struct JsEngine {
     engine: Engine,
+    /// The strings of the action `nextAction` returned last (its numbers cannot carry them).
+    model: Option<String>,
+    reply: Option<unbusy_core::reply::LocalReply>,
 }
 
-fn action_json(a: &Action) -> Value {
-    match a {
-        Action::Send(s) => json!({
-            "type": "send", "request": s.request as f64, "attempt": s.attempt,
-            "provider": s.provider, "firstTokenDeadline": ms(s.first_token_deadline),
-            "deadline": ms(s.deadline),
-            "rewrite": {
-                "baseUrl": s.rewrite.base_url, "authorization": s.rewrite.authorization,
-                "model": s.rewrite.model, "maxTokensCap": s.rewrite.max_tokens_cap,
-            },
-        }),
-        Action::Abort {
-            request,
-            attempt,
-            reason,
-        } => json!({"type": "abort", "request": *request as f64, "attempt": attempt,
-                    "reason": format!("{reason:?}")}),
-        Action::Deliver {
-            request,
-            store_in_cache,
-        } => json!({"type": "deliver", "request": *request as f64, "storeInCache": store_in_cache}),
-        Action::ServeCache { request, stale } => {
-            json!({"type": "serveCache", "request": *request as f64, "stale": stale})
-        }
-        Action::Reply { request, reply } => json!({
-            "type": "reply", "request": *request as f64, "status": reply.status,
-            "headers": reply.headers.iter().map(|(n, v)| json!([n, v])).collect::<Vec<_>>(),
-            "body": reply.body,
-        }),
+/// Why an attempt was aborted, as `nextAction` numbers it.
+fn abort_code(reason: &unbusy_core::engine::AbortReason) -> f64 {
+    match reason {
+        unbusy_core::engine::AbortReason::FirstTokenDeadline => 0.0,
+        unbusy_core::engine::AbortReason::Deadline => 1.0,
+        unbusy_core::engine::AbortReason::Stalled => 2.0,
     }
 }
 
@@ -103,7 +83,11 @@ impl JsEngine {
             Config::from_json(config_json.as_bytes()).map_err(|e| JsError::new(&e.to_string()))?;
         let engine =
             Engine::new(config, seed.to_bits()).map_err(|e| JsError::new(&e.to_string()))?;
-        Ok(Self { engine })
+        Ok(Self {
+            engine,
+            model: None,
+            reply: None,
+        })
     }
 
     /// Admits a request; returns its id. `cached`: 0 miss, 1 fresh, 2 stale.
@@ -233,18 +217,90 @@ impl JsEngine {
         self.engine.next_wakeup().map_or(f64::NAN, ms)
     }
 
-    /// The queued actions, as a JSON array (empty string when none).
-    #[wasm_bindgen(js_name = takeActions)]
-    pub fn take_actions(&mut self) -> String {
-        let mut v = Vec::new();
-        while let Some(a) = self.engine.poll_action() {
-            v.push(action_json(&a));
-        }
-        if v.is_empty() {
-            String::new()
-        } else {
-            Value::Array(v).to_string()
-        }
+    /// The next queued action as numbers (no JSON on the hot path), or `undefined`:
+    /// - send `[1, request, attempt, provider, max_tokens cap or NaN, 1 if a model rewrite]`
+    ///   (the model from `actionModel`, the provider's base URL and credentials from `route`);
+    /// - abort `[2, request, attempt, reason]` (0 first-token deadline, 1 deadline, 2 stalled);
+    /// - deliver `[3, request, store in cache 0/1]`; serve from cache `[4, request, stale 0/1]`;
+    /// - reply `[5, request, status]` (headers and body from `replyHeaders` / `replyBody`).
+    #[wasm_bindgen(js_name = nextAction)]
+    pub fn next_action(&mut self) -> Option<Vec<f64>> {
+        let action = self.engine.poll_action()?;
+        Some(match action {
+            Action::Send(s) => {
+                let has_model = s.rewrite.model.is_some();
+                self.model = s.rewrite.model;
+                vec![
+                    1.0,
+                    s.request as f64,
+                    f64::from(s.attempt),
+                    s.provider as f64,
+                    s.rewrite.max_tokens_cap.map_or(f64::NAN, f64::from),
+                    if has_model { 1.0 } else { 0.0 },
+                ]
+            }
+            Action::Abort {
+                request,
+                attempt,
+                reason,
+            } => vec![2.0, request as f64, f64::from(attempt), abort_code(&reason)],
+            Action::Deliver {
+                request,
+                store_in_cache,
+            } => vec![3.0, request as f64, f64::from(u8::from(store_in_cache))],
+            Action::ServeCache { request, stale } => {
+                vec![4.0, request as f64, f64::from(u8::from(stale))]
+            }
+            Action::Reply { request, reply } => {
+                let status = f64::from(reply.status);
+                self.reply = Some(reply);
+                vec![5.0, request as f64, status]
+            }
+        })
+    }
+
+    /// The model of the send `nextAction` returned last, when it rewrites the model.
+    #[wasm_bindgen(js_name = actionModel)]
+    pub fn action_model(&self) -> Option<String> {
+        self.model.clone()
+    }
+
+    /// The headers of the reply `nextAction` returned last, as JSON `[[name, value], ...]`.
+    #[wasm_bindgen(js_name = replyHeaders)]
+    pub fn reply_headers(&self) -> String {
+        let pairs: Vec<Value> = self
+            .reply
+            .iter()
+            .flat_map(|r| r.headers.iter().map(|(n, v)| json!([n, v])))
+            .collect();
+        Value::Array(pairs).to_string()
+    }
+
+    /// The body of the reply `nextAction` returned last.
+    #[wasm_bindgen(js_name = replyBody)]
+    pub fn reply_body(&self) -> String {
+        self.reply
+            .as_ref()
+            .map(|r| r.body.clone())
+            .unwrap_or_default()
+    }
+
+    /// Where a provider's attempts go and with which credentials, as JSON
+    /// `{"baseUrl": ..., "authorization": ...}`: the same for every attempt to it, so hosts ask
+    /// once per provider.
+    pub fn route(&self, provider: usize) -> String {
+        let p = self.engine.config().providers.get(provider);
+        json!({
+            "baseUrl": p.and_then(|p| p.base_url.clone()),
+            "authorization": p.and_then(|p| p.api_key.as_ref()).map(|k| format!("Bearer {k}")),
+        })
+        .to_string()
+    }
+
+    /// Drops the queued events (when nobody listens, they are not worth encoding).
+    #[wasm_bindgen(js_name = discardEvents)]
+    pub fn discard_events(&mut self) {
+        while self.engine.poll_event().is_some() {}
     }
 
     /// The queued events, as a JSON array (empty string when none).
