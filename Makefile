@@ -119,9 +119,11 @@ fuzz: setup-rust
 	for t in $(FUZZ_TARGETS); do \
 	  mkdir -p target/fuzz-corpus/$$t && cp fuzz/seeds/$$t/* target/fuzz-corpus/$$t/ && \
 	  fuzz/target/$(HOST_TRIPLE)/release/$$t target/fuzz-corpus/$$t -max_total_time=$(FUZZ_SECONDS) \
-	    -print_final_stats=1 -artifact_prefix=target/fuzz-$$t- 2>&1 \
-	    | grep -E '^(Done|stat::number_of_executed_units|==[0-9]+==|thread .* panicked)' \
+	    -print_final_stats=1 -artifact_prefix=target/fuzz-$$t- > target/fuzz-$$t.log 2>&1; \
+	  status=$$?; \
+	  grep -E '^(Done|stat::number_of_executed_units|==[0-9]+==|thread .* panicked)' target/fuzz-$$t.log \
 	    | sed "s/^/fuzz $$t: /"; \
+	  if [ $$status -ne 0 ]; then echo "fuzz $$t: FAILED (exit $$status); see target/fuzz-$$t.log"; exit 1; fi; \
 	done
 
 ## test: everything that checks the project; the tests run last so their total closes the output.

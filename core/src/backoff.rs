@@ -21,8 +21,7 @@ use crate::time::{ms, secs, Nanos};
 use fastrand::Rng;
 
 /// How retry delays are randomised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Jitter {
     /// `random(0, exp)` where `exp = min(cap, base * 2^(n-1))`.
     Full,

@@ -1,10 +1,12 @@
 //! The configuration schema, its defaults and its validation.
 //!
 //! One schema serves every host: the Envoy filter reads it from its plugin configuration, the
-//! npm package from `createFetch(config)`, the simulator from the command line. It is plain
-//! serde over JSON with a documented default for every field, so `{"providers":[...]}` is a
-//! complete configuration. Unknown fields are refused (a typo must not silently become a
-//! default). Durations are whole milliseconds in fields ending in `_ms`.
+//! npm package from `createFetch(config)`, the simulator from the command line. It is JSON with
+//! a documented default for every field, so `{"providers":[...]}` is a complete configuration.
+//! Unknown fields are refused (a typo must not silently become a default), and so are values of
+//! the wrong type, each named by its path. Durations are whole milliseconds in fields ending in
+//! `_ms`. It is read with [`crate::json`] rather than serde, which made up the largest part of
+//! both wasm builds.
 //!
 //! Validation never panics and names the field that is wrong, the way an operator would look
 //! for it: `providers[1].weight must be > 0`. All problems are reported at once, so a bad
@@ -16,6 +18,7 @@ use crate::bucket::Rate;
 use crate::budget::BudgetSettings;
 use crate::concurrency::ConcurrencySettings;
 use crate::degrade::{LadderSettings, Thresholds};
+use crate::json::{self, Value};
 use crate::throttle::ThrottleSettings;
 use crate::time::{ms, Nanos};
 use alloc::collections::BTreeMap;
@@ -23,11 +26,9 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
-use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     /// The providers, in order of preference (see [`ProviderConfig::priority`]). At least one.
     pub providers: Vec<ProviderConfig>,
@@ -54,8 +55,7 @@ pub struct Config {
 }
 
 /// One upstream LLM provider.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderConfig {
     /// A unique name, used in metrics, logs and the `x-unbusy` header. Required.
     pub name: String,
@@ -103,8 +103,7 @@ impl Default for ProviderConfig {
 }
 
 /// Retries and backoff. See [`crate::backoff`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
     /// Attempts per request, the first included. Default 8; 1 disables retries; at most 16.
     pub max_attempts: u32,
@@ -146,8 +145,7 @@ impl RetryConfig {
 }
 
 /// The retry budget. See [`crate::budget`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BudgetConfig {
     /// How long first attempts and retries count. Default 10000.
     pub window_ms: u64,
@@ -180,8 +178,7 @@ impl BudgetConfig {
 }
 
 /// A rate limit on requests and/or LLM tokens. See [`crate::bucket`].
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RateConfig {
     /// Requests per minute. Default: unlimited.
     pub requests_per_minute: Option<u64>,
@@ -208,8 +205,7 @@ impl RateConfig {
 }
 
 /// Token-bucket limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LimitsConfig {
     /// Across all tenants. Default: unlimited.
     pub global: RateConfig,
@@ -230,8 +226,7 @@ impl Default for LimitsConfig {
 }
 
 /// The adaptive concurrency limit. See [`crate::concurrency`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConcurrencyConfig {
     /// The starting limit per provider. Default 64.
     pub initial: u32,
@@ -285,8 +280,7 @@ impl ConcurrencyConfig {
 }
 
 /// Adaptive throttling. See [`crate::throttle`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ThrottleConfig {
     /// Default true.
     pub enabled: bool,
@@ -322,8 +316,7 @@ impl ThrottleConfig {
 }
 
 /// The circuit breaker. See [`crate::breaker`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
     /// Default 10000.
     pub window_ms: u64,
@@ -376,8 +369,7 @@ impl BreakerConfig {
 }
 
 /// Deadlines.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeadlinesConfig {
     /// The whole request, retries and waits included; a caller's own deadline (a header or an
     /// `AbortSignal`) may shorten it. Default 60000.
@@ -414,8 +406,7 @@ impl DeadlinesConfig {
 }
 
 /// The response cache.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// Default true. Only cacheable requests are cached (see [`crate::cache_key`]).
     pub enabled: bool,
@@ -443,8 +434,7 @@ impl Default for CacheConfig {
 }
 
 /// The degradation ladder. See [`crate::degrade`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DegradationConfig {
     /// Default true.
     pub enabled: bool,
@@ -493,8 +483,7 @@ impl DegradationConfig {
 }
 
 /// How the tenant of a request is identified.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TenancyConfig {
     /// A request header whose value names the tenant (e.g. `x-tenant-id`). Default: none, the
     /// tenant is a hash of the caller's `Authorization` header.
@@ -515,8 +504,12 @@ impl Default for TenancyConfig {
 /// What is wrong with a field.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Problem {
-    /// The JSON could not be read; the message is serde's (it names unknown fields).
+    /// The text is not JSON; the message says what and where.
     Syntax(String),
+    /// Not a field of the schema.
+    UnknownField(String),
+    /// A value of the wrong type; says what the field takes.
+    WrongType(&'static str),
     /// Must be greater than zero.
     MustBePositive,
     /// Must lie in a range.
@@ -554,9 +547,18 @@ impl fmt::Display for ConfigError {
         let field = &self.field;
         match &self.problem {
             Problem::Syntax(message) => write!(f, "invalid configuration: {message}"),
+            Problem::UnknownField(name) if field.is_empty() => {
+                write!(f, "unknown field `{name}`")
+            }
+            Problem::UnknownField(name) => write!(f, "unknown field `{name}` in {field}"),
+            Problem::WrongType(what) => write!(f, "{field} must be {what}"),
             Problem::MustBePositive => write!(f, "{field} must be > 0"),
             Problem::OutOfRange { min, max } => {
-                write!(f, "{field} must be between {min} and {max}")
+                // (Formatted without `{}` on floats: core's float formatting is large in wasm.)
+                let (mut a, mut b) = (String::new(), String::new());
+                json::write_f64(&mut a, *min, 6);
+                json::write_f64(&mut b, *max, 6);
+                write!(f, "{field} must be between {a} and {b}")
             }
             Problem::Empty => write!(f, "{field} must not be empty"),
             Problem::Duplicate(value) => write!(f, "{field} must be unique: {value:?} repeats"),
@@ -642,12 +644,17 @@ fn is_http_url(url: &str) -> bool {
 impl Config {
     /// Parses and validates a JSON configuration.
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigErrors> {
-        let config: Self = serde_json::from_slice(json).map_err(|e| {
+        let value = json::parse(json).map_err(|e| {
             ConfigErrors(alloc::vec![ConfigError {
                 field: String::new(),
                 problem: Problem::Syntax(e.to_string()),
             }])
         })?;
+        let mut errors = Vec::new();
+        let config = Self::read(&value, "", &mut errors).unwrap_or_default();
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -827,6 +834,290 @@ impl Config {
     }
 }
 
+/// Reading a configuration value from JSON: `None` (with the problem recorded under `path`)
+/// when the value has the wrong type; the field then keeps its default.
+trait FromJson: Sized {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self>;
+}
+
+fn wrong(path: &str, errors: &mut Vec<ConfigError>, what: &'static str) {
+    errors.push(ConfigError {
+        field: path.into(),
+        problem: Problem::WrongType(what),
+    });
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.into()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+impl FromJson for u64 {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let n = v.as_u64();
+        if n.is_none() {
+            wrong(
+                path,
+                errors,
+                "a whole number from 0 to 18446744073709551615",
+            );
+        }
+        n
+    }
+}
+
+impl FromJson for u32 {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let n = v.as_u64().and_then(|n| u32::try_from(n).ok());
+        if n.is_none() {
+            wrong(path, errors, "a whole number from 0 to 4294967295");
+        }
+        n
+    }
+}
+
+impl FromJson for f64 {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let n = v.as_f64().filter(|x| x.is_finite());
+        if n.is_none() {
+            wrong(path, errors, "a number");
+        }
+        n
+    }
+}
+
+impl FromJson for bool {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let b = v.as_bool();
+        if b.is_none() {
+            wrong(path, errors, "true or false");
+        }
+        b
+    }
+}
+
+impl FromJson for String {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let s = v.as_str().map(String::from);
+        if s.is_none() {
+            wrong(path, errors, "a string");
+        }
+        s
+    }
+}
+
+impl<T: FromJson> FromJson for Option<T> {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        match v {
+            Value::Null => Some(None),
+            _ => T::read(v, path, errors).map(Some),
+        }
+    }
+}
+
+impl FromJson for BTreeMap<String, String> {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let Value::Object(members) = v else {
+            wrong(path, errors, "an object of strings");
+            return None;
+        };
+        let mut map = BTreeMap::new();
+        for (k, val) in members {
+            if let Some(s) = String::read(val, &format!("{path}.{k}"), errors) {
+                map.insert(k.clone(), s);
+            }
+        }
+        Some(map)
+    }
+}
+
+impl FromJson for [f64; 3] {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let Value::Array(items) = v else {
+            wrong(path, errors, "an array of three numbers");
+            return None;
+        };
+        if items.len() != 3 {
+            wrong(path, errors, "an array of three numbers");
+            return None;
+        }
+        let mut out = [0.0; 3];
+        for (i, (slot, item)) in out.iter_mut().zip(items).enumerate() {
+            *slot = f64::read(item, &format!("{path}[{i}]"), errors)?;
+        }
+        Some(out)
+    }
+}
+
+impl FromJson for Vec<ProviderConfig> {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let Value::Array(items) = v else {
+            wrong(path, errors, "an array of providers");
+            return None;
+        };
+        Some(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    ProviderConfig::read(item, &format!("{path}[{i}]"), errors).unwrap_or_default()
+                })
+                .collect(),
+        )
+    }
+}
+
+impl FromJson for Jitter {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let j = match v.as_str() {
+            Some("full") => Some(Jitter::Full),
+            Some("equal") => Some(Jitter::Equal),
+            Some("decorrelated") => Some(Jitter::Decorrelated),
+            Some("none") => Some(Jitter::None),
+            _ => None,
+        };
+        if j.is_none() {
+            wrong(
+                path,
+                errors,
+                "\"full\", \"equal\", \"decorrelated\" or \"none\"",
+            );
+        }
+        j
+    }
+}
+
+/// `FromJson` for a struct: starts from its defaults, reads each member it knows, refuses
+/// members it does not (a typo must not become a default).
+macro_rules! read_struct {
+    ($ty:ty { $($field:ident),* $(,)? }) => {
+        impl FromJson for $ty {
+            fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+                let Value::Object(members) = v else {
+                    wrong(path, errors, "an object");
+                    return None;
+                };
+                let mut out = <$ty>::default();
+                for (key, val) in members {
+                    match key.as_str() {
+                        $(stringify!($field) => {
+                            if let Some(x) = FromJson::read(val, &join(path, key), errors) {
+                                out.$field = x;
+                            }
+                        })*
+                        _ => errors.push(ConfigError {
+                            field: path.into(),
+                            problem: Problem::UnknownField(key.clone()),
+                        }),
+                    }
+                }
+                Some(out)
+            }
+        }
+    };
+}
+
+read_struct!(Config {
+    providers,
+    retry,
+    budget,
+    limits,
+    concurrency,
+    throttle,
+    breaker,
+    deadlines,
+    cache,
+    degradation,
+    tenancy,
+});
+read_struct!(ProviderConfig {
+    name,
+    base_url,
+    cluster,
+    failover_cluster,
+    api_key,
+    models,
+    weight,
+    priority,
+    max_concurrency,
+});
+read_struct!(RetryConfig {
+    max_attempts,
+    base_ms,
+    cap_ms,
+    jitter,
+    max_hint_ms,
+});
+read_struct!(BudgetConfig {
+    window_ms,
+    ratio,
+    min_per_second,
+});
+read_struct!(RateConfig {
+    requests_per_minute,
+    tokens_per_minute,
+    burst_requests,
+    burst_tokens,
+});
+read_struct!(LimitsConfig {
+    global,
+    per_tenant,
+    tenant_slots,
+});
+read_struct!(ConcurrencyConfig {
+    initial,
+    min,
+    max,
+    backoff_ratio,
+    decrease_cooldown_ms,
+    latency_tolerance,
+    queue_timeout_ms,
+});
+read_struct!(ThrottleConfig {
+    enabled,
+    window_ms,
+    k,
+    max_reject,
+});
+read_struct!(BreakerConfig {
+    window_ms,
+    min_volume,
+    min_success_rate,
+    consecutive_failures,
+    open_ms,
+    max_open_ms,
+    half_open_probes,
+    probe_successes,
+});
+read_struct!(DeadlinesConfig {
+    total_ms,
+    first_token_ms,
+    response_ms,
+    stall_ms,
+});
+read_struct!(CacheConfig {
+    enabled,
+    ttl_ms,
+    stale_ttl_ms,
+    max_bytes,
+    max_entry_bytes,
+});
+read_struct!(DegradationConfig {
+    enabled,
+    enter,
+    exit,
+    min_dwell_ms,
+    max_tokens_cap,
+    model_fallbacks,
+});
+read_struct!(TenancyConfig {
+    header,
+    default_tenant,
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -885,10 +1176,26 @@ mod tests {
     #[test]
     fn unknown_and_mistyped_fields_are_refused() {
         let e = errors(r#"{"providers":[{"name":"a","cluster":"c","weigth":2}]}"#);
-        assert!(e.contains("unknown field `weigth`"), "{e}");
+        assert_eq!(e, "unknown field `weigth` in providers[0]");
         let e = errors(r#"{"providers":[{"name":"a","cluster":"c","weight":-1}]}"#);
-        assert!(e.starts_with("invalid configuration:"), "{e}");
+        assert_eq!(
+            e,
+            "providers[0].weight must be a whole number from 0 to 4294967295"
+        );
+        // Every problem at once, each with its path.
+        let e = errors(
+            r#"{"retry":{"jitter":"wild","base_ms":1.5},"cache":{"enabled":"yes"},"x":1,
+                "degradation":{"enter":[0.1,"a",0.9]},"providers":[{"name":"a","cluster":"c"}]}"#,
+        );
+        assert_eq!(
+            e,
+            "retry.jitter must be \"full\", \"equal\", \"decorrelated\" or \"none\"; \
+             retry.base_ms must be a whole number from 0 to 18446744073709551615; \
+             cache.enabled must be true or false; unknown field `x`; \
+             degradation.enter[1] must be a number"
+        );
         assert!(errors("not json").starts_with("invalid configuration:"));
+        assert!(errors(r#"{"providers":[],"providers":[]}"#).contains("duplicate key"));
     }
 
     #[test]

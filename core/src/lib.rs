@@ -60,6 +60,7 @@ pub mod concurrency;
 pub mod config;
 pub mod degrade;
 pub mod engine;
+pub mod json;
 pub mod progress;
 pub mod reply;
 pub mod throttle;

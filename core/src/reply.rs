@@ -8,10 +8,8 @@
 //! This module builds that reply once for every host.
 
 use crate::time::{to_ms_ceil, to_secs_ceil, Nanos};
-use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use serde::Serialize;
 
 /// Why unbusy answered locally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,33 +78,19 @@ pub struct LocalReply {
     pub body: String,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: ErrorObject<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorObject<'a> {
-    message: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    param: Option<()>,
-    code: &'static str,
-}
-
 /// Builds the reply. `retry_after` is the wait to announce (retryable kinds only); the
 /// `retry-after` header is rounded up to whole seconds and at least 1, so SDKs that read only it
 /// never retry early.
 pub fn local_reply(kind: ReplyKind, message: &str, retry_after: Option<Nanos>) -> LocalReply {
-    let body = serde_json::to_string(&Body {
-        error: ErrorObject {
-            message,
-            kind: kind.error_type(),
-            param: None,
-            code: kind.code(),
-        },
-    })
-    .unwrap_or_else(|_| format!("{{\"error\":{{\"code\":\"{}\"}}}}", kind.code()));
+    // {"error":{"message":...,"type":...,"param":null,"code":...}}, as OpenAI sends it.
+    let mut body = String::with_capacity(message.len() + 96);
+    body.push_str("{\"error\":{\"message\":");
+    crate::json::write_str(&mut body, message);
+    body.push_str(",\"type\":");
+    crate::json::write_str(&mut body, kind.error_type());
+    body.push_str(",\"param\":null,\"code\":");
+    crate::json::write_str(&mut body, kind.code());
+    body.push_str("}}");
     let mut headers: Vec<(&'static str, String)> = Vec::with_capacity(5);
     headers.push(("content-type", "application/json".to_string()));
     headers.push((

@@ -37,6 +37,7 @@ use unbusy_core::config::Config;
 use unbusy_core::engine::{
     Action, CacheLookup, Engine, Priority, RequestId, RequestMeta, SendAttempt,
 };
+use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_core::reply::{local_reply, LocalReply, ReplyKind};
 use unbusy_core::time::{ms, Nanos};
@@ -433,10 +434,10 @@ impl State {
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return Vec::new();
         };
-        let parsed: Result<serde_json::Value, String> = serde_json::from_slice(&body)
-            .map_err(|e| format!("the request body is not valid JSON: {e}"));
+        let parsed: Result<json::Value, String> =
+            json::parse(&body).map_err(|e| format!("the request body is not valid JSON: {e}"));
         let v = match parsed {
-            Ok(v) if v.is_object() => v,
+            Ok(v @ json::Value::Object(_)) => v,
             Ok(_) => {
                 return self.refuse(
                     ctx,
@@ -453,11 +454,11 @@ impl State {
             .to_string();
         let stream = v
             .get("stream")
-            .and_then(serde_json::Value::as_bool)
+            .and_then(json::Value::as_bool)
             .unwrap_or(false);
         let max_tokens = v
             .get("max_tokens")
-            .and_then(serde_json::Value::as_u64)
+            .and_then(json::Value::as_u64)
             .unwrap_or(1024);
         let estimated_tokens = (body.len() as u64 / 4).saturating_add(max_tokens);
         let tenancy = &self.config.tenancy;
@@ -911,7 +912,7 @@ impl State {
             // its own credentials and model names go to it.
             host::warn("unbusy: the failover cluster reached a provider out of the expected order");
             let p = self.config.providers.get(r)?;
-            let model = serde_json::from_slice::<serde_json::Value>(&flow.body)
+            let model = json::parse(&flow.body)
                 .ok()
                 .and_then(|v| v.get("model")?.as_str().map(str::to_string))
                 .unwrap_or_default();
@@ -1009,17 +1010,17 @@ impl State {
         if rw.model.is_none() && rw.max_tokens_cap.is_none() {
             return None;
         }
-        let mut v: serde_json::Value = serde_json::from_slice(&flow.body).ok()?;
-        let obj = v.as_object_mut()?;
+        // Only the rewritten members change; the rest is written back as the caller sent it.
+        let mut v = json::parse(&flow.body).ok()?;
         if let Some(m) = &rw.model {
-            obj.insert("model".into(), serde_json::Value::from(m.as_str()));
+            v.set("model", json::Value::String(m.clone()));
         }
         if let Some(cap) = rw.max_tokens_cap {
-            let current = obj.get("max_tokens").and_then(serde_json::Value::as_u64);
+            let current = v.get("max_tokens").and_then(json::Value::as_u64);
             let capped = current.map_or(u64::from(cap), |c| c.min(u64::from(cap)));
-            obj.insert("max_tokens".into(), serde_json::Value::from(capped));
+            v.set("max_tokens", json::Value::from_u64(capped));
         }
-        serde_json::to_vec(&v).ok()
+        Some(v.to_text().into_bytes())
     }
 
     /// Turns the engine's queued actions into host effects.

@@ -8,11 +8,11 @@
 //! Times cross the boundary as milliseconds (`f64`, from `performance.now()` or `Date.now()`)
 //! and become the engine's nanoseconds here.
 
-use serde_json::{json, Value};
 use unbusy_core::cache_key::{cache_key, tenant_id, KeyRequest, OptIn};
 use unbusy_core::classify::{classify, classify_fault, BodyProgress, Response, TransportFault};
 use unbusy_core::config::Config;
 use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Priority, RequestMeta};
+use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_core::time::Nanos;
 use wasm_bindgen::prelude::*;
@@ -47,30 +47,86 @@ fn abort_code(reason: &unbusy_core::engine::AbortReason) -> f64 {
     }
 }
 
-fn event_json(e: &Event) -> Value {
+/// A JSON object written member by member (no serde: size).
+struct Obj(String);
+
+impl Obj {
+    fn new() -> Self {
+        Obj(String::from("{"))
+    }
+
+    fn key(&mut self, k: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        json::write_str(&mut self.0, k);
+        self.0.push(':');
+    }
+
+    fn str(mut self, k: &str, v: &str) -> Self {
+        self.key(k);
+        json::write_str(&mut self.0, v);
+        self
+    }
+
+    fn opt_str(mut self, k: &str, v: Option<&str>) -> Self {
+        self.key(k);
+        match v {
+            Some(v) => json::write_str(&mut self.0, v),
+            None => self.0.push_str("null"),
+        }
+        self
+    }
+
+    fn num(mut self, k: &str, v: f64) -> Self {
+        self.key(k);
+        json::write_f64(&mut self.0, v, 3);
+        self
+    }
+
+    fn end(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+fn event_json(e: &Event) -> String {
     match e {
         Event::RequestFinished {
             outcome,
             attempts,
             latency,
-        } => json!({"type": "requestFinished", "outcome": outcome.label(), "attempts": attempts,
-                    "latencyMs": ms(*latency)}),
+        } => Obj::new()
+            .str("type", "requestFinished")
+            .str("outcome", outcome.label())
+            .num("attempts", f64::from(*attempts))
+            .num("latencyMs", ms(*latency)),
         Event::AttemptFinished {
             provider,
             class,
             latency,
-        } => json!({"type": "attemptFinished", "provider": provider, "result": class.label(),
-                    "latencyMs": ms(*latency)}),
-        Event::FirstToken { provider, latency } => {
-            json!({"type": "firstToken", "provider": provider, "latencyMs": ms(*latency)})
-        }
-        Event::BudgetExhausted => json!({"type": "budgetExhausted"}),
-        Event::BreakerChanged { provider, state } => {
-            json!({"type": "breakerChanged", "provider": provider, "state": state})
-        }
-        Event::TierChanged { tier } => json!({"type": "tierChanged", "tier": tier.level()}),
-        Event::Throttled { provider } => json!({"type": "throttled", "provider": provider}),
+        } => Obj::new()
+            .str("type", "attemptFinished")
+            .num("provider", *provider as f64)
+            .str("result", class.label())
+            .num("latencyMs", ms(*latency)),
+        Event::FirstToken { provider, latency } => Obj::new()
+            .str("type", "firstToken")
+            .num("provider", *provider as f64)
+            .num("latencyMs", ms(*latency)),
+        Event::BudgetExhausted => Obj::new().str("type", "budgetExhausted"),
+        Event::BreakerChanged { provider, state } => Obj::new()
+            .str("type", "breakerChanged")
+            .num("provider", *provider as f64)
+            .num("state", f64::from(*state)),
+        Event::TierChanged { tier } => Obj::new()
+            .str("type", "tierChanged")
+            .num("tier", f64::from(tier.level())),
+        Event::Throttled { provider } => Obj::new()
+            .str("type", "throttled")
+            .num("provider", *provider as f64),
     }
+    .end()
 }
 
 #[wasm_bindgen]
@@ -164,7 +220,23 @@ impl JsEngine {
         keepalive_only: bool,
         unix_now_s: f64,
     ) {
-        let pairs: Vec<(String, String)> = serde_json::from_str(headers_json).unwrap_or_default();
+        // `[[name, value], ...]`; anything else counts as no hint headers.
+        let parsed = json::parse(headers_json.as_bytes()).ok();
+        let pairs: Vec<(String, String)> = match &parsed {
+            Some(json::Value::Array(items)) => items
+                .iter()
+                .filter_map(|pair| match pair {
+                    json::Value::Array(nv) => match nv.as_slice() {
+                        [json::Value::String(n), json::Value::String(v)] => {
+                            Some((n.clone(), v.clone()))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let headers: Vec<(&str, &str)> = pairs
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
@@ -268,12 +340,19 @@ impl JsEngine {
     /// The headers of the reply `nextAction` returned last, as JSON `[[name, value], ...]`.
     #[wasm_bindgen(js_name = replyHeaders)]
     pub fn reply_headers(&self) -> String {
-        let pairs: Vec<Value> = self
-            .reply
-            .iter()
-            .flat_map(|r| r.headers.iter().map(|(n, v)| json!([n, v])))
-            .collect();
-        Value::Array(pairs).to_string()
+        let mut out = String::from("[");
+        for (i, (n, v)) in self.reply.iter().flat_map(|r| r.headers.iter()).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('[');
+            json::write_str(&mut out, n);
+            out.push(',');
+            json::write_str(&mut out, v);
+            out.push(']');
+        }
+        out.push(']');
+        out
     }
 
     /// The body of the reply `nextAction` returned last.
@@ -290,11 +369,13 @@ impl JsEngine {
     /// once per provider.
     pub fn route(&self, provider: usize) -> String {
         let p = self.engine.config().providers.get(provider);
-        json!({
-            "baseUrl": p.and_then(|p| p.base_url.clone()),
-            "authorization": p.and_then(|p| p.api_key.as_ref()).map(|k| format!("Bearer {k}")),
-        })
-        .to_string()
+        let authorization = p
+            .and_then(|p| p.api_key.as_ref())
+            .map(|k| format!("Bearer {k}"));
+        Obj::new()
+            .opt_str("baseUrl", p.and_then(|p| p.base_url.as_deref()))
+            .opt_str("authorization", authorization.as_deref())
+            .end()
     }
 
     /// Drops the queued events (when nobody listens, they are not worth encoding).
@@ -306,15 +387,15 @@ impl JsEngine {
     /// The queued events, as a JSON array (empty string when none).
     #[wasm_bindgen(js_name = takeEvents)]
     pub fn take_events(&mut self) -> String {
-        let mut v = Vec::new();
+        let mut out = String::new();
         while let Some(e) = self.engine.poll_event() {
-            v.push(event_json(&e));
+            out.push(if out.is_empty() { '[' } else { ',' });
+            out.push_str(&event_json(&e));
         }
-        if v.is_empty() {
-            String::new()
-        } else {
-            Value::Array(v).to_string()
+        if !out.is_empty() {
+            out.push(']');
         }
+        out
     }
 
     /// The current degradation tier (0 to 3).

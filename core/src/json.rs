@@ -1,0 +1,589 @@
+//! A small JSON reader and writer for the engine's own needs: the configuration, the fields a
+//! host reads from (and rewrites in) a chat request, error bodies and event reports.
+//!
+//! Why not `serde_json`: it was the largest part of both wasm builds (its parser, the code
+//! derived for every configuration struct, float formatting), and the Envoy filter and the npm
+//! package have size goals. What is needed here is much less: a strict RFC 8259 parser into a
+//! tree (duplicate keys and lone surrogates refused, nesting bounded, numbers kept as written so
+//! a rewritten request changes only what was rewritten) and an escaping writer.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// Deepest nesting accepted (a request nests a few levels; more is hostile).
+pub const MAX_DEPTH: usize = 128;
+
+/// A parsed JSON value. Objects keep their members in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// A number, as written.
+    Number(Number),
+    /// A string.
+    String(String),
+    /// An array.
+    Array(Vec<Value>),
+    /// An object.
+    Object(Vec<(String, Value)>),
+}
+
+/// A number as written in the document (so it is written back unchanged).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Number(String);
+
+impl Number {
+    /// Its text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// As a float (every JSON number is one, possibly rounded or infinite).
+    pub fn as_f64(&self) -> f64 {
+        self.0.parse().unwrap_or(f64::NAN)
+    }
+
+    /// As an unsigned integer, when written as one that fits (`3`, not `3.0` or `-3`).
+    pub fn as_u64(&self) -> Option<u64> {
+        if self.0.bytes().all(|b| b.is_ascii_digit()) {
+            self.0.parse().ok()
+        } else {
+            None
+        }
+    }
+}
+
+impl Value {
+    /// An object member.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Object(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// A string's text.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A boolean.
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// An unsigned integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Number(n) => n.as_u64(),
+            _ => None,
+        }
+    }
+
+    /// A number as a float.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Number(n) => Some(n.as_f64()),
+            _ => None,
+        }
+    }
+
+    /// Sets an object member (replacing it in place, or appending it); `false` if this is
+    /// not an object.
+    pub fn set(&mut self, key: &str, value: Value) -> bool {
+        let Value::Object(members) = self else {
+            return false;
+        };
+        match members.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => members.push((key.into(), value)),
+        }
+        true
+    }
+
+    /// A number value from an unsigned integer.
+    pub fn from_u64(n: u64) -> Value {
+        let mut s = String::new();
+        write_u64(&mut s, n);
+        Value::Number(Number(s))
+    }
+
+    /// Appends the compact JSON text of this value.
+    pub fn write(&self, out: &mut String) {
+        match self {
+            Value::Null => out.push_str("null"),
+            Value::Bool(true) => out.push_str("true"),
+            Value::Bool(false) => out.push_str("false"),
+            Value::Number(n) => out.push_str(&n.0),
+            Value::String(s) => write_str(out, s),
+            Value::Array(items) => {
+                out.push('[');
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    v.write(out);
+                }
+                out.push(']');
+            }
+            Value::Object(members) => {
+                out.push('{');
+                for (i, (k, v)) in members.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write_str(out, k);
+                    out.push(':');
+                    v.write(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+
+    /// The compact JSON text of this value.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        self.write(&mut out);
+        out
+    }
+}
+
+/// Why a document is not JSON, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonError {
+    /// What was wrong.
+    pub what: &'static str,
+    /// The byte offset where it was found.
+    pub at: usize,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at byte {}", self.what, self.at)
+    }
+}
+
+impl core::error::Error for JsonError {}
+
+/// Parses a whole document (only whitespace may follow the value).
+pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
+    let mut p = Parser { bytes, at: 0 };
+    p.skip_ws();
+    let v = p.value(0)?;
+    p.skip_ws();
+    if p.at < bytes.len() {
+        return Err(p.fail("trailing characters after the value"));
+    }
+    Ok(v)
+}
+
+struct Parser<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Parser<'_> {
+    fn fail(&self, what: &'static str) -> JsonError {
+        JsonError { what, at: self.at }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8], v: Value) -> Result<Value, JsonError> {
+        if self.bytes.get(self.at..self.at + word.len()) == Some(word) {
+            self.at += word.len();
+            Ok(v)
+        } else {
+            Err(self.fail("expected a value"))
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, JsonError> {
+        match self.peek() {
+            None => Err(self.fail("unexpected end of input")),
+            Some(b'n') => self.literal(b"null", Value::Null),
+            Some(b't') => self.literal(b"true", Value::Bool(true)),
+            Some(b'f') => self.literal(b"false", Value::Bool(false)),
+            Some(b'"') => self.string().map(Value::String),
+            Some(b'[') => self.array(depth + 1),
+            Some(b'{') => self.object(depth + 1),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(_) => Err(self.fail("expected a value")),
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<Value, JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(self.fail("nested too deeply"));
+        }
+        self.at += 1; // '['
+        let mut items = Vec::new();
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            return Ok(Value::Array(items));
+        }
+        loop {
+            self.skip_ws();
+            items.push(self.value(depth)?);
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b']') => {
+                    self.at += 1;
+                    return Ok(Value::Array(items));
+                }
+                _ => return Err(self.fail("expected `,` or `]`")),
+            }
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Result<Value, JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(self.fail("nested too deeply"));
+        }
+        self.at += 1; // '{'
+        let mut members: Vec<(String, Value)> = Vec::new();
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.at += 1;
+            return Ok(Value::Object(members));
+        }
+        loop {
+            self.skip_ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.fail("expected a string key"));
+            }
+            let key_at = self.at;
+            let key = self.string()?;
+            if members.iter().any(|(k, _)| *k == key) {
+                return Err(JsonError {
+                    what: "duplicate key",
+                    at: key_at,
+                });
+            }
+            self.skip_ws();
+            if self.peek() != Some(b':') {
+                return Err(self.fail("expected `:`"));
+            }
+            self.at += 1;
+            self.skip_ws();
+            let v = self.value(depth)?;
+            members.push((key, v));
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b'}') => {
+                    self.at += 1;
+                    return Ok(Value::Object(members));
+                }
+                _ => return Err(self.fail("expected `,` or `}`")),
+            }
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.at;
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.at += 1;
+        }
+        self.at - start
+    }
+
+    fn number(&mut self) -> Result<Value, JsonError> {
+        let start = self.at;
+        if self.peek() == Some(b'-') {
+            self.at += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.at += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return Err(self.fail("invalid number")),
+        }
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            if self.digits() == 0 {
+                return Err(self.fail("invalid number"));
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            if self.digits() == 0 {
+                return Err(self.fail("invalid number"));
+            }
+        }
+        let text = self
+            .bytes
+            .get(start..self.at)
+            .and_then(|b| core::str::from_utf8(b).ok())
+            .unwrap_or("0");
+        Ok(Value::Number(Number(text.into())))
+    }
+
+    fn hex4(&mut self) -> Result<u32, JsonError> {
+        let mut n = 0u32;
+        for _ in 0..4 {
+            let d = match self.peek() {
+                Some(c @ b'0'..=b'9') => c - b'0',
+                Some(c @ b'a'..=b'f') => c - b'a' + 10,
+                Some(c @ b'A'..=b'F') => c - b'A' + 10,
+                _ => return Err(self.fail("invalid \\u escape")),
+            };
+            n = n * 16 + u32::from(d);
+            self.at += 1;
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self) -> Result<String, JsonError> {
+        self.at += 1; // '"'
+        let mut out = String::new();
+        loop {
+            // Copy the run up to the next quote, backslash or control byte at once.
+            let start = self.at;
+            while matches!(self.peek(), Some(c) if c != b'"' && c != b'\\' && c >= 0x20) {
+                self.at += 1;
+            }
+            let run = self.bytes.get(start..self.at).unwrap_or(&[]);
+            match core::str::from_utf8(run) {
+                Ok(s) => out.push_str(s),
+                Err(_) => {
+                    return Err(JsonError {
+                        what: "invalid UTF-8 in a string",
+                        at: start,
+                    })
+                }
+            }
+            match self.peek() {
+                Some(b'"') => {
+                    self.at += 1;
+                    return Ok(out);
+                }
+                Some(b'\\') => {
+                    self.at += 1;
+                    let c = self.peek();
+                    self.at += 1;
+                    match c {
+                        Some(b'"') => out.push('"'),
+                        Some(b'\\') => out.push('\\'),
+                        Some(b'/') => out.push('/'),
+                        Some(b'b') => out.push('\u{8}'),
+                        Some(b'f') => out.push('\u{c}'),
+                        Some(b'n') => out.push('\n'),
+                        Some(b'r') => out.push('\r'),
+                        Some(b't') => out.push('\t'),
+                        Some(b'u') => {
+                            let hi = self.hex4()?;
+                            let code = if (0xd800..0xdc00).contains(&hi) {
+                                if self.bytes.get(self.at..self.at + 2) != Some(b"\\u") {
+                                    return Err(self.fail("lone surrogate"));
+                                }
+                                self.at += 2;
+                                let lo = self.hex4()?;
+                                if !(0xdc00..0xe000).contains(&lo) {
+                                    return Err(self.fail("lone surrogate"));
+                                }
+                                0x10000 + ((hi - 0xd800) << 10) + (lo - 0xdc00)
+                            } else if (0xdc00..0xe000).contains(&hi) {
+                                return Err(self.fail("lone surrogate"));
+                            } else {
+                                hi
+                            };
+                            match char::from_u32(code) {
+                                Some(ch) => out.push(ch),
+                                None => return Err(self.fail("invalid \\u escape")),
+                            }
+                        }
+                        _ => return Err(self.fail("invalid escape")),
+                    }
+                }
+                Some(_) => return Err(self.fail("control character in a string")),
+                None => return Err(self.fail("unterminated string")),
+            }
+        }
+    }
+}
+
+/// Appends `s` as a JSON string.
+pub fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let b = c as u32;
+                out.push_str("\\u00");
+                out.push(char::from_digit(b >> 4, 16).unwrap_or('0'));
+                out.push(char::from_digit(b & 0xf, 16).unwrap_or('0'));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Appends an unsigned integer.
+pub fn write_u64(out: &mut String, n: u64) {
+    let mut div = 1u64;
+    while n / div >= 10 {
+        div *= 10;
+    }
+    loop {
+        out.push(char::from(b'0' + ((n / div) % 10) as u8));
+        if div == 1 {
+            break;
+        }
+        div /= 10;
+    }
+}
+
+/// Appends a float with at most `decimals` decimals (trailing zeros dropped), without the
+/// standard library's float formatting (which is large in wasm); `null` if not finite.
+pub fn write_f64(out: &mut String, x: f64, decimals: u32) {
+    if !x.is_finite() {
+        out.push_str("null");
+        return;
+    }
+    if x < 0.0 {
+        out.push('-');
+    }
+    let scale = 10u64.pow(decimals.min(9));
+    let scaled = (x.abs() * scale as f64 + 0.5) as u64; // saturates for huge values
+    write_u64(out, scaled / scale);
+    let mut frac = scaled % scale;
+    if frac > 0 {
+        out.push('.');
+        let mut div = scale / 10;
+        while frac > 0 && div > 0 {
+            out.push(char::from(b'0' + (frac / div) as u8));
+            frac %= div;
+            div /= 10;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    #[test]
+    fn parses_and_writes_back_unchanged() {
+        let text = r#"{"model":"m","n":1.50,"e":-2E+3,"a":[true,false,null,{"x":"\u00e9\ud83d\ude00\n"}],"s":"q\"\\/"}"#;
+        let v = parse(text.as_bytes()).unwrap();
+        assert_eq!(v.get("model").and_then(Value::as_str), Some("m"));
+        assert_eq!(v.get("n").and_then(Value::as_f64), Some(1.5));
+        assert_eq!(v.get("n").and_then(Value::as_u64), None);
+        let back = v.to_text();
+        assert_eq!(parse(back.as_bytes()).unwrap(), v);
+        assert!(
+            back.contains("\"n\":1.50") && back.contains("-2E+3"),
+            "{back}"
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_json() {
+        for bad in [
+            "",
+            "{",
+            "[1,]",
+            "{\"a\":1,}",
+            "01",
+            "1.",
+            "-",
+            "1e",
+            "\"\\ud800\"",
+            "\"\\udc00x\"",
+            "{\"a\":1,\"a\":2}",
+            "\"a\u{1}\"",
+            "nul",
+            "[1] x",
+            "{a:1}",
+            "\"\\x\"",
+        ] {
+            assert!(parse(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse(&[b'"', 0xff, b'"']).is_err());
+        let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        assert_eq!(
+            parse(deep.as_bytes()).unwrap_err().what,
+            "nested too deeply"
+        );
+        let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        assert!(parse(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn set_replaces_in_place_or_appends() {
+        let mut v = parse(br#"{"model":"a","x":1}"#).unwrap();
+        assert!(v.set("model", Value::String("b".into())));
+        assert!(v.set("max_tokens", Value::from_u64(256)));
+        assert_eq!(v.to_text(), r#"{"model":"b","x":1,"max_tokens":256}"#);
+        assert!(!Value::Null.set("a", Value::Null));
+    }
+
+    #[test]
+    fn writes_strings_and_numbers() {
+        let mut s = String::new();
+        write_str(&mut s, "a\"b\\c\n\u{1}é");
+        assert_eq!(s, "\"a\\\"b\\\\c\\n\\u0001é\"");
+        let f = |x: f64| {
+            let mut s = String::new();
+            write_f64(&mut s, x, 3);
+            s
+        };
+        assert_eq!(f(1.0), "1");
+        assert_eq!(f(0.25), "0.25");
+        assert_eq!(f(-12.0005), "-12.001");
+        assert_eq!(f(f64::NAN), "null");
+        assert_eq!(f(1234.5678), "1234.568");
+        let mut s = String::new();
+        write_u64(&mut s, u64::MAX);
+        assert_eq!(s, u64::MAX.to_string());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut rng = crate::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..40);
+            let alphabet = b"{}[]\",:\\u0123456789.eE+-truefalsnl \xff";
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(0..alphabet.len())])
+                .collect();
+            if let Ok(v) = parse(&bytes) {
+                assert_eq!(parse(v.to_text().as_bytes()).unwrap(), v);
+            }
+        }
+        let _ = vec![0u8];
+    }
+}
