@@ -280,6 +280,9 @@ struct ProviderState {
     /// No new attempts before this instant: the provider asked for a pause (see
     /// [`RATE_LIMIT_COOLDOWN_AFTER`]).
     cooldown_until: Nanos,
+    /// Attempts to this provider in flight from other engines that share its
+    /// `max_concurrency` quota (other Envoy workers), as the host last reported them.
+    external_in_flight: u32,
 }
 
 /// After this many rate-limit answers in a row carrying a retry hint, a provider's hint applies
@@ -379,6 +382,7 @@ impl Engine {
                 last_breaker_gauge: 0,
                 consecutive_rate_limits: 0,
                 cooldown_until: 0,
+                external_in_flight: 0,
             })
             .collect();
         let limits = &config.limits;
@@ -439,6 +443,22 @@ impl Engine {
     /// Requests admitted and not finished.
     pub fn active_requests(&self) -> usize {
         self.requests.len()
+    }
+
+    /// The host reports how many attempts to provider `index` other engines sharing its
+    /// `max_concurrency` quota have in flight (Envoy's workers, through shared data). The
+    /// quota then counts them: with it full, requests wait for a slot (in order) instead of
+    /// being sent into a refusal, and when the count drops, waiting requests go at once.
+    pub fn set_external_in_flight(&mut self, now: Nanos, index: usize, in_flight: u32) {
+        self.latest = self.latest.max(now);
+        let Some(p) = self.providers.get_mut(index) else {
+            return;
+        };
+        let dropped = in_flight < p.external_in_flight;
+        p.external_in_flight = in_flight;
+        if dropped {
+            self.wake_capacity_waiters(now);
+        }
     }
 
     /// Attempts in flight to provider `index`.
@@ -1146,7 +1166,10 @@ impl Engine {
                 weight: cfg.weight,
                 outstanding: p.limit.in_flight(),
                 breaker_allows: p.breaker.would_allow(now) && now >= p.cooldown_until,
-                has_room: p.limit.has_room(),
+                has_room: p.limit.has_room()
+                    && cfg.max_concurrency.is_none_or(|quota| {
+                        p.limit.in_flight().saturating_add(p.external_in_flight) < quota
+                    }),
             })
             .collect()
     }

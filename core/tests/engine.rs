@@ -268,6 +268,35 @@ fn concurrency_quota_paces_instead_of_sending() {
 }
 
 #[test]
+fn a_quota_shared_with_other_engines_counts_their_attempts_and_wakes_when_they_end() {
+    // Quota 3, of which other workers hold 3: nothing may be sent, the requests queue (no
+    // refusal, no backoff); as the others' attempts end, the queue drains oldest first.
+    let mut p = provider("deepseek", 0);
+    p.max_concurrency = Some(3);
+    let mut e = Engine::new(config(vec![p]), 1).unwrap();
+    e.set_external_in_flight(0, 0, 3);
+    let first = e.admit(ms(1), meta(1));
+    let second = e.admit(ms(2), meta(2));
+    assert!(actions(&mut e).is_empty(), "the shared quota is full");
+    e.set_external_in_flight(ms(100), 0, 2);
+    match actions(&mut e).as_slice() {
+        [Action::Send(s)] => assert_eq!(s.request, first),
+        other => panic!("{other:?}"),
+    }
+    e.set_external_in_flight(ms(150), 0, 2);
+    assert!(
+        actions(&mut e).is_empty(),
+        "no change, no room: 1 mine + 2 theirs"
+    );
+    e.set_external_in_flight(ms(200), 0, 0);
+    match actions(&mut e).as_slice() {
+        [Action::Send(s)] => assert_eq!(s.request, second),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.in_flight(0), 2);
+}
+
+#[test]
 fn everything_down_fails_fast_with_an_sdk_friendly_reply() {
     let mut c = config(vec![provider("deepseek", 0)]);
     c.retry.max_attempts = 2;

@@ -51,6 +51,9 @@ pub const MAX_HELD_RESPONSE_BYTES: usize = 8 << 20;
 /// do not send it; it reaches the caller's filter only if the router could not retry, and is
 /// then judged like any busy answer.
 pub const NATIVE_RETRY_STATUS: u16 = 591;
+/// Shared-data keys of the global rate limits (GCRA theoretical arrival times).
+const GLOBAL_REQUESTS: &str = "unbusy:limit:global:r";
+const GLOBAL_TOKENS: &str = "unbusy:limit:global:t";
 /// The request header that ties the router's attempts to their managed request (set by the
 /// filter, removed by its upstream instance before the request leaves Envoy).
 pub const FLOW_HEADER: &str = "x-unbusy-flow";
@@ -297,6 +300,14 @@ impl State {
         engine_config.limits.per_tenant = Default::default();
         let engine = Engine::new(engine_config, seed).map_err(|e| e.to_string())?;
         let names: Vec<String> = config.providers.iter().map(|p| p.name.clone()).collect();
+        for (i, p) in config.providers.iter().enumerate() {
+            if p.max_concurrency.is_some() {
+                shared::ensure(&Self::slot_key(i), &0u32.to_le_bytes());
+            }
+        }
+        for key in [GLOBAL_REQUESTS, GLOBAL_TOKENS, shared::LEDGER] {
+            shared::ensure(key, &0u64.to_le_bytes());
+        }
         let limits = &config.limits;
         Ok(Self {
             engine,
@@ -483,12 +494,12 @@ impl State {
             ),
             (
                 self.global_requests.as_ref(),
-                "unbusy:limit:global:r".to_string(),
+                GLOBAL_REQUESTS.to_string(),
                 1,
             ),
             (
                 self.global_tokens.as_ref(),
-                "unbusy:limit:global:t".to_string(),
+                GLOBAL_TOKENS.to_string(),
                 estimated_tokens,
             ),
         ];
@@ -568,6 +579,7 @@ impl State {
         let deadline = Self::header(&flow.headers, "x-unbusy-deadline-ms")
             .and_then(|v| v.parse::<u64>().ok())
             .map(|d| now.saturating_add(ms(d)));
+        self.share_quota_view(now);
         let request = self.engine.admit(
             now,
             RequestMeta {
@@ -980,11 +992,27 @@ impl State {
 
     /// The periodic tick: the engine's timers.
     pub fn tick(&mut self, now: Nanos) -> Vec<Effect> {
+        self.share_quota_view(now);
         if self.engine.next_wakeup().is_some_and(|t| t <= now) || self.engine.active_requests() > 0
         {
             self.engine.on_tick(now);
         }
         self.drain(now)
+    }
+
+    /// Tells the engine how many attempts the other workers have in flight to each provider
+    /// with a `max_concurrency` quota (the shared count less this worker's own slots), so a
+    /// full quota makes requests queue for a slot, and a freed one wakes them within a tick.
+    fn share_quota_view(&mut self, now: Nanos) {
+        for (i, p) in self.config.providers.iter().enumerate() {
+            if p.max_concurrency.is_none() {
+                continue;
+            }
+            let total = shared::slots_held(&Self::slot_key(i));
+            let mine = self.flows.values().filter(|f| f.slot == Some(i)).count() as u32;
+            self.engine
+                .set_external_in_flight(now, i, total.saturating_sub(mine));
+        }
     }
 
     fn note(&self, ctx: u32) -> String {

@@ -47,6 +47,22 @@ pub fn check(key: &str, rate: &Rate, now: Nanos, cost: u64) -> Decision {
     gcra(rate, read(key, u64::from_le_bytes).0, now, cost).0
 }
 
+/// Creates a shared value as `zero` unless it exists. Envoy's compare-and-swap only guards a
+/// value that exists: two workers that both find a key absent both write it, and one update is
+/// lost (two workers each taking "the first" of a provider's slots left the count one short for
+/// the whole run, and the provider saw a fourth request on a quota of three). So every fixed
+/// key is created at configuration time, before any request uses it.
+pub fn ensure(key: &str, zero: &[u8]) {
+    if host::shared_get(key).0.is_none() {
+        host::shared_set(key, zero, None);
+    }
+}
+
+/// How many slots of a shared counter are taken, by every worker together.
+pub fn slots_held(key: &str) -> u32 {
+    read(key, u32::from_le_bytes).0
+}
+
 /// Takes one of `quota` slots of a counter shared by every worker; `false` when all are taken.
 pub fn slot_acquire(key: &str, quota: u32) -> bool {
     for _ in 0..CAS_ROUNDS {
@@ -101,7 +117,7 @@ impl CacheBounds {
 }
 
 /// The shared-data key of the bytes ledger.
-const LEDGER: &str = "unbusy:cache:bytes";
+pub const LEDGER: &str = "unbusy:cache:bytes";
 
 /// The bytes the cache holds now, across workers.
 pub fn cache_bytes() -> u64 {

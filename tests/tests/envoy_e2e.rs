@@ -797,7 +797,8 @@ fn the_example_envoy_config_is_valid_for_this_envoy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_providers_concurrency_quota_holds_across_workers() {
     // DeepSeek-style quota: 3 in flight; above it the provider answers 429. Twelve callers at
-    // once through two workers: unbusy queues them, so the provider never sees a fourth.
+    // once through two workers: unbusy queues them, so the provider never sees a fourth, and a
+    // slot freed on one worker is taken by a request waiting on the other.
     let mut slow = behaviour("primary", vec![]);
     slow.provider.capacity = 3;
     slow.provider.latency_ms = Latency {
@@ -807,6 +808,7 @@ async fn a_providers_concurrency_quota_holds_across_workers() {
     let config = json!({"providers": [{"name": "primary", "max_concurrency": 3}]});
     let w = world(vec![slow], test_config(config), 2).await;
     let addr = w.envoy.listen;
+    let started = std::time::Instant::now();
     let calls: Vec<_> = (0..12)
         .map(|i| {
             tokio::spawn(async move {
@@ -818,10 +820,27 @@ async fn a_providers_concurrency_quota_holds_across_workers() {
         let r = c.await.unwrap().unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
     }
+    eprintln!("12 calls on a quota of 3 took {:?}", started.elapsed());
     let s = w.providers[0].stats();
     assert_eq!(s.capacity_429, 0, "the quota was exceeded: {s:?}");
     assert!(s.max_in_flight <= 3, "{}", s.max_in_flight);
-    assert_eq!(s.ok, 12);
+    assert_eq!((s.ok, s.attempts), (12, 12), "each request reached it once");
+    // Requests queued for a slot the other worker freed; they were not sent into a full quota
+    // and backed off (which a worker sees as its own 429: 20 of them per run before the engine
+    // counted the other worker's attempts). Two workers can still both take the last slot's
+    // vacancy at once; one of them then backs off.
+    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    let refused = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("unbusy_attempts_total{result=\"rate_limited\",provider=\"primary\"} ")
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(refused <= 2, "{refused} attempts met a full quota");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
