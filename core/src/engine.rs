@@ -461,6 +461,26 @@ impl Engine {
         }
     }
 
+    /// Until when provider `index`'s breaker is open (`None`: closed or probing), for hosts
+    /// that share the verdict with other engines in front of the same provider.
+    pub fn breaker_open_until(&self, now: Nanos, index: usize) -> Option<Nanos> {
+        match self.providers.get(index)?.breaker.state(now) {
+            BreakerState::Open { until } => Some(until),
+            _ => None,
+        }
+    }
+
+    /// Another engine in front of the same provider (another Envoy worker) opened its breaker
+    /// for provider `index` until `until`: no attempts go there before then, as after a
+    /// provider's own request to pause (requests fail over, or wait if nothing else can help).
+    /// This engine's breaker is left as it is; the one that opened probes when it half-opens.
+    pub fn pause_provider(&mut self, now: Nanos, index: usize, until: Nanos) {
+        self.latest = self.latest.max(now);
+        if let Some(p) = self.providers.get_mut(index) {
+            p.cooldown_until = p.cooldown_until.max(until);
+        }
+    }
+
     /// Attempts in flight to provider `index`.
     pub fn in_flight(&self, index: usize) -> u32 {
         self.providers.get(index).map_or(0, |p| p.limit.in_flight())

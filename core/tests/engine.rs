@@ -297,6 +297,31 @@ fn a_quota_shared_with_other_engines_counts_their_attempts_and_wakes_when_they_e
 }
 
 #[test]
+fn a_breaker_opened_elsewhere_pauses_the_provider_here_until_it_would_probe() {
+    let mut c = config(vec![provider("primary", 0), provider("backup", 1)]);
+    c.breaker.consecutive_failures = 2;
+    let mut opener = Engine::new(c.clone(), 1).unwrap();
+    let mut other = Engine::new(c, 2).unwrap();
+    // Two failures in a row open the breaker on one engine...
+    for i in 0..2 {
+        let id = opener.admit(ms(i), meta(1));
+        let (attempt, provider) = sent(&actions(&mut opener));
+        assert_eq!(provider, 0);
+        opener.on_outcome(ms(i) + 1, id, attempt, outcome(OutcomeClass::Busy, None));
+        actions(&mut opener);
+    }
+    let until = opener.breaker_open_until(ms(10), 0).expect("open");
+    assert!(until > ms(10));
+    assert_eq!(other.breaker_open_until(ms(10), 0), None);
+    // ...and the other, told so, sends straight to the backup until then.
+    other.pause_provider(ms(10), 0, until);
+    other.admit(ms(11), meta(2));
+    assert_eq!(sent(&actions(&mut other)).1, 1, "paused: the backup first");
+    other.admit(until, meta(3));
+    assert_eq!(sent(&actions(&mut other)).1, 0, "the pause is over");
+}
+
+#[test]
 fn everything_down_fails_fast_with_an_sdk_friendly_reply() {
     let mut c = config(vec![provider("deepseek", 0)]);
     c.retry.max_attempts = 2;

@@ -301,6 +301,7 @@ impl State {
         let engine = Engine::new(engine_config, seed).map_err(|e| e.to_string())?;
         let names: Vec<String> = config.providers.iter().map(|p| p.name.clone()).collect();
         for (i, p) in config.providers.iter().enumerate() {
+            shared::ensure(&Self::breaker_key(i), &0u64.to_le_bytes());
             if p.max_concurrency.is_some() {
                 shared::ensure(&Self::slot_key(i), &0u32.to_le_bytes());
             }
@@ -579,7 +580,7 @@ impl State {
         let deadline = Self::header(&flow.headers, "x-unbusy-deadline-ms")
             .and_then(|v| v.parse::<u64>().ok())
             .map(|d| now.saturating_add(ms(d)));
-        self.share_quota_view(now);
+        self.share_views(now);
         let request = self.engine.admit(
             now,
             RequestMeta {
@@ -992,7 +993,7 @@ impl State {
 
     /// The periodic tick: the engine's timers.
     pub fn tick(&mut self, now: Nanos) -> Vec<Effect> {
-        self.share_quota_view(now);
+        self.share_views(now);
         if self.engine.next_wakeup().is_some_and(|t| t <= now) || self.engine.active_requests() > 0
         {
             self.engine.on_tick(now);
@@ -1000,11 +1001,23 @@ impl State {
         self.drain(now)
     }
 
-    /// Tells the engine how many attempts the other workers have in flight to each provider
-    /// with a `max_concurrency` quota (the shared count less this worker's own slots), so a
-    /// full quota makes requests queue for a slot, and a freed one wakes them within a tick.
-    fn share_quota_view(&mut self, now: Nanos) {
+    /// What the workers share about each provider, both ways, at every tick and admission:
+    /// - how many attempts the other workers have in flight to a provider with a
+    ///   `max_concurrency` quota (the shared count less this worker's own slots), so a full
+    ///   quota makes requests queue for a slot, and a freed one wakes them within a tick;
+    /// - until when any worker's breaker for it is open: this worker publishes its own, and
+    ///   pauses the provider until the latest one published, so one worker's verdict spares
+    ///   the others from paying their own `consecutive_failures` to reach it.
+    fn share_views(&mut self, now: Nanos) {
         for (i, p) in self.config.providers.iter().enumerate() {
+            let breaker = Self::breaker_key(i);
+            if let Some(until) = self.engine.breaker_open_until(now, i) {
+                shared::raise(&breaker, until);
+            }
+            let until = shared::instant(&breaker);
+            if until > now {
+                self.engine.pause_provider(now, i, until);
+            }
             if p.max_concurrency.is_none() {
                 continue;
             }
@@ -1013,6 +1026,10 @@ impl State {
             self.engine
                 .set_external_in_flight(now, i, total.saturating_sub(mine));
         }
+    }
+
+    fn breaker_key(provider: usize) -> String {
+        format!("unbusy:breaker:{provider}")
     }
 
     fn note(&self, ctx: u32) -> String {

@@ -58,6 +58,21 @@ pub fn ensure(key: &str, zero: &[u8]) {
     }
 }
 
+/// A shared instant (0 when absent).
+pub fn instant(key: &str) -> Nanos {
+    read(key, u64::from_le_bytes).0
+}
+
+/// Raises a shared instant to `at` (never lowers it).
+pub fn raise(key: &str, at: Nanos) {
+    for _ in 0..CAS_ROUNDS {
+        let (held, cas) = read(key, u64::from_le_bytes);
+        if held >= at || host::shared_set(key, &at.to_le_bytes(), cas) {
+            return;
+        }
+    }
+}
+
 /// How many slots of a shared counter are taken, by every worker together.
 pub fn slots_held(key: &str) -> u32 {
     read(key, u32::from_le_bytes).0

@@ -843,6 +843,76 @@ async fn a_providers_concurrency_quota_holds_across_workers() {
     assert!(refused <= 2, "{refused} attempts met a full quota");
 }
 
+/// Sends each body on one keep-alive connection (so one Envoy worker serves them all); returns
+/// the statuses.
+async fn on_one_connection(addr: std::net::SocketAddr, bodies: &[String]) -> Vec<u16> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for body in bodies {
+        let req = hyper::Request::post("/v1/chat/completions")
+            .header("host", "unbusy.test")
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer caller-key")
+            .body(Full::new(bytes::Bytes::from(body.clone())))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        let _ = resp.into_body().collect().await;
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_on_one_worker_spares_the_provider_on_all() {
+    let config = json!({
+        "breaker": {"consecutive_failures": 4, "open_ms": 20000, "max_open_ms": 20000},
+        "throttle": {"enabled": false},
+    });
+    let w = world(
+        vec![
+            behaviour("primary", vec![busy()]),
+            behaviour("backup", vec![]),
+        ],
+        test_config(config),
+        2,
+    )
+    .await;
+    // Four failures in a row on one worker (one connection) open its breaker...
+    let bodies: Vec<String> = (0..4)
+        .map(|i| chat_body(&format!("open {i}"), false, false))
+        .collect();
+    assert_eq!(
+        on_one_connection(w.envoy.listen, &bodies).await,
+        vec![200; 4]
+    );
+    assert_eq!(w.providers[0].stats().attempts, 4);
+    // ...and requests on fresh connections, which the kernel spreads over both workers, go
+    // straight to the backup: the other worker never pays its own four failures.
+    for i in 0..20 {
+        let r = chat(
+            w.envoy.listen,
+            &chat_body(&format!("after {i}"), false, false),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.header("x-unbusy").unwrap_or("").contains("attempts=1"));
+    }
+    assert_eq!(
+        w.providers[0].stats().attempts,
+        4,
+        "the primary was tried again"
+    );
+    assert_eq!(w.providers[1].stats().attempts, 24);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_rate_limited_provider_is_retried_after_its_retry_after_not_before() {
     let limited = FaultWindow {
