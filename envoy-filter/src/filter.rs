@@ -976,6 +976,15 @@ impl State {
             if flow.carrier == from {
                 flow.carrier = ctx;
                 flow.held = false;
+                // It ended while its answer was still being judged (the provider reset the
+                // stream): the router answers the caller's stream itself now, and that answer
+                // is this attempt's outcome.
+                if matches!(
+                    flow.phase,
+                    Phase::HoldingStream | Phase::BufferingBody | Phase::BufferingError
+                ) {
+                    flow.phase = Phase::Router;
+                }
             }
         }
     }

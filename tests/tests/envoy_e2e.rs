@@ -267,6 +267,38 @@ async fn a_failed_over_answer_still_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_breaks_a_held_answer_is_failed_over_at_once() {
+    // 200, keep-alive for 0.3 s, then the connection breaks: well before the first-token
+    // deadline (1.5 s), the break itself is the attempt's outcome.
+    let broken = FaultWindow {
+        stall: 1.0,
+        stall_s: 0.3,
+        ..FaultWindow::default()
+    };
+    let w = world(
+        vec![
+            behaviour("primary", vec![broken]),
+            behaviour("backup", vec![]),
+        ],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    for stream in [true, false] {
+        let r = chat(w.envoy.listen, &chat_body("broken", stream, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("[backup]") && !r.text().contains("keep-alive"));
+        assert!(
+            r.headers_after < Duration::from_millis(1400),
+            "waited for the deadline instead: {:?}",
+            r.headers_after
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_failover_cluster_the_failover_is_dispatched_and_arrives_whole() {
     // (A dispatched answer shows no progress until it is complete, so here the whole stream
     // must come within the first-token deadline, 1.5 s.)
