@@ -1314,7 +1314,11 @@ impl State {
         if flow.phase == Phase::RequestHeld {
             flow.phase = Phase::Router;
             flow.router_attempt = Some(send.attempt);
-            let mut headers = vec![("x-unbusy-cluster".to_string(), Some(cluster))];
+            // (A caller's own flow header would tie its request to another's attempts.)
+            let mut headers = vec![
+                ("x-unbusy-cluster".to_string(), Some(cluster)),
+                (FLOW_HEADER.to_string(), None),
+            ];
             if let Some(auth) = &send.rewrite.authorization {
                 headers.push(("authorization".into(), Some(auth.clone())));
             }
@@ -1344,6 +1348,7 @@ impl State {
                         | "content-length"
                         | "transfer-encoding"
                         | "x-unbusy-cluster"
+                        | "x-unbusy-flow"
                         | "authorization"
                         | "accept-encoding"
                 )
