@@ -265,28 +265,17 @@ pub(crate) fn hold_or_release(
     }
 }
 
-/// The response headers of stream `ctx`, seen by context `from` (the stream itself, or the
-/// upstream instance's context carrying its attempt).
-pub(crate) fn response_headers(state: &Shared, ctx: u32, from: u32, end: bool) -> Action {
-    let interest = state
-        .try_borrow()
-        .map_or(Interest::Pass, |s| s.interest(ctx, from));
-    match interest {
-        Interest::Pass => Action::Continue,
-        Interest::Hold => Action::Pause,
-        Interest::Judge { .. } => {
-            let headers = host::headers(Map::ResponseHeaders);
-            let verdict = state
-                .try_borrow_mut()
-                .map(|mut s| s.response_headers(ctx, from, host::now(), headers, end))
-                .unwrap_or_default();
-            hold_or_release(state, from, verdict)
-        }
-    }
-}
-
-/// A response body chunk of stream `ctx`, seen by context `from`.
-pub(crate) fn response_body(state: &Shared, ctx: u32, from: u32, size: usize, end: bool) -> Action {
+/// A response callback of stream `ctx`, running in context `from` (the stream itself, or the
+/// upstream instance's context carrying its attempt): asks the state what it needs first, so
+/// most callbacks copy nothing out of Envoy; `read` fetches what it needs (`true`: the bytes),
+/// `judge` hands it to the state.
+fn on_response<T>(
+    state: &Shared,
+    ctx: u32,
+    from: u32,
+    read: impl FnOnce(bool) -> T,
+    judge: impl FnOnce(&mut State, T) -> (bool, Vec<Effect>),
+) -> Action {
     let interest = state
         .try_borrow()
         .map_or(Interest::Pass, |s| s.interest(ctx, from));
@@ -294,18 +283,42 @@ pub(crate) fn response_body(state: &Shared, ctx: u32, from: u32, size: usize, en
         Interest::Pass => Action::Continue,
         Interest::Hold => Action::Pause,
         Interest::Judge { bytes } => {
-            let body = if bytes {
-                host::buffer(Buffer::ResponseBody, size).unwrap_or_default()
-            } else {
-                Vec::new()
-            };
+            let input = read(bytes);
             let verdict = state
                 .try_borrow_mut()
-                .map(|mut s| s.router_body(ctx, from, host::now(), &body, end))
+                .map(|mut s| judge(&mut s, input))
                 .unwrap_or_default();
             hold_or_release(state, from, verdict)
         }
     }
+}
+
+/// The response headers of stream `ctx`, seen by context `from`.
+pub(crate) fn response_headers(state: &Shared, ctx: u32, from: u32, end: bool) -> Action {
+    on_response(
+        state,
+        ctx,
+        from,
+        |_| host::headers(Map::ResponseHeaders),
+        |s, headers| s.response_headers(ctx, from, host::now(), headers, end),
+    )
+}
+
+/// A response body chunk of stream `ctx`, seen by context `from`.
+pub(crate) fn response_body(state: &Shared, ctx: u32, from: u32, size: usize, end: bool) -> Action {
+    on_response(
+        state,
+        ctx,
+        from,
+        |bytes| {
+            if bytes {
+                host::buffer(Buffer::ResponseBody, size).unwrap_or_default()
+            } else {
+                Vec::new() // mid-stream, only the fact that a chunk passed counts
+            }
+        },
+        |s, body| s.router_body(ctx, from, host::now(), &body, end),
+    )
 }
 
 impl Stream {

@@ -509,14 +509,12 @@ async fn under_pressure_tier_1_cuts_features_before_the_provider_sees_them() {
     assert_eq!(shed.json()["error"]["code"], "load_shed");
     assert!(shed.header("retry-after").is_some());
     assert_eq!(w.providers[0].stats().attempts, before);
+    // (The ladder may have moved on since: 40% failures can briefly reach tier 2.)
+    assert!(gauge(&w, "unbusy_degradation_tier").await.unwrap_or(0) >= 1);
     let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
         .await
         .unwrap()
         .text();
-    assert!(
-        metrics.contains("unbusy_degradation_tier{} 1"),
-        "tier gauge"
-    );
     assert!(metrics.contains("unbusy_rejections_total{reason=\"shed\"} 1"));
 }
 
@@ -893,6 +891,7 @@ async fn on_one_connection(addr: std::net::SocketAddr, bodies: &[String]) -> Vec
             .header("authorization", "Bearer caller-key")
             .body(Full::new(bytes::Bytes::from(body.clone())))
             .unwrap();
+        send.ready().await.unwrap();
         let resp = send.send_request(req).await.unwrap();
         statuses.push(resp.status().as_u16());
         let _ = resp.into_body().collect().await;

@@ -122,6 +122,20 @@ async fn load(addr: std::net::SocketAddr, body: String, seconds: f64, connection
     }
 }
 
+/// One case: a second of warm-up (which also fills the cache for the hit case), then the load.
+async fn measure(
+    envoy: &Envoy,
+    body: &str,
+    seconds: f64,
+    connections: usize,
+    name: &'static str,
+) -> Run {
+    let _ = load(envoy.listen, body.to_string(), 1.0, connections).await;
+    load(envoy.listen, body.to_string(), seconds, connections)
+        .await
+        .run(name, seconds)
+}
+
 fn behaviour(name: &str, first_token_ms: f64, total_ms: f64, busy: bool) -> Behaviour {
     Behaviour {
         provider: Provider {
@@ -212,12 +226,7 @@ async fn bench_failover(seconds: f64, connections: usize) -> Result<Vec<Run>, St
                 concurrency: 1,
                 wasm: &filter_wasm(),
             })?;
-            let _ = load(envoy.listen, body.clone(), 1.0, connections).await;
-            runs.push(
-                load(envoy.listen, body.clone(), seconds, connections)
-                    .await
-                    .run(name, seconds),
-            );
+            runs.push(measure(&envoy, &body, seconds, connections, name).await);
         }
     }
     Ok(runs)
@@ -299,13 +308,7 @@ async fn bench(seconds: f64, connections: usize) -> Result<Vec<Run>, String> {
             concurrency: 1,
             wasm: &wasm,
         })?;
-        // Warm up (and fill the cache for the hit case).
-        let _ = load(envoy.listen, body.clone(), 1.0, connections).await;
-        runs.push(
-            load(envoy.listen, body.clone(), seconds, connections)
-                .await
-                .run(name, seconds),
-        );
+        runs.push(measure(&envoy, body, seconds, connections, name).await);
         drop(envoy);
     }
     Ok(runs)
