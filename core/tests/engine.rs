@@ -588,8 +588,18 @@ fn run_world(seed: u64) {
     let mut admitted: HashMap<RequestId, (Nanos, u32)> = HashMap::new();
     let mut in_flight: Vec<(Nanos, RequestId, u32)> = Vec::new();
     let mut finished = 0;
+    // Other workers sharing provider a's quota, and their breaker verdicts (the Envoy host
+    // reports both at every tick).
+    let mut external = 0u32;
     for step in 0..400 {
         now += rng.u64(0..ms(300));
+        if rng.u8(0..4) == 0 {
+            external = rng.u32(0..=quota);
+            e.set_external_in_flight(now, 0, external);
+        }
+        if rng.u8(0..40) == 0 {
+            e.pause_provider(now, rng.usize(0..3), now + rng.u64(0..ms(2_000)));
+        }
         if step < 300 && rng.bool() {
             let id = e.admit(
                 now,
@@ -647,12 +657,20 @@ fn run_world(seed: u64) {
                     );
                     assert!(now < s.deadline, "attempt started at or past the deadline");
                     assert!(s.deadline <= *admitted_at + secs(22));
-                    // A provider's known quota is never exceeded.
+                    // A provider's known quota is never exceeded, counting the other workers'
+                    // attempts when a new one starts there.
                     assert!(
                         e.in_flight(0) <= quota,
                         "{} in flight over a quota of {quota}",
                         e.in_flight(0)
                     );
+                    if s.provider == 0 {
+                        assert!(
+                            e.in_flight(0) + external <= quota,
+                            "{} + {external} elsewhere over a quota of {quota}",
+                            e.in_flight(0)
+                        );
+                    }
                     assert!(e.concurrency_limit(s.provider) <= 256);
                     in_flight.push((now + rng.u64(0..ms(3_000)), id, s.attempt));
                 }
