@@ -1195,8 +1195,7 @@ impl Engine {
     }
 
     fn send(&mut self, now: Nanos, id: RequestId, provider: usize) {
-        let tier = self.ladder.tier();
-        let degrade = self.config.degradation.enabled && tier.degrades_features();
+        let degrade = self.degrades_features();
         let Some(r) = self.requests.get_mut(&id) else {
             return;
         };
@@ -1217,42 +1216,53 @@ impl Engine {
             progressed: false,
             last_progress: now,
         });
+        let (attempt, deadline) = (r.attempts, r.deadline);
+        let model = r.meta.model.clone();
+        let rewrite = self.rewrite(provider, &model, degrade);
+        self.actions.push_back(Action::Send(SendAttempt {
+            request: id,
+            attempt,
+            provider,
+            first_token_deadline,
+            deadline,
+            rewrite,
+        }));
+    }
+
+    /// What an attempt for a request asking for `model` changes when it goes to `provider`:
+    /// its cluster or base URL, its credentials, its model name (a degraded fallback first when
+    /// `degraded`, then the provider's mapping) and, degraded, the `max_tokens` cap. Hosts that
+    /// learn an attempt reached another provider than the one chosen use it too.
+    pub fn rewrite(&self, provider: usize, model: &str, degraded: bool) -> Rewrite {
         let cfg = &self.config;
-        let mut model = r.meta.model.clone();
+        let mut model = String::from(model);
         let mut mapped = false;
-        if degrade {
+        if degraded {
             if let Some(cheaper) = cfg.degradation.model_fallbacks.get(&model) {
                 model = cheaper.clone();
                 mapped = true;
             }
         }
-        if let Some(provider_model) = cfg
-            .providers
-            .get(provider)
-            .and_then(|p| p.models.get(&model))
-        {
+        let target = cfg.providers.get(provider);
+        if let Some(provider_model) = target.and_then(|p| p.models.get(&model)) {
             model = provider_model.clone();
             mapped = true;
         }
         let cap = cfg.degradation.max_tokens_cap;
-        let target = cfg.providers.get(provider);
-        let rewrite = Rewrite {
+        Rewrite {
             cluster: target.and_then(|p| p.cluster.clone()),
             base_url: target.and_then(|p| p.base_url.clone()),
             authorization: target
                 .and_then(|p| p.api_key.as_deref())
                 .map(|key| format!("Bearer {key}")),
             model: mapped.then_some(model),
-            max_tokens_cap: (degrade && cap > 0).then_some(cap),
-        };
-        self.actions.push_back(Action::Send(SendAttempt {
-            request: id,
-            attempt: r.attempts,
-            provider,
-            first_token_deadline,
-            deadline: r.deadline,
-            rewrite,
-        }));
+            max_tokens_cap: (degraded && cap > 0).then_some(cap),
+        }
+    }
+
+    /// Whether the degradation ladder cuts features now (tier 1 and above, when enabled).
+    pub fn degrades_features(&self) -> bool {
+        self.config.degradation.enabled && self.ladder.tier().degrades_features()
     }
 
     fn give_up(&mut self, now: Nanos, id: RequestId, why: GiveUp) {

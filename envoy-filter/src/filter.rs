@@ -51,9 +51,14 @@ pub const MAX_HELD_RESPONSE_BYTES: usize = 8 << 20;
 /// do not send it; it reaches the caller's filter only if the router could not retry, and is
 /// then judged like any busy answer.
 pub const NATIVE_RETRY_STATUS: u16 = 591;
-/// Shared-data keys of the global rate limits (GCRA theoretical arrival times).
+/// Shared-data keys of the global rate limits (see [`shared::EMPTY_BUCKET`]).
 const GLOBAL_REQUESTS: &str = "unbusy:limit:global:r";
 const GLOBAL_TOKENS: &str = "unbusy:limit:global:t";
+
+/// The shared-data key of a tenant slot's bucket: `r` requests, `t` tokens.
+fn tenant_key(slot: u64, kind: char) -> String {
+    format!("unbusy:limit:tenant:{slot}:{kind}")
+}
 /// The request header that ties the router's attempts to their managed request (set by the
 /// filter, removed by its upstream instance before the request leaves Envoy).
 pub const FLOW_HEADER: &str = "x-unbusy-flow";
@@ -150,6 +155,8 @@ enum Phase {
 
 struct Flow {
     request: RequestId,
+    /// The model the caller asked for.
+    model: String,
     stream: bool,
     path: String,
     headers: Vec<(String, String)>,
@@ -306,8 +313,18 @@ impl State {
                 shared::ensure(&Self::slot_key(i), &0u32.to_le_bytes());
             }
         }
-        for key in [GLOBAL_REQUESTS, GLOBAL_TOKENS, shared::LEDGER] {
-            shared::ensure(key, &0u64.to_le_bytes());
+        shared::ensure(shared::LEDGER, &0u64.to_le_bytes());
+        for key in [GLOBAL_REQUESTS, GLOBAL_TOKENS] {
+            shared::ensure(key, &shared::EMPTY_BUCKET);
+        }
+        let limits = &config.limits;
+        for slot in 0..u64::from(limits.tenant_slots) {
+            if limits.per_tenant.request_rate().is_some() {
+                shared::ensure(&tenant_key(slot, 'r'), &shared::EMPTY_BUCKET);
+            }
+            if limits.per_tenant.token_rate().is_some() {
+                shared::ensure(&tenant_key(slot, 't'), &shared::EMPTY_BUCKET);
+            }
         }
         let limits = &config.limits;
         Ok(Self {
@@ -393,6 +410,7 @@ impl State {
             ctx,
             Flow {
                 request: 0,
+                model: String::new(),
                 stream: false,
                 path,
                 headers,
@@ -483,30 +501,39 @@ impl State {
             .to_string();
         let tenant = tenant_id(identity.as_bytes());
         flow.stream = stream;
+        flow.model = model.clone();
         flow.body = body;
         // Rate limits, shared by every worker.
-        let tenant_key = format!("unbusy:limit:tenant:{tenant:016x}");
+        let slot = tenant % u64::from(self.config.limits.tenant_slots.max(1));
         let checks = [
-            (self.tenant_requests.as_ref(), tenant_key.clone() + ":r", 1),
+            (
+                self.tenant_requests.as_ref(),
+                tenant_key(slot, 'r'),
+                tenant,
+                1,
+            ),
             (
                 self.tenant_tokens.as_ref(),
-                tenant_key + ":t",
+                tenant_key(slot, 't'),
+                tenant,
                 estimated_tokens,
             ),
             (
                 self.global_requests.as_ref(),
                 GLOBAL_REQUESTS.to_string(),
+                0,
                 1,
             ),
             (
                 self.global_tokens.as_ref(),
                 GLOBAL_TOKENS.to_string(),
+                0,
                 estimated_tokens,
             ),
         ];
-        for (rate, key, cost) in &checks {
+        for (rate, key, owner, cost) in &checks {
             if let Some(rate) = rate {
-                match shared::check(key, rate, now, *cost) {
+                match shared::check(key, *owner, rate, now, *cost) {
                     Decision::Allowed => {}
                     Decision::NotUntil(at) => {
                         self.metrics.rejection(Rejection::RateLimited);
@@ -528,9 +555,9 @@ impl State {
                 }
             }
         }
-        for (rate, key, cost) in &checks {
+        for (rate, key, owner, cost) in &checks {
             if let Some(rate) = rate {
-                let _ = shared::charge(key, rate, now, *cost);
+                let _ = shared::charge(key, *owner, rate, now, *cost);
             }
         }
         // The cache, scoped by tenant.
@@ -916,6 +943,7 @@ impl State {
             return None;
         }
         let mut send = flow.native_send.take()?;
+        let model = flow.model.clone();
         flow.carrier = from;
         flow.held = false;
         let reached = picked.and_then(|n| self.config.providers.iter().position(|p| p.name == n));
@@ -924,16 +952,12 @@ impl State {
             // order differs from the configuration's): rewrite for the one it reached, so
             // its own credentials and model names go to it.
             host::warn("unbusy: the failover cluster reached a provider out of the expected order");
-            let p = self.config.providers.get(r)?;
-            let model = json::parse(&flow.body)
-                .ok()
-                .and_then(|v| v.get("model")?.as_str().map(str::to_string))
-                .unwrap_or_default();
             send.provider = r;
-            send.rewrite.base_url = p.base_url.clone();
-            send.rewrite.authorization = p.api_key.as_ref().map(|k| format!("Bearer {k}"));
-            send.rewrite.model = p.models.get(&model).cloned();
+            send.rewrite = self
+                .engine
+                .rewrite(r, &model, self.engine.degrades_features());
         }
+        let flow = self.flows.get_mut(&ctx)?;
         // The router retries with the headers as this attempt leaves them, so every header an
         // attempt may rewrite is set each time, from the caller's original where the provider
         // keeps it: one provider's credentials never go on to the next.

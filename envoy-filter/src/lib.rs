@@ -27,7 +27,7 @@ pub mod upstream;
 use filter::{Effect, Interest, State, FLOW_HEADER, MAX_REQUEST_BYTES, NATIVE_RETRY_STATUS};
 use host::{Buffer, Map};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 use registry::Shared;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -41,7 +41,8 @@ const TICK: Duration = Duration::from_millis(20);
 pub const UPSTREAM_ROOT_ID: &str = "unbusy_upstream";
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
+    // (No `proxy_wasm::set_log_level`: the filter logs through `abi::log`, not the `log` crate,
+    // and the SDK's logger would only add code.)
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
         Box::new(Root { state: None, upstream: false })
     });

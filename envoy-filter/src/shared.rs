@@ -25,26 +25,54 @@ fn read<const N: usize, T: Default>(key: &str, decode: fn([u8; N]) -> T) -> (T, 
 /// Compare-and-swap rounds before giving up (and allowing, rather than refusing on contention).
 const CAS_ROUNDS: usize = 16;
 
-/// Charges `cost` to the bucket `key` at `rate`: one GCRA step applied atomically across
-/// workers. Contention beyond [`CAS_ROUNDS`] lets the request through (a limit may be briefly
-/// exceeded; a request is never refused for a race it lost).
-pub fn charge(key: &str, rate: &Rate, now: Nanos, cost: u64) -> Decision {
+/// A rate-limit bucket in shared data: its owner (a tenant id; 0 for global buckets) and its
+/// GCRA theoretical arrival time. Tenants live in a fixed number of slots (their keys exist from
+/// configuration time, so compare-and-swap always guards them): a tenant takes a slot whose
+/// owner's bucket is idle (full again, so nothing is lost), and shares it while the owner's is
+/// not (two tenants then draw on one bucket; with `limits.tenant_slots` slots, rarely).
+pub const EMPTY_BUCKET: [u8; 16] = [0; 16];
+
+fn bucket(key: &str, owner: u64, now: Nanos) -> (u64, Option<u32>) {
+    let (value, cas) = host::shared_get(key);
+    let word = |at: usize| {
+        value
+            .as_deref()
+            .and_then(|v| v.get(at..at + 8))
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    let (held_by, tat) = (word(0), word(8));
+    let tat = if held_by == owner || tat > now {
+        tat
+    } else {
+        0
+    };
+    (tat, cas)
+}
+
+/// Charges `cost` to the bucket `key` for `owner` at `rate`: one GCRA step applied atomically
+/// across workers. Contention beyond [`CAS_ROUNDS`] lets the request through (a limit may be
+/// briefly exceeded; a request is never refused for a race it lost).
+pub fn charge(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Decision {
     for _ in 0..CAS_ROUNDS {
-        let (tat, cas) = read(key, u64::from_le_bytes);
+        let (tat, cas) = bucket(key, owner, now);
         let (decision, new_tat) = gcra(rate, tat, now, cost);
         if !decision.is_allowed() {
             return decision;
         }
-        if host::shared_set(key, &new_tat.to_le_bytes(), cas) {
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&owner.to_le_bytes());
+        value[8..].copy_from_slice(&new_tat.to_le_bytes());
+        if host::shared_set(key, &value, cas) {
             return decision;
         }
     }
     Decision::Allowed
 }
 
-/// Checks `cost` against the bucket without charging it.
-pub fn check(key: &str, rate: &Rate, now: Nanos, cost: u64) -> Decision {
-    gcra(rate, read(key, u64::from_le_bytes).0, now, cost).0
+/// Checks `cost` against `owner`'s bucket without charging it.
+pub fn check(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Decision {
+    gcra(rate, bucket(key, owner, now).0, now, cost).0
 }
 
 /// Creates a shared value as `zero` unless it exists. Envoy's compare-and-swap only guards a
