@@ -69,11 +69,14 @@ clippy: setup
 	$(CARGO) clippy -p unbusy-js --target wasm32-unknown-unknown -- -D warnings
 
 ## filter: the Envoy filter, size-optimised: opt-level z and LTO, then binaryen's wasm-opt.
+## (wasm-opt reads cargo's own copy in deps/ and the result replaces the hard link cargo made
+## beside it, so the cargo output stays unoptimised and every run gives the same file.)
 filter: setup-rust setup-js
 	$(CARGO) build -p unbusy-envoy --target wasm32-wasip1 --profile wasm-filter
 	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
 	  --enable-sign-ext --enable-reference-types --enable-multivalue --enable-mutable-globals \
-	  $(FILTER_WASM) -o $(FILTER_WASM)
+	  $(dir $(FILTER_WASM))deps/$(notdir $(FILTER_WASM)) -o $(FILTER_WASM).tmp
+	mv $(FILTER_WASM).tmp $(FILTER_WASM)
 	@ls -l $(FILTER_WASM) | awk '{ printf "filter: %s, %d bytes\n", $$9, $$5 }'
 
 ## js: the npm package in wasm-js/npm: the engine for wasm32-unknown-unknown, its JS glue,
