@@ -319,12 +319,13 @@ export function makeCreateFetch(wasm) {
 
     async function answer(r, attempt, resp, ctl) {
       const live = () => requests.has(r.id) && r.attemptNo === attempt && !ctl.signal.aborted;
-      const hintHeaders = [];
-      for (const [n, v] of resp.headers) {
-        if (/^(retry-after|retry-after-ms|x-ratelimit-reset)/i.test(n)) hintHeaders.push([n, v]);
-      }
       const type = resp.headers.get('content-type') ?? '';
       if (resp.status !== 200 || !resp.body) {
+        // The provider's hints (a success needs none).
+        const hintHeaders = [];
+        for (const [n, v] of resp.headers) {
+          if (/^(retry-after|retry-after-ms|x-ratelimit-reset)/i.test(n)) hintHeaders.push([n, v]);
+        }
         let text = '';
         try {
           text = await resp.text();
@@ -493,10 +494,6 @@ export function makeCreateFetch(wasm) {
       if (!json || typeof json !== 'object' || Array.isArray(json)) {
         return baseFetch(input, { ...init, body: bodyText }); // let the provider say what is wrong
       }
-      const headers = {};
-      requestHeaders.forEach((v, k) => {
-        headers[k] = v;
-      });
       const tenant = (tenantHeader && requestHeaders.get(tenantHeader)) || requestHeaders.get('authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
       const stream = json.stream === true;
       const cacheOn = snakeConfig.cache?.enabled !== false;
@@ -524,7 +521,7 @@ export function makeCreateFetch(wasm) {
           resolve,
           reject,
           signal,
-          headers,
+          headers: requestHeaders, // copied per attempt, in send()
           bodyText,
           json,
           suffix,
