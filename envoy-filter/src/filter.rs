@@ -255,6 +255,16 @@ fn path_prefix_of(base_url: &str) -> String {
     }
 }
 
+/// The caller's path relative to an OpenAI-style `/v1`, under the provider's base URL:
+/// `/v1/chat/completions` goes to `https://api.deepseek.com/chat/completions` and to
+/// `https://api.openai.com/v1/chat/completions` alike; without a base URL it is unchanged.
+fn routed_path(base_url: Option<&str>, path: &str) -> String {
+    match base_url.map(path_prefix_of) {
+        Some(prefix) => format!("{prefix}{}", path.strip_prefix("/v1").unwrap_or(path)),
+        None => path.to_string(),
+    }
+}
+
 /// What a complete (held) answer means, for the router's attempt and a dispatched one alike:
 /// a 200 holding only keep-alive bytes is a stall in disguise; anything else is classified
 /// from its status, hint headers and body. Also says whether a 200 showed real progress.
@@ -397,9 +407,11 @@ impl State {
         if let Some(a) = self.authorities.get(i).cloned().flatten() {
             h.push((":authority".into(), Some(a)));
         }
-        if let Some(prefix) = p.base_url.as_deref().map(path_prefix_of) {
-            let rest = path.strip_prefix("/v1").unwrap_or(path);
-            h.push((":path".into(), Some(format!("{prefix}{rest}"))));
+        if p.base_url.is_some() {
+            h.push((
+                ":path".into(),
+                Some(routed_path(p.base_url.as_deref(), path)),
+            ));
         }
         h
     }
@@ -985,13 +997,7 @@ impl State {
             .cloned()
             .flatten()
             .or_else(|| original(":authority"));
-        let path = match send.rewrite.base_url.as_deref().map(path_prefix_of) {
-            Some(prefix) => {
-                let rest = flow.path.strip_prefix("/v1").unwrap_or(&flow.path);
-                format!("{prefix}{rest}")
-            }
-            None => flow.path.clone(),
-        };
+        let path = routed_path(send.rewrite.base_url.as_deref(), &flow.path);
         let authorization = send
             .rewrite
             .authorization
@@ -1279,7 +1285,6 @@ impl State {
             }
         }
         let authority = self.authorities.get(send.provider).cloned().flatten();
-        let base = send.rewrite.base_url.as_deref().map(path_prefix_of);
         let native = self
             .registry_index
             .filter(|_| crate::registry::upstream_present())
@@ -1338,21 +1343,12 @@ impl State {
                 }
             }
         }
-        // The caller's path relative to an OpenAI-style `/v1`, under the provider's base URL:
-        // `/v1/chat/completions` goes to `https://api.deepseek.com/chat/completions` and to
-        // `https://api.openai.com/v1/chat/completions` alike.
-        let path = match &base {
-            Some(prefix) => {
-                let rest = flow.path.strip_prefix("/v1").unwrap_or(&flow.path);
-                format!("{prefix}{rest}")
-            }
-            None => flow.path.clone(),
-        };
-        flow.attempt = send.attempt;
-        flow.provider = send.provider;
-        let body = Self::rewritten_body(flow, send);
-        let cluster = send.rewrite.cluster.clone().unwrap_or_default();
         if flow.phase == Phase::RequestHeld {
+            let path = routed_path(send.rewrite.base_url.as_deref(), &flow.path);
+            flow.attempt = send.attempt;
+            flow.provider = send.provider;
+            let body = Self::rewritten_body(flow, send);
+            let cluster = send.rewrite.cluster.clone().unwrap_or_default();
             flow.phase = Phase::Router;
             flow.router_attempt = Some(send.attempt);
             // (A caller's own flow header would tie its request to another's attempts.)
@@ -1384,15 +1380,8 @@ impl State {
     /// the caller's request rewritten for the provider, answered whole.
     fn dispatch_effect(&mut self, ctx: u32, now: Nanos, send: &SendAttempt) -> Option<Effect> {
         let authority = self.authorities.get(send.provider).cloned().flatten();
-        let base = send.rewrite.base_url.as_deref().map(path_prefix_of);
         let flow = self.flows.get_mut(&ctx)?;
-        let path = match &base {
-            Some(prefix) => {
-                let rest = flow.path.strip_prefix("/v1").unwrap_or(&flow.path);
-                format!("{prefix}{rest}")
-            }
-            None => flow.path.clone(),
-        };
+        let path = routed_path(send.rewrite.base_url.as_deref(), &flow.path);
         let body = Self::rewritten_body(flow, send);
         let cluster = send.rewrite.cluster.clone().unwrap_or_default();
         flow.attempt = send.attempt;
