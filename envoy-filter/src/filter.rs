@@ -132,6 +132,20 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// The context the effect acts on.
+    pub fn ctx(&self) -> u32 {
+        match self {
+            Effect::ResumeRequest { ctx, .. }
+            | Effect::SetResponseHeader { ctx, .. }
+            | Effect::ResumeResponse { ctx, .. }
+            | Effect::Reply { ctx, .. }
+            | Effect::RetryNatively { ctx, .. }
+            | Effect::Dispatch { ctx, .. } => *ctx,
+        }
+    }
+}
+
 /// Where a managed request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {

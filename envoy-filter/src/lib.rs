@@ -63,14 +63,7 @@ pub(crate) fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> 
     while !pending.is_empty() {
         let mut next = Vec::new();
         for effect in pending {
-            let ctx = match &effect {
-                Effect::ResumeRequest { ctx, .. }
-                | Effect::SetResponseHeader { ctx, .. }
-                | Effect::ResumeResponse { ctx, .. }
-                | Effect::Reply { ctx, .. }
-                | Effect::RetryNatively { ctx, .. }
-                | Effect::Dispatch { ctx, .. } => *ctx,
-            };
+            let ctx = effect.ctx();
             let here = inline == Some(ctx);
             if !here && !host::enter(ctx) {
                 continue; // the stream is gone

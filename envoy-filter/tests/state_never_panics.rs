@@ -4,21 +4,29 @@
 //! panic kills the worker's VM), effects only name contexts that exist, and every stream that
 //! is not answered yet is still being handled.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::collections::BTreeSet;
 use unbusy_core::config::Config;
 use unbusy_core::Rng;
 use unbusy_envoy::filter::{Effect, State};
 
-fn effect_ctx(e: &Effect) -> u32 {
-    match e {
-        Effect::ResumeRequest { ctx, .. }
-        | Effect::SetResponseHeader { ctx, .. }
-        | Effect::ResumeResponse { ctx, .. }
-        | Effect::Reply { ctx, .. }
-        | Effect::RetryNatively { ctx, .. }
-        | Effect::Dispatch { ctx, .. } => *ctx,
+/// A context a response callback runs in, and its stream: an upstream attempt's, or a caller's
+/// own (0 when there is none).
+fn pick(rng: &mut Rng, live: &BTreeSet<u32>, upstream: &[(u32, u32)]) -> (u32, u32) {
+    if rng.bool() && !upstream.is_empty() {
+        upstream[rng.usize(0..upstream.len())]
+    } else {
+        let c = *live
+            .iter()
+            .nth(rng.usize(0..live.len().max(1)))
+            .unwrap_or(&0);
+        (c, c)
     }
 }
 
@@ -97,15 +105,7 @@ fn random_callback_sequences_never_panic() {
                 }
                 3 | 4 if !live.is_empty() || !upstream.is_empty() => {
                     // Response headers, at the caller's stream or an upstream context.
-                    let (from, stream) = if rng.bool() && !upstream.is_empty() {
-                        upstream[rng.usize(0..upstream.len())]
-                    } else {
-                        let c = *live
-                            .iter()
-                            .nth(rng.usize(0..live.len().max(1)))
-                            .unwrap_or(&0);
-                        (c, c)
-                    };
+                    let (from, stream) = pick(&mut rng, &live, &upstream);
                     let status = ["200", "503", "429", "500", "591", "x"][rng.usize(0..6)];
                     let ct = ["text/event-stream", "application/json", ""][rng.usize(0..3)];
                     let (_, e) = s.response_headers(
@@ -122,15 +122,7 @@ fn random_callback_sequences_never_panic() {
                     effects = e;
                 }
                 5 | 6 if !live.is_empty() || !upstream.is_empty() => {
-                    let (from, stream) = if rng.bool() && !upstream.is_empty() {
-                        upstream[rng.usize(0..upstream.len())]
-                    } else {
-                        let c = *live
-                            .iter()
-                            .nth(rng.usize(0..live.len().max(1)))
-                            .unwrap_or(&0);
-                        (c, c)
-                    };
+                    let (from, stream) = pick(&mut rng, &live, &upstream);
                     let body = answers[rng.usize(0..answers.len())];
                     let (_, e) = s.router_body(stream, from, now, body, rng.bool());
                     effects = e;
@@ -153,7 +145,7 @@ fn random_callback_sequences_never_panic() {
                 .chain(upstream.iter().map(|(u, _)| *u))
                 .collect();
             for e in &effects {
-                let ctx = effect_ctx(e);
+                let ctx = e.ctx();
                 assert!(
                     known.contains(&ctx),
                     "seed {seed}: an effect for unknown context {ctx}: {e:?}"
