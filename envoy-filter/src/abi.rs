@@ -77,9 +77,28 @@ pub enum Level {
     Error = 4,
 }
 
-#[cfg(target_arch = "wasm32")]
-#[link(wasm_import_module = "env")]
-extern "C" {
+/// Declares the host's imports once: on wasm they are the `env` module's functions; off wasm
+/// (the crate's native tests) there is no host, and each fails cleanly with a status.
+macro_rules! host_imports {
+    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> Status;)*) => {
+        #[cfg(target_arch = "wasm32")]
+        #[link(wasm_import_module = "env")]
+        extern "C" {
+            $(fn $name($($arg: $ty),*) -> Status;)*
+        }
+
+        $(
+            #[cfg(not(target_arch = "wasm32"))]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $name($($arg: $ty),*) -> Status {
+                let _ = ($($arg,)*);
+                12 // unimplemented
+            }
+        )*
+    };
+}
+
+host_imports! {
     fn proxy_log(level: u32, data: *const u8, size: usize) -> Status;
     fn proxy_get_current_time_nanoseconds(out: *mut u64) -> Status;
     fn proxy_set_tick_period_milliseconds(period: u32) -> Status;
@@ -134,7 +153,6 @@ extern "C" {
         cas: u32,
     ) -> Status;
     fn proxy_continue_stream(direction: u32) -> Status;
-    #[allow(clippy::too_many_arguments)]
     fn proxy_send_local_response(
         status: u32,
         details: *const u8,
@@ -150,120 +168,6 @@ extern "C" {
     fn proxy_increment_metric(id: u32, by: i64) -> Status;
     fn proxy_record_metric(id: u32, value: u64) -> Status;
 }
-
-/// Off wasm (the crate's native unit tests) there is no host: every call fails cleanly.
-#[cfg(not(target_arch = "wasm32"))]
-#[allow(clippy::missing_safety_doc, clippy::too_many_arguments)]
-mod no_host {
-    use super::Status;
-    const UNAVAILABLE: Status = 12;
-    pub unsafe fn proxy_log(_: u32, _: *const u8, _: usize) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_get_current_time_nanoseconds(_: *mut u64) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_set_tick_period_milliseconds(_: u32) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_get_buffer_bytes(
-        _: u32,
-        _: usize,
-        _: usize,
-        _: *mut *mut u8,
-        _: *mut usize,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_set_buffer_bytes(
-        _: u32,
-        _: usize,
-        _: usize,
-        _: *const u8,
-        _: usize,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_get_header_map_pairs(_: u32, _: *mut *mut u8, _: *mut usize) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_get_header_map_value(
-        _: u32,
-        _: *const u8,
-        _: usize,
-        _: *mut *mut u8,
-        _: *mut usize,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_replace_header_map_value(
-        _: u32,
-        _: *const u8,
-        _: usize,
-        _: *const u8,
-        _: usize,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_remove_header_map_value(_: u32, _: *const u8, _: usize) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_get_property(
-        _: *const u8,
-        _: usize,
-        _: *mut *mut u8,
-        _: *mut usize,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_get_shared_data(
-        _: *const u8,
-        _: usize,
-        _: *mut *mut u8,
-        _: *mut usize,
-        _: *mut u32,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_set_shared_data(
-        _: *const u8,
-        _: usize,
-        _: *const u8,
-        _: usize,
-        _: u32,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_continue_stream(_: u32) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_send_local_response(
-        _: u32,
-        _: *const u8,
-        _: usize,
-        _: *const u8,
-        _: usize,
-        _: *const u8,
-        _: usize,
-        _: i32,
-    ) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_set_effective_context(_: u32) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_define_metric(_: u32, _: *const u8, _: usize, _: *mut u32) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_increment_metric(_: u32, _: i64) -> Status {
-        UNAVAILABLE
-    }
-    pub unsafe fn proxy_record_metric(_: u32, _: u64) -> Status {
-        UNAVAILABLE
-    }
-}
-#[cfg(not(target_arch = "wasm32"))]
-use no_host::*;
 
 /// Takes ownership of a buffer the host allocated through the SDK's allocator.
 ///
