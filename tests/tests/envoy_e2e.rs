@@ -113,6 +113,20 @@ async fn world_edited(
     }
 }
 
+/// A busy primary with `fault` and a healthy backup, the default test configuration, one
+/// worker.
+async fn primary_and_backup(fault: FaultWindow) -> World {
+    world(
+        vec![
+            behaviour("primary", vec![fault]),
+            behaviour("backup", vec![]),
+        ],
+        test_config(json!({})),
+        1,
+    )
+    .await
+}
+
 fn busy() -> FaultWindow {
     FaultWindow {
         busy_503: 1.0,
@@ -138,15 +152,7 @@ async fn busy_and_rate_limited_primaries_fail_over_to_the_backup() {
             ..FaultWindow::default()
         },
     ] {
-        let w = world(
-            vec![
-                behaviour("primary", vec![fault.clone()]),
-                behaviour("backup", vec![]),
-            ],
-            test_config(json!({})),
-            1,
-        )
-        .await;
+        let w = primary_and_backup(fault.clone()).await;
         let r = chat(w.envoy.listen, &chat_body("hello", false, false), &[])
             .await
             .unwrap();
@@ -168,15 +174,7 @@ async fn a_keepalive_stall_fails_over_before_the_caller_sees_a_byte() {
         stall_s: 30.0,
         ..FaultWindow::default()
     };
-    let w = world(
-        vec![
-            behaviour("primary", vec![stall]),
-            behaviour("backup", vec![]),
-        ],
-        test_config(json!({})),
-        1,
-    )
-    .await;
+    let w = primary_and_backup(stall).await;
     for stream in [true, false] {
         let r = chat(w.envoy.listen, &chat_body("stalled", stream, false), &[])
             .await
@@ -293,15 +291,7 @@ async fn a_provider_that_breaks_a_held_answer_is_failed_over_at_once() {
         stall_s: 0.3,
         ..FaultWindow::default()
     };
-    let w = world(
-        vec![
-            behaviour("primary", vec![broken]),
-            behaviour("backup", vec![]),
-        ],
-        test_config(json!({})),
-        1,
-    )
-    .await;
+    let w = primary_and_backup(broken).await;
     for stream in [true, false] {
         let r = chat(w.envoy.listen, &chat_body("broken", stream, false), &[])
             .await
@@ -705,15 +695,7 @@ async fn rate_limits_hold_across_envoy_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_on_the_prometheus_endpoint() {
-    let w = world(
-        vec![
-            behaviour("primary", vec![busy()]),
-            behaviour("backup", vec![]),
-        ],
-        test_config(json!({})),
-        1,
-    )
-    .await;
+    let w = primary_and_backup(busy()).await;
     for i in 0..3 {
         let r = chat(
             w.envoy.listen,
@@ -864,15 +846,7 @@ async fn a_storm_of_bad_input_gets_clear_answers_and_never_a_dead_vm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_sdk_gets_answers_through_busy_faults() {
-    let w = world(
-        vec![
-            behaviour("primary", vec![busy()]),
-            behaviour("backup", vec![]),
-        ],
-        test_config(json!({})),
-        1,
-    )
-    .await;
+    let w = primary_and_backup(busy()).await;
     let root = unbusy_tests::envoy::repo_root();
     let python = root.join(".venv/bin/python");
     let script = root.join("tests/e2e/openai_client.py");

@@ -233,18 +233,7 @@ async fn bench_failover(seconds: f64, connections: usize) -> Result<Vec<Run>, St
 }
 
 async fn bench(seconds: f64, connections: usize) -> Result<Vec<Run>, String> {
-    let fast = Behaviour {
-        provider: Provider {
-            name: "fast".into(),
-            latency_ms: Latency {
-                first_token: [0.2, 0.2],
-                total: [0.5, 0.5],
-            },
-            ..Provider::default()
-        },
-        keepalive_every: Duration::from_secs(1),
-    };
-    let (_emu, addr) = start(fast, 1, "127.0.0.1:0")
+    let (_emu, addr) = start(behaviour("fast", 0.2, 0.5, false), 1, "127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
     let upstreams = [Upstream::parse(&format!("fast=http://{addr}"))?];
