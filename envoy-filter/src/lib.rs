@@ -57,7 +57,7 @@ struct Root {
 /// Carries out effects, outside the state's borrow. `inline` is the stream whose callback is
 /// running: effects on it are applied without switching context, and a resume of it is
 /// returned as `true` (the callback then answers `Continue`) instead of a resume hostcall.
-pub(crate) fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
+fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
     let mut continue_inline = false;
     let mut pending = effects;
     while !pending.is_empty() {
@@ -246,11 +246,7 @@ struct Stream {
 
 /// Runs a response callback's effects (the callback runs in context `id`) and answers Envoy:
 /// keep holding the response unless the state let it go or an effect released it.
-pub(crate) fn hold_or_release(
-    state: &Shared,
-    id: u32,
-    (hold, effects): (bool, Vec<Effect>),
-) -> Action {
+fn hold_or_release(state: &Shared, id: u32, (hold, effects): (bool, Vec<Effect>)) -> Action {
     let released = run(state, effects, Some(id));
     if hold && !released {
         Action::Pause
