@@ -9,9 +9,10 @@
 //! RFC 8785 (JSON Canonicalization Scheme) style:
 //! - object members sorted by key, compared as UTF-16 code units; duplicate keys make the body
 //!   not cacheable (I-JSON forbids them and providers disagree on which one wins);
-//! - numbers written as ECMAScript's `Number.prototype.toString` writes the nearest double
-//!   (`1.0` → `1`, `1e2` → `100`, `1e21` → `1e+21`, `-0` → `0`); integers of up to 15 digits are
-//!   copied as they are (they are already canonical and exact);
+//! - numbers laid out as ECMAScript's `Number.prototype.toString` lays them out (`1.0` → `1`,
+//!   `1e2` → `100`, `1e21` → `1e+21`, `-0` → `0`), from their exact decimal digits: for numbers
+//!   of up to 15 significant digits this is RFC 8785's form; longer ones keep every digit rather
+//!   than being rounded to a double (no float code: it is a third of the npm package's wasm);
 //! - strings with only the escapes JSON requires (`\"`, `\\`, `\b \f \n \r \t`, other control
 //!   characters as `\u00xx`), everything else as raw UTF-8; lone surrogates are malformed;
 //! - no insignificant whitespace.
@@ -279,14 +280,13 @@ impl Canonicalizer {
             let name = key_text(src, &self.escaped, key);
             let name = name.as_bytes();
             if value.kind == Kind::Number && matches!(name, b"temperature" | b"n") {
-                let number =
-                    parse_f64(span(src, value.a, value.b)).ok_or(NotCacheable::Malformed {
-                        at: value.a as usize,
-                    })?;
+                let number = decimal(span(src, value.a, value.b)).ok_or(NotCacheable::Malformed {
+                    at: value.a as usize,
+                })?;
                 if name == b"temperature" {
-                    temperature_zero = number == 0.0;
+                    temperature_zero = number.digits.is_empty();
                 } else {
-                    n_ok = number == 1.0;
+                    n_ok = !number.negative && number.digits == b"1" && number.point == 1;
                 }
             } else if name == b"n" && value.kind != Kind::Null {
                 n_ok = false;
@@ -666,13 +666,70 @@ const fn special_mask(w: u64) -> u64 {
     (zero_quote | zero_backslash | control) & !w & HIGHS
 }
 
-fn parse_f64(raw: &[u8]) -> Option<f64> {
-    let v: f64 = core::str::from_utf8(raw).ok()?.parse().ok()?;
-    v.is_finite().then_some(v)
+/// A JSON number as a decimal: `0.d₁d₂…dₖ × 10^point`, with no leading or trailing zero digit
+/// (zero has no digits). Exact: no rounding to a double happens anywhere in the cache key.
+struct Decimal {
+    negative: bool,
+    digits: Vec<u8>,
+    point: i64,
 }
 
-/// Writes a validated JSON number in ECMAScript canonical form. `None` for numbers that are not
-/// finite doubles (RFC 8785 refuses them).
+/// Exponents beyond these make a number not cacheable: above, it is no finite double (RFC 8785
+/// refuses it); below, far under the smallest subnormal.
+const MAX_POINT: i64 = 309;
+const MIN_POINT: i64 = -400;
+
+/// Reads a validated JSON number. `None` when its exponent is out of [`MIN_POINT`, `MAX_POINT`].
+fn decimal(raw: &[u8]) -> Option<Decimal> {
+    let (negative, rest) = match raw.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, raw),
+    };
+    let e_at = rest.iter().position(|&b| b == b'e' || b == b'E').unwrap_or(rest.len());
+    let (mantissa, exponent) = rest.split_at(e_at);
+    let mut point: i64 = 0;
+    let mut digits = Vec::with_capacity(mantissa.len());
+    let mut seen_dot = false;
+    for &b in mantissa {
+        if b == b'.' {
+            seen_dot = true;
+        } else if digits.is_empty() && b == b'0' {
+            if seen_dot {
+                point -= 1; // a leading zero after the point moves it left
+            }
+        } else {
+            digits.push(b);
+            if !seen_dot {
+                point += 1;
+            }
+        }
+    }
+    while digits.last() == Some(&b'0') {
+        digits.pop();
+    }
+    let (exp_negative, exp_digits) = match exponent.get(1..).unwrap_or_default().split_first() {
+        Some((b'-', rest)) => (true, rest),
+        Some((b'+', rest)) => (false, rest),
+        _ => (false, exponent.get(1..).unwrap_or_default()),
+    };
+    let mut exp: i64 = 0;
+    for &b in exp_digits {
+        exp = (exp * 10 + i64::from(b - b'0')).min(1 << 40);
+    }
+    point += if exp_negative { -exp } else { exp };
+    if digits.is_empty() {
+        return Some(Decimal { negative: false, digits, point: 0 });
+    }
+    (MIN_POINT..=MAX_POINT).contains(&point).then_some(Decimal { negative, digits, point })
+}
+
+/// Writes a validated JSON number in canonical form: the layout of ECMAScript's
+/// `Number.prototype.toString` (`1.0` → `1`, `1e2` → `100`, `1e21` → `1e+21`, `-0` → `0`)
+/// applied to the number's exact decimal digits. For every number of up to 15 significant digits
+/// within a double's range this is exactly RFC 8785's form (such a decimal is the shortest that
+/// round-trips through its double); longer numbers keep all their digits where RFC 8785 would
+/// round them, so two spellings of one double may get two keys (a missed hit, never a wrong one).
+/// `None` for numbers out of a double's range.
 fn write_number(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
     let (negative, digits) = match raw.split_first() {
         Some((b'-', rest)) => (true, rest),
@@ -694,8 +751,7 @@ fn write_number(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
     if write_plain_decimal(negative, digits, out) {
         return Some(());
     }
-    let v = parse_f64(raw)?;
-    write_f64(v, out);
+    write_decimal(&decimal(raw)?, out);
     Some(())
 }
 
@@ -744,62 +800,17 @@ fn write_plain_decimal(negative: bool, digits: &[u8], out: &mut Vec<u8>) -> bool
     true
 }
 
-/// A fixed buffer for `core::fmt` output (a double's shortest form fits in 32 bytes).
-struct StackBuf {
-    bytes: [u8; 40],
-    len: usize,
-}
-
-impl fmt::Write for StackBuf {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        let dst = self.bytes.get_mut(self.len..end).ok_or(fmt::Error)?;
-        dst.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
-/// ECMAScript `Number.prototype.toString` for a finite double.
-pub(crate) fn write_f64(v: f64, out: &mut Vec<u8>) {
-    if v == 0.0 {
+/// ECMAScript's `Number.prototype.toString` layout for a decimal's digits.
+fn write_decimal(d: &Decimal, out: &mut Vec<u8>) {
+    let digits = d.digits.as_slice();
+    if digits.is_empty() {
         out.push(b'0');
         return;
     }
-    let mut buf = StackBuf {
-        bytes: [0; 40],
-        len: 0,
-    };
-    // `{:e}` gives the shortest digits that round-trip, as `d.ddde[-]x`.
-    if fmt::write(&mut buf, format_args!("{:e}", v.abs())).is_err() {
-        return;
-    }
-    let text = buf.bytes.get(..buf.len).unwrap_or_default();
-    let Some(e_at) = text.iter().position(|&b| b == b'e') else {
-        return;
-    };
-    let (mantissa, exponent) = (
-        text.get(..e_at).unwrap_or_default(),
-        text.get(e_at + 1..).unwrap_or_default(),
-    );
-    let exponent: i32 = core::str::from_utf8(exponent)
-        .ok()
-        .and_then(|e| e.parse().ok())
-        .unwrap_or(0);
-    let mut digits = [0u8; 24];
-    let mut k = 0;
-    for &b in mantissa.iter().filter(|b| b.is_ascii_digit()) {
-        if let Some(slot) = digits.get_mut(k) {
-            *slot = b;
-            k += 1;
-        }
-    }
-    let digits = digits.get(..k).unwrap_or_default();
-    let n = exponent + 1; // the decimal point sits after `n` digits
-    let k = k as i32;
-    if v < 0.0 {
+    if d.negative {
         out.push(b'-');
     }
+    let (n, k) = (d.point, digits.len() as i64); // the decimal point sits after `n` digits
     if k <= n && n <= 21 {
         out.extend_from_slice(digits);
         out.extend(core::iter::repeat_n(b'0', (n - k) as usize));
@@ -810,10 +821,10 @@ pub(crate) fn write_f64(v: f64, out: &mut Vec<u8>) {
         out.extend_from_slice(frac);
     } else if -6 < n && n <= 0 {
         out.extend_from_slice(b"0.");
-        out.extend(core::iter::repeat_n(b'0', (-n) as usize));
+        out.extend(core::iter::repeat_n(b'0', n.unsigned_abs() as usize));
         out.extend_from_slice(digits);
     } else {
-        let (first, rest) = digits.split_at(1.min(digits.len()));
+        let (first, rest) = digits.split_at(1);
         out.extend_from_slice(first);
         if !rest.is_empty() {
             out.push(b'.');
@@ -821,12 +832,9 @@ pub(crate) fn write_f64(v: f64, out: &mut Vec<u8>) {
         }
         out.push(b'e');
         out.push(if n - 1 < 0 { b'-' } else { b'+' });
-        let mut exp = StackBuf {
-            bytes: [0; 40],
-            len: 0,
-        };
-        let _ = fmt::write(&mut exp, format_args!("{}", (n - 1).unsigned_abs()));
-        out.extend_from_slice(exp.bytes.get(..exp.len).unwrap_or_default());
+        let mut exp = String::new();
+        crate::json::write_u64(&mut exp, (n - 1).unsigned_abs());
+        out.extend_from_slice(exp.as_bytes());
     }
 }
 
@@ -971,12 +979,18 @@ mod tests {
             ("1e20", "100000000000000000000"),
             ("1e-6", "0.000001"),
             ("1e-7", "1e-7"),
-            ("123456789012345678", "123456789012345680"),
+            // Past 15 significant digits every digit is kept (RFC 8785 would round to the double).
+            ("123456789012345678", "123456789012345678"),
             ("4.50", "4.5"),
             ("2e-3", "0.002"),
             ("-1.5e300", "-1.5e+300"),
-            ("9007199254740993", "9007199254740992"),
-            ("333333333.33333329", "333333333.3333333"),
+            ("9007199254740993", "9007199254740993"),
+            ("333333333.33333329", "333333333.33333329"),
+            ("0.30000000000000004", "0.30000000000000004"),
+            ("1.000000000000000000", "1"),
+            ("10e-1", "1"),
+            ("0.000e99999999999999999999", "0"),
+            ("-12.5e-2", "-0.125"),
             ("1.7976931348623157e308", "1.7976931348623157e+308"),
             ("0.000001", "0.000001"),
             ("0.0000001", "1e-7"),
@@ -1014,10 +1028,36 @@ mod tests {
                 let mut fast = Vec::new();
                 if write_plain_decimal(negative, digits, &mut fast) {
                     let mut general = Vec::new();
-                    write_f64(parse_f64(text.as_bytes()).unwrap(), &mut general);
+                    write_decimal(&decimal(text.as_bytes()).unwrap(), &mut general);
                     assert_eq!(fast, general, "{text}");
                 }
             }
+        }
+    }
+
+    /// Up to 15 significant digits, the canonical form is RFC 8785's: the shortest decimal that
+    /// round-trips through the number's double, which Rust's `{:e}` also prints.
+    #[test]
+    fn short_numbers_match_the_shortest_round_trip_of_their_double() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..20_000 {
+            let mantissa = rng.u64(1..1_000_000_000_000_000);
+            let exponent = rng.i32(-300..290);
+            let text = std::format!("{}{mantissa}e{exponent}", if rng.bool() { "-" } else { "" });
+            let v: f64 = text.parse().unwrap();
+            let mut ours = Vec::new();
+            write_number(text.as_bytes(), &mut ours).unwrap();
+            let ours = String::from_utf8(ours).unwrap();
+            // Rust's shortest round-trip digits, laid out the same way.
+            let shortest = std::format!("{:e}", v.abs());
+            let (m, e) = shortest.split_once('e').unwrap();
+            let mut want = Vec::new();
+            write_decimal(
+                &decimal(std::format!("{}{m}e{e}", if v < 0.0 { "-" } else { "" }).as_bytes())
+                    .unwrap(),
+                &mut want,
+            );
+            assert_eq!(ours, String::from_utf8(want).unwrap(), "{text}");
         }
     }
 
@@ -1130,6 +1170,12 @@ mod tests {
             Err(NotCacheable::NonDeterministic)
         );
         assert!(key("t", r#"{"model":"m","temperature":0,"n":1,"messages":[]}"#).is_ok());
+        // Any spelling of zero and one counts; near misses do not.
+        assert!(key("t", r#"{"model":"m","temperature":-0.0e3,"n":10E-1}"#).is_ok());
+        for (temperature, n) in [("1e-30", "1"), ("0", "1.0000000000000000001"), ("0", "-1")] {
+            let body = std::format!(r#"{{"model":"m","temperature":{temperature},"n":{n}}}"#);
+            assert_eq!(key("t", &body), Err(NotCacheable::NonDeterministic), "{body}");
+        }
         let forced = cache_key(&KeyRequest {
             tenant: b"t",
             endpoint: "/v1/chat/completions",

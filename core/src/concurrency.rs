@@ -92,7 +92,7 @@ impl AimdLimit {
     /// A limiter at its initial limit with nothing in flight.
     pub fn new(settings: ConcurrencySettings) -> Self {
         Self {
-            limit: settings.initial.clamp(settings.min, settings.max),
+            limit: settings.initial.max(settings.min).min(settings.max),
             settings,
             in_flight: 0,
             last_decrease: None,

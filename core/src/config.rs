@@ -21,7 +21,7 @@ use crate::degrade::{LadderSettings, Thresholds};
 use crate::json::{self, Value};
 use crate::throttle::ThrottleSettings;
 use crate::time::{ms, Nanos};
-use alloc::collections::BTreeMap;
+use crate::sorted_map::SortedMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -75,7 +75,7 @@ pub struct ProviderConfig {
     pub api_key: Option<String>,
     /// Model name mapping for this provider: the caller's model name to the provider's.
     /// Default: empty, names pass through.
-    pub models: BTreeMap<String, String>,
+    pub models: SortedMap<String, String>,
     /// Share of load within its priority tier. Default 1; must be > 0.
     pub weight: u32,
     /// Lower is preferred; a tier is used when every provider of better tiers is unusable.
@@ -94,7 +94,7 @@ impl Default for ProviderConfig {
             cluster: None,
             failover_cluster: None,
             api_key: None,
-            models: BTreeMap::new(),
+            models: SortedMap::new(),
             weight: 1,
             priority: 0,
             max_concurrency: None,
@@ -448,7 +448,7 @@ pub struct DegradationConfig {
     /// Tier 1+: `max_tokens` is capped at this. Default 1024; 0 disables the cap.
     pub max_tokens_cap: u32,
     /// Tier 1+: expensive model → cheaper model. Default: empty.
-    pub model_fallbacks: BTreeMap<String, String>,
+    pub model_fallbacks: SortedMap<String, String>,
 }
 
 impl Default for DegradationConfig {
@@ -460,7 +460,7 @@ impl Default for DegradationConfig {
             exit: d.tiers.map(|t| t.exit),
             min_dwell_ms: d.min_dwell / ms(1),
             max_tokens_cap: 1024,
-            model_fallbacks: BTreeMap::new(),
+            model_fallbacks: SortedMap::new(),
         }
     }
 }
@@ -561,7 +561,12 @@ impl fmt::Display for ConfigError {
                 write!(f, "{field} must be between {a} and {b}")
             }
             Problem::Empty => write!(f, "{field} must not be empty"),
-            Problem::Duplicate(value) => write!(f, "{field} must be unique: {value:?} repeats"),
+            Problem::Duplicate(value) => {
+                // Quoted as JSON, not with `{:?}`: `Debug` for strings links Unicode tables.
+                let mut quoted = String::new();
+                json::write_str(&mut quoted, value);
+                write!(f, "{field} must be unique: {quoted} repeats")
+            }
             Problem::AtLeastOneOf(a, b) => {
                 write!(f, "{field} must set `{a}` or `{b}` (or both)")
             }
@@ -713,7 +718,9 @@ impl Config {
             }
             for (from, to) in &p.models {
                 if from.is_empty() || to.is_empty() {
-                    c.fail(format!("providers[{i}].models[{from:?}]"), Problem::Empty);
+                    let mut quoted = String::new();
+                    json::write_str(&mut quoted, from);
+                    c.fail(format!("providers[{i}].models[{quoted}]"), Problem::Empty);
                 }
             }
         }
@@ -918,13 +925,13 @@ impl<T: FromJson> FromJson for Option<T> {
     }
 }
 
-impl FromJson for BTreeMap<String, String> {
+impl FromJson for SortedMap<String, String> {
     fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
         let Value::Object(members) = v else {
             wrong(path, errors, "an object of strings");
             return None;
         };
-        let mut map = BTreeMap::new();
+        let mut map = SortedMap::new();
         for (k, val) in members {
             if let Some(s) = String::read(val, &format!("{path}.{k}"), errors) {
                 map.insert(k.clone(), s);

@@ -113,7 +113,7 @@ pub fn pressure(error_rate: f64, open_breaker_share: f64, latency_anomalous: boo
     if p.is_nan() {
         0.0
     } else {
-        p.clamp(0.0, 1.0)
+        p.max(0.0).min(1.0)
     }
 }
 

@@ -30,7 +30,9 @@ use crate::reply::{local_reply, LocalReply, ReplyKind};
 use crate::throttle::AdaptiveThrottle;
 use crate::time::{ms, Nanos, SECOND};
 use crate::window::Ring;
-use alloc::collections::{BTreeMap, VecDeque};
+use crate::sorted_map::SortedMap;
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -358,7 +360,7 @@ pub struct Engine {
     first_token_latency: AnomalyDetector<64>,
     response_latency: AnomalyDetector<64>,
     stall: Nanos,
-    requests: BTreeMap<RequestId, RequestState>,
+    requests: SortedMap<RequestId, Box<RequestState>>,
     next_id: RequestId,
     next_ladder_at: Nanos,
     /// The latest `now` a call brought (time never goes back inside the engine).
@@ -409,7 +411,7 @@ impl Engine {
             response_latency: AnomalyDetector::new(3.0, 20, 30 * SECOND),
             stall: ms(config.deadlines.stall_ms),
             providers,
-            requests: BTreeMap::new(),
+            requests: SortedMap::new(),
             next_id: 1,
             next_ladder_at: 0,
             latest: 0,
@@ -553,7 +555,7 @@ impl Engine {
         let priority = state.meta.priority;
         let tenant = state.meta.tenant;
         let tokens = state.meta.estimated_tokens;
-        self.requests.insert(id, state);
+        self.requests.insert(id, Box::new(state));
         let tier = self.ladder.tier();
 
         if cached == CacheLookup::Fresh {

@@ -63,6 +63,7 @@ pub mod engine;
 pub mod json;
 pub mod progress;
 pub mod reply;
+pub mod sorted_map;
 pub mod throttle;
 pub mod time;
 pub mod window;

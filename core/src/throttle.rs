@@ -90,7 +90,8 @@ impl AdaptiveThrottle {
         }
         let requests = requests as f64;
         let p = (requests - self.settings.k * accepts as f64) / (requests + 1.0);
-        p.clamp(0.0, self.settings.max_reject)
+        // (`max`/`min`, not `clamp`: `clamp` panics on a NaN bound and links float formatting.)
+        p.max(0.0).min(self.settings.max_reject)
     }
 
     /// Decides whether to reject an attempt locally (`false`: send it, and report its outcome
