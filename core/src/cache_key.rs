@@ -280,9 +280,10 @@ impl Canonicalizer {
             let name = key_text(src, &self.escaped, key);
             let name = name.as_bytes();
             if value.kind == Kind::Number && matches!(name, b"temperature" | b"n") {
-                let number = decimal(span(src, value.a, value.b)).ok_or(NotCacheable::Malformed {
-                    at: value.a as usize,
-                })?;
+                let number =
+                    decimal(span(src, value.a, value.b)).ok_or(NotCacheable::Malformed {
+                        at: value.a as usize,
+                    })?;
                 if name == b"temperature" {
                     temperature_zero = number.digits.is_empty();
                 } else {
@@ -685,7 +686,10 @@ fn decimal(raw: &[u8]) -> Option<Decimal> {
         Some((b'-', rest)) => (true, rest),
         _ => (false, raw),
     };
-    let e_at = rest.iter().position(|&b| b == b'e' || b == b'E').unwrap_or(rest.len());
+    let e_at = rest
+        .iter()
+        .position(|&b| b == b'e' || b == b'E')
+        .unwrap_or(rest.len());
     let (mantissa, exponent) = rest.split_at(e_at);
     let mut point: i64 = 0;
     let mut digits = Vec::with_capacity(mantissa.len());
@@ -718,9 +722,17 @@ fn decimal(raw: &[u8]) -> Option<Decimal> {
     }
     point += if exp_negative { -exp } else { exp };
     if digits.is_empty() {
-        return Some(Decimal { negative: false, digits, point: 0 });
+        return Some(Decimal {
+            negative: false,
+            digits,
+            point: 0,
+        });
     }
-    (MIN_POINT..=MAX_POINT).contains(&point).then_some(Decimal { negative, digits, point })
+    (MIN_POINT..=MAX_POINT).contains(&point).then_some(Decimal {
+        negative,
+        digits,
+        point,
+    })
 }
 
 /// Writes a validated JSON number in canonical form: the layout of ECMAScript's
@@ -1174,7 +1186,11 @@ mod tests {
         assert!(key("t", r#"{"model":"m","temperature":-0.0e3,"n":10E-1}"#).is_ok());
         for (temperature, n) in [("1e-30", "1"), ("0", "1.0000000000000000001"), ("0", "-1")] {
             let body = std::format!(r#"{{"model":"m","temperature":{temperature},"n":{n}}}"#);
-            assert_eq!(key("t", &body), Err(NotCacheable::NonDeterministic), "{body}");
+            assert_eq!(
+                key("t", &body),
+                Err(NotCacheable::NonDeterministic),
+                "{body}"
+            );
         }
         let forced = cache_key(&KeyRequest {
             tenant: b"t",

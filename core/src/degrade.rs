@@ -107,6 +107,9 @@ impl Default for LadderSettings {
 /// Combines the health signals into one pressure in `[0, 1]`: the worst of the recent error
 /// rate, the share of providers whose breaker is open, and a latency anomaly (a 3-sigma latency
 /// outlier counts 0.5: slow is bad, but not as bad as failing).
+// `max`/`min`, not `clamp`: `f64::clamp`'s panic message links core's float formatting (about
+// 20 KB of the npm package's wasm).
+#[allow(clippy::manual_clamp)]
 pub fn pressure(error_rate: f64, open_breaker_share: f64, latency_anomalous: bool) -> f64 {
     let latency = if latency_anomalous { 0.5 } else { 0.0 };
     let p = error_rate.max(open_breaker_share).max(latency);

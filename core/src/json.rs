@@ -91,8 +91,15 @@ impl Number {
             // Scale by at most 10^22 per step: each step is one rounding.
             while exp10 != 0 && value.is_finite() && value != 0.0 {
                 let step = exp10.clamp(-22, 22);
-                let factor = POW10.get(step.unsigned_abs() as usize).copied().unwrap_or(1.0);
-                value = if step > 0 { value * factor } else { value / factor };
+                let factor = POW10
+                    .get(step.unsigned_abs() as usize)
+                    .copied()
+                    .unwrap_or(1.0);
+                value = if step > 0 {
+                    value * factor
+                } else {
+                    value / factor
+                };
                 exp10 -= step;
             }
         }
@@ -566,14 +573,20 @@ mod tests {
             // Anything else: within a few units in the last place.
             let text = std::format!("{}.{}E{}", rng.u64(..), rng.u64(..), rng.i32(-300..290));
             let (ours, std) = (read(&text), text.parse::<f64>().unwrap());
-            assert!(((ours - std) / std).abs() < 1e-14, "{text}: {ours} vs {std}");
+            assert!(
+                ((ours - std) / std).abs() < 1e-14,
+                "{text}: {ours} vs {std}"
+            );
         }
         assert_eq!(read("1e400"), f64::INFINITY);
         assert_eq!(read("-1e-400"), 0.0);
         assert_eq!(read("0.000"), 0.0);
         assert_eq!(read("0.1"), 0.1);
         assert_eq!(read("2.5E+1"), 25.0);
-        assert_eq!(read("123456789012345678901234567890"), 1.2345678901234568e29);
+        assert_eq!(
+            read("123456789012345678901234567890"),
+            1.2345678901234568e29
+        );
     }
 
     #[test]

@@ -161,6 +161,9 @@ mod tests {
         let map: SortedMap<alloc::string::String, u8> =
             [("b".into(), 2), ("a".into(), 1)].into_iter().collect();
         assert_eq!(map.get("a"), Some(&1));
-        assert_eq!(map.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            map.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 }

@@ -3,19 +3,16 @@
 import initWasm, * as wasm from './pkg/unbusy_js.js';
 import { makeCreateFetch, MemoryCache } from './core.js';
 
-let ready = false;
+let exports = null;
 
 export async function init(url) {
-  if (!ready) {
-    await initWasm({ module_or_path: url ?? new URL('./pkg/unbusy_js_bg.wasm', import.meta.url) });
-    ready = true;
-  }
+  exports ??= await initWasm({ module_or_path: url ?? new URL('./pkg/unbusy_js_bg.wasm', import.meta.url) });
 }
 
-const create = makeCreateFetch(wasm);
+const create = makeCreateFetch(wasm, { memory: () => exports.memory });
 
 export function createFetch(config, options) {
-  if (!ready) throw new Error('unbusy: call `await init()` before createFetch in a browser');
+  if (!exports) throw new Error('unbusy: call `await init()` before createFetch in a browser');
   return create(config, options);
 }
 export { MemoryCache };

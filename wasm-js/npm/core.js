@@ -77,6 +77,123 @@ const encoder = new TextEncoder();
 const EMPTY = new Uint8Array();
 const decoder = new TextDecoder();
 
+/** How long a provider that left an attempt hanging before its headers keeps every attempt to it
+ * abortable (see `send`). */
+const HUNG_MEMORY_MS = 10 * 60 * 1000;
+
+/**
+ * An answer read whole, for hosts whose consumers use only `Response`'s public API (Node): the
+ * body is kept as the text already read and the headers are built when first asked for, instead
+ * of a second `Response` copying both (a byte stream and a header list per call, most of the
+ * per-call cost in Node). `body`, `clone()` and `formData()` fall back to a real `Response`.
+ * Not used where the runtime itself may read the object (a worker returning it, a service
+ * worker's `respondWith`): those read internal slots, which here hold no body.
+ */
+class HeldResponse extends Response {
+  #text;
+  #headerSource;
+  #extra;
+  #headers = null;
+  #used = false;
+  #real = null;
+
+  constructor(text, status, headerSource, extra) {
+    super(null, { status });
+    this.#text = text;
+    this.#headerSource = headerSource;
+    this.#extra = extra;
+  }
+
+  get headers() {
+    if (this.#headers === null) {
+      const h = new Headers(this.#headerSource ?? undefined);
+      h.delete('content-length');
+      h.delete('content-encoding');
+      for (const [k, v] of this.#extra) h.set(k, v);
+      this.#headers = h;
+    }
+    return this.#headers;
+  }
+
+  #realResponse() {
+    if (this.#real === null) {
+      this.#real = new Response(this.#used ? null : this.#text, { status: this.status, headers: this.headers });
+      this.#used = true;
+    }
+    return this.#real;
+  }
+
+  #take() {
+    if (this.#real !== null) return null;
+    if (this.#used) throw new TypeError('Body is unusable: Body has already been read');
+    this.#used = true;
+    return this.#text;
+  }
+
+  get body() {
+    return this.#realResponse().body;
+  }
+  get bodyUsed() {
+    return this.#real !== null ? this.#real.bodyUsed : this.#used;
+  }
+  async text() {
+    const t = this.#take();
+    return t ?? this.#real.text();
+  }
+  async json() {
+    const t = this.#take();
+    return t === null ? this.#real.json() : JSON.parse(t);
+  }
+  async arrayBuffer() {
+    const t = this.#take();
+    return t === null ? this.#real.arrayBuffer() : encoder.encode(t).buffer;
+  }
+  async bytes() {
+    const t = this.#take();
+    return t === null ? this.#real.bytes() : encoder.encode(t);
+  }
+  async blob() {
+    const t = this.#take();
+    return t === null ? this.#real.blob() : new Blob([t], { type: this.headers.get('content-type') ?? '' });
+  }
+  async formData() {
+    return this.#realResponse().formData();
+  }
+  clone() {
+    if (this.bodyUsed) throw new TypeError('Response.clone: Body has already been consumed.');
+    if (this.#real !== null) return this.#real.clone();
+    return new HeldResponse(this.#text, this.status, this.headers, []);
+  }
+}
+
+/** A request header from whatever `init.headers` was (Headers, pairs or a plain object). */
+function headerOf(headers, name) {
+  if (!headers) return null;
+  if (typeof headers.get === 'function') return headers.get(name);
+  const pairs = Array.isArray(headers) ? headers : Object.entries(headers);
+  for (const [k, v] of pairs) if (k.toLowerCase() === name) return String(v);
+  return null;
+}
+
+/** An attempt's request headers: the caller's, less content-length, with the provider's
+ * credentials. A plain object stays one (fetch converts it once, as for a direct call). */
+function attemptHeaders(headers, authorization) {
+  if (headers && typeof headers === 'object' && !Array.isArray(headers) && typeof headers.get !== 'function') {
+    const out = {};
+    for (const k in headers) {
+      const lower = k.toLowerCase();
+      if (lower === 'content-length' || (authorization && lower === 'authorization')) continue;
+      out[k] = headers[k];
+    }
+    if (authorization) out.authorization = authorization;
+    return out;
+  }
+  const out = new Headers(headers ?? undefined);
+  if (authorization) out.set('authorization', authorization);
+  out.delete('content-length');
+  return out;
+}
+
 function abortError(signal) {
   return signal?.reason ?? new DOMException('The operation was aborted.', 'AbortError');
 }
@@ -85,7 +202,7 @@ function abortError(signal) {
  * Builds the `fetch` for a configuration in the engine's schema (camelCase keys).
  * Throws at once, naming the field, when the configuration is invalid.
  */
-export function makeCreateFetch(wasm) {
+export function makeCreateFetch(wasm, host = {}) {
   return function createFetch(config, options = {}) {
     const baseFetch = options.fetch ?? globalThis.fetch.bind(globalThis);
     const now = options.now ?? (() => (globalThis.performance ? performance.now() : Date.now()));
@@ -109,16 +226,26 @@ export function makeCreateFetch(wasm) {
     const cache = options.cache ?? new MemoryCache({ maxBytes: snakeConfig.cache?.max_bytes });
     const cacheTtl = snakeConfig.cache?.ttl_ms ?? 300000;
     const staleTtl = snakeConfig.cache?.stale_ttl_ms ?? 3600000;
-    const tenantHeader = snakeConfig.tenancy?.header;
+    const tenantHeader = snakeConfig.tenancy?.header?.toLowerCase();
     const requests = new Map();
+    // When each provider last left an attempt hanging before its headers (see `send`).
+    const hungAt = [];
     let timer = null;
     let timerAt = Infinity;
 
+    if (!onEvent) engine.listen(false); // nobody listens: events are dropped as they come
+
+    // The engine's action buffer, read in place (a new view when the memory has grown).
+    const actionAt = engine.actionBuffer();
+    let actionView = null;
+    function actionNumbers() {
+      const buffer = host.memory().buffer;
+      if (actionView === null || actionView.buffer !== buffer) actionView = new Float64Array(buffer, actionAt, 6);
+      return actionView;
+    }
+
     function emit() {
-      if (!onEvent) {
-        engine.discardEvents(); // nobody listens: not worth encoding
-        return;
-      }
+      if (!onEvent) return;
       const events = engine.takeEvents();
       if (events) {
         for (const e of JSON.parse(events)) {
@@ -200,9 +327,10 @@ export function makeCreateFetch(wasm) {
     }
 
     function drain() {
-      for (;;) {
-        const action = engine.nextAction();
-        if (!action) break;
+      while (engine.nextAction() !== 0) {
+        // Copied out: a later engine call may grow the memory under the view.
+        const v = actionNumbers();
+        const action = [v[0], v[1], v[2], v[3], v[4], v[5]];
         // One action failing (a runtime refusing an abort, say) must not drop the others:
         // the next one is often the failover that answers the caller.
         try {
@@ -220,9 +348,35 @@ export function makeCreateFetch(wasm) {
       return `provider=${provider}; attempts=${r.attempt}; cache=${extra ?? r.cacheNote}; tier=${engine.tier()}`;
     }
 
+    /** Stops the attempt in flight: through its AbortController if it has one, else by cancelling
+     * its body; one that has neither is left to fail on its own (its answer is ignored), and its
+     * provider's attempts carry a controller from now on. */
+    function abortAttempt(r) {
+      try {
+        if (r.attemptAbort) r.attemptAbort.abort();
+        else if (r.attemptReader) r.attemptReader.cancel().catch(() => {});
+        else if (r.attemptNo > 0) hungAt[r.provider] = now();
+      } catch {
+        /* the runtime may refuse to abort a body it is reading; the attempt is dropped anyway */
+      }
+      r.attemptAbort = null;
+      r.attemptReader = null;
+      r.attemptNo = 0; // whatever the attempt still says is not listened to
+    }
+
+    /** The caller's answer: a HeldResponse where the host allows it, else a Response. */
+    function respond(r, status, headerSource, text, extra) {
+      if (host.heldResponses) return new HeldResponse(text, status, headerSource, extra);
+      const headers = new Headers(headerSource ?? undefined);
+      headers.delete('content-length');
+      headers.delete('content-encoding');
+      for (const [k, v] of extra) headers.set(k, v);
+      return new Response(text, { status, headers });
+    }
+
     function finish(r) {
       requests.delete(r.id);
-      r.signal?.removeEventListener?.('abort', r.onAbort);
+      if (r.onAbort) r.signal.removeEventListener?.('abort', r.onAbort);
     }
 
     function act(a) {
@@ -234,12 +388,7 @@ export function makeCreateFetch(wasm) {
           break;
         case 'abort':
           if (r.attemptNo !== a.attempt) break;
-          try {
-            r.attemptAbort?.abort();
-          } catch {
-            /* the runtime may refuse to abort a body it is reading; the attempt is dropped anyway */
-          }
-          r.attemptAbort = null;
+          abortAttempt(r);
           if (r.streaming) {
             // Bytes already reached the caller: end their stream here.
             try {
@@ -259,28 +408,22 @@ export function makeCreateFetch(wasm) {
             r.storeStream = a.storeInCache;
             break; // already flowing; finished when the stream ends
           }
-          const headers = new Headers(ans?.headers ?? {});
-          headers.set('x-unbusy', note(r));
-          headers.delete('content-length');
-          headers.delete('content-encoding');
-          r.resolve(new Response(ans?.body ?? '', { status: ans?.status ?? 502, headers }));
+          r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r)]]));
           finish(r);
           break;
         }
         case 'serveCache': {
           const e = r.cached;
-          const headers = new Headers({
-            'content-type': e?.stream ? 'text/event-stream' : 'application/json',
-            'x-unbusy': note(r, a.stale ? 'stale' : 'hit'),
-          });
-          r.resolve(new Response(e?.body ?? '', { status: 200, headers }));
+          const extra = [
+            ['content-type', e?.stream ? 'text/event-stream' : 'application/json'],
+            ['x-unbusy', note(r, a.stale ? 'stale' : 'hit')],
+          ];
+          r.resolve(respond(r, 200, null, e?.body ?? '', extra));
           finish(r);
           break;
         }
         case 'reply': {
-          const headers = new Headers(a.headers);
-          headers.set('x-unbusy', note(r));
-          r.resolve(new Response(a.body, { status: a.status, headers }));
+          r.resolve(respond(r, a.status, a.headers, a.body, [['x-unbusy', note(r)]]));
           finish(r);
           break;
         }
@@ -291,11 +434,10 @@ export function makeCreateFetch(wasm) {
       r.attempt = a.attempt;
       r.attemptNo = a.attempt;
       r.provider = a.provider;
+      r.attemptReader = null;
       const target = providers[a.provider];
       const url = (a.rewrite.baseUrl ?? target.baseUrl).replace(/\/+$/, '') + r.suffix;
-      const headers = new Headers(r.headers);
-      if (a.rewrite.authorization) headers.set('authorization', a.rewrite.authorization);
-      headers.delete('content-length');
+      const headers = attemptHeaders(r.headers, a.rewrite.authorization);
       let body = r.bodyText;
       if (a.rewrite.model || a.rewrite.maxTokensCap) {
         const v = { ...r.json };
@@ -303,13 +445,24 @@ export function makeCreateFetch(wasm) {
         if (a.rewrite.maxTokensCap) v.max_tokens = Math.min(v.max_tokens ?? Infinity, a.rewrite.maxTokensCap);
         body = JSON.stringify(v);
       }
-      const ctl = new AbortController();
+      // An AbortController per attempt is the only way to stop one that hangs before its
+      // headers, and fetch's bookkeeping for a signal is about 12 µs a call in Node. So an
+      // attempt carries one when it may be aborted from outside (the caller gave a signal),
+      // when it is a retry (something already went wrong), or when its provider left an attempt
+      // hanging before its headers in the last ten minutes. Otherwise an abort before the
+      // headers abandons the attempt (its answer is ignored; the connection ends at the
+      // runtime's own timeout) and marks the provider; after the headers, cancelling the body
+      // stops it either way.
+      const guarded = r.signal || a.attempt > 1 || now() - (hungAt[a.provider] ?? -Infinity) < HUNG_MEMORY_MS;
+      const ctl = guarded ? new AbortController() : null;
       r.attemptAbort = ctl;
       const attempt = a.attempt;
-      baseFetch(url, { method: 'POST', headers, body, signal: ctl.signal }).then(
-        (resp) => answer(r, attempt, resp, ctl),
+      const init = { method: 'POST', headers, body };
+      if (ctl) init.signal = ctl.signal;
+      baseFetch(url, init).then(
+        (resp) => answer(r, attempt, resp),
         (err) => {
-          if (ctl.signal.aborted || !requests.has(r.id)) return;
+          if (!requests.has(r.id) || r.attemptNo !== attempt) return;
           const kind = /refused|ECONNREFUSED|ENOTFOUND/i.test(String(err?.cause?.code ?? err)) ? 'refused' : 'reset';
           engine.onFault(now(), r.id, attempt, kind);
           drain();
@@ -317,8 +470,25 @@ export function makeCreateFetch(wasm) {
       );
     }
 
-    async function answer(r, attempt, resp, ctl) {
-      const live = () => requests.has(r.id) && r.attemptNo === attempt && !ctl.signal.aborted;
+    /** Reads an attempt's body whole through a reader the attempt can be stopped by. */
+    async function readAll(r, resp) {
+      const reader = resp.body.getReader();
+      r.attemptReader = reader;
+      const chunks = [];
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        chunks.push(value);
+      }
+      return chunks.length === 1 ? decoder.decode(chunks[0]) : decoder.decode(concat(chunks));
+    }
+
+    async function answer(r, attempt, resp) {
+      const live = () => requests.has(r.id) && r.attemptNo === attempt;
+      if (!live()) {
+        resp.body?.cancel().catch(() => {});
+        return;
+      }
       const type = resp.headers.get('content-type') ?? '';
       if (resp.status !== 200 || !resp.body) {
         // The provider's hints (a success needs none).
@@ -328,7 +498,7 @@ export function makeCreateFetch(wasm) {
         }
         let text = '';
         try {
-          text = await resp.text();
+          if (resp.body) text = await readAll(r, resp);
         } catch {
           /* cut short */
         }
@@ -342,7 +512,7 @@ export function makeCreateFetch(wasm) {
         // Held whole anyway: read it at once; blank lines only means a stall in disguise.
         let text;
         try {
-          text = await resp.text();
+          text = await readAll(r, resp);
         } catch {
           if (!live()) return;
           engine.onFault(now(), r.id, attempt, 'stall');
@@ -360,6 +530,7 @@ export function makeCreateFetch(wasm) {
       }
       const tracker = new wasm.ProgressTracker(type.includes('event-stream'));
       const reader = resp.body.getReader();
+      r.attemptReader = reader;
       const held = [];
       try {
         for (;;) {
@@ -484,7 +655,7 @@ export function makeCreateFetch(wasm) {
       const simple = typeof input === 'string' && typeof init?.body === 'string';
       const request = simple ? null : new Request(input, init);
       const bodyText = simple ? init.body : await request.text();
-      const requestHeaders = simple ? new Headers(init.headers) : request.headers;
+      const requestHeaders = simple ? init.headers : request.headers;
       let json;
       try {
         json = JSON.parse(bodyText);
@@ -494,7 +665,7 @@ export function makeCreateFetch(wasm) {
       if (!json || typeof json !== 'object' || Array.isArray(json)) {
         return baseFetch(input, { ...init, body: bodyText }); // let the provider say what is wrong
       }
-      const tenant = (tenantHeader && requestHeaders.get(tenantHeader)) || requestHeaders.get('authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
+      const tenant = (tenantHeader && headerOf(requestHeaders, tenantHeader)) || headerOf(requestHeaders, 'authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
       const stream = json.stream === true;
       const cacheOn = snakeConfig.cache?.enabled !== false;
       const key = cacheOn ? wasm.cacheKey(tenant, encoder.encode(bodyText), 0) : undefined;
@@ -533,15 +704,17 @@ export function makeCreateFetch(wasm) {
           attemptNo: 0,
           provider: 0,
         };
-        r.onAbort = () => {
-          if (!requests.has(id)) return;
-          r.attemptAbort?.abort();
-          engine.cancel(now(), id);
-          finish(r);
-          reject(abortError(signal));
-          drain();
-        };
-        signal?.addEventListener?.('abort', r.onAbort, { once: true });
+        if (signal) {
+          r.onAbort = () => {
+            if (!requests.has(id)) return;
+            abortAttempt(r);
+            engine.cancel(now(), id);
+            finish(r);
+            reject(abortError(signal));
+            drain();
+          };
+          signal.addEventListener?.('abort', r.onAbort, { once: true });
+        }
         requests.set(id, r);
         drain();
       });

@@ -4,8 +4,8 @@ import module from './pkg/unbusy_js_bg.wasm';
 import * as wasm from './pkg/unbusy_js.js';
 import { makeCreateFetch, MemoryCache } from './core.js';
 
-wasm.initSync({ module });
+const exports = wasm.initSync({ module });
 
-export const createFetch = makeCreateFetch(wasm);
+export const createFetch = makeCreateFetch(wasm, { memory: () => exports.memory });
 export { MemoryCache };
 export async function init() {}

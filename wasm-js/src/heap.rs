@@ -32,7 +32,11 @@ unsafe impl Sync for Heap {}
 
 impl Heap {
     pub const fn new() -> Self {
-        Heap(UnsafeCell::new(State { free: [ptr::null_mut(); CLASSES], bump: 0, end: 0 }))
+        Heap(UnsafeCell::new(State {
+            free: [ptr::null_mut(); CLASSES],
+            bump: 0,
+            end: 0,
+        }))
     }
 }
 
@@ -66,7 +70,9 @@ impl State {
         let size = 1usize << (index as u32 + MIN_CLASS);
         let align = size.min(PAGE);
         let start = (self.bump + align - 1) & !(align - 1);
-        let Some(stop) = start.checked_add(size) else { return ptr::null_mut() };
+        let Some(stop) = start.checked_add(size) else {
+            return ptr::null_mut();
+        };
         if stop > self.end {
             let pages = (stop - self.end).div_ceil(PAGE);
             if core::arch::wasm32::memory_grow(0, pages) == usize::MAX {
@@ -79,7 +85,10 @@ impl State {
         // before `start`.
         while self.bump < start {
             let piece = self.bump & self.bump.wrapping_neg();
-            self.push((piece.trailing_zeros() - MIN_CLASS) as usize, self.bump as *mut u8);
+            self.push(
+                (piece.trailing_zeros() - MIN_CLASS) as usize,
+                self.bump as *mut u8,
+            );
             self.bump += piece;
         }
         self.bump = stop;
@@ -90,7 +99,9 @@ impl State {
 unsafe impl GlobalAlloc for Heap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let state = &mut *self.0.get();
-        let Some(index) = class_of(layout) else { return ptr::null_mut() };
+        let Some(index) = class_of(layout) else {
+            return ptr::null_mut();
+        };
         match state.free.get_mut(index) {
             Some(head) if !head.is_null() => {
                 let block = *head;

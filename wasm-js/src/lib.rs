@@ -32,7 +32,6 @@ fn trap(_: &core::panic::PanicInfo) -> ! {
 
 use alloc::format;
 use alloc::string::{String, ToString};
-use alloc::vec;
 use alloc::vec::Vec;
 
 use unbusy_core::cache_key::{cache_key, tenant_id, KeyRequest, OptIn};
@@ -63,6 +62,10 @@ pub struct JsEngine {
     /// The strings of the action `nextAction` returned last (its numbers cannot carry them).
     model: Option<String>,
     reply: Option<unbusy_core::reply::LocalReply>,
+    /// The action `nextAction` moved out last, as numbers.
+    action: [f64; 6],
+    /// Whether anyone takes the events.
+    listening: bool,
 }
 
 /// Why an attempt was aborted, as `nextAction` numbers it.
@@ -170,6 +173,8 @@ impl JsEngine {
             engine,
             model: None,
             reply: None,
+            action: [0.0; 6],
+            listening: true,
         })
     }
 
@@ -316,20 +321,29 @@ impl JsEngine {
         self.engine.next_wakeup().map_or(f64::NAN, ms)
     }
 
-    /// The next queued action as numbers (no JSON on the hot path), or `undefined`:
-    /// - send `[1, request, attempt, provider, max_tokens cap or NaN, 1 if a model rewrite]`
+    /// Moves the next queued action into the action buffer (see `actionBuffer`) and returns its
+    /// kind, or 0 when none is queued (then, with nobody listening, the events queued so far are
+    /// dropped: `listen(false)`). The buffer's numbers by kind:
+    /// - 1 send `[1, request, attempt, provider, max_tokens cap or NaN, 1 if a model rewrite]`
     ///   (the model from `actionModel`, the provider's base URL and credentials from `route`);
-    /// - abort `[2, request, attempt, reason]` (0 first-token deadline, 1 deadline, 2 stalled);
-    /// - deliver `[3, request, store in cache 0/1]`; serve from cache `[4, request, stale 0/1]`;
-    /// - reply `[5, request, status]` (headers and body from `replyHeaders` / `replyBody`).
+    /// - 2 abort `[2, request, attempt, reason]` (0 first-token deadline, 1 deadline, 2 stalled);
+    /// - 3 deliver `[3, request, store in cache 0/1]`; 4 serve from cache `[4, request, stale]`;
+    /// - 5 reply `[5, request, status]` (headers and body from `replyHeaders` / `replyBody`).
+    ///
+    /// Numbers in a buffer the host reads in place: no JSON, no array per action.
     #[wasm_bindgen(js_name = nextAction)]
-    pub fn next_action(&mut self) -> Option<Vec<f64>> {
-        let action = self.engine.poll_action()?;
-        Some(match action {
+    pub fn next_action(&mut self) -> u32 {
+        let Some(action) = self.engine.poll_action() else {
+            if !self.listening {
+                while self.engine.poll_event().is_some() {}
+            }
+            return 0;
+        };
+        self.action = match action {
             Action::Send(s) => {
                 let has_model = s.rewrite.model.is_some();
                 self.model = s.rewrite.model;
-                vec![
+                [
                     1.0,
                     s.request as f64,
                     f64::from(s.attempt),
@@ -342,20 +356,52 @@ impl JsEngine {
                 request,
                 attempt,
                 reason,
-            } => vec![2.0, request as f64, f64::from(attempt), abort_code(&reason)],
+            } => [
+                2.0,
+                request as f64,
+                f64::from(attempt),
+                abort_code(&reason),
+                0.0,
+                0.0,
+            ],
             Action::Deliver {
                 request,
                 store_in_cache,
-            } => vec![3.0, request as f64, f64::from(u8::from(store_in_cache))],
-            Action::ServeCache { request, stale } => {
-                vec![4.0, request as f64, f64::from(u8::from(stale))]
-            }
+            } => [
+                3.0,
+                request as f64,
+                f64::from(u8::from(store_in_cache)),
+                0.0,
+                0.0,
+                0.0,
+            ],
+            Action::ServeCache { request, stale } => [
+                4.0,
+                request as f64,
+                f64::from(u8::from(stale)),
+                0.0,
+                0.0,
+                0.0,
+            ],
             Action::Reply { request, reply } => {
                 let status = f64::from(reply.status);
                 self.reply = Some(reply);
-                vec![5.0, request as f64, status]
+                [5.0, request as f64, status, 0.0, 0.0, 0.0]
             }
-        })
+        };
+        self.action[0] as u32
+    }
+
+    /// Where the action buffer lives in the module's memory (six `f64`s; stable for the
+    /// engine's life).
+    #[wasm_bindgen(js_name = actionBuffer)]
+    pub fn action_buffer(&self) -> usize {
+        self.action.as_ptr() as usize
+    }
+
+    /// Whether events are kept for `takeEvents` (default) or dropped as they come.
+    pub fn listen(&mut self, on: bool) {
+        self.listening = on;
     }
 
     /// The model of the send `nextAction` returned last, when it rewrites the model.
@@ -403,12 +449,6 @@ impl JsEngine {
             .opt_str("baseUrl", p.and_then(|p| p.base_url.as_deref()))
             .opt_str("authorization", authorization.as_deref())
             .end()
-    }
-
-    /// Drops the queued events (when nobody listens, they are not worth encoding).
-    #[wasm_bindgen(js_name = discardEvents)]
-    pub fn discard_events(&mut self) {
-        while self.engine.poll_event().is_some() {}
     }
 
     /// The queued events, as a JSON array (empty string when none).

@@ -174,3 +174,76 @@ test('the openai SDK uses createFetch as its transport, with its own retries off
   assert.match(text, /\[backup\] An answer to: sdk stream/);
   assert.equal((await primary.stats()).attempts, 2);
 });
+
+test('an answer read whole behaves as a Response: each body reader once, headers, clone', async () => {
+  const p = await provider('primary');
+  const f = createFetch({ ...fast, providers: [{ name: 'primary', baseUrl: p.url }] });
+  const r = await post(f, p.url, chat('conformance'));
+  assert.ok(r instanceof Response);
+  assert.equal(r.status, 200);
+  assert.equal(r.ok, true);
+  assert.equal(r.headers.get('content-length'), null);
+  assert.match(r.headers.get('x-unbusy'), /provider=primary; attempts=1/);
+  assert.match(r.headers.get('content-type'), /application\/json/);
+  const copy = r.clone();
+  assert.equal(r.bodyUsed, false);
+  const text = await r.text();
+  assert.equal(r.bodyUsed, true);
+  await assert.rejects(r.text(), TypeError);
+  await assert.rejects(r.json(), TypeError);
+  assert.throws(() => r.clone(), TypeError);
+  assert.deepEqual(await copy.json(), JSON.parse(text));
+  // As a stream, as bytes and as a blob: the same bytes.
+  const viaStream = await post(f, p.url, chat('conformance'));
+  let streamed = '';
+  for await (const chunk of viaStream.body) streamed += new TextDecoder().decode(chunk, { stream: true });
+  assert.equal(viaStream.bodyUsed, true);
+  await assert.rejects(viaStream.text(), TypeError);
+  assert.match(streamed, /"choices"/);
+  const bytes = new Uint8Array(await (await post(f, p.url, chat('conformance'))).arrayBuffer());
+  assert.match(new TextDecoder().decode(bytes), /"choices"/);
+  const blob = await (await post(f, p.url, chat('conformance'))).blob();
+  assert.match(blob.type, /application\/json/);
+  assert.match(await blob.text(), /"choices"/);
+});
+
+test('attempts that hang before their headers: the answer still comes, hung connections do not pile up', async () => {
+  // A provider that accepts requests and never answers them (emulated here: busy-provider's
+  // stalls send headers first).
+  const { createServer } = await import('node:http');
+  let open = 0;
+  let seen = 0;
+  const hung = createServer((req) => {
+    seen += 1;
+    open += 1;
+    req.socket.once('close', () => (open -= 1));
+  });
+  await new Promise((r) => hung.listen(0, '127.0.0.1', r));
+  const hungUrl = `http://127.0.0.1:${hung.address().port}`;
+  const backup = await provider('backup');
+  try {
+    const f = createFetch({
+      deadlines: { firstTokenMs: 300, responseMs: 600, totalMs: 20000 },
+      providers: [
+        { name: 'hung', baseUrl: hungUrl },
+        { name: 'backup', baseUrl: backup.url },
+      ],
+    });
+    const first = await post(f, hungUrl, chat('one'));
+    assert.equal(first.status, 200);
+    assert.match(first.headers.get('x-unbusy'), /provider=backup; attempts=2/);
+    // The first hang is abandoned (no signal was worth its cost before it); every later attempt
+    // to that provider can be aborted, so it is closed when the engine gives up on it.
+    for (let i = 0; i < 6; i++) {
+      const r = await post(f, hungUrl, chat(`more ${i}`));
+      assert.equal(r.status, 200);
+      await r.text();
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    assert.ok(seen >= 1, `the hung provider saw ${seen} requests`);
+    assert.ok(open <= 1, `${open} connections to the hung provider still open after ${seen} attempts`);
+  } finally {
+    hung.closeAllConnections();
+    hung.close();
+  }
+});

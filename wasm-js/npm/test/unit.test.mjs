@@ -33,3 +33,30 @@ test('camelCase configuration reaches the engine; model names are not rewritten'
   });
   assert.throws(() => createFetch({ providers: [{ name: 'p', baseUrl: 'http://x', bogusField: 1 }] }), /bogusField|bogus_field|unknown field/);
 });
+
+test("the wasm module's allocator: bodies of every size round-trip, and memory is reused", async () => {
+  const glue = await import('../pkg/unbusy_js.js');
+  const { memory } = glue.initSync({ module: new Uint8Array() }); // already initialised by the import above
+  // The cache key copies the body into wasm memory and canonicalises it (many small
+  // allocations, growing buffers): equal bodies must give equal keys however the heap is laid
+  // out, different ones different keys, and freed blocks must be reused.
+  const body = (n, salt) =>
+    JSON.stringify({ model: 'm', temperature: 0, messages: [{ role: 'user', content: String(salt).padEnd(n, 'x') }] });
+  const sizes = [1, 15, 16, 17, 1000, 4095, 4096, 65535, 65536, 65537, 300000, 1 << 20];
+  const keys = new Map();
+  for (let round = 0; round < 3; round++) {
+    for (const n of sizes) {
+      for (const salt of ['a', 'b']) {
+        const k = glue.cacheKey('tenant', new TextEncoder().encode(body(n, salt)), 0);
+        assert.match(k, /^[0-9a-f]{32}$/);
+        const id = `${n}/${salt}`;
+        if (keys.has(id)) assert.equal(k, keys.get(id), id);
+        keys.set(id, k);
+      }
+    }
+    if (round === 0) var after = memory.buffer.byteLength;
+  }
+  assert.equal(new Set(keys.values()).size, keys.size);
+  // Later rounds fit in the blocks the first one freed.
+  assert.equal(memory.buffer.byteLength, after);
+});
