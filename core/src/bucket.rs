@@ -212,7 +212,7 @@ pub struct KeyedBuckets {
 }
 
 impl KeyedBuckets {
-    /// A table for about `capacity` concurrently active keys (at least [`PROBE`]).
+    /// A table for about `capacity` concurrently active keys (at least `PROBE`).
     pub fn new(rate: Rate, capacity: usize) -> Self {
         Self {
             rate,

@@ -36,6 +36,10 @@
 //! | [`config`] | the configuration schema with defaults and field-naming validation errors |
 //! | [`reply`] | OpenAI-compatible local error replies that SDKs back off on correctly |
 //!
+//! Plumbing beside them: [`json`] (a strict JSON reader and writer) and [`sorted_map`] (the map
+//! the engine and the configuration use). Neither links float formatting or parsing, nor
+//! `BTreeMap`, so the npm package's wasm stays small.
+//!
 //! [`engine::Engine`] composes them behind one sans-IO interface that every host drives.
 //!
 //! [`window`] is the fixed ring of time buckets that the budget, the throttle and the breaker
