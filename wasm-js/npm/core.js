@@ -3,7 +3,7 @@
 // Responses. Every decision (which provider, retry or not, when, what to cache, when to give
 // up) is the engine's, in the wasm module.
 
-const CHAT = /\/chat\/completions\/?$/;
+const CHAT = /\/chat\/completions\/?(?:[?#]|$)/;
 const NEVER_SNAKE = new Set(['models', 'model_fallbacks']); // their keys are model names
 
 function snake(key) {
@@ -227,6 +227,7 @@ export function makeCreateFetch(wasm, host = {}) {
     const cacheTtl = snakeConfig.cache?.ttl_ms ?? 300000;
     const staleTtl = snakeConfig.cache?.stale_ttl_ms ?? 3600000;
     const tenantHeader = snakeConfig.tenancy?.header?.toLowerCase();
+    const cacheOn = snakeConfig.cache?.enabled !== false;
     const requests = new Map();
     // When each provider last left an attempt hanging before its headers (see `send`).
     const hungAt = [];
@@ -269,7 +270,10 @@ export function makeCreateFetch(wasm, host = {}) {
 
     function schedule() {
       if (requests.size === 0) {
-        // Nothing left to time: no stray timer keeps a process or a worker request alive.
+        // Nothing left to time. Where timers do not hold the process (Node's are unref'd), the
+        // armed one is left to fire into an idle engine: cheaper than clearing and setting one
+        // per request. Elsewhere no stray timer may keep a worker request alive.
+        if (host.lingeringTimers) return;
         if (timer) clearTimeout(timer);
         timer = null;
         timerAt = Infinity;
@@ -504,7 +508,7 @@ export function makeCreateFetch(wasm, host = {}) {
         }
         if (!live()) return;
         r.answer = { status: resp.status, headers: resp.headers, body: text };
-        engine.onResponse(now(), r.id, attempt, resp.status, JSON.stringify(hintHeaders), encoder.encode(text.slice(0, 512)), false, Date.now() / 1000);
+        engine.onResponse(now(), r.id, attempt, resp.status, hintHeaders.length ? JSON.stringify(hintHeaders) : '', encoder.encode(text.slice(0, 512)), false, false, Date.now() / 1000);
         drain();
         return;
       }
@@ -522,9 +526,8 @@ export function makeCreateFetch(wasm, host = {}) {
         if (!live()) return;
         // The core's JSON rule (progress.rs): any byte that is not JSON whitespace is real.
         const real = /[^ \t\n\r]/.test(text);
-        if (real) engine.onFirstProgress(now(), r.id, attempt);
         r.answer = { status: 200, headers: resp.headers, body: text };
-        engine.onResponse(now(), r.id, attempt, 200, '[]', EMPTY, !real, Date.now() / 1000);
+        engine.onResponse(now(), r.id, attempt, 200, '', EMPTY, !real, real, Date.now() / 1000);
         drain();
         return;
       }
@@ -559,9 +562,8 @@ export function makeCreateFetch(wasm, host = {}) {
         tracker.free?.();
       }
       const text = decoder.decode(concat(held));
-      if (held.length) engine.onFirstProgress(now(), r.id, attempt);
       r.answer = { status: 200, headers: resp.headers, body: text };
-      engine.onResponse(now(), r.id, attempt, 200, '[]', encoder.encode(text.slice(0, 512)), held.length === 0, Date.now() / 1000);
+      engine.onResponse(now(), r.id, attempt, 200, '', encoder.encode(text.slice(0, 512)), held.length === 0, held.length > 0, Date.now() / 1000);
       drain();
     }
 
@@ -602,7 +604,7 @@ export function makeCreateFetch(wasm, host = {}) {
           }
           controller.close();
           if (!requests.has(r.id)) return;
-          engine.onResponse(now(), r.id, attempt, 200, '[]', new Uint8Array(), false, Date.now() / 1000);
+          engine.onResponse(now(), r.id, attempt, 200, '', EMPTY, false, false, Date.now() / 1000);
           drain();
           if (r.storeStream && r.cacheKey) {
             cache.set(r.cacheKey, { body: decoder.decode(concat(copy)), stream: true, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
@@ -642,47 +644,15 @@ export function makeCreateFetch(wasm, host = {}) {
       return null;
     }
 
-    return async function unbusyFetch(input, init) {
-      const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
-      const method = String(init?.method ?? (typeof input === 'object' ? input.method : undefined) ?? 'GET').toUpperCase();
-      const p = method === 'POST' ? providerOf(url) : null;
-      if (!p || !CHAT.test(url.split('?')[0])) {
-        return baseFetch(input, init); // not ours: untouched
-      }
-      const signal = init?.signal ?? (typeof input === 'object' ? input.signal : undefined);
-      if (signal?.aborted) throw abortError(signal);
-      // The common case (a URL string and a string body, as SDKs send) needs no Request copy.
-      const simple = typeof input === 'string' && typeof init?.body === 'string';
-      const request = simple ? null : new Request(input, init);
-      const bodyText = simple ? init.body : await request.text();
-      const requestHeaders = simple ? init.headers : request.headers;
-      let json;
-      try {
-        json = JSON.parse(bodyText);
-      } catch {
-        json = null;
-      }
-      if (!json || typeof json !== 'object' || Array.isArray(json)) {
-        return baseFetch(input, { ...init, body: bodyText }); // let the provider say what is wrong
-      }
-      const tenant = (tenantHeader && headerOf(requestHeaders, tenantHeader)) || headerOf(requestHeaders, 'authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
-      const stream = json.stream === true;
-      const cacheOn = snakeConfig.cache?.enabled !== false;
-      const key = cacheOn ? wasm.cacheKey(tenant, encoder.encode(bodyText), 0) : undefined;
-      let cached;
+    /** The managed request, once its body is text and its cache entry looked up. */
+    function start(p, url, signal, bodyText, requestHeaders, json, tenant, key, cached) {
       let lookup = 0;
-      if (key) {
-        try {
-          cached = await cache.get(key);
-        } catch {
-          cached = undefined;
-        }
-        if (cached) {
-          const age = Date.now() - cached.storedAt;
-          lookup = age < cacheTtl ? 1 : age < cacheTtl + staleTtl ? 2 : 0;
-          if (lookup === 0) cached = undefined;
-        }
+      if (cached) {
+        const age = Date.now() - cached.storedAt;
+        lookup = age < cacheTtl ? 1 : age < cacheTtl + staleTtl ? 2 : 0;
+        if (lookup === 0) cached = undefined;
       }
+      const stream = json.stream === true;
       const suffix = url.slice(p.baseUrl.length);
       const tokens = Math.ceil(bodyText.length / 4) + (Number(json.max_tokens) || 1024);
       return new Promise((resolve, reject) => {
@@ -718,6 +688,53 @@ export function makeCreateFetch(wasm, host = {}) {
         requests.set(id, r);
         drain();
       });
+    }
+
+    function prepare(p, url, signal, bodyText, requestHeaders, input, init) {
+      let json;
+      try {
+        json = JSON.parse(bodyText);
+      } catch {
+        json = null;
+      }
+      if (!json || typeof json !== 'object' || Array.isArray(json)) {
+        return baseFetch(input, { ...init, body: bodyText }); // let the provider say what is wrong
+      }
+      const tenant = (tenantHeader && headerOf(requestHeaders, tenantHeader)) || headerOf(requestHeaders, 'authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
+      const key = cacheOn ? wasm.cacheKey(tenant, encoder.encode(bodyText), 0) : undefined;
+      if (!key) return start(p, url, signal, bodyText, requestHeaders, json, tenant, undefined, undefined);
+      let pending;
+      try {
+        pending = Promise.resolve(cache.get(key));
+      } catch {
+        pending = Promise.resolve(undefined);
+      }
+      return pending.then(
+        (cached) => start(p, url, signal, bodyText, requestHeaders, json, tenant, key, cached),
+        () => start(p, url, signal, bodyText, requestHeaders, json, tenant, key, undefined),
+      );
+    }
+
+    return function unbusyFetch(input, init) {
+      try {
+        const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
+        const method = init?.method ?? (typeof input === 'object' ? input.method : undefined) ?? 'GET';
+        const p = method === 'POST' || String(method).toUpperCase() === 'POST' ? providerOf(url) : null;
+        if (!p || !CHAT.test(url)) {
+          return baseFetch(input, init); // not ours: untouched
+        }
+        const signal = init?.signal ?? (typeof input === 'object' ? input.signal : undefined);
+        if (signal?.aborted) return Promise.reject(abortError(signal));
+        // The common case (a URL string and a string body, as SDKs send) needs no Request copy
+        // and, unless a cache entry must be looked up, no await before the engine has it.
+        if (typeof input === 'string' && typeof init?.body === 'string') {
+          return prepare(p, url, signal, init.body, init.headers, input, init);
+        }
+        const request = new Request(input, init);
+        return request.text().then((bodyText) => prepare(p, url, signal, bodyText, request.headers, input, init));
+      } catch (e) {
+        return Promise.reject(e);
+      }
     };
   };
 }

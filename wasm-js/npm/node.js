@@ -7,6 +7,6 @@ const exports = wasm.initSync({ module: readFileSync(new URL('./pkg/unbusy_js_bg
 
 // Node's consumers read answers through Response's public API only: answers read whole are
 // handed over as HeldResponses (see core.js).
-export const createFetch = makeCreateFetch(wasm, { heldResponses: true, memory: () => exports.memory });
+export const createFetch = makeCreateFetch(wasm, { heldResponses: true, lingeringTimers: true, memory: () => exports.memory });
 export { MemoryCache };
 export async function init() {}

@@ -237,8 +237,9 @@ impl JsEngine {
     }
 
     /// An attempt ended with an HTTP answer: `headers` is `[[name, value], ...]` as JSON (only
-    /// the hint headers matter), `body` the body's first bytes, `keepalive_only` whether the
-    /// body held nothing but keep-alive bytes.
+    /// the hint headers matter; empty for none), `body` the body's first bytes, `keepalive_only`
+    /// whether the body held nothing but keep-alive bytes, `first_progress` whether its first
+    /// real byte is reported with it (an answer read whole: one call instead of two).
     #[wasm_bindgen(js_name = onResponse)]
     #[allow(clippy::too_many_arguments)]
     pub fn on_response(
@@ -250,10 +251,19 @@ impl JsEngine {
         headers_json: &str,
         body: &[u8],
         keepalive_only: bool,
+        first_progress: bool,
         unix_now_s: f64,
     ) {
+        if first_progress {
+            self.engine
+                .on_first_progress(ns(now), request as u64, attempt);
+        }
         // `[[name, value], ...]`; anything else counts as no hint headers.
-        let parsed = json::parse(headers_json.as_bytes()).ok();
+        let parsed = if headers_json.is_empty() {
+            None
+        } else {
+            json::parse(headers_json.as_bytes()).ok()
+        };
         let pairs: Vec<(String, String)> = match &parsed {
             Some(json::Value::Array(items)) => items
                 .iter()

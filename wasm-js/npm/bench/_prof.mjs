@@ -1,0 +1,13 @@
+import { createServer } from 'node:http';
+import { createFetch } from 'unbusy';
+const answer = JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }] });
+const server = createServer((req, res) => { req.resume(); req.on('end', () => { res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(answer) }); res.end(answer); }); });
+await new Promise((r) => server.listen(0, '127.0.0.1', r));
+const base = `http://127.0.0.1:${server.address().port}`;
+const url = `${base}/v1/chat/completions`;
+const body = JSON.stringify({ model: 'deepseek-chat', messages: [{ role: 'user', content: 'hello' }] });
+const init = { method: 'POST', headers: { 'content-type': 'application/json', authorization: 'Bearer k' }, body };
+const unbusy = createFetch({ providers: [{ name: 'local', baseUrl: base }], cache: { enabled: false } });
+const f = process.argv[2] === 'plain' ? () => fetch(url, init) : () => unbusy(url, init);
+for (let i = 0; i < 20000; i++) await (await f()).text();
+server.close();
