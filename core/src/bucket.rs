@@ -58,8 +58,13 @@ impl Rate {
 
     /// Time that `cost` units take to replenish, rounded up.
     fn interval(&self, cost: u64) -> Nanos {
-        let amount = u128::from(self.amount.max(1));
-        let t = (u128::from(cost) * u128::from(self.period)).div_ceil(amount);
+        let amount = self.amount.max(1);
+        // In 64 bits when the product fits (always, for real rates): 128-bit division is a
+        // software routine on wasm, on every admission's path.
+        if let Some(product) = cost.checked_mul(self.period) {
+            return product.div_ceil(amount);
+        }
+        let t = (u128::from(cost) * u128::from(self.period)).div_ceil(u128::from(amount));
         u64::try_from(t).unwrap_or(u64::MAX)
     }
 
@@ -143,11 +148,15 @@ impl TokenBucket {
     pub fn available(&self, now: Nanos) -> u64 {
         let used = self.tat.saturating_sub(now);
         let free = self.rate.tolerance().saturating_sub(used);
-        let units =
-            u128::from(free) * u128::from(self.rate.amount) / u128::from(self.rate.period.max(1));
-        u64::try_from(units)
-            .unwrap_or(u64::MAX)
-            .min(self.rate.burst)
+        let period = self.rate.period.max(1);
+        let units = match free.checked_mul(self.rate.amount) {
+            Some(product) => product / period,
+            None => {
+                u64::try_from(u128::from(free) * u128::from(self.rate.amount) / u128::from(period))
+                    .unwrap_or(u64::MAX)
+            }
+        };
+        units.min(self.rate.burst)
     }
 }
 
@@ -286,6 +295,43 @@ fn mix(mut x: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::time::{ms, secs};
+
+    /// The 64-bit fast paths give what 128-bit arithmetic gives, at the edges too.
+    #[test]
+    fn interval_and_availability_match_wide_arithmetic() {
+        let mut rng = fastrand::Rng::with_seed(17);
+        let pick = |rng: &mut fastrand::Rng| match rng.u8(..3) {
+            0 => rng.u64(..1000),
+            1 => rng.u64(..1 << 40),
+            _ => rng.u64(..),
+        };
+        for _ in 0..100_000 {
+            let rate = Rate {
+                amount: pick(&mut rng),
+                period: pick(&mut rng),
+                burst: pick(&mut rng),
+            };
+            let cost = pick(&mut rng);
+            let wide = (u128::from(cost) * u128::from(rate.period))
+                .div_ceil(u128::from(rate.amount.max(1)));
+            assert_eq!(
+                u128::from(rate.interval(cost)),
+                wide.min(u128::from(u64::MAX)),
+                "{rate:?} {cost}"
+            );
+            let bucket = TokenBucket {
+                rate,
+                tat: pick(&mut rng),
+            };
+            let now = pick(&mut rng);
+            let free = rate
+                .tolerance()
+                .saturating_sub(bucket.tat.saturating_sub(now));
+            let wide = u128::from(free) * u128::from(rate.amount) / u128::from(rate.period.max(1));
+            let want = u64::try_from(wide).unwrap_or(u64::MAX).min(rate.burst);
+            assert_eq!(bucket.available(now), want, "{rate:?}");
+        }
+    }
 
     #[test]
     fn burst_then_paced() {

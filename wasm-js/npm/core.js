@@ -238,10 +238,10 @@ export function makeCreateFetch(wasm, host = {}) {
 
     // The engine's action buffer, read in place (a new view when the memory has grown).
     const actionAt = engine.actionBuffer();
-    let actionView = null;
+    const memory = host.memory();
+    let actionView = new Float64Array(memory.buffer, actionAt, 6);
     function actionNumbers() {
-      const buffer = host.memory().buffer;
-      if (actionView === null || actionView.buffer !== buffer) actionView = new Float64Array(buffer, actionAt, 6);
+      if (actionView.length === 0) actionView = new Float64Array(memory.buffer, actionAt, 6); // detached by growth
       return actionView;
     }
 
@@ -259,9 +259,9 @@ export function makeCreateFetch(wasm, host = {}) {
       }
     }
 
-    function onError(action, e) {
-      const r = requests.get(action[1]);
-      if (r && action[0] !== ABORT) {
+    function onError(kind, request, e) {
+      const r = requests.get(request);
+      if (r && kind !== ABORT) {
         engine.cancel(now(), r.id);
         finish(r);
         r.reject(e);
@@ -299,48 +299,34 @@ export function makeCreateFetch(wasm, host = {}) {
     // Each provider's base URL and credentials, asked of the engine once.
     const routes = [];
 
-    // The engine's actions come as numbers (see `nextAction` in wasm-js/src/lib.rs); strings
-    // are asked for only when an action has them.
-    function decode(v) {
-      const request = v[1];
-      switch (v[0]) {
-        case SEND: {
-          const route = (routes[v[3]] ??= JSON.parse(engine.route(v[3])));
-          return {
-            type: 'send',
-            request,
-            attempt: v[2],
-            provider: v[3],
-            rewrite: {
-              baseUrl: route.baseUrl,
-              authorization: route.authorization,
-              model: v[5] === 1 ? engine.actionModel() : null,
-              maxTokensCap: Number.isNaN(v[4]) ? null : v[4],
-            },
-          };
-        }
-        case ABORT:
-          return { type: 'abort', request, attempt: v[2], reason: ABORT_REASONS[v[3]] };
-        case DELIVER:
-          return { type: 'deliver', request, storeInCache: v[2] === 1 };
-        case SERVE_CACHE:
-          return { type: 'serveCache', request, stale: v[2] === 1 };
-        default:
-          return { type: 'reply', request, status: v[2], headers: JSON.parse(engine.replyHeaders()), body: engine.replyBody() };
+    function route(provider) {
+      let route = routes[provider];
+      if (route === undefined) {
+        route = JSON.parse(engine.route(provider));
+        route.base = (route.baseUrl ?? providers[provider]?.baseUrl ?? '').replace(/\/+$/, '');
+        routes[provider] = route;
       }
+      return route;
     }
 
+    // The engine's actions come as numbers (see `nextAction` in wasm-js/src/lib.rs), read into
+    // locals before anything else calls the engine (a call may grow the memory under the view);
+    // strings are asked for only when an action has them.
     function drain() {
-      while (engine.nextAction() !== 0) {
-        // Copied out: a later engine call may grow the memory under the view.
+      let kind;
+      while ((kind = engine.nextAction()) !== 0) {
         const v = actionNumbers();
-        const action = [v[0], v[1], v[2], v[3], v[4], v[5]];
+        const request = v[1];
+        const a2 = v[2];
+        const a3 = v[3];
+        const a4 = v[4];
+        const a5 = v[5];
         // One action failing (a runtime refusing an abort, say) must not drop the others:
         // the next one is often the failover that answers the caller.
         try {
-          act(decode(action));
+          act(kind, request, a2, a3, a4, a5);
         } catch (e) {
-          onError(action, e);
+          onError(kind, request, e);
         }
       }
       emit();
@@ -383,70 +369,72 @@ export function makeCreateFetch(wasm, host = {}) {
       if (r.onAbort) r.signal.removeEventListener?.('abort', r.onAbort);
     }
 
-    function act(a) {
-      const r = requests.get(a.request);
+    /** Carries out one action (its numbers as `nextAction` lays them out). */
+    function act(kind, request, a2, a3, a4, a5) {
+      const r = requests.get(request);
       if (!r) return;
-      switch (a.type) {
-        case 'send':
-          send(r, a);
+      switch (kind) {
+        case SEND:
+          send(r, a2, a3, Number.isNaN(a4) ? null : a4, a5 === 1 ? engine.actionModel() : null);
           break;
-        case 'abort':
-          if (r.attemptNo !== a.attempt) break;
+        case ABORT:
+          if (r.attemptNo !== a2) break;
           abortAttempt(r);
           if (r.streaming) {
             // Bytes already reached the caller: end their stream here.
             try {
-              r.streaming.error(new Error(`unbusy: the provider stopped making progress (${a.reason})`));
+              r.streaming.error(new Error(`unbusy: the provider stopped making progress (${ABORT_REASONS[a3]})`));
             } catch {
               /* the caller's stream already ended */
             }
             finish(r);
           }
           break;
-        case 'deliver': {
+        case DELIVER: {
+          const storeInCache = a2 === 1;
           const ans = r.answer;
-          if (a.storeInCache && r.cacheKey && ans && !r.stream) {
+          if (storeInCache && r.cacheKey && ans && !r.stream) {
             cache.set(r.cacheKey, { body: ans.body, stream: false, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
           }
           if (r.streaming) {
-            r.storeStream = a.storeInCache;
+            r.storeStream = storeInCache;
             break; // already flowing; finished when the stream ends
           }
           r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r)]]));
           finish(r);
           break;
         }
-        case 'serveCache': {
+        case SERVE_CACHE: {
           const e = r.cached;
           const extra = [
             ['content-type', e?.stream ? 'text/event-stream' : 'application/json'],
-            ['x-unbusy', note(r, a.stale ? 'stale' : 'hit')],
+            ['x-unbusy', note(r, a2 === 1 ? 'stale' : 'hit')],
           ];
           r.resolve(respond(r, 200, null, e?.body ?? '', extra));
           finish(r);
           break;
         }
-        case 'reply': {
-          r.resolve(respond(r, a.status, a.headers, a.body, [['x-unbusy', note(r)]]));
+        default: {
+          const headers = JSON.parse(engine.replyHeaders());
+          r.resolve(respond(r, a2, headers, engine.replyBody(), [['x-unbusy', note(r)]]));
           finish(r);
           break;
         }
       }
     }
 
-    function send(r, a) {
-      r.attempt = a.attempt;
-      r.attemptNo = a.attempt;
-      r.provider = a.provider;
+    function send(r, attempt, provider, maxTokensCap, model) {
+      r.attempt = attempt;
+      r.attemptNo = attempt;
+      r.provider = provider;
       r.attemptReader = null;
-      const target = providers[a.provider];
-      const url = (a.rewrite.baseUrl ?? target.baseUrl).replace(/\/+$/, '') + r.suffix;
-      const headers = attemptHeaders(r.headers, a.rewrite.authorization);
+      const target = route(provider);
+      const headers = attemptHeaders(r.headers, target.authorization);
       let body = r.bodyText;
-      if (a.rewrite.model || a.rewrite.maxTokensCap) {
+      if (model || maxTokensCap) {
         const v = { ...r.json };
-        if (a.rewrite.model) v.model = a.rewrite.model;
-        if (a.rewrite.maxTokensCap) v.max_tokens = Math.min(v.max_tokens ?? Infinity, a.rewrite.maxTokensCap);
+        if (model) v.model = model;
+        if (maxTokensCap) v.max_tokens = Math.min(v.max_tokens ?? Infinity, maxTokensCap);
         body = JSON.stringify(v);
       }
       // An AbortController per attempt is the only way to stop one that hangs before its
@@ -457,16 +445,18 @@ export function makeCreateFetch(wasm, host = {}) {
       // headers abandons the attempt (its answer is ignored; the connection ends at the
       // runtime's own timeout) and marks the provider; after the headers, cancelling the body
       // stops it either way.
-      const guarded = r.signal || a.attempt > 1 || now() - (hungAt[a.provider] ?? -Infinity) < HUNG_MEMORY_MS;
-      const ctl = guarded ? new AbortController() : null;
-      r.attemptAbort = ctl;
-      const attempt = a.attempt;
+      const guarded = r.signal || attempt > 1 || now() - (hungAt[provider] ?? -Infinity) < HUNG_MEMORY_MS;
       const init = { method: 'POST', headers, body };
-      if (ctl) init.signal = ctl.signal;
-      baseFetch(url, init).then(
+      if (guarded) {
+        r.attemptAbort = new AbortController();
+        init.signal = r.attemptAbort.signal;
+      } else {
+        r.attemptAbort = null;
+      }
+      baseFetch(target.base + r.suffix, init).then(
         (resp) => answer(r, attempt, resp),
         (err) => {
-          if (!requests.has(r.id) || r.attemptNo !== attempt) return;
+          if (r.attemptNo !== attempt || !requests.has(r.id)) return;
           const kind = /refused|ECONNREFUSED|ENOTFOUND/i.test(String(err?.cause?.code ?? err)) ? 'refused' : 'reset';
           engine.onFault(now(), r.id, attempt, kind);
           drain();
@@ -488,12 +478,12 @@ export function makeCreateFetch(wasm, host = {}) {
     }
 
     async function answer(r, attempt, resp) {
-      const live = () => requests.has(r.id) && r.attemptNo === attempt;
+      // Whether this attempt is still the one listened to (an abort or a newer attempt ends it).
+      const live = () => r.attemptNo === attempt && requests.has(r.id);
       if (!live()) {
         resp.body?.cancel().catch(() => {});
         return;
       }
-      const type = resp.headers.get('content-type') ?? '';
       if (resp.status !== 200 || !resp.body) {
         // The provider's hints (a success needs none).
         const hintHeaders = [];
@@ -531,7 +521,7 @@ export function makeCreateFetch(wasm, host = {}) {
         drain();
         return;
       }
-      const tracker = new wasm.ProgressTracker(type.includes('event-stream'));
+      const tracker = new wasm.ProgressTracker((resp.headers.get('content-type') ?? '').includes('event-stream'));
       const reader = resp.body.getReader();
       r.attemptReader = reader;
       const held = [];
