@@ -333,9 +333,10 @@ export function makeCreateFetch(wasm, host = {}) {
       schedule();
     }
 
-    function note(r, extra) {
+    /** The `x-unbusy` header. `tier` comes with the action when there is one. */
+    function note(r, extra, tier = engine.tier()) {
       const provider = r.attempt > 0 ? providers[r.provider]?.name ?? 'none' : 'none';
-      return `provider=${provider}; attempts=${r.attempt}; cache=${extra ?? r.cacheNote}; tier=${engine.tier()}`;
+      return `provider=${provider}; attempts=${r.attempt}; cache=${extra ?? r.cacheNote}; tier=${tier}`;
     }
 
     /** Stops the attempt in flight: through its AbortController if it has one, else by cancelling
@@ -400,7 +401,7 @@ export function makeCreateFetch(wasm, host = {}) {
             r.storeStream = storeInCache;
             break; // already flowing; finished when the stream ends
           }
-          r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r)]]));
+          r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r, undefined, a3)]]));
           finish(r);
           break;
         }
@@ -408,7 +409,7 @@ export function makeCreateFetch(wasm, host = {}) {
           const e = r.cached;
           const extra = [
             ['content-type', e?.stream ? 'text/event-stream' : 'application/json'],
-            ['x-unbusy', note(r, a2 === 1 ? 'stale' : 'hit')],
+            ['x-unbusy', note(r, a2 === 1 ? 'stale' : 'hit', a3)],
           ];
           r.resolve(respond(r, 200, null, e?.body ?? '', extra));
           finish(r);
@@ -416,7 +417,7 @@ export function makeCreateFetch(wasm, host = {}) {
         }
         default: {
           const headers = JSON.parse(engine.replyHeaders());
-          r.resolve(respond(r, a2, headers, engine.replyBody(), [['x-unbusy', note(r)]]));
+          r.resolve(respond(r, a2, headers, engine.replyBody(), [['x-unbusy', note(r, undefined, a3)]]));
           finish(r);
           break;
         }

@@ -337,8 +337,12 @@ impl JsEngine {
     /// - 1 send `[1, request, attempt, provider, max_tokens cap or NaN, 1 if a model rewrite]`
     ///   (the model from `actionModel`, the provider's base URL and credentials from `route`);
     /// - 2 abort `[2, request, attempt, reason]` (0 first-token deadline, 1 deadline, 2 stalled);
-    /// - 3 deliver `[3, request, store in cache 0/1]`; 4 serve from cache `[4, request, stale]`;
-    /// - 5 reply `[5, request, status]` (headers and body from `replyHeaders` / `replyBody`).
+    /// - 3 deliver `[3, request, store in cache 0/1, tier]`; 4 serve from cache
+    ///   `[4, request, stale 0/1, tier]`;
+    /// - 5 reply `[5, request, status, tier]` (headers and body from `replyHeaders` /
+    ///   `replyBody`).
+    ///
+    /// (`tier`: the degradation tier now, for the answer's `x-unbusy` header.)
     ///
     /// Numbers in a buffer the host reads in place: no JSON, no array per action.
     #[wasm_bindgen(js_name = nextAction)]
@@ -349,6 +353,7 @@ impl JsEngine {
             }
             return 0;
         };
+        let tier = f64::from(self.engine.tier().level());
         self.action = match action {
             Action::Send(s) => {
                 let has_model = s.rewrite.model.is_some();
@@ -381,7 +386,7 @@ impl JsEngine {
                 3.0,
                 request as f64,
                 f64::from(u8::from(store_in_cache)),
-                0.0,
+                tier,
                 0.0,
                 0.0,
             ],
@@ -389,14 +394,14 @@ impl JsEngine {
                 4.0,
                 request as f64,
                 f64::from(u8::from(stale)),
-                0.0,
+                tier,
                 0.0,
                 0.0,
             ],
             Action::Reply { request, reply } => {
                 let status = f64::from(reply.status);
                 self.reply = Some(reply);
-                [5.0, request as f64, status, 0.0, 0.0, 0.0]
+                [5.0, request as f64, status, tier, 0.0, 0.0]
             }
         };
         self.action[0] as u32
