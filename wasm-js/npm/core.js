@@ -146,7 +146,9 @@ class HeldResponse extends Response {
   }
   async arrayBuffer() {
     const t = this.#take();
-    return t === null ? this.#real.arrayBuffer() : encoder.encode(t).buffer;
+    if (t === null) return this.#real.arrayBuffer();
+    const bytes = encoder.encode(t);
+    return bytes.byteLength === bytes.buffer.byteLength ? bytes.buffer : bytes.slice().buffer;
   }
   async bytes() {
     const t = this.#take();
