@@ -2,28 +2,16 @@
 // cockatiel retry + circuit-breaker policy around fetch, in one run, interleaved in rounds so
 // drift hits all three alike. Also the package's sizes beside cockatiel's and p-retry's.
 // Usage: node bench/overhead.mjs [calls-per-round] [rounds]
-import { createServer } from 'node:http';
 import { readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { createFetch } from 'unbusy';
+import { startServer, runRounds, printTable } from './harness.mjs';
 import { retry, circuitBreaker, handleAll, wrap, ExponentialBackoff, ConsecutiveBreaker } from 'cockatiel';
 
 const calls = Number(process.argv[2] ?? 500);
 const rounds = Number(process.argv[3] ?? 31);
-const answer = JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }] });
-const server = createServer((req, res) => {
-  req.resume();
-  req.on('end', () => {
-    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(answer) });
-    res.end(answer);
-  });
-});
-await new Promise((r) => server.listen(0, '127.0.0.1', r));
-const base = `http://127.0.0.1:${server.address().port}`;
-const url = `${base}/v1/chat/completions`;
-const body = JSON.stringify({ model: 'deepseek-chat', messages: [{ role: 'user', content: 'hello' }] });
-const init = { method: 'POST', headers: { 'content-type': 'application/json', authorization: 'Bearer k' }, body };
+const { base, url, init, close } = await startServer();
 
 const unbusy = createFetch({ providers: [{ name: 'local', baseUrl: base }], cache: { enabled: false } });
 const policy = wrap(
@@ -35,30 +23,9 @@ const cases = {
   'unbusy createFetch': () => unbusy(url, init),
   'cockatiel retry + breaker around fetch': () => policy.execute(() => fetch(url, init)),
 };
-const totals = Object.fromEntries(Object.keys(cases).map((k) => [k, []]));
-for (const [name, f] of Object.entries(cases)) for (let i = 0; i < 200; i++) await (await f()).text(); // warm up
-for (let r = 0; r < rounds; r++) {
-  for (const [name, f] of Object.entries(cases)) {
-    const t = performance.now();
-    for (let i = 0; i < calls; i++) {
-      const resp = await f();
-      await resp.text();
-    }
-    totals[name].push(((performance.now() - t) * 1000) / calls);
-  }
-}
-server.close();
-const median = (v) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
-const plain = totals['plain fetch'];
-// "Above plain fetch" is the median of each round's difference: a round's cases run back to
-// back, so the machine's drift between rounds cancels out.
-console.log(`Node ${process.version}, ${calls} sequential calls x ${rounds} rounds, medians`);
-console.log('| case | µs per call | above plain fetch |');
-console.log('|---|---:|---:|');
-for (const [name, v] of Object.entries(totals)) {
-  const above = median(v.map((x, i) => x - plain[i]));
-  console.log(`| ${name} | ${median(v).toFixed(1)} | ${(above >= 0 ? '+' : '') + above.toFixed(1)} |`);
-}
+const totals = await runRounds(cases, { calls, rounds, warmUp: 200 });
+close();
+printTable(totals, { calls, rounds });
 const here = new URL('../', import.meta.url).pathname;
 const gz = (b) => gzipSync(b, { level: 9 }).length;
 function jsFiles(dir) {

@@ -4,27 +4,15 @@
 // engine's calls for one request (admit, actions, outcome), (3) createFetch; and the time spent
 // inside those engine calls, and the same calls in a warm loop without I/O.
 // Usage: node bench/split.mjs [calls-per-round] [rounds]
-import { createServer } from 'node:http';
 import { readFileSync } from 'node:fs';
 import { createFetch } from 'unbusy';
 import * as glue from '../pkg/unbusy_js.js';
+import { startServer, runRounds, printTable } from './harness.mjs';
 
 glue.initSync({ module: readFileSync(new URL('../pkg/unbusy_js_bg.wasm', import.meta.url)) }); // already done by 'unbusy'
 const calls = Number(process.argv[2] ?? 500);
 const rounds = Number(process.argv[3] ?? 31);
-const answer = JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }] });
-const server = createServer((req, res) => {
-  req.resume();
-  req.on('end', () => {
-    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(answer) });
-    res.end(answer);
-  });
-});
-await new Promise((r) => server.listen(0, '127.0.0.1', r));
-const base = `http://127.0.0.1:${server.address().port}`;
-const url = `${base}/v1/chat/completions`;
-const body = JSON.stringify({ model: 'deepseek-chat', messages: [{ role: 'user', content: 'hello' }] });
-const init = { method: 'POST', headers: { 'content-type': 'application/json', authorization: 'Bearer k' }, body };
+const { base, url, init, close } = await startServer();
 const unbusy = createFetch({ providers: [{ name: 'local', baseUrl: base }], cache: { enabled: false } });
 
 // A held answer, as createFetch hands one over in Node (the text it read, no second stream).
@@ -85,18 +73,16 @@ const cases = {
   },
   'unbusy createFetch': () => unbusy(url, init),
 };
-const totals = Object.fromEntries(Object.keys(cases).map((k) => [k, []]));
-for (const f of Object.values(cases)) for (let i = 0; i < 300; i++) await (await f()).text(); // warm up
-inEngine = 0;
-engineRequests = 0;
-for (let r = 0; r < rounds; r++) {
-  for (const [name, f] of Object.entries(cases)) {
-    const t = performance.now();
-    for (let i = 0; i < calls; i++) await (await f()).text();
-    totals[name].push(((performance.now() - t) * 1000) / calls);
-  }
-}
-server.close();
+const totals = await runRounds(cases, {
+  calls,
+  rounds,
+  warmUp: 300,
+  afterWarmUp: () => {
+    inEngine = 0;
+    engineRequests = 0;
+  },
+});
+close();
 const inEngineUs = (inEngine * 1000) / engineRequests;
 
 // The same engine calls in a warm loop, no I/O between them.
@@ -105,13 +91,5 @@ const t = performance.now();
 for (let i = 0; i < n; i++) outcome(admit('deepseek-chat'));
 const warmUs = ((performance.now() - t) * 1000) / n;
 
-const median = (v) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
-const plain = totals['plain fetch'];
-console.log(`Node ${process.version}, ${calls} sequential calls x ${rounds} rounds, medians`);
-console.log('| case | µs per call | above plain fetch |');
-console.log('|---|---:|---:|');
-for (const [name, v] of Object.entries(totals)) {
-  const above = median(v.map((x, i) => x - plain[i]));
-  console.log(`| ${name} | ${median(v).toFixed(1)} | ${(above >= 0 ? '+' : '') + above.toFixed(1)} |`);
-}
+printTable(totals, { calls, rounds });
 console.log(`\ntime inside the engine's calls, per request: ${inEngineUs.toFixed(2)} µs between network events, ${warmUs.toFixed(2)} µs in a warm loop (both timings include performance.now())`);

@@ -4,36 +4,25 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { readFile } from 'node:fs/promises';
-import { spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { provider } from '../test-support/busy-provider.mjs';
 
 const root = fileURLToPath(new URL('../../../', import.meta.url));
 const npm = fileURLToPath(new URL('../', import.meta.url));
-const BUSY = process.env.UNBUSY_BUSY_PROVIDER ?? `${root}target/release/busy-provider`;
 const CHROMIUM = process.env.UNBUSY_CHROMIUM ?? '/usr/bin/chromium';
-const children = [];
 let server;
 let browser;
 after(async () => {
-  children.forEach((c) => c.kill());
   server?.close();
   await browser?.close();
 });
 
-async function provider(name, args) {
-  const child = spawn(BUSY, ['--name', name, '--first-token-ms', '30,60', '--total-ms', '120,200', '--keepalive-ms', '100', ...args]);
-  children.push(child);
-  const line = await new Promise((resolve) => createInterface({ input: child.stdout }).once('line', resolve));
-  return line.split(' listening on ')[1];
-}
-
 const TYPES = { '.js': 'text/javascript', '.wasm': 'application/wasm', '.html': 'text/html' };
 
 test('a page in headless Chromium gets answers through a busy primary', async () => {
-  const primary = await provider('primary', ['--busy-503', '0.5', '--stall', '0.3', '--stall-s', '30']);
-  const backup = await provider('backup', []);
+  const primary = (await provider('primary', ['--busy-503', '0.5', '--stall', '0.3', '--stall-s', '30'])).url;
+  const backup = (await provider('backup')).url;
   server = createServer(async (req, res) => {
     const path = new URL(req.url, 'http://x').pathname;
     const file = path.startsWith('/unbusy/') ? npm + path.slice('/unbusy/'.length) : `${root}examples/browser/index.html`;

@@ -1,32 +1,9 @@
 // The npm package in Node, against real busy-provider emulators on loopback.
-import { test, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 import { createFetch } from 'unbusy';
-
-const root = fileURLToPath(new URL('../../../', import.meta.url));
-const BUSY = process.env.UNBUSY_BUSY_PROVIDER ?? `${root}target/release/busy-provider`;
-const children = [];
-after(() => children.forEach((c) => c.kill()));
-
-async function provider(name, args = []) {
-  const child = spawn(BUSY, ['--name', name, '--first-token-ms', '30,60', '--total-ms', '120,200', '--keepalive-ms', '100', ...args]);
-  children.push(child);
-  const line = await new Promise((resolve, reject) => {
-    child.on('error', reject);
-    createInterface({ input: child.stdout }).once('line', resolve);
-  });
-  const url = line.split(' listening on ')[1];
-  return {
-    url,
-    async stats() {
-      return (await fetch(`${url}/stats`)).json();
-    },
-  };
-}
+import { provider } from '../test-support/busy-provider.mjs';
 
 const chat = (content, extra = {}) =>
   JSON.stringify({ model: 'deepseek-chat', messages: [{ role: 'user', content }], ...extra });

@@ -3,31 +3,20 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { Miniflare } from 'miniflare';
+import { provider } from '../test-support/busy-provider.mjs';
 
 const root = fileURLToPath(new URL('../../../', import.meta.url));
 const npm = fileURLToPath(new URL('../', import.meta.url));
-const BUSY = process.env.UNBUSY_BUSY_PROVIDER ?? `${root}target/release/busy-provider`;
-const children = [];
 let mf;
 after(async () => {
-  children.forEach((c) => c.kill());
   await mf?.dispose();
 });
 
-async function provider(name, args) {
-  const child = spawn(BUSY, ['--name', name, '--first-token-ms', '30,60', '--total-ms', '120,200', '--keepalive-ms', '100', ...args]);
-  children.push(child);
-  const line = await new Promise((resolve) => createInterface({ input: child.stdout }).once('line', resolve));
-  return line.split(' listening on ')[1];
-}
-
 test('a worker in workerd gets answers through a busy primary', async () => {
-  const primary = await provider('primary', ['--busy-503', '0.5', '--stall', '0.3', '--stall-s', '30']);
-  const backup = await provider('backup', []);
+  const primary = (await provider('primary', ['--busy-503', '0.5', '--stall', '0.3', '--stall-s', '30'])).url;
+  const backup = (await provider('backup')).url;
   const src = (p) => readFileSync(`${npm}${p}`, 'utf8');
   mf = new Miniflare({
     modules: [
