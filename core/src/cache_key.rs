@@ -41,6 +41,7 @@
 //! The parser builds a flat array of nodes over the borrowed body (no string copies) and emits
 //! the canonical form into a reused buffer: about one pass to parse and one to write.
 
+use crate::json::Decimal;
 use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -667,72 +668,16 @@ const fn special_mask(w: u64) -> u64 {
     (zero_quote | zero_backslash | control) & !w & HIGHS
 }
 
-/// A JSON number as a decimal: `0.d₁d₂…dₖ × 10^point`, with no leading or trailing zero digit
-/// (zero has no digits). Exact: no rounding to a double happens anywhere in the cache key.
-struct Decimal {
-    negative: bool,
-    digits: Vec<u8>,
-    point: i64,
-}
-
 /// Exponents beyond these make a number not cacheable: above, it is no finite double (RFC 8785
 /// refuses it); below, far under the smallest subnormal.
 const MAX_POINT: i64 = 309;
 const MIN_POINT: i64 = -400;
 
-/// Reads a validated JSON number. `None` when its exponent is out of [`MIN_POINT`, `MAX_POINT`].
+/// Reads a validated JSON number exactly. `None` when its exponent is out of [`MIN_POINT`,
+/// `MAX_POINT`].
 fn decimal(raw: &[u8]) -> Option<Decimal> {
-    let (negative, rest) = match raw.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, raw),
-    };
-    let e_at = rest
-        .iter()
-        .position(|&b| b == b'e' || b == b'E')
-        .unwrap_or(rest.len());
-    let (mantissa, exponent) = rest.split_at(e_at);
-    let mut point: i64 = 0;
-    let mut digits = Vec::with_capacity(mantissa.len());
-    let mut seen_dot = false;
-    for &b in mantissa {
-        if b == b'.' {
-            seen_dot = true;
-        } else if digits.is_empty() && b == b'0' {
-            if seen_dot {
-                point -= 1; // a leading zero after the point moves it left
-            }
-        } else {
-            digits.push(b);
-            if !seen_dot {
-                point += 1;
-            }
-        }
-    }
-    while digits.last() == Some(&b'0') {
-        digits.pop();
-    }
-    let (exp_negative, exp_digits) = match exponent.get(1..).unwrap_or_default().split_first() {
-        Some((b'-', rest)) => (true, rest),
-        Some((b'+', rest)) => (false, rest),
-        _ => (false, exponent.get(1..).unwrap_or_default()),
-    };
-    let mut exp: i64 = 0;
-    for &b in exp_digits {
-        exp = (exp * 10 + i64::from(b - b'0')).min(1 << 40);
-    }
-    point += if exp_negative { -exp } else { exp };
-    if digits.is_empty() {
-        return Some(Decimal {
-            negative: false,
-            digits,
-            point: 0,
-        });
-    }
-    (MIN_POINT..=MAX_POINT).contains(&point).then_some(Decimal {
-        negative,
-        digits,
-        point,
-    })
+    let d = Decimal::read(raw);
+    (d.digits.is_empty() || (MIN_POINT..=MAX_POINT).contains(&d.point)).then_some(d)
 }
 
 /// Writes a validated JSON number in canonical form: the layout of ECMAScript's

@@ -49,61 +49,33 @@ impl Number {
     /// units in the last place. Not `str::parse`: core's correctly-rounding parser and its
     /// tables are 17 KB of the npm package's wasm.
     pub fn as_f64(&self) -> f64 {
-        let text = self.0.as_bytes();
-        let (negative, rest) = match text.split_first() {
-            Some((b'-', rest)) => (true, rest),
-            _ => (false, text),
-        };
-        let mut mantissa: u64 = 0;
-        let mut exp10: i64 = 0;
-        let mut in_fraction = false;
-        let mut i = 0;
-        while let Some(&b) = rest.get(i) {
-            match b {
-                b'0'..=b'9' if mantissa < 1_000_000_000_000_000_000 => {
-                    mantissa = mantissa * 10 + u64::from(b - b'0');
-                    exp10 -= i64::from(in_fraction);
-                }
-                b'0'..=b'9' => exp10 += i64::from(!in_fraction), // past 19 digits: dropped
-                b'.' => in_fraction = true,
-                _ => break,
-            }
-            i += 1;
-        }
-        if let Some(exponent) = rest.get(i + 1..) {
-            let (sign, digits) = match exponent.split_first() {
-                Some((b'-', d)) => (-1, d),
-                Some((b'+', d)) => (1, d),
-                _ => (1, exponent),
-            };
-            let mut e: i64 = 0;
-            for &d in digits {
-                e = (e * 10 + i64::from(d.wrapping_sub(b'0'))).min(100_000);
-            }
-            exp10 += sign * e;
-        }
         const POW10: [f64; 23] = [
             1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
             1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
         ];
+        let d = Decimal::read(self.0.as_bytes());
+        // The first 19 significant digits fit a u64; the rest are dropped.
+        let kept = d.digits.get(..19).unwrap_or(&d.digits);
+        let mantissa = kept
+            .iter()
+            .fold(0u64, |m, &b| m * 10 + u64::from(b.wrapping_sub(b'0')));
+        let mut exp10 = d.point - kept.len() as i64;
         let mut value = mantissa as f64;
-        if mantissa != 0 {
-            // Scale by at most 10^22 per step: each step is one rounding.
-            while exp10 != 0 && value.is_finite() && value != 0.0 {
-                let step = exp10.clamp(-22, 22);
-                let factor = POW10
-                    .get(step.unsigned_abs() as usize)
-                    .copied()
-                    .unwrap_or(1.0);
-                value = if step > 0 {
-                    value * factor
-                } else {
-                    value / factor
-                };
-                exp10 -= step;
-            }
+        // Scale by at most 10^22 per step: each step is one rounding.
+        while exp10 != 0 && value.is_finite() && value != 0.0 {
+            let step = exp10.clamp(-22, 22);
+            let factor = POW10
+                .get(step.unsigned_abs() as usize)
+                .copied()
+                .unwrap_or(1.0);
+            value = if step > 0 {
+                value * factor
+            } else {
+                value / factor
+            };
+            exp10 -= step;
         }
-        if negative {
+        if d.negative {
             -value
         } else {
             value
@@ -116,6 +88,73 @@ impl Number {
             self.0.parse().ok()
         } else {
             None
+        }
+    }
+}
+
+/// A JSON number as an exact decimal: `0.d₁d₂…dₖ × 10^point`, with no leading or trailing zero
+/// digit (zero has no digits and is never negative). Read without any rounding, for the cache
+/// key's canonical numbers and for [`Number::as_f64`].
+pub(crate) struct Decimal {
+    pub(crate) negative: bool,
+    pub(crate) digits: Vec<u8>,
+    pub(crate) point: i64,
+}
+
+impl Decimal {
+    /// Reads the text of a validated JSON number. The exponent saturates far beyond any double.
+    pub(crate) fn read(raw: &[u8]) -> Decimal {
+        let (negative, rest) = match raw.split_first() {
+            Some((b'-', rest)) => (true, rest),
+            _ => (false, raw),
+        };
+        let e_at = rest
+            .iter()
+            .position(|&b| b == b'e' || b == b'E')
+            .unwrap_or(rest.len());
+        let (mantissa, exponent) = rest.split_at(e_at);
+        let mut point: i64 = 0;
+        let mut digits = Vec::with_capacity(mantissa.len());
+        let mut seen_dot = false;
+        for &b in mantissa {
+            if b == b'.' {
+                seen_dot = true;
+            } else if digits.is_empty() && b == b'0' {
+                if seen_dot {
+                    point -= 1; // a leading zero after the point moves it left
+                }
+            } else {
+                digits.push(b);
+                if !seen_dot {
+                    point += 1;
+                }
+            }
+        }
+        while digits.last() == Some(&b'0') {
+            digits.pop();
+        }
+        let exponent = exponent.get(1..).unwrap_or_default();
+        let (exp_negative, exp_digits) = match exponent.split_first() {
+            Some((b'-', rest)) => (true, rest),
+            Some((b'+', rest)) => (false, rest),
+            _ => (false, exponent),
+        };
+        let mut exp: i64 = 0;
+        for &b in exp_digits {
+            exp = (exp * 10 + i64::from(b.wrapping_sub(b'0'))).min(1 << 40);
+        }
+        point += if exp_negative { -exp } else { exp };
+        if digits.is_empty() {
+            return Decimal {
+                negative: false,
+                digits,
+                point: 0,
+            };
+        }
+        Decimal {
+            negative,
+            digits,
+            point,
         }
     }
 }
