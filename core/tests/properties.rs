@@ -324,39 +324,22 @@ proptest! {
 proptest! {
     #[test]
     fn breaker_blocks_while_open_and_limits_probes(
-        events in proptest::collection::vec((0u64..3_000, 0u8..3), 0..400),
+        limit in 2u32..5,
+        probe_successes in 1u32..6,
+        events in proptest::collection::vec((0u8..6, 0u64..700, 0u8..3, any::<usize>()), 0..400),
     ) {
-        let settings = BreakerSettings::default();
-        let mut b = CircuitBreaker::new(settings);
-        let mut now = 0;
-        let mut in_flight_probes = 0u32;
-        for (step, what) in events {
-            now += ms(step);
-            let state = b.state(now);
-            let allowed = b.try_acquire(now);
-            match state {
-                BreakerState::Open { until } => {
-                    prop_assert!(now < until);
-                    prop_assert!(!allowed);
-                }
-                BreakerState::HalfOpen { .. } => {
-                    if allowed {
-                        in_flight_probes += 1;
-                    }
-                }
-                BreakerState::Closed => prop_assert!(allowed),
-            }
-            if allowed {
-                let signal = match what {
-                    0 => BreakerSignal::Success,
-                    1 => BreakerSignal::Failure,
-                    _ => BreakerSignal::Ignore,
-                };
-                b.on_outcome(now, signal);
-                in_flight_probes = in_flight_probes.saturating_sub(1);
-            }
-            prop_assert!(in_flight_probes <= settings.half_open_probes);
-        }
+        // Explicit settings (not the defaults): several probes at once, a short open period.
+        let settings = BreakerSettings {
+            window: secs(10),
+            min_volume: 5,
+            min_success_rate: 0.5,
+            consecutive_failures: 3,
+            open_for: secs(1),
+            max_open_for: secs(4),
+            half_open_probes: limit,
+            probe_successes,
+        };
+        check_breaker_probes(settings, &events)?;
     }
 
     #[test]
@@ -405,6 +388,178 @@ proptest! {
 }
 
 // ---------------------------------------------------------------- progress
+
+/// The signal an event's outcome carries.
+fn breaker_signal(what: u8) -> BreakerSignal {
+    match what {
+        0 => BreakerSignal::Success,
+        1 => BreakerSignal::Failure,
+        _ => BreakerSignal::Ignore,
+    }
+}
+
+/// Drives a breaker through `events` (what, step in ms, outcome, which probe), holding the
+/// probes let through while half-open across other events, and checks it against a model:
+/// nothing passes while open; while half-open exactly `half_open_probes` probes are in flight
+/// at most, a probe is refused only when that many are, and the breaker's own count is the
+/// number really in flight; a probe whose outcome has not come after `open_for` is lost (the
+/// breaker lets a new one through and the model forgets the old ones, whose outcomes then never
+/// arrive). Attempts let through while closed get their outcome at once. When the half-open
+/// episode ends (a failure re-opens, enough successes close), the probes still in flight
+/// report at once. Returns the most probes that were in flight at once.
+fn check_breaker_probes(
+    settings: BreakerSettings,
+    events: &[(u8, u64, u8, usize)],
+) -> Result<u32, TestCaseError> {
+    let mut b = CircuitBreaker::new(settings);
+    let mut now = 0;
+    // The probes in flight (when each was let through), and the episode's successes so far.
+    let mut probes: Vec<Nanos> = Vec::new();
+    let mut successes = 0u32;
+    let mut last_probe = 0;
+    let mut most = 0u32;
+    for &(op, step, what, pick) in events {
+        now += ms(step);
+        match op {
+            0..=2 => {
+                let state = b.state(now);
+                let allowed = b.try_acquire(now);
+                match state {
+                    BreakerState::Open { until } => {
+                        prop_assert!(now < until);
+                        prop_assert!(!allowed, "let through while open");
+                    }
+                    BreakerState::Closed => {
+                        prop_assert!(allowed, "refused while closed");
+                        prop_assert!(probes.is_empty());
+                        b.on_outcome(now, breaker_signal(what));
+                    }
+                    BreakerState::HalfOpen { .. } => {
+                        let lost = !probes.is_empty() && now - last_probe >= settings.open_for;
+                        let room = (probes.len() as u32) < settings.half_open_probes;
+                        prop_assert_eq!(
+                            allowed,
+                            room || lost,
+                            "{} probes in flight, lost: {}",
+                            probes.len(),
+                            lost
+                        );
+                        if allowed {
+                            if lost {
+                                probes.clear();
+                            }
+                            probes.push(now);
+                            last_probe = now;
+                        }
+                    }
+                }
+            }
+            3 | 4 if !probes.is_empty() => {
+                probes.remove(pick % probes.len());
+                let signal = breaker_signal(what);
+                b.on_outcome(now, signal);
+                match signal {
+                    BreakerSignal::Failure => {
+                        let open =
+                            matches!(b.state(now), BreakerState::Open { until } if until > now);
+                        prop_assert!(open, "a failed probe did not re-open it");
+                    }
+                    BreakerSignal::Success => {
+                        successes += 1;
+                        if successes >= settings.probe_successes {
+                            prop_assert_eq!(b.state(now), BreakerState::Closed);
+                        } else {
+                            let still = matches!(b.state(now), BreakerState::HalfOpen { .. });
+                            prop_assert!(
+                                still,
+                                "closed after {} of {} successes",
+                                successes,
+                                settings.probe_successes
+                            );
+                        }
+                    }
+                    BreakerSignal::Ignore => {}
+                }
+                if !matches!(b.state(now), BreakerState::HalfOpen { .. }) {
+                    // The episode is over: the other probes' outcomes arrive now.
+                    for i in 0..std::mem::take(&mut probes).len() {
+                        let before = b.state(now);
+                        b.on_outcome(now, breaker_signal(what.wrapping_add(i as u8) % 3));
+                        if let BreakerState::Open { .. } = before {
+                            prop_assert_eq!(
+                                b.state(now),
+                                before,
+                                "an outcome changed an open breaker"
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        if !matches!(b.state(now), BreakerState::HalfOpen { .. }) {
+            successes = 0;
+        }
+        if let BreakerState::HalfOpen {
+            probes: counted, ..
+        } = b.state(now)
+        {
+            prop_assert_eq!(
+                counted,
+                probes.len() as u32,
+                "the breaker's count of probes in flight"
+            );
+        }
+        prop_assert!(probes.len() as u32 <= settings.half_open_probes);
+        most = most.max(probes.len() as u32);
+    }
+    Ok(most)
+}
+
+#[test]
+fn a_half_open_breaker_lets_exactly_its_probes_through_at_once() {
+    let settings = BreakerSettings {
+        window: secs(10),
+        min_volume: 5,
+        min_success_rate: 0.5,
+        consecutive_failures: 3,
+        open_for: secs(1),
+        max_open_for: secs(4),
+        half_open_probes: 3,
+        probe_successes: 2,
+    };
+    // Three failures open it; after a second, three probes go at once and a fourth waits; one
+    // proving nothing frees its slot; a success keeps it half-open, a second closes it.
+    let events = [
+        (0, 0, 1, 0),
+        (0, 1, 1, 0),
+        (0, 1, 1, 0),
+        (0, 1000, 0, 0),
+        (0, 1, 0, 0),
+        (0, 1, 0, 0),
+        (1, 1, 0, 0),
+        (3, 1, 2, 0),
+        (0, 1, 0, 0),
+        (3, 1, 0, 0),
+        (3, 1, 0, 0),
+        (0, 1, 0, 0),
+    ];
+    assert_eq!(check_breaker_probes(settings, &events).unwrap(), 3);
+    let mut b = CircuitBreaker::new(settings);
+    for i in 0..3 {
+        assert!(b.try_acquire(ms(i)));
+        b.on_outcome(ms(i), BreakerSignal::Failure);
+    }
+    let t = ms(2) + secs(1);
+    assert!((0..3).all(|_| b.try_acquire(t)));
+    assert!(
+        !b.try_acquire(t),
+        "a fourth probe while three are in flight"
+    );
+    b.on_outcome(t, BreakerSignal::Ignore);
+    assert!(b.try_acquire(t));
+    assert!(!b.try_acquire(t));
+}
 
 fn keepalive_piece() -> impl Strategy<Value = &'static str> {
     prop_oneof![
