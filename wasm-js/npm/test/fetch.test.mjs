@@ -206,18 +206,24 @@ test('attempts that hang before their headers: the answer still comes, hung conn
         { name: 'backup', baseUrl: backup.url },
       ],
     });
-    const first = await post(f, hungUrl, chat('one'));
-    assert.equal(first.status, 200);
-    assert.match(first.headers.get('x-unbusy'), /provider=backup; attempts=2/);
-    // The first hang is abandoned (no signal was worth its cost before it); every later attempt
-    // to that provider can be aborted, so it is closed when the engine gives up on it.
-    for (let i = 0; i < 6; i++) {
-      const r = await post(f, hungUrl, chat(`more ${i}`));
+    // Seven requests, one after the other. The hung provider is the preferred one and each
+    // hang is a timeout (not an overload signal, and fewer than the breaker's run of failures),
+    // so every request tries it first, gives up at the response deadline and is answered by
+    // the backup: seven attempts reach the hung provider, one per request.
+    const requests = 7;
+    for (let i = 0; i < requests; i++) {
+      const r = await post(f, hungUrl, chat(`hang ${i}`));
       assert.equal(r.status, 200);
-      await r.text();
+      assert.equal(r.headers.get('x-unbusy'), 'provider=backup; attempts=2; cache=none; tier=0', `request ${i}`);
+      assert.equal((await r.json()).choices[0].message.content, `[backup] An answer to: hang ${i}`);
     }
-    await new Promise((r) => setTimeout(r, 100));
-    assert.ok(seen >= 1, `the hung provider saw ${seen} requests`);
+    assert.equal(seen, requests, `the hung provider saw ${seen} attempts`);
+    assert.equal((await backup.stats()).attempts, requests);
+    // The first hang is abandoned (no signal was worth its cost before it); every later attempt
+    // to that provider can be aborted, so it is closed when the engine gives up on it. The
+    // server hears of each close a moment later: wait for that, not for a fixed time.
+    const until = performance.now() + 10_000;
+    while (open > 1 && performance.now() < until) await new Promise((r) => setTimeout(r, 10));
     assert.ok(open <= 1, `${open} connections to the hung provider still open after ${seen} attempts`);
   } finally {
     hung.closeAllConnections();
