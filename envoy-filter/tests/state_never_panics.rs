@@ -2,7 +2,10 @@
 //! sequences of Envoy callbacks: caller-side and upstream-instance callbacks in any order,
 //! attempts that end, break or never answer, ticks, callers going away. Nothing may panic (a
 //! panic kills the worker's VM), effects only name contexts that exist, and every stream that
-//! is not answered yet is still being handled.
+//! is not answered yet is still being handled: between any two callbacks it is still managed,
+//! and once its deadline passes (ticks alone, no provider answering) it is answered. Ending a
+//! stream (Envoy ends every one, answered or not) never acts on a stream that is gone and
+//! leaves it unmanaged; with every stream ended, a tick has nothing left to do.
 
 #![allow(
     clippy::unwrap_used,
@@ -64,6 +67,7 @@ fn random_callback_sequences_never_panic() {
         b"\xff\xfe",
     ];
     let mut native_retries = 0;
+    let mut answered_late = 0;
     for seed in 0..300u64 {
         let mut rng = Rng::with_seed(seed);
         let mut s = State::new(config.clone(), seed).unwrap();
@@ -77,6 +81,9 @@ fn random_callback_sequences_never_panic() {
         let mut live: BTreeSet<u32> = BTreeSet::new(); // caller streams
         let mut upstream: Vec<(u32, u32)> = Vec::new(); // (upstream ctx, stream)
         let mut next_ctx = 2u32;
+        let mut answered: BTreeSet<u32> = BTreeSet::new(); // answered caller streams
+        let mut ended: BTreeSet<u32> = BTreeSet::new(); // caller streams Envoy ended
+        let mut upstream_ctxs: BTreeSet<u32> = BTreeSet::new(); // every upstream context
         for _ in 0..200 {
             now += rng.u64(0..200_000_000);
             let mut effects = Vec::new();
@@ -98,6 +105,7 @@ fn random_callback_sequences_never_panic() {
                     let stream = *live.iter().nth(rng.usize(0..live.len())).unwrap();
                     let up = next_ctx;
                     next_ctx += 1;
+                    upstream_ctxs.insert(up);
                     let picked = ["a", "b", "c", "zz"][rng.usize(0..4)];
                     if s.upstream_request(stream, up, Some(picked)).is_some() {
                         upstream.push((up, stream));
@@ -134,39 +142,121 @@ fn random_callback_sequences_never_panic() {
                 8 if !live.is_empty() => {
                     let ctx = *live.iter().nth(rng.usize(0..live.len())).unwrap();
                     live.remove(&ctx);
+                    ended.insert(ctx);
                     upstream.retain(|(_, st)| *st != ctx);
                     effects = s.end(ctx, now);
                 }
                 _ => effects = s.tick(now),
             }
-            let known: BTreeSet<u32> = live
-                .iter()
-                .copied()
-                .chain(upstream.iter().map(|(u, _)| *u))
-                .collect();
-            for e in &effects {
-                let ctx = e.ctx();
-                assert!(
-                    known.contains(&ctx),
-                    "seed {seed}: an effect for unknown context {ctx}: {e:?}"
-                );
-            }
+            check_contexts(seed, &effects, &live, &upstream);
             native_retries += effects
                 .iter()
                 .filter(|e| matches!(e, Effect::RetryNatively { .. }))
                 .count();
-            // Answered streams are done from the caller's side.
-            for e in &effects {
-                if let Effect::Reply { ctx, .. } = e {
-                    live.remove(ctx);
-                }
-            }
+            note_answers(&effects, &upstream, &mut live, &mut answered);
+            still_handled(seed, &s, &live, &answered);
         }
-        // Everything left ends cleanly.
-        for ctx in std::mem::take(&mut live) {
-            let _ = s.end(ctx, now);
+        // Every stream not answered yet is still being handled: with nothing more from the
+        // providers (dispatched attempts never answer here), its total deadline (3 s) passes
+        // and the engine answers it. Ticks as Envoy gives them, for longer than that.
+        let unanswered: Vec<u32> = live.difference(&answered).copied().collect();
+        for _ in 0..250 {
+            now += 20_000_000;
+            let effects = s.tick(now);
+            check_contexts(seed, &effects, &live, &upstream);
+            note_answers(&effects, &upstream, &mut live, &mut answered);
+            still_handled(seed, &s, &live, &answered);
         }
-        let _ = s.tick(now + 10_000_000_000);
+        for ctx in &unanswered {
+            assert!(
+                answered.contains(ctx),
+                "seed {seed}: stream {ctx} was never answered, 5 s after its last event"
+            );
+        }
+        answered_late += unanswered.len();
+        // Everything left ends cleanly (Envoy ends every stream, answered or not): ending a
+        // stream never acts on it, nor on any stream already gone, and it is no longer
+        // managed.
+        let mut open: BTreeSet<u32> = (2..next_ctx)
+            .filter(|c| !ended.contains(c) && !upstream_ctxs.contains(c))
+            .collect();
+        while let Some(ctx) = open.pop_first() {
+            live.remove(&ctx);
+            upstream.retain(|(_, st)| *st != ctx);
+            let effects = s.end(ctx, now);
+            check_contexts(seed, &effects, &live, &upstream);
+            assert!(
+                !s.manages(ctx),
+                "seed {seed}: stream {ctx} still managed after its end"
+            );
+            note_answers(&effects, &upstream, &mut live, &mut answered);
+        }
+        // Nothing is left to act on, and no stream ever begun is still managed.
+        let effects = s.tick(now + 10_000_000_000);
+        assert!(
+            effects.is_empty(),
+            "seed {seed}: effects with no stream left: {effects:?}"
+        );
+        for ctx in (2..next_ctx).filter(|c| !upstream_ctxs.contains(c)) {
+            assert!(
+                !s.manages(ctx),
+                "seed {seed}: stream {ctx} still managed after everything ended"
+            );
+        }
     }
     assert!(native_retries > 0, "the native path was never taken");
+    assert!(
+        answered_late > 0,
+        "no stream was left to its deadline: the check never ran"
+    );
+}
+
+/// Every effect names a context that exists: a caller stream still live, or an upstream
+/// instance's context still carrying an attempt.
+fn check_contexts(seed: u64, effects: &[Effect], live: &BTreeSet<u32>, upstream: &[(u32, u32)]) {
+    for e in effects {
+        let ctx = e.ctx();
+        assert!(
+            live.contains(&ctx) || upstream.iter().any(|(u, _)| *u == ctx),
+            "seed {seed}: an effect for unknown context {ctx}: {e:?}"
+        );
+    }
+}
+
+/// Records the streams that `effects` answer: a local reply (the stream is then done from the
+/// caller's side), or the router's answer let go to the caller, at the stream itself or at the
+/// upstream context carrying its attempt.
+fn note_answers(
+    effects: &[Effect],
+    upstream: &[(u32, u32)],
+    live: &mut BTreeSet<u32>,
+    answered: &mut BTreeSet<u32>,
+) {
+    for e in effects {
+        match e {
+            Effect::Reply { ctx, .. } => {
+                live.remove(ctx);
+                answered.insert(*ctx);
+            }
+            Effect::ResumeResponse { ctx, .. } => {
+                let stream = upstream
+                    .iter()
+                    .find(|(u, _)| u == ctx)
+                    .map_or(*ctx, |(_, st)| *st);
+                answered.insert(stream);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The promise between events: a stream begun and not answered is still managed (its
+/// request or attempt is held, or an answer is awaited).
+fn still_handled(seed: u64, s: &State, live: &BTreeSet<u32>, answered: &BTreeSet<u32>) {
+    for ctx in live.difference(answered) {
+        assert!(
+            s.manages(*ctx),
+            "seed {seed}: stream {ctx} is neither answered nor managed"
+        );
+    }
 }
