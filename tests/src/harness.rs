@@ -1,22 +1,17 @@
 //! Launchers and a small HTTP client for the end-to-end tests, the demo and the benchmark:
-//! real Envoy (from the project's `.venv`) on free loopback ports, fed a rendered config.
+//! real Envoy (from the project's `.venv`) on loopback ports it binds itself (port 0), fed a
+//! rendered config.
 
 use crate::envoy::{envoy_binary, render, Render, Upstream};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_or(0, |a| a.port())
-}
 
 /// A running Envoy, killed on drop.
 pub struct Envoy {
@@ -43,32 +38,100 @@ pub struct EnvoySpec<'a> {
     pub wasm: &'a Path,
 }
 
+/// A directory of its own for each Envoy this process starts (config, log, admin address).
+fn run_dir() -> Result<PathBuf, String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir()
+        .join("unbusy-e2e")
+        .join(format!("envoy-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A blocking `GET` on Envoy's admin interface: the status and the body.
+fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).ok()?;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Some((
+        status,
+        if chunked {
+            dechunk(body)?
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+/// The address Envoy's listener named `name` bound (from the admin `/listeners`), once bound.
+fn listener_address(admin: SocketAddr, name: &str) -> Option<SocketAddr> {
+    let (status, body) = admin_get(admin, "/listeners?format=json")?;
+    if status != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    let listener = v["listener_statuses"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == name)?;
+    let a = &listener["local_address"]["socket_address"];
+    let ip: std::net::IpAddr = a["address"].as_str()?.parse().ok()?;
+    let port = u16::try_from(a["port_value"].as_u64()?).ok()?;
+    (port != 0).then_some(SocketAddr::new(ip, port))
+}
+
 impl Envoy {
-    /// Starts Envoy and waits until it is ready (or returns its log as the error).
+    /// Starts Envoy and waits until it is ready (or returns its log as the error). Its listener
+    /// and admin interface bind port 0: the kernel picks free ports, and Envoy reports them.
     pub fn start(spec: &EnvoySpec<'_>) -> Result<Self, String> {
-        let (port, admin_port) = (free_port(), free_port());
         let yaml = render(&Render {
-            listen: ("127.0.0.1", port),
-            admin: ("127.0.0.1", admin_port),
+            listen: ("127.0.0.1", 0),
+            admin: ("127.0.0.1", 0),
             upstreams: spec.upstreams,
             filter: spec.filter,
             wasm: spec.wasm,
             native: spec.native,
         });
-        Self::start_yaml(&yaml, port, admin_port, spec.concurrency)
+        Self::start_yaml(&yaml, spec.concurrency)
     }
 
-    /// Starts Envoy with this YAML.
-    pub fn start_yaml(
-        yaml: &str,
-        port: u16,
-        admin_port: u16,
-        concurrency: u32,
-    ) -> Result<Self, String> {
-        let dir = std::env::temp_dir().join("unbusy-e2e");
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let config = dir.join(format!("envoy-{port}.yaml"));
-        let log = dir.join(format!("envoy-{port}.log"));
+    /// Starts Envoy with this YAML, whose listener is named `unbusy` (as [`render`] names it)
+    /// and whose ports may be 0. Ready means: the admin interface answers at the address Envoy
+    /// wrote (`--admin-address-path`), the server is live (`/ready`), and the listener is bound
+    /// (its address from `/listeners`) and accepts connections.
+    pub fn start_yaml(yaml: &str, concurrency: u32) -> Result<Self, String> {
+        let dir = run_dir()?;
+        let config = dir.join("envoy.yaml");
+        let log = dir.join("envoy.log");
+        let admin_path = dir.join("admin-address");
         std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
         let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
         let child = Command::new(envoy_binary())
@@ -76,7 +139,11 @@ impl Envoy {
             .arg(&config)
             .args(["--concurrency", &concurrency.to_string()])
             .args(["--log-level", "warn", "--component-log-level", "wasm:info"])
-            .args(["--base-id", &port.to_string()])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .arg("--use-dynamic-base-id")
+            .arg("--base-id-path")
+            .arg(dir.join("base-id"))
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -86,10 +153,11 @@ impl Envoy {
                     envoy_binary().display()
                 )
             })?;
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut envoy = Self {
             child,
-            listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            listen: unbound,
+            admin: unbound,
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -97,12 +165,26 @@ impl Envoy {
             if let Ok(Some(status)) = envoy.child.try_wait() {
                 return Err(format!("Envoy exited ({status}):\n{}", envoy.log_text()));
             }
-            if std::net::TcpStream::connect(envoy.listen).is_ok()
-                && std::net::TcpStream::connect(envoy.admin).is_ok()
-            {
+            if envoy.admin == unbound {
+                if let Some(a) = std::fs::read_to_string(&admin_path)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                {
+                    envoy.admin = a;
+                }
+            }
+            if envoy.admin != unbound && envoy.listen == unbound {
+                let live = admin_get(envoy.admin, "/ready").is_some_and(|(s, _)| s == 200);
+                if live {
+                    if let Some(l) = listener_address(envoy.admin, "unbusy") {
+                        envoy.listen = l;
+                    }
+                }
+            }
+            if envoy.listen != unbound && std::net::TcpStream::connect(envoy.listen).is_ok() {
                 return Ok(envoy);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         Err(format!("Envoy not ready after 30 s:\n{}", envoy.log_text()))
     }
@@ -177,6 +259,23 @@ pub async fn request(
 ) -> Result<Reply, String> {
     let started = Instant::now();
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    request_observed(stream, started, method, path, headers, body, || ())
+        .await
+        .map(|(r, ())| r)
+}
+
+/// One HTTP/1.1 request on `stream` (a connection already open; `started` is when the reply's
+/// times count from); `at_headers` runs the moment the response headers arrive, before the
+/// body is read, and what it returns comes with the reply.
+pub async fn request_observed<T>(
+    stream: TcpStream,
+    started: Instant,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+    at_headers: impl FnOnce() -> T,
+) -> Result<(Reply, T), String> {
     let _ = stream.set_nodelay(true);
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -195,6 +294,7 @@ pub async fn request(
         .map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let headers_after = started.elapsed();
+    let seen = at_headers();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp
@@ -203,14 +303,23 @@ pub async fn request(
         .await
         .map(|c| c.to_bytes())
         .map_err(|e| e.to_string());
-    Ok(Reply {
-        status,
-        headers,
-        body,
-        headers_after,
-        total: started.elapsed(),
-    })
+    Ok((
+        Reply {
+            status,
+            headers,
+            body,
+            headers_after,
+            total: started.elapsed(),
+        },
+        seen,
+    ))
 }
+
+/// The headers [`chat`] sends.
+pub const CHAT_HEADERS: [(&str, &str); 2] = [
+    ("content-type", "application/json"),
+    ("authorization", "Bearer caller-key"),
+];
 
 /// A chat/completions request body.
 pub fn chat_body(content: &str, stream: bool, deterministic: bool) -> String {
@@ -225,10 +334,7 @@ pub fn chat_body(content: &str, stream: bool, deterministic: bool) -> String {
 
 /// POSTs a chat/completions request with a JSON content type and a test key.
 pub async fn chat(addr: SocketAddr, body: &str, extra: &[(&str, &str)]) -> Result<Reply, String> {
-    let mut headers = vec![
-        ("content-type", "application/json"),
-        ("authorization", "Bearer caller-key"),
-    ];
+    let mut headers = CHAT_HEADERS.to_vec();
     headers.extend_from_slice(extra);
     request(
         addr,
