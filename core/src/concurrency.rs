@@ -5,13 +5,18 @@
 //! to the queue. The answer is to learn the quota and *pace*: keep at most `limit` attempts in
 //! flight, and let the others wait for a slot (the engine queues them) instead of sending them.
 //!
-//! The limit is AIMD (additive increase, multiplicative decrease, as TCP and Netflix's
-//! `concurrency-limits`):
-//! - each successful completion adds `1 / limit` (so one whole slot per `limit` successes),
-//!   except in *slow start*, before the first quota verdict, when it adds a whole slot (TCP's
-//!   slow start: the limit doubles per round trip). Without it, a provider with no quota whose
-//!   answers held slots longer (keep-alive stalls) queued our requests for minutes while the
-//!   limit crept up one slot every few seconds (the simulator's brownout);
+//! **A limit binds only where a provider has a quota.** Thousands of long LLM calls in flight
+//! are normal, and a provider without a concurrency quota gains nothing from our queueing: the
+//! simulator showed a provider answering in 11.5 s at 90 requests a second (about 1,000 calls in
+//! flight by Little's law) starved by a limit that started at 64, its requests queueing until
+//! their deadlines. So the limit binds from the start only when the operator configured the
+//! provider's quota (`max_concurrency`, where it starts), and otherwise only from the first
+//! quota verdict, where it starts at `backoff_ratio` times what was in flight when the provider
+//! said "no more".
+//!
+//! Once it binds, the limit is AIMD (additive increase, multiplicative decrease, as TCP and
+//! Netflix's `concurrency-limits`):
+//! - each successful completion adds `1 / limit` (so one whole slot per `limit` successes);
 //! - a quota verdict multiplies the limit by `backoff_ratio`, at most once per
 //!   `decrease_cooldown`, because one burst of overload returns many 429s at once and should
 //!   shrink the limit once, not twenty times. The engine reports a quota verdict for a 429 that
@@ -25,6 +30,13 @@
 //!   Off by default: an LLM answer's latency follows its length (p99 is often 6x p50), so
 //!   slowness alone says little about queueing.
 //!
+//!
+//! A learned limit that sees no quota verdict for [`FORGET_AFTER`] stops binding: random bare
+//! 429s (a storm, whatever the load) shrink any AIMD limit to its floor, as random loss does
+//! TCP's window, and additive increase from one slot would take thousands of answers to undo.
+//! A configured quota is fixed: the operator knows it, and a bare 429 below it is not a verdict
+//! on our concurrency. Which attempts a limit holds back is the engine's rule (`engine::paced`).
+//!
 //! Fixed-size state, `now` passed in.
 
 use crate::time::{ms, Nanos};
@@ -32,12 +44,16 @@ use crate::time::{ms, Nanos};
 /// The limit's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ConcurrencySettings {
-    /// The limit to start with. Default 64: LLM calls take seconds, so 20 requests a second
-    /// already keep 40-60 in flight; a low start would queue a healthy provider's traffic.
+    /// Whether the limit is the provider's known quota: it binds from the start at `initial`
+    /// and learns nothing (a bare 429 below a configured quota is not ours to shrink for).
+    /// Default false: it binds from the first quota verdict, and learns.
+    pub bound: bool,
+    /// The limit to start with when it binds from the start. Default 64.
     pub initial: f64,
     /// Never below this. Default 1: one request in flight always makes progress.
     pub min: f64,
-    /// Never above this (a quota the operator knows). Default 256.
+    /// Never above this (a quota the operator knows). Default 100,000: in effect, only a
+    /// configured quota caps it.
     pub max: f64,
     /// Multiplier on overload. Default 0.75: gentler than TCP's 0.5, because LLM overload
     /// verdicts arrive in bursts and a quota is usually a plateau, not a cliff.
@@ -52,9 +68,10 @@ pub struct ConcurrencySettings {
 impl Default for ConcurrencySettings {
     fn default() -> Self {
         Self {
+            bound: false,
             initial: 64.0,
             min: 1.0,
-            max: 256.0,
+            max: 100_000.0,
             backoff_ratio: 0.75,
             decrease_cooldown: ms(500),
             latency_tolerance: 0.0,
@@ -84,9 +101,16 @@ pub struct AimdLimit {
     in_flight: u32,
     last_decrease: Option<Nanos>,
     latency_avg: Option<f64>,
-    /// Before the first decrease: grow a slot per success.
-    slow_start: bool,
+    /// Whether the limit binds (see the module doc).
+    bound: bool,
+    /// Whether it is a configured quota, which never changes.
+    fixed: bool,
 }
+
+/// A learned limit with no quota verdict for this long stops binding: the provider's refusals
+/// were a passing storm, not a quota (a real quota soon refuses again, and the limit is learned
+/// anew from what is in flight then).
+pub const FORGET_AFTER: Nanos = 5_000_000_000;
 
 impl AimdLimit {
     /// A limiter at its initial limit with nothing in flight.
@@ -97,13 +121,35 @@ impl AimdLimit {
             in_flight: 0,
             last_decrease: None,
             latency_avg: None,
-            slow_start: true,
+            bound: settings.bound,
+            fixed: settings.bound,
         }
     }
 
-    /// The current limit as a whole number of slots (at least 1).
+    /// A limit already learned at `limit` slots, as after a quota verdict.
+    pub fn learned(settings: ConcurrencySettings, limit: f64) -> Self {
+        let mut l = Self::new(ConcurrencySettings {
+            bound: false,
+            ..settings
+        });
+        l.bound = true;
+        l.limit = limit.max(settings.min).min(settings.max);
+        l
+    }
+
+    /// The current limit as a whole number of slots (at least 1); `u32::MAX` while it does not
+    /// bind.
     pub fn limit(&self) -> u32 {
-        (self.limit as u32).max(1)
+        if self.bound {
+            (self.limit as u32).max(1)
+        } else {
+            u32::MAX
+        }
+    }
+
+    /// Whether the limit binds: a quota was configured or shown.
+    pub fn binds(&self) -> bool {
+        self.bound
     }
 
     /// Attempts in flight.
@@ -113,22 +159,39 @@ impl AimdLimit {
 
     /// Whether a slot is free.
     pub fn has_room(&self) -> bool {
-        self.in_flight < self.limit()
+        !self.bound || self.in_flight < self.limit()
     }
 
     /// Takes a slot if one is free.
     pub fn try_acquire(&mut self) -> bool {
         if self.has_room() {
-            self.in_flight += 1;
+            self.in_flight = self.in_flight.saturating_add(1);
             true
         } else {
             false
         }
     }
 
+    /// Takes a slot whether or not one is free (an attempt the limit must not hold back);
+    /// always `true`.
+    pub fn force_acquire(&mut self) -> bool {
+        self.in_flight = self.in_flight.saturating_add(1);
+        true
+    }
+
     /// Returns a slot and learns from how the attempt ended.
     pub fn release(&mut self, now: Nanos, how: Release) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if self.fixed {
+            return;
+        }
+        if self.bound
+            && self
+                .last_decrease
+                .is_some_and(|t| now.saturating_sub(t) >= FORGET_AFTER)
+        {
+            self.bound = false;
+        }
         match how {
             Release::Success(latency) => {
                 let latency = latency as f64;
@@ -143,18 +206,24 @@ impl AimdLimit {
                     Some(avg) => avg + LATENCY_EWMA_ALPHA * (latency - avg),
                     None => latency,
                 });
-                if slow {
+                if !self.bound {
+                    // Nothing to learn until the provider shows a quota.
+                } else if slow {
                     self.decrease(now, (1.0 + self.settings.backoff_ratio) / 2.0);
                 } else if self.in_flight + 1 >= self.limit() / 2 {
                     // Only grow when the limit is actually being used: a limit that is never
                     // reached proves nothing about the provider.
-                    let step = if self.slow_start {
-                        1.0
-                    } else {
-                        1.0 / self.limit
-                    };
-                    self.limit = (self.limit + step).min(self.settings.max);
+                    self.limit = (self.limit + 1.0 / self.limit).min(self.settings.max);
                 }
+            }
+            Release::Overload if !self.bound => {
+                // The first quota verdict: the provider's room is below what was in flight.
+                self.bound = true;
+                let shown = f64::from(self.in_flight.saturating_add(1));
+                self.limit = (shown * self.settings.backoff_ratio)
+                    .max(self.settings.min)
+                    .min(self.settings.max);
+                self.last_decrease = Some(now);
             }
             Release::Overload => self.decrease(now, self.settings.backoff_ratio),
             Release::Neutral => {}
@@ -166,7 +235,6 @@ impl AimdLimit {
             .last_decrease
             .is_none_or(|t| now.saturating_sub(t) >= self.settings.decrease_cooldown);
         if cooled {
-            self.slow_start = false;
             self.limit = (self.limit * ratio).max(self.settings.min);
             self.last_decrease = Some(now);
         }
@@ -179,10 +247,7 @@ mod tests {
 
     #[test]
     fn slots_are_bounded() {
-        let mut l = AimdLimit::new(ConcurrencySettings {
-            initial: 2.0,
-            ..ConcurrencySettings::default()
-        });
+        let mut l = AimdLimit::learned(ConcurrencySettings::default(), 2.0);
         assert!(l.try_acquire());
         assert!(l.try_acquire());
         assert!(!l.try_acquire());
@@ -192,10 +257,7 @@ mod tests {
 
     #[test]
     fn overload_burst_decreases_once_per_cooldown() {
-        let mut l = AimdLimit::new(ConcurrencySettings {
-            initial: 16.0,
-            ..ConcurrencySettings::default()
-        });
+        let mut l = AimdLimit::learned(ConcurrencySettings::default(), 16.0);
         for _ in 0..16 {
             assert!(l.try_acquire());
         }
@@ -208,15 +270,65 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_quota_is_fixed() {
+        let settings = ConcurrencySettings {
+            bound: true,
+            initial: 3.0,
+            ..ConcurrencySettings::default()
+        };
+        let mut l = AimdLimit::new(settings);
+        for now in 0..100 {
+            while l.try_acquire() {}
+            assert_eq!(l.in_flight(), 3);
+            l.release(ms(now * 1000), Release::Overload);
+            l.release(ms(now * 1000), Release::Success(ms(10)));
+            assert_eq!(l.limit(), 3);
+        }
+    }
+
+    #[test]
+    fn a_learned_limit_is_forgotten_without_verdicts() {
+        let mut l = AimdLimit::learned(ConcurrencySettings::default(), 10.0);
+        l.release(ms(0), Release::Overload);
+        assert!(l.binds());
+        l.release(FORGET_AFTER - 1, Release::Success(ms(10)));
+        assert!(l.binds());
+        l.release(FORGET_AFTER, Release::Success(ms(10)));
+        assert!(!l.binds());
+    }
+
+    #[test]
+    fn unbound_until_the_first_quota_verdict() {
+        let mut l = AimdLimit::new(ConcurrencySettings::default());
+        for _ in 0..5_000 {
+            assert!(l.try_acquire(), "no quota shown: no limit");
+        }
+        for _ in 0..100 {
+            l.release(ms(1), Release::Success(ms(10)));
+        }
+        assert!(!l.binds());
+        assert_eq!(l.limit(), u32::MAX);
+        // 4,900 in flight, then a quota verdict: 0.75 of what was in flight.
+        l.release(ms(2), Release::Overload);
+        assert!(l.binds());
+        assert_eq!(l.limit(), 3_675);
+        assert!(!l.has_room());
+    }
+
+    #[test]
     fn converges_near_a_quota() {
         // A provider that overloads above 10 in flight: the limit must settle around 10.
         let quota = 10;
         let mut l = AimdLimit::new(ConcurrencySettings::default());
         let mut now = 0;
-        // One round per second: every attempt takes about a second, as LLM calls do.
+        // One round per second: every attempt takes about a second, as LLM calls do. Until the
+        // limit binds, a round sends 100.
         for _ in 0..600 {
             now += ms(1000);
-            while l.try_acquire() {}
+            let mut sent = 0;
+            while sent < 100 && l.try_acquire() {
+                sent += 1;
+            }
             let in_flight = l.in_flight();
             for i in 0..in_flight {
                 let how = if i >= quota {
@@ -231,34 +343,12 @@ mod tests {
     }
 
     #[test]
-    fn slow_start_grows_fast_until_the_first_quota_verdict() {
-        let mut l = AimdLimit::new(ConcurrencySettings {
-            initial: 4.0,
-            ..ConcurrencySettings::default()
-        });
-        // Steady use: every slot refilled as soon as it frees. Twelve successes: 4 -> 16.
-        for _ in 0..12 {
-            while l.try_acquire() {}
-            l.release(ms(1), Release::Success(ms(10)));
-        }
-        assert_eq!(l.limit(), 16);
-        while l.try_acquire() {}
-        l.release(ms(10), Release::Overload);
-        assert_eq!(l.limit(), 12);
-        // Now additive: about a limit's worth of successes adds one slot.
-        for _ in 0..13 {
-            while l.try_acquire() {}
-            l.release(ms(20), Release::Success(ms(10)));
-        }
-        assert_eq!(l.limit(), 13);
-    }
-
-    #[test]
     fn limit_stays_within_bounds() {
-        let mut l = AimdLimit::new(ConcurrencySettings {
+        let settings = ConcurrencySettings {
             max: 20.0,
             ..ConcurrencySettings::default()
-        });
+        };
+        let mut l = AimdLimit::learned(settings, 1.0);
         for i in 0..2_000 {
             while l.try_acquire() {}
             while l.in_flight() > 0 {

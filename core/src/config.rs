@@ -228,11 +228,10 @@ impl Default for LimitsConfig {
 /// The adaptive concurrency limit. See [`crate::concurrency`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConcurrencyConfig {
-    /// The starting limit per provider. Default 64.
-    pub initial: u32,
     /// The lowest limit. Default 1.
     pub min: u32,
-    /// The highest limit (a provider's `max_concurrency` caps it further). Default 256.
+    /// The highest learned limit (a provider's `max_concurrency` caps it further). Default
+    /// 100000.
     pub max: u32,
     /// Multiplier on overload, in (0, 1). Default 0.75.
     pub backoff_ratio: f64,
@@ -253,7 +252,6 @@ impl Default for ConcurrencyConfig {
     fn default() -> Self {
         let d = ConcurrencySettings::default();
         Self {
-            initial: d.initial as u32,
             min: d.min as u32,
             max: d.max as u32,
             backoff_ratio: d.backoff_ratio,
@@ -269,7 +267,8 @@ impl ConcurrencyConfig {
     pub fn settings(&self, provider_quota: Option<u32>) -> ConcurrencySettings {
         let max = provider_quota.map_or(self.max, |q| q.min(self.max)).max(1);
         ConcurrencySettings {
-            initial: f64::from(self.initial.min(max)),
+            bound: provider_quota.is_some(),
+            initial: f64::from(max),
             min: f64::from(self.min.min(max)),
             max: f64::from(max),
             backoff_ratio: self.backoff_ratio,
@@ -747,7 +746,6 @@ impl Config {
 
         let k = &self.concurrency;
         c.positive("concurrency.min", u64::from(k.min));
-        c.positive("concurrency.initial", u64::from(k.initial));
         if k.max < k.min {
             c.fail("concurrency.max", Problem::LessThan("concurrency.min"));
         }
@@ -1075,7 +1073,6 @@ read_struct!(LimitsConfig {
     tenant_slots,
 });
 read_struct!(ConcurrencyConfig {
-    initial,
     min,
     max,
     backoff_ratio,
