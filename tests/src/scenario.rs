@@ -5,12 +5,12 @@
 //! follows the format loads; values that cannot mean anything (negative rates, probabilities
 //! outside [0, 1], a window that ends before it starts) are refused with the field named.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 
 /// A whole scenario.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Scenario {
     /// Short id used in reports.
@@ -41,13 +41,13 @@ impl Default for Scenario {
 }
 
 /// The callers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Clients {
     /// Open-loop Poisson arrivals per second (used when `concurrency` is 0).
     pub rps: f64,
-    /// When > 0: a closed loop of this many callers, each sending its next request as soon as
-    /// the previous one ends.
+    /// When > 0: a closed loop of this many callers, each sending its next request 100 ms
+    /// after the previous one ended (after a failure with a retry hint, that hint first).
     pub concurrency: u32,
     /// Share of requests with `"stream": true`.
     pub stream_fraction: f64,
@@ -73,7 +73,7 @@ impl Default for Clients {
 }
 
 /// One provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Provider {
     /// Its name.
@@ -104,7 +104,7 @@ impl Default for Provider {
 }
 
 /// Lognormal latencies, each given as `[p50, p99]` in milliseconds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Latency {
     /// Time to the first token.
@@ -123,7 +123,7 @@ impl Default for Latency {
 }
 
 /// A window of faults; windows may overlap and their probabilities add up.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct FaultWindow {
     /// Start, seconds since the scenario began.
@@ -225,6 +225,32 @@ impl Provider {
         self.faults
             .iter()
             .any(|w| w.outage && w.refuse && at_s >= w.from_s && at_s < w.to_s)
+    }
+}
+
+/// The retry hint a provider sends with a rate-limit answer whose `retry_after_s` is above 0:
+/// `retry-after-ms` with the exact wait and `Retry-After` in whole seconds, rounded up (as
+/// OpenAI does). A `retry_after_s` of 0 sends neither: a bare 429, the quota signal. The
+/// simulator and the emulator both send exactly this, so every client reads the same headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryHint {
+    /// `retry-after-ms`.
+    pub millis: u64,
+    /// `Retry-After`, whole seconds.
+    pub seconds: u64,
+}
+
+impl RetryHint {
+    /// The headers for a `retry_after_s`, if any are sent.
+    pub fn from_seconds(retry_after_s: f64) -> Option<Self> {
+        if !(retry_after_s > 0.0 && retry_after_s.is_finite()) {
+            return None;
+        }
+        let millis = (retry_after_s * 1000.0).round().max(1.0) as u64;
+        Some(Self {
+            millis,
+            seconds: millis.div_ceil(1000),
+        })
     }
 }
 

@@ -28,7 +28,7 @@ fn builder(status: StatusCode, content_type: &str) -> hyper::http::response::Bui
         .header("access-control-allow-origin", "*")
         .header(
             "access-control-expose-headers",
-            "retry-after, x-busy-provider, x-request-id",
+            "retry-after, retry-after-ms, x-busy-provider, x-request-id",
         )
 }
 

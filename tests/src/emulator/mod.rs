@@ -17,7 +17,7 @@
 mod body;
 mod stats;
 
-use crate::scenario::{Fault, LogNormal, Provider};
+use crate::scenario::{Fault, LogNormal, Provider, RetryHint};
 use body::{json_response, ChannelBody, ResponseBody};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -324,11 +324,14 @@ impl Emulator {
                     json!("rate_limit_exceeded"),
                 );
                 let mut st = self.state();
-                if retry_after_s > 0.0 {
+                if let Some(hint) = RetryHint::from_seconds(retry_after_s) {
                     st.stats.rate_limit_429 += 1;
-                    let secs = retry_after_s.ceil() as u64;
-                    if let Ok(v) = secs.to_string().parse() {
-                        resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+                    let headers = resp.headers_mut();
+                    if let Ok(v) = hint.seconds.to_string().parse() {
+                        headers.insert(hyper::header::RETRY_AFTER, v);
+                    }
+                    if let Ok(v) = hint.millis.to_string().parse() {
+                        headers.insert("retry-after-ms", v);
                     }
                 } else {
                     st.stats.rate_limit_429_bare += 1;

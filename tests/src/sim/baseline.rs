@@ -2,7 +2,7 @@
 //! defines them.
 
 use super::{AttId, AttemptResult, Policy, ReqId, World};
-use unbusy_core::time::{Nanos, SECOND};
+use unbusy_core::time::{Nanos, MILLISECOND, SECOND};
 
 /// Which baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,14 +80,19 @@ impl BaselinePolicy {
         }
     }
 
-    fn retryable(&self, result: AttemptResult) -> bool {
+    fn retryable(&self, result: AttemptResult, stream: bool) -> bool {
         use AttemptResult as R;
         match self.kind {
             Baseline::None => false,
             Baseline::Naive => result != R::Ok,
             Baseline::OpenAiSdk => match result {
                 R::Status { status, .. } => matches!(status, 408 | 409 | 429) || status >= 500,
-                R::StallClosed | R::Reset | R::Refused => true,
+                R::Reset | R::Refused => true,
+                // A stream's 200 headers reached the caller before the keep-alive bytes: the
+                // SDK has returned the stream and cannot retry it. A non-streaming answer is
+                // read inside the SDK's request, where the broken body is a connection error
+                // it retries.
+                R::StallClosed => !stream,
                 R::Ok => false,
             },
             // A stall answered 200: headers went downstream, Envoy cannot retry it.
@@ -102,23 +107,25 @@ impl BaselinePolicy {
     /// The delay before retry number `n` (0 for the first retry).
     fn delay(&self, w: &mut World, n: u32, result: AttemptResult) -> Nanos {
         let hint = match result {
-            AttemptResult::Status { retry_after_s, .. } => retry_after_s,
+            AttemptResult::Status { hint, .. } => hint,
             _ => None,
         };
         match self.kind {
             Baseline::None => 0,
             Baseline::Naive => SECOND << n.min(20),
+            // The SDKs read `retry-after-ms`, then `retry-after`, and believe 0 to 60 s.
             Baseline::OpenAiSdk => match hint {
-                Some(h) if (0.0..=60.0).contains(&h) => super::ns(h),
+                Some(h) if h.millis <= 60_000 => h.millis * MILLISECOND,
                 _ => {
                     let base = (0.5 * f64::from(1u32 << n.min(20))).min(8.0);
                     super::ns(base * (1.0 - 0.25 * w.policy_rng.f64()))
                 }
             },
+            // Envoy's rate-limited back-off reads `Retry-After` (whole seconds), up to 300 s.
             Baseline::EnvoyNative => match hint {
-                Some(h) if (0.0..=300.0).contains(&h) => super::ns(h),
+                Some(h) if h.seconds <= 300 => h.seconds * SECOND,
                 _ => {
-                    let ceiling = (25_000_000u64 << n.min(20)).min(250_000_000);
+                    let ceiling = ((25 * MILLISECOND) << n.min(20)).min(250 * MILLISECOND);
                     w.policy_rng.u64(0..=ceiling)
                 }
             },
@@ -147,7 +154,7 @@ impl Policy for BaselinePolicy {
             return;
         }
         let made = w.requests[req].attempts;
-        if !self.retryable(result) || made >= self.kind.max_attempts() {
+        if !self.retryable(result, w.requests[req].stream) || made >= self.kind.max_attempts() {
             w.finish(req, false);
             return;
         }

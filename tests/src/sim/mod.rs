@@ -14,15 +14,21 @@
 //!   (never before the first token).
 //! - A provider's in-flight count includes every open connection, the quick 429s it sends
 //!   above its capacity included; `max_overload` is the largest in-flight / capacity seen.
-//! - Closed-loop callers send their next request as soon as the previous one ends.
+//! - Closed-loop callers behave as the scenarios README says: the next request 100 ms after
+//!   the previous one ended, and after a failure that carried a retry hint (`retry-after-ms`,
+//!   else `Retry-After`), that hint first, capped at 60 s. Simulated time always advances.
+//! - A rate-limit fault with `retry_after_s` above 0 sends both `retry-after-ms` and
+//!   `Retry-After` in whole seconds rounded up ([`RetryHint`]); 0 sends neither, a bare 429.
 //! - Baselines send to the preferred priority group (weighted within it), as an SDK or a
 //!   single-cluster route would; only unbusy fails over across priorities.
 
 pub mod baseline;
+pub mod conformance;
 pub mod report;
 pub mod unbusy;
+pub mod worlds;
 
-use crate::scenario::{Fault, LogNormal, Scenario};
+use crate::scenario::{Fault, LogNormal, RetryHint, Scenario};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use unbusy_core::time::{Nanos, SECOND};
@@ -66,7 +72,9 @@ pub struct Request {
     /// Its attempts, in order.
     pub attempt_ids: Vec<AttId>,
     /// The closed-loop caller that sent it, if any.
-    caller: Option<u32>,
+    pub caller: Option<u32>,
+    /// The retry hint its failure told the caller (a closed-loop caller waits it out).
+    pub hint_told: Option<Nanos>,
 }
 
 impl Request {
@@ -88,8 +96,8 @@ pub enum AttemptResult {
     Status {
         /// The status.
         status: u16,
-        /// `Retry-After` seconds, if sent.
-        retry_after_s: Option<f64>,
+        /// The retry hint headers, if sent.
+        hint: Option<RetryHint>,
     },
     /// 200 and only keep-alive bytes, then the provider closed.
     StallClosed,
@@ -117,6 +125,22 @@ impl AttemptResult {
     }
 }
 
+impl AttemptResult {
+    /// The wait a caller reading `retry-after-ms` first, then `Retry-After`, is told.
+    pub fn hinted_wait(&self) -> Option<Nanos> {
+        match self {
+            Self::Status { hint: Some(h), .. } => Some(h.millis * 1_000_000),
+            _ => None,
+        }
+    }
+}
+
+/// A closed-loop caller's think time between one request's end and its next.
+pub const THINK_TIME: Nanos = 100_000_000;
+
+/// The longest retry hint a closed-loop caller waits out before its next request.
+pub const CALLER_MAX_HINT: Nanos = 60 * SECOND;
+
 /// An attempt at a provider.
 #[derive(Debug, Clone)]
 pub struct Attempt {
@@ -136,6 +160,8 @@ pub struct Attempt {
     pub ends_at: Nanos,
     /// Whether its successful end reached the policy (not aborted before).
     pub answered: bool,
+    /// When its connection closed (its end, an abort, or the caller giving up).
+    pub closed_at: Option<Nanos>,
 }
 
 /// A streaming answer's chunks arrive this far apart after its first token.
@@ -177,6 +203,12 @@ pub struct Violations {
     pub cross_tenant_hits: u64,
     /// Requests with more attempts than the policy allows.
     pub too_many_attempts: u64,
+    /// Requests a baseline handled otherwise than its definition (see [`conformance`]).
+    pub off_definition: u64,
+    /// Closed-loop arrivals not at the caller model's instant.
+    pub caller_model: u64,
+    /// The first deviation found, for the failure message.
+    pub first: Option<String>,
 }
 
 /// The world a policy acts in.
@@ -305,7 +337,8 @@ impl World {
                 Ev::CallerDeadline(req) => {
                     if !self.requests[req].done {
                         self.close_attempts_of(req);
-                        self.finish(req, false);
+                        // A caller that timed out read no answer, and so no hint.
+                        self.finish_with_hint(req, false, None);
                         policy.on_caller_gave_up(self, req);
                     }
                 }
@@ -367,6 +400,7 @@ impl World {
             attempts: 0,
             attempt_ids: Vec::new(),
             caller,
+            hint_told: None,
         });
         self.requests.len() - 1
     }
@@ -398,7 +432,7 @@ impl World {
             let e = now + sample(&self.error_latency, rng);
             let r = AttemptResult::Status {
                 status: 429,
-                retry_after_s: None,
+                hint: None,
             };
             (r, false, None, e)
         } else {
@@ -411,16 +445,15 @@ impl World {
                     (AttemptResult::Ok, true, Some(first), now + total)
                 }
                 Fault::Busy503 | Fault::Error500 | Fault::RateLimit429 { .. } => {
-                    let (status, retry_after_s) = match fault {
+                    let (status, hint) = match fault {
                         Fault::Busy503 => (503, None),
                         Fault::Error500 => (500, None),
-                        Fault::RateLimit429 { retry_after_s } => (429, Some(retry_after_s)),
+                        Fault::RateLimit429 { retry_after_s } => {
+                            (429, RetryHint::from_seconds(retry_after_s))
+                        }
                         _ => (500, None),
                     };
-                    let r = AttemptResult::Status {
-                        status,
-                        retry_after_s,
-                    };
+                    let r = AttemptResult::Status { status, hint };
                     (r, true, None, now + sample(&self.error_latency, rng))
                 }
                 Fault::Stall { stall_s } => {
@@ -454,6 +487,7 @@ impl World {
             result,
             ends_at: end,
             answered: false,
+            closed_at: None,
         });
         if let Some(t) = first_token {
             self.push(t, Ev::FirstToken(id));
@@ -468,6 +502,7 @@ impl World {
             return;
         }
         a.open = false;
+        a.closed_at = Some(self.now);
         if a.result != AttemptResult::Refused {
             let live = &mut self.providers[a.provider];
             live.open = live.open.saturating_sub(1);
@@ -488,8 +523,18 @@ impl World {
         }
     }
 
-    /// The request ends; a closed-loop caller sends its next one.
+    /// The request ends with the answer of its last attempt; a closed-loop caller sends its
+    /// next one after its think time (and a failure's retry hint).
     pub fn finish(&mut self, req: ReqId, succeeded: bool) {
+        let hint = self.requests[req]
+            .attempt_ids
+            .last()
+            .and_then(|&a| self.attempts[a].result.hinted_wait());
+        self.finish_with_hint(req, succeeded, hint);
+    }
+
+    /// The request ends with an answer that carried this retry hint (a local reply's).
+    pub fn finish_with_hint(&mut self, req: ReqId, succeeded: bool, hint: Option<Nanos>) {
         let r = &mut self.requests[req];
         if r.done {
             self.violations.finished_twice += 1;
@@ -498,10 +543,13 @@ impl World {
         r.done = true;
         r.succeeded = succeeded;
         r.done_at = Some(self.now);
+        r.hint_told = if succeeded { None } else { hint };
         if let Some(caller) = r.caller {
-            if self.now < ns(self.scenario.duration_s) {
+            let wait = r.hint_told.unwrap_or(0).min(CALLER_MAX_HINT);
+            let next = self.now + wait + THINK_TIME;
+            if next < ns(self.scenario.duration_s) {
                 self.push(
-                    self.now,
+                    next,
                     Ev::Arrival {
                         caller: Some(caller),
                     },

@@ -1,6 +1,7 @@
 //! Running a policy over a scenario and summarising what happened.
 
 use super::baseline::{Baseline, BaselinePolicy};
+use super::conformance::{check_baseline, check_callers};
 use super::unbusy::{config_for, UnbusyPolicy};
 use super::{Policy, Violations, World};
 use crate::scenario::Scenario;
@@ -60,6 +61,20 @@ pub struct Report {
     /// scoping would have served across tenants).
     #[serde(skip)]
     pub cross_tenant_repeats: u64,
+    /// Every request's arrival (ms) and whether it succeeded, in arrival order.
+    #[serde(skip)]
+    pub outcomes: Vec<(f64, bool)>,
+}
+
+impl Report {
+    /// Requests that arrived at or after `at_s` seconds, and how many of them succeeded.
+    pub fn arrived_after(&self, at_s: f64) -> (u64, u64) {
+        let at_ms = at_s * 1000.0;
+        self.outcomes
+            .iter()
+            .filter(|(arrival, _)| *arrival >= at_ms)
+            .fold((0, 0), |(n, ok), (_, s)| (n + 1, ok + u64::from(*s)))
+    }
 }
 
 /// Why a run could not start.
@@ -93,6 +108,14 @@ pub fn run(scenario: &Scenario, seed: u64, policy: &str) -> Result<Report, Unkno
         }
     };
     world.run(driver.as_mut());
+    if let Some(kind) = baseline {
+        let mut v = std::mem::take(&mut world.violations);
+        check_baseline(kind, &world, &mut v);
+        world.violations = v;
+    }
+    let mut v = std::mem::take(&mut world.violations);
+    check_callers(&world, &mut v);
+    world.violations = v;
     Ok(summarise(&world, policy, seed))
 }
 
@@ -139,6 +162,11 @@ fn summarise(w: &World, policy: &str, seed: u64) -> Report {
             .count() as u64,
         end_ms: w.now as f64 / MILLISECOND as f64,
         cross_tenant_repeats: cross_tenant_repeats(w),
+        outcomes: w
+            .requests
+            .iter()
+            .map(|r| (r.arrival as f64 / MILLISECOND as f64, r.succeeded))
+            .collect(),
     }
 }
 

@@ -6,10 +6,11 @@ use super::{AttId, AttemptResult, Policy, ReqId, World};
 use std::collections::HashMap;
 use unbusy_core::cache_key::{cache_key, CacheKey, KeyRequest, OptIn};
 use unbusy_core::classify::{
-    classify, classify_fault, BodyProgress, Classification, Response, TransportFault,
+    classify, classify_fault, retry_hint, BodyProgress, Classification, Response, TransportFault,
 };
 use unbusy_core::config::{Config, ConfigErrors, ProviderConfig};
 use unbusy_core::engine::{Action, CacheLookup, Engine, Priority, RequestId, RequestMeta};
+use unbusy_core::reply::LocalReply;
 use unbusy_core::time::{ms, Nanos};
 
 /// The configuration the `unbusy` policy runs with: defaults plus the scenario's providers
@@ -163,7 +164,7 @@ impl UnbusyPolicy {
                     }
                     self.by_engine.remove(&request);
                     if !w.requests[req].done {
-                        w.finish(req, false);
+                        w.finish_with_hint(req, false, reply_hint(&reply));
                     }
                 }
             }
@@ -200,6 +201,16 @@ impl UnbusyPolicy {
     }
 }
 
+/// The wait a local reply tells its caller, read as an OpenAI SDK reads it.
+fn reply_hint(reply: &LocalReply) -> Option<Nanos> {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    retry_hint(&headers, None)
+}
+
 /// How the client classifies an attempt's end, through the same code a host uses.
 pub fn classification(result: AttemptResult) -> Classification {
     match result {
@@ -210,14 +221,12 @@ pub fn classification(result: AttemptResult) -> Classification {
             progress: BodyProgress::Real,
             unix_now_s: None,
         }),
-        AttemptResult::Status {
-            status,
-            retry_after_s,
-        } => {
-            let hint = retry_after_s.map(|s| format!("{}", s.ceil().max(0.0) as u64));
+        AttemptResult::Status { status, hint } => {
+            let values = hint.map(|h| (h.millis.to_string(), h.seconds.to_string()));
             let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
-            if let Some(h) = hint.as_deref() {
-                headers.push(("retry-after", h));
+            if let Some((millis, seconds)) = values.as_ref() {
+                headers.push(("retry-after-ms", millis));
+                headers.push(("retry-after", seconds));
             }
             classify(&Response {
                 status,
