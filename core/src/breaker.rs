@@ -22,7 +22,8 @@
 //!   breaker (and with one provider, failing everything) in its first second;
 //! - **open**: nothing flows until `open_for` has passed; each consecutive re-open doubles the
 //!   wait up to `max_open_for`, so a provider that stays down is probed less and less often;
-//! - **half-open**: at most `half_open_probes` attempts in flight at once; `probe_successes`
+//! - **half-open**: at most `half_open_probes` attempts in flight at once, doubling every
+//!   `open_for` while none fails (`probe_ramp`); `probe_successes`
 //!   successes close the breaker (and reset the window), and so does a probe's first real
 //!   progress ([`CircuitBreaker::on_progress`]: a provider streaming tokens is up, and the
 //!   requests held for it should not wait for the whole answer); any failure re-opens it. A
@@ -71,6 +72,13 @@ pub struct BreakerSettings {
     pub half_open_probes: u32,
     /// Successful probes that close the breaker. Default 1.
     pub probe_successes: u32,
+    /// Whether the probes allowed in flight double every `open_for` while none has failed.
+    /// Default true: a slow provider's probe takes as long as its answers (20 s for a long
+    /// non-streaming one), and one probe at a time held every request that arrived after the
+    /// provider recovered until its deadline (generated worlds: 11% answered where one plain
+    /// attempt answered 30%). A provider still down fails a probe within a second and
+    /// re-opens; one that is answering gets its traffic back within a few doublings.
+    pub probe_ramp: bool,
 }
 
 impl Default for BreakerSettings {
@@ -84,6 +92,7 @@ impl Default for BreakerSettings {
             max_open_for: secs(5),
             half_open_probes: 1,
             probe_successes: 1,
+            probe_ramp: true,
         }
     }
 }
@@ -106,6 +115,8 @@ pub enum BreakerState {
         successes: u32,
         /// When the latest probe was let through.
         last_probe: Nanos,
+        /// When the breaker became half-open.
+        since: Nanos,
     },
 }
 
@@ -159,6 +170,7 @@ impl CircuitBreaker {
                 probes: 0,
                 successes: 0,
                 last_probe: now,
+                since: until,
             },
             state => state,
         }
@@ -170,8 +182,37 @@ impl CircuitBreaker {
             BreakerState::Closed => true,
             BreakerState::Open { .. } => false,
             BreakerState::HalfOpen {
-                probes, last_probe, ..
-            } => probes < self.settings.half_open_probes || self.probe_lost(now, last_probe),
+                probes,
+                last_probe,
+                since,
+                ..
+            } => probes < self.probe_limit(now, since) || self.probe_lost(now, last_probe),
+        }
+    }
+
+    /// Probes allowed in flight at `now` in a half-open episode that began at `since`.
+    fn probe_limit(&self, now: Nanos, since: Nanos) -> u32 {
+        let s = &self.settings;
+        if !s.probe_ramp {
+            return s.half_open_probes;
+        }
+        let doublings = now.saturating_sub(since) / s.open_for.max(1);
+        s.half_open_probes
+            .saturating_mul(1u32 << doublings.min(16) as u32)
+    }
+
+    /// When the breaker's verdict next changes by itself: an open breaker half-opens, a
+    /// half-open one allows more probes. `None` when closed.
+    pub fn next_change(&self, now: Nanos) -> Option<Nanos> {
+        let open_for = self.settings.open_for.max(1);
+        match self.state(now) {
+            BreakerState::Closed => None,
+            BreakerState::Open { until } => Some(until),
+            BreakerState::HalfOpen { since, .. } if self.settings.probe_ramp => {
+                let step = now.saturating_sub(since) / open_for + 1;
+                Some(since.saturating_add(step.saturating_mul(open_for)))
+            }
+            BreakerState::HalfOpen { last_probe, .. } => Some(last_probe.saturating_add(open_for)),
         }
     }
 
@@ -190,6 +231,7 @@ impl CircuitBreaker {
                 probes,
                 successes,
                 last_probe,
+                since,
             } => BreakerState::HalfOpen {
                 probes: if self.probe_lost(now, last_probe) {
                     1
@@ -198,6 +240,7 @@ impl CircuitBreaker {
                 },
                 successes,
                 last_probe: now,
+                since,
             },
             state => state,
         };
@@ -218,6 +261,26 @@ impl CircuitBreaker {
     /// against a provider answering 65% of requests. In a hard outage nothing stays pending, so
     /// the run still trips it.
     pub fn on_outcome_pending(&mut self, now: Nanos, signal: BreakerSignal, pending: u32) {
+        self.on_outcome_of(now, now, signal, pending);
+    }
+
+    /// [`CircuitBreaker::on_outcome_pending`] for an attempt let through at `sent_at`. While
+    /// half-open, only the episode's probes count: an attempt let through before the breaker
+    /// half-opened held no probe slot and says nothing about the provider now (a 25 s stall
+    /// from before an outage re-opened a recovered provider's breaker, again and again, and a
+    /// cancelled one freed a probe slot it never held).
+    pub fn on_outcome_of(
+        &mut self,
+        now: Nanos,
+        sent_at: Nanos,
+        signal: BreakerSignal,
+        pending: u32,
+    ) {
+        if let BreakerState::HalfOpen { since, .. } = self.state(now) {
+            if sent_at < since {
+                return;
+            }
+        }
         self.pending = pending;
         match (self.state, signal) {
             (_, BreakerSignal::Ignore) => {
@@ -225,6 +288,7 @@ impl CircuitBreaker {
                     probes,
                     successes,
                     last_probe,
+                    since,
                 } = self.state
                 {
                     // The probe proved nothing; free its slot.
@@ -232,6 +296,7 @@ impl CircuitBreaker {
                         probes: probes.saturating_sub(1),
                         successes,
                         last_probe,
+                        since,
                     };
                 }
             }
@@ -239,13 +304,17 @@ impl CircuitBreaker {
                 if successes + 1 >= self.settings.probe_successes {
                     self.close();
                 } else if let BreakerState::HalfOpen {
-                    probes, last_probe, ..
+                    probes,
+                    last_probe,
+                    since,
+                    ..
                 } = self.state
                 {
                     self.state = BreakerState::HalfOpen {
                         probes: probes.saturating_sub(1),
                         successes: successes + 1,
                         last_probe,
+                        since,
                     };
                 }
             }

@@ -317,22 +317,25 @@ impl ThrottleConfig {
 /// The circuit breaker. See [`crate::breaker`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
-    /// Default 10000.
+    /// How long outcomes count. Default 10000.
     pub window_ms: u64,
-    /// Default 10.
+    /// Outcomes needed before the success rate is judged. Default 10.
     pub min_volume: u32,
-    /// In [0, 1]. Default 0.5.
+    /// Open below this success rate, in [0, 1]. Default 0.05 (an outage, not a brownout).
     pub min_success_rate: f64,
-    /// 0 disables. Default 10.
+    /// Open after this many failures in a row with no success in the last tenth of the
+    /// window; 0 disables. Default 10.
     pub consecutive_failures: u32,
-    /// Default 5000.
+    /// The first open period. Default 1000.
     pub open_ms: u64,
-    /// At least `open_ms`. Default 30000.
+    /// The longest open period, at least `open_ms`. Default 5000.
     pub max_open_ms: u64,
-    /// At least 1. Default 1.
+    /// Probes in flight when half-open, at least 1. Default 1.
     pub half_open_probes: u32,
-    /// At least 1. Default 2.
+    /// Successful probes that close the breaker, at least 1. Default 1.
     pub probe_successes: u32,
+    /// The probes allowed in flight double every `open_ms` while none fails. Default true.
+    pub probe_ramp: bool,
 }
 
 impl Default for BreakerConfig {
@@ -347,6 +350,7 @@ impl Default for BreakerConfig {
             max_open_ms: d.max_open_for / ms(1),
             half_open_probes: d.half_open_probes,
             probe_successes: d.probe_successes,
+            probe_ramp: d.probe_ramp,
         }
     }
 }
@@ -363,6 +367,7 @@ impl BreakerConfig {
             max_open_for: ms(self.max_open_ms),
             half_open_probes: self.half_open_probes,
             probe_successes: self.probe_successes,
+            probe_ramp: self.probe_ramp,
         }
     }
 }
@@ -1095,6 +1100,7 @@ read_struct!(BreakerConfig {
     max_open_ms,
     half_open_probes,
     probe_successes,
+    probe_ramp,
 });
 read_struct!(DeadlinesConfig {
     total_ms,

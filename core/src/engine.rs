@@ -320,6 +320,17 @@ impl Recent {
         self.len = (self.len + 1).min(RECENT);
     }
 
+    /// The median recent answer, once there are enough.
+    fn typical(&self) -> Option<Nanos> {
+        if self.len < RECENT_ENOUGH {
+            return None;
+        }
+        let mut sorted = self.samples;
+        let recent = sorted.get_mut(..self.len)?;
+        recent.sort_unstable();
+        recent.get(self.len / 2).copied()
+    }
+
     /// The fastest recent answer, once there are enough.
     fn fastest(&self) -> Option<Nanos> {
         (self.len >= RECENT_ENOUGH)
@@ -1041,13 +1052,16 @@ impl Engine {
         match class {
             Some(c) => {
                 p.breaker
-                    .on_outcome_pending(now, c.breaker_signal(), pending);
+                    .on_outcome_of(now, f.sent_at, c.breaker_signal(), pending);
                 p.throttle.on_outcome(now, !c.is_overload());
             }
-            // A cancelled attempt proves nothing; free a half-open probe slot.
-            None => p
-                .breaker
-                .on_outcome(now, crate::classify::BreakerSignal::Ignore),
+            // A cancelled attempt proves nothing; free its half-open probe slot, if it held one.
+            None => p.breaker.on_outcome_of(
+                now,
+                f.sent_at,
+                crate::classify::BreakerSignal::Ignore,
+                pending,
+            ),
         }
         let gauge = p.breaker.state(now).gauge();
         if gauge != p.last_breaker_gauge {
@@ -1227,6 +1241,15 @@ impl Engine {
             .filter(|least| *least < Nanos::MAX)
     }
 
+    /// The shortest median answer time among usable providers, once known.
+    fn typical_answer(&self, now: Nanos) -> Option<Nanos> {
+        self.providers
+            .iter()
+            .filter(|p| p.breaker.would_allow(now) && now >= p.paused_until)
+            .filter_map(|p| p.answered_in.typical())
+            .min()
+    }
+
     /// Whether a half-open breaker's probe is in flight: its outcome will wake the waiters.
     fn probing(&self, now: Nanos) -> bool {
         self.providers
@@ -1258,9 +1281,12 @@ impl Engine {
         self.providers
             .iter()
             .filter_map(|p| {
-                let open = match p.breaker.state(now) {
-                    BreakerState::Open { until } => until,
-                    _ => now,
+                // An open breaker half-opens, a half-open one with its probes in flight
+                // allows more (see `breaker`).
+                let open = if p.breaker.would_allow(now) {
+                    now
+                } else {
+                    p.breaker.next_change(now).unwrap_or(now)
                 };
                 let at = open.max(p.cooldown_until).max(p.paused_until);
                 (at > now).then_some(at)
@@ -1315,6 +1341,10 @@ impl Engine {
                 waiting.push((r.deadline, *id, r.attempts > 0));
             }
         }
+        // Serving the earliest deadline first only helps while it can still be answered.
+        let typical = self.typical_answer(now);
+        let earliest = waiting.iter().map(|w| w.0).min().unwrap_or(Nanos::MAX);
+        standing |= typical.is_some_and(|t| earliest.saturating_sub(now) < t);
         let latest_first = standing || self.probe_slot_free(now);
         // One waiter per free slot, each picked by a scan (no sort: thousands may wait and
         // usually one slot frees). Retries need room a learned limit or a pause leaves them.

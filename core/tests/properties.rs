@@ -338,6 +338,7 @@ proptest! {
             max_open_for: secs(4),
             half_open_probes: limit,
             probe_successes,
+            probe_ramp: false,
         };
         check_breaker_probes(settings, &events)?;
     }
@@ -527,6 +528,7 @@ fn a_half_open_breaker_lets_exactly_its_probes_through_at_once() {
         max_open_for: secs(4),
         half_open_probes: 3,
         probe_successes: 2,
+        probe_ramp: false,
     };
     // Three failures open it; after a second, three probes go at once and a fourth waits; one
     // proving nothing frees its slot; a success keeps it half-open, a second closes it.

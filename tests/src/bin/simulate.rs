@@ -16,7 +16,7 @@ use unbusy_tests::sim::worlds::{run_worlds, summary, Space};
 
 const USAGE: &str = "usage: simulate --scenario FILE [--scenario FILE ...] [--seed N] \
 [--policy NAME|all] [--json | --markdown] [--svg FILE]
-       simulate --worlds N [--seed S] [--max-duration-s S] [--json | --markdown] \
+       simulate --worlds N [--seed S] [--max-duration-s S] [--max-load N] [--json | --markdown] \
 [--write-failures DIR]
 policies: none, naive, openai-sdk, envoy-native, unbusy, unbusy-blind (unbusy without the \
 providers' capacities), all (default)";
@@ -30,6 +30,7 @@ struct Args {
     svg: Option<PathBuf>,
     worlds: Option<u64>,
     max_duration_s: Option<f64>,
+    max_load: Option<f64>,
     write_failures: Option<PathBuf>,
 }
 
@@ -43,6 +44,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         svg: None,
         worlds: None,
         max_duration_s: None,
+        max_load: None,
         write_failures: None,
     };
     while let Some(flag) = argv.next() {
@@ -78,6 +80,15 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                 a.max_duration_s = Some(v.parse::<f64>().ok().filter(|d| *d >= 20.0).ok_or(
                     format!("--max-duration-s: {v:?} is not a number of at least 20"),
                 )?);
+            }
+            "--max-load" => {
+                let v = value("--max-load")?;
+                a.max_load = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|d| *d >= 5.0)
+                        .ok_or(format!("--max-load: {v:?} is not a number of at least 5"))?,
+                );
             }
             "--write-failures" => {
                 a.write_failures = Some(PathBuf::from(value("--write-failures")?))
@@ -161,6 +172,9 @@ fn worlds(args: &Args, count: u64) -> ExitCode {
     let mut space = Space::default();
     if let Some(d) = args.max_duration_s {
         space.max_duration_s = d;
+    }
+    if let Some(l) = args.max_load {
+        space.max_load = l;
     }
     let seed = args.seed.unwrap_or(1);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

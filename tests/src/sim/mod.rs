@@ -232,7 +232,9 @@ pub struct World {
     /// Of those, stale ones.
     pub stale_hits: u64,
     arrival_rng: Rng,
-    provider_rng: Rng,
+    /// Provider behaviour: attempt `k` of request `r` to provider `p` draws its fate from a
+    /// stream seeded by (this, r, k, p), the same under every policy.
+    provider_seed: u64,
     queue: BinaryHeap<Reverse<(Nanos, u64, Ev)>>,
     seq: u64,
     prompt_stream: Vec<bool>,
@@ -282,7 +284,7 @@ impl World {
             cache_hits: 0,
             stale_hits: 0,
             arrival_rng: Rng::with_seed(seed),
-            provider_rng: Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
+            provider_seed: seed ^ 0x9e37_79b9_7f4a_7c15,
             queue: BinaryHeap::new(),
             seq: 0,
             prompt_stream: Vec::new(),
@@ -416,13 +418,25 @@ impl World {
             self.violations.sent_past_deadline += 1;
         }
         r.attempts += 1;
+        let r_attempts = r.attempts;
         r.attempt_ids.push(self.attempts.len());
         let stream = r.stream;
         let spec = &self.scenario.providers[provider];
         let at_s = now as f64 / SECOND as f64;
         let live = &mut self.providers[provider];
         live.attempts += 1;
-        let rng = &mut self.provider_rng;
+        // Common random numbers: policies that send the same attempt meet the same fate, so
+        // their difference is theirs, not the draw's (a per-send sequence made two policies
+        // sending the same requests differ by two points from sampling alone).
+        let mut fate = Rng::with_seed(
+            self.provider_seed
+                ^ (req as u64).wrapping_mul(0xff51_afd7_ed55_8ccd)
+                ^ u64::from(r_attempts).wrapping_mul(0xc4ce_b9fe_1a85_ec53)
+                ^ (provider as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+        );
+        // (One draw discarded: the first output of a fresh stream is less mixed.)
+        fate.u64(..);
+        let rng = &mut fate;
         let sample =
             |d: &LogNormal, rng: &mut Rng| ns(d.sample(1.0 - rng.f64(), rng.f64()) / 1000.0);
         let id = self.attempts.len();
