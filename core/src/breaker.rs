@@ -31,7 +31,7 @@
 //!   one cancelled by its caller frees it at once without counting (an
 //!   [`BreakerSignal::Ignore`]).
 //!
-//! Open periods are short (1 s, doubling to 5 s): a probe costs one attempt, while every second
+//! Open periods are short (1 s, doubling to 2 s): a probe costs one attempt, while every second
 //! a recovered provider stays unprobed costs every request held for it a second of its
 //! deadline.
 //!
@@ -65,8 +65,9 @@ pub struct BreakerSettings {
     pub consecutive_failures: u32,
     /// The first open period. Default 1 s.
     pub open_for: Nanos,
-    /// The longest open period after repeated re-opens. Default 5 s: a provider that comes
-    /// back is found within seconds, well inside a caller's deadline.
+    /// The longest open period after repeated re-opens. Default 2 s: a provider that comes
+    /// back is found within seconds, well inside a caller's deadline (with 5 s, requests that
+    /// arrived just after an outage ended waited out a third of a 13 s deadline).
     pub max_open_for: Nanos,
     /// Probes in flight at once when half-open. Default 1.
     pub half_open_probes: u32,
@@ -89,7 +90,7 @@ impl Default for BreakerSettings {
             min_success_rate: 0.05,
             consecutive_failures: 10,
             open_for: secs(1),
-            max_open_for: secs(5),
+            max_open_for: secs(2),
             half_open_probes: 1,
             probe_successes: 1,
             probe_ramp: true,

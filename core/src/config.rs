@@ -149,7 +149,7 @@ impl RetryConfig {
 pub struct BudgetConfig {
     /// How long first attempts and retries count. Default 10000.
     pub window_ms: u64,
-    /// Retries allowed as a fraction of first attempts. Default 0.6; between 0 and 10.
+    /// Retries allowed as a fraction of first attempts. Default 1; between 0 and 10.
     pub ratio: f64,
     /// Retries per second always allowed. Default 1.
     pub min_per_second: u32,
@@ -328,7 +328,7 @@ pub struct BreakerConfig {
     pub consecutive_failures: u32,
     /// The first open period. Default 1000.
     pub open_ms: u64,
-    /// The longest open period, at least `open_ms`. Default 5000.
+    /// The longest open period, at least `open_ms`. Default 2000.
     pub max_open_ms: u64,
     /// Probes in flight when half-open, at least 1. Default 1.
     pub half_open_probes: u32,

@@ -401,44 +401,70 @@ fn a_non_streaming_answer_that_stalls_is_retried_elsewhere() {
 }
 
 #[test]
-fn repeated_rate_limits_with_a_hint_hold_back_retries_to_the_provider_not_first_attempts() {
-    let mut e = Engine::new(config(vec![provider("a", 0), provider("b", 1)]), 1).unwrap();
-    // Three requests in a row get 429 + Retry-After: 5 from provider a; each fails over to b.
+fn a_retry_hint_answers_only_the_request_that_got_it() {
+    let mut e = Engine::new(config(vec![provider("a", 0)]), 1).unwrap();
+    // Five requests in a row get 429 + Retry-After: 10 s; each waits out its own hint.
     let mut t = 0;
-    for i in 0..3 {
+    let mut hinted = Vec::new();
+    for i in 0..5 {
         t += ms(10);
         let id = e.admit(t, meta(i));
-        assert_eq!(sent(&actions(&mut e)), (1, 0), "a is preferred");
+        assert_eq!(sent(&actions(&mut e)), (1, 0));
         e.on_outcome(
             t + ms(5),
             id,
             1,
-            outcome(OutcomeClass::RateLimited, Some(secs(5))),
+            outcome(OutcomeClass::RateLimited, Some(secs(10))),
         );
-        assert_eq!(sent(&actions(&mut e)), (2, 1), "the retry fails over to b");
-        e.on_outcome(t + ms(6), id, 2, outcome(OutcomeClass::Success, None));
-        actions(&mut e);
+        assert!(actions(&mut e).is_empty(), "request {i} waits for its hint");
+        hinted.push((id, t + ms(5)));
     }
-    // A first attempt still goes to a: the hint answered other requests, and this one may be
-    // answered (a caller without unbusy would send it there too).
-    let id = e.admit(t + ms(100), meta(10));
+    // Another request's retry after a plain server error is not held back by their hints: it
+    // goes after its own backoff (at most the 250 ms base for a first retry), long before 10 s.
+    let id = e.admit(t + ms(100), meta(9));
     assert_eq!(sent(&actions(&mut e)), (1, 0));
-    // Its retry after a failure does not go back to a before the hint has passed, even once b
-    // has been tried: it waits.
     e.on_outcome(t + ms(110), id, 1, outcome(OutcomeClass::ServerError, None));
-    assert_eq!(sent(&actions(&mut e)), (2, 1));
-    e.on_outcome(t + ms(120), id, 2, outcome(OutcomeClass::ServerError, None));
-    let later = actions(&mut e);
-    assert!(later.is_empty(), "{later:?}");
-    let wake = e.next_wakeup().unwrap();
-    e.on_tick(wake);
-    for a in actions(&mut e) {
-        if let Action::Send(s) = a {
-            assert!(
-                s.provider == 1 || wake >= t + ms(5) + secs(5),
-                "retry to the paused provider at {wake}"
-            );
+    assert!(actions(&mut e).is_empty());
+    let mut now = t + ms(110);
+    let mut retried_at = None;
+    while let Some(at) = e.next_wakeup().filter(|at| *at < t + secs(5)) {
+        now = at;
+        e.on_tick(now);
+        for a in actions(&mut e) {
+            if let Action::Send(s) = a {
+                assert_eq!(s.request, id, "a hinted request went early");
+                retried_at = Some(now);
+            }
         }
+    }
+    let retried_at = retried_at.expect("the unhinted retry never went");
+    assert!(
+        retried_at <= t + ms(110) + ms(250),
+        "retried at {retried_at}"
+    );
+    // The hinted ones go once their own hint has passed, and not before.
+    e.on_outcome(now, id, 2, outcome(OutcomeClass::Success, None));
+    actions(&mut e);
+    let mut went = Vec::new();
+    while let Some(at) = e.next_wakeup().filter(|at| *at < t + secs(13)) {
+        e.on_tick(at);
+        for a in actions(&mut e) {
+            if let Action::Send(s) = a {
+                went.push((s.request, at));
+            }
+        }
+    }
+    assert_eq!(went.len(), 5, "{went:?}");
+    for (id, got_at) in hinted {
+        let at = went
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map(|(_, at)| *at)
+            .unwrap();
+        assert!(
+            at >= got_at + secs(10),
+            "request {id} retried at {at}, before its hint"
+        );
     }
 }
 

@@ -2,10 +2,11 @@
 //! [--markdown] [--svg FILE]`: runs client-side policies over busy-provider scenarios in a
 //! deterministic discrete-event simulation and reports how each fared.
 //!
-//! `simulate --worlds N [--seed S] [--json | --markdown] [--write-failures DIR]`: generates N
+//! `simulate --worlds N [--seed S] [--max-duration-s S] [--max-load N] [--json | --markdown]
+//! [--write-failures DIR] [--write-worlds DIR]`: generates N
 //! random worlds (see `unbusy_tests::sim::worlds`), runs every policy on each and reports
 //! unbusy against each baseline, world by world and in total; worlds that break a principle
-//! are written to DIR as scenario files.
+//! are written to DIR as scenario files (every world, with `--write-worlds`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use unbusy_tests::sim::worlds::{run_worlds, summary, Space};
 const USAGE: &str = "usage: simulate --scenario FILE [--scenario FILE ...] [--seed N] \
 [--policy NAME|all] [--json | --markdown] [--svg FILE]
        simulate --worlds N [--seed S] [--max-duration-s S] [--max-load N] [--json | --markdown] \
-[--write-failures DIR]
+[--write-failures DIR] [--write-worlds DIR]
 policies: none, naive, openai-sdk, envoy-native, unbusy, unbusy-blind (unbusy without the \
 providers' capacities), all (default)";
 
@@ -32,6 +33,7 @@ struct Args {
     max_duration_s: Option<f64>,
     max_load: Option<f64>,
     write_failures: Option<PathBuf>,
+    write_all: Option<PathBuf>,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -46,6 +48,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         max_duration_s: None,
         max_load: None,
         write_failures: None,
+        write_all: None,
     };
     while let Some(flag) = argv.next() {
         let mut value = |name: &str| argv.next().ok_or(format!("{name} needs a value"));
@@ -90,6 +93,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                         .ok_or(format!("--max-load: {v:?} is not a number of at least 5"))?,
                 );
             }
+            "--write-worlds" => a.write_all = Some(PathBuf::from(value("--write-worlds")?)),
             "--write-failures" => {
                 a.write_failures = Some(PathBuf::from(value("--write-failures")?))
             }
@@ -208,6 +212,12 @@ fn worlds(args: &Args, count: u64) -> ExitCode {
                 w.run.elapsed_ms,
                 broken.join("; ")
             );
+        }
+        if let Some(dir) = &args.write_all {
+            if let Err(e) = write_world(dir, &w.scenario, &broken) {
+                eprintln!("simulate: {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
         }
         if let (Some(dir), false) = (&args.write_failures, broken.is_empty()) {
             if let Err(e) = write_world(dir, &w.scenario, &broken) {
