@@ -277,6 +277,11 @@ struct ProviderState {
     limit: AimdLimit,
     throttle: AdaptiveThrottle,
     last_breaker_gauge: u8,
+    /// Rate-limit answers with a retry hint since the last success.
+    consecutive_rate_limits: u32,
+    /// Until this instant, retries prefer other providers: this one answered several requests
+    /// in a row with a retry hint (see [`RATE_LIMIT_COOLDOWN_AFTER`]).
+    cooldown_until: Nanos,
     /// No attempts at all before this instant: another engine in front of the provider found
     /// it down (its breaker opened), as good as this engine's own breaker.
     paused_until: Nanos,
@@ -314,15 +319,11 @@ impl Recent {
         self.len = (self.len + 1).min(RECENT);
     }
 
-    /// The median recent answer, once there are enough.
-    fn typical(&self) -> Option<Nanos> {
-        if self.len < RECENT_ENOUGH {
-            return None;
-        }
-        let mut sorted = self.samples;
-        let recent = sorted.get_mut(..self.len)?;
-        recent.sort_unstable();
-        recent.get(self.len / 2).copied()
+    /// The slowest recent answer, once there are enough.
+    fn slowest(&self) -> Option<Nanos> {
+        (self.len >= RECENT_ENOUGH)
+            .then(|| self.samples.iter().take(self.len).copied().max())
+            .flatten()
     }
 
     /// The fastest recent answer, once there are enough.
@@ -347,11 +348,19 @@ fn paced(cfg: &crate::config::ProviderConfig, retry: bool, room: bool) -> bool {
     room || !(retry || cfg.max_concurrency.is_some())
 }
 
-// A server's retry hint answers the request that got it: the request waits it out (see
-// `backoff`), others are not held back. A provider-wide pause after three hinted 429s in a row
-// rolled forward with every new hint in a 429 storm (58% of answers with `Retry-After: 16`),
-// so no retry went out before its caller's deadline: one retry after the hint, as the OpenAI
-// SDKs make it, answered 98% where the pause answered 83%.
+/// After this many rate-limit answers in a row carrying a retry hint, retries prefer other
+/// providers until the hint has passed: the limit is likely the account's, and another
+/// provider answers sooner (two providers taking turns at 90% 429s: without it, retries went
+/// back to the limited one and 4% of requests ran out of attempts). It never holds a retry
+/// back: a hint answers the request that got it, which waits it out (see `backoff`), and a
+/// provider-wide pause rolled forward with every new hint in a 429 storm (58% of answers with
+/// `Retry-After: 16`), so no retry went before its caller's deadline: one retry after the
+/// hint, as the OpenAI SDKs make it, answered 98% where the pause answered 83%.
+const RATE_LIMIT_COOLDOWN_AFTER: u32 = 3;
+
+/// How far a provider cooling down after rate limits falls behind in preference for retries:
+/// below every configured priority.
+const COOLDOWN_PRIORITY_PENALTY: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
@@ -458,6 +467,8 @@ impl Engine {
                 limit: AimdLimit::new(config.concurrency.settings(p.max_concurrency)),
                 throttle: AdaptiveThrottle::new(config.throttle.settings()),
                 last_breaker_gauge: 0,
+                consecutive_rate_limits: 0,
+                cooldown_until: 0,
                 paused_until: 0,
                 external_in_flight: 0,
                 answered_in: Recent::default(),
@@ -1028,6 +1039,17 @@ impl Engine {
         };
         p.limit.release(now, release);
         let pending = p.limit.in_flight();
+        match (class, hint) {
+            (Some(OutcomeClass::Success), _) => p.consecutive_rate_limits = 0,
+            (Some(OutcomeClass::RateLimited), Some(h)) => {
+                p.consecutive_rate_limits = p.consecutive_rate_limits.saturating_add(1);
+                if p.consecutive_rate_limits >= RATE_LIMIT_COOLDOWN_AFTER {
+                    let until = now.saturating_add(h.min(self.backoff.max_hint));
+                    p.cooldown_until = p.cooldown_until.max(until);
+                }
+            }
+            _ => {}
+        }
         match class {
             Some(c) => {
                 p.breaker
@@ -1220,12 +1242,13 @@ impl Engine {
             .filter(|least| *least < Nanos::MAX)
     }
 
-    /// The shortest median answer time among usable providers, once known.
-    fn typical_answer(&self, now: Nanos) -> Option<Nanos> {
+    /// How long a slow answer (the slowest of the recent ones) takes at the usable provider
+    /// where that is least, once known: a request with less time left may not be answered.
+    fn slow_answer(&self, now: Nanos) -> Option<Nanos> {
         self.providers
             .iter()
             .filter(|p| p.breaker.would_allow(now) && now >= p.paused_until)
-            .filter_map(|p| p.answered_in.typical())
+            .filter_map(|p| p.answered_in.slowest())
             .min()
     }
 
@@ -1320,10 +1343,13 @@ impl Engine {
                 waiting.push((r.deadline, *id, r.attempts > 0));
             }
         }
-        // Serving the earliest deadline first only helps while it can still be answered.
-        let typical = self.typical_answer(now);
+        // Serving the earliest deadline first only helps while it is sure to be answered in
+        // time: a slot given to a request that then runs out of time is a slot a fresh request
+        // would have used (a quota of 198 slots met with answers slower than most deadlines:
+        // earliest deadline first answered fewer than one plain attempt).
+        let slow = self.slow_answer(now);
         let earliest = waiting.iter().map(|w| w.0).min().unwrap_or(Nanos::MAX);
-        standing |= typical.is_some_and(|t| earliest.saturating_sub(now) < t);
+        standing |= slow.is_some_and(|t| earliest.saturating_sub(now) < t);
         let latest_first = standing || self.probe_slot_free(now);
         // One waiter per free slot, each picked by a scan (no sort: thousands may wait and
         // usually one slot frees). Retries need room a learned limit or a pause leaves them.
@@ -1380,7 +1406,11 @@ impl Engine {
             .iter()
             .zip(&self.providers)
             .map(|(cfg, p)| Candidate {
-                priority: cfg.priority,
+                priority: if retry && now < p.cooldown_until {
+                    cfg.priority.saturating_add(COOLDOWN_PRIORITY_PENALTY)
+                } else {
+                    cfg.priority
+                },
                 weight: cfg.weight,
                 outstanding: p.limit.in_flight(),
                 breaker_allows: p.breaker.would_allow(now) && now >= p.paused_until,

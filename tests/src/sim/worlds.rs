@@ -403,6 +403,9 @@ pub struct Judgement {
     pub budget_use: f64,
     /// Recovery: the success rate after the faults ended minus the fault-free twin's.
     pub recovery: Option<f64>,
+    /// How far below the twin recovery may fall: two standard errors of the difference of two
+    /// success rates over these windows, and at least [`bounds::RECOVERY`].
+    pub recovery_tolerance: f64,
 }
 
 /// What each principle allows.
@@ -411,8 +414,9 @@ pub mod bounds {
     pub const OVERLOAD: f64 = 1.0;
     /// The most a learned capacity may be exceeded.
     pub const OVERLOAD_LEARNED: f64 = 1.1;
-    /// Recovery: how far below the fault-free twin the success rate after the faults may be
-    /// (a few requests of sampling noise in a window of some hundreds).
+    /// Recovery: the least tolerance below the fault-free twin's success rate after the
+    /// faults (the two runs share their random draws, but not their queues and choices, so
+    /// a window of some hundred requests differs by a few of them).
     pub const RECOVERY: f64 = 0.02;
 }
 
@@ -442,6 +446,12 @@ pub fn judge(run: &WorldRun) -> Judgement {
             let (after, twin) = r.rates();
             after - twin
         }),
+        recovery_tolerance: run.recovery.map_or(bounds::RECOVERY, |r| {
+            let (_, p) = r.rates();
+            let n = |x: u64| (x.max(1)) as f64;
+            let se = (p * (1.0 - p) * (1.0 / n(r.requests) + 1.0 / n(r.twin_requests))).sqrt();
+            (2.0 * se).max(bounds::RECOVERY)
+        }),
     }
 }
 
@@ -467,7 +477,7 @@ impl Judgement {
                 self.attempts_vs_naive
             ));
         }
-        if let Some(r) = self.recovery.filter(|r| *r < -bounds::RECOVERY) {
+        if let Some(r) = self.recovery.filter(|r| *r < -self.recovery_tolerance) {
             out.push(format!(
                 "recovery {:.2} points below the fault-free twin",
                 -r * 100.0
