@@ -31,14 +31,14 @@
 //!   one cancelled by its caller frees it at once without counting (an
 //!   [`BreakerSignal::Ignore`]).
 //!
-//! Open periods are short (1 s, doubling to 2 s): a probe costs one attempt, while every second
+//! Open periods are short (500 ms, doubling to 1 s): a probe costs one attempt, while every second
 //! a recovered provider stays unprobed costs every request held for it a second of its
 //! deadline.
 //!
 //! What counts as success or failure is [`crate::classify::OutcomeClass::breaker_signal`].
 
 use crate::classify::BreakerSignal;
-use crate::time::{secs, Nanos};
+use crate::time::{ms, secs, Nanos};
 use crate::window::Ring;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,17 +63,19 @@ pub struct BreakerSettings {
     /// Open after this many failures in a row with no success in the last tenth of the window,
     /// whatever the volume. Default 10; 0 disables.
     pub consecutive_failures: u32,
-    /// The first open period. Default 1 s.
+    /// The first open period. Default 500 ms.
     pub open_for: Nanos,
-    /// The longest open period after repeated re-opens. Default 2 s: a provider that comes
-    /// back is found within seconds, well inside a caller's deadline (with 5 s, requests that
-    /// arrived just after an outage ended waited out a third of a 13 s deadline).
+    /// The longest open period after repeated re-opens. Default 1 s: a provider that comes
+    /// back is found within a second, well inside a caller's deadline (with 5 s, requests
+    /// that arrived just after an outage ended waited out a third of a 13 s deadline); a probe
+    /// a second costs a provider that is down nothing.
     pub max_open_for: Nanos,
     /// Probes in flight at once when half-open. Default 1.
     pub half_open_probes: u32,
     /// Successful probes that close the breaker. Default 1.
     pub probe_successes: u32,
-    /// Whether the probes allowed in flight double every `open_for` while none has failed.
+    /// Whether the probes allowed in flight double every quarter of `open_for` while none has
+    /// failed.
     /// Default true: a slow provider's probe takes as long as its answers (20 s for a long
     /// non-streaming one), and one probe at a time held every request that arrived after the
     /// provider recovered until its deadline (generated worlds: 11% answered where one plain
@@ -89,8 +91,8 @@ impl Default for BreakerSettings {
             min_volume: 10,
             min_success_rate: 0.05,
             consecutive_failures: 10,
-            open_for: secs(1),
-            max_open_for: secs(2),
+            open_for: ms(500),
+            max_open_for: secs(1),
             half_open_probes: 1,
             probe_successes: 1,
             probe_ramp: true,
@@ -197,9 +199,17 @@ impl CircuitBreaker {
         if !s.probe_ramp {
             return s.half_open_probes;
         }
-        let doublings = now.saturating_sub(since) / s.open_for.max(1);
+        let doublings = now.saturating_sub(since) / self.ramp_step();
         s.half_open_probes
-            .saturating_mul(1u32 << doublings.min(16) as u32)
+            .saturating_mul(1u32 << doublings.min(20) as u32)
+    }
+
+    /// How often a half-open breaker's allowed probes double: a quarter of `open_for`, so a
+    /// thousand are allowed 2.5 s after the first probe (doubling once a second, a provider
+    /// answering in 12 s at 50 requests a second got its traffic back only after ten seconds,
+    /// and requests held for it ran out of time where one plain attempt was answered).
+    fn ramp_step(&self) -> Nanos {
+        (self.settings.open_for / 4).max(1)
     }
 
     /// When the breaker's verdict next changes by itself: an open breaker half-opens, a
@@ -210,8 +220,9 @@ impl CircuitBreaker {
             BreakerState::Closed => None,
             BreakerState::Open { until } => Some(until),
             BreakerState::HalfOpen { since, .. } if self.settings.probe_ramp => {
-                let step = now.saturating_sub(since) / open_for + 1;
-                Some(since.saturating_add(step.saturating_mul(open_for)))
+                let ramp = self.ramp_step();
+                let step = now.saturating_sub(since) / ramp + 1;
+                Some(since.saturating_add(step.saturating_mul(ramp)))
             }
             BreakerState::HalfOpen { last_probe, .. } => Some(last_probe.saturating_add(open_for)),
         }
@@ -462,7 +473,7 @@ mod tests {
             BreakerState::Open { until } => until,
             other => panic!("{other:?}"),
         };
-        assert_eq!(open_until, ms(9) + secs(1));
+        assert_eq!(open_until, ms(9) + ms(500));
         assert!(b.try_acquire(open_until));
         assert!(!b.try_acquire(open_until + 1), "one probe at a time");
         b.on_progress(open_until + ms(300));

@@ -326,15 +326,16 @@ pub struct BreakerConfig {
     /// Open after this many failures in a row with no success in the last tenth of the
     /// window; 0 disables. Default 10.
     pub consecutive_failures: u32,
-    /// The first open period. Default 1000.
+    /// The first open period. Default 500.
     pub open_ms: u64,
-    /// The longest open period, at least `open_ms`. Default 2000.
+    /// The longest open period, at least `open_ms`. Default 1000.
     pub max_open_ms: u64,
     /// Probes in flight when half-open, at least 1. Default 1.
     pub half_open_probes: u32,
     /// Successful probes that close the breaker, at least 1. Default 1.
     pub probe_successes: u32,
-    /// The probes allowed in flight double every `open_ms` while none fails. Default true.
+    /// The probes allowed in flight double every quarter of `open_ms` while none fails.
+    /// Default true.
     pub probe_ramp: bool,
 }
 
