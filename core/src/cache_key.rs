@@ -385,6 +385,33 @@ impl Canonicalizer {
 }
 
 /// A one-off key (allocates fresh buffers; prefer a reused [`Canonicalizer`] on hot paths).
+///
+/// ```rust
+/// use unbusy_core::cache_key::{cache_key, KeyRequest, NotCacheable, OptIn};
+///
+/// let key = |tenant: &'static str, body: &'static str| {
+///     cache_key(&KeyRequest {
+///         tenant: tenant.as_bytes(),
+///         endpoint: "/v1/chat/completions",
+///         body: body.as_bytes(),
+///         opt_in: OptIn::Default,
+///     })
+/// };
+/// let a = key("team-a", r#"{"model":"deepseek-chat","temperature":0,"messages":[]}"#);
+/// // The same question: members in another order, `0` spelled `0.0`, an answer-neutral `user`.
+/// let b = key(
+///     "team-a",
+///     r#"{"messages":[], "temperature":0.0, "model":"deepseek-chat", "user":"u1"}"#,
+/// );
+/// assert_eq!(a, b);
+/// assert!(a.is_ok());
+/// // Another tenant never shares a key.
+/// let other = key("team-b", r#"{"model":"deepseek-chat","temperature":0,"messages":[]}"#);
+/// assert_ne!(a, other);
+/// // Sampling at temperature 0.7 gives different answers: not cacheable unless opted in.
+/// let sampled = key("team-a", r#"{"model":"deepseek-chat","temperature":0.7,"messages":[]}"#);
+/// assert_eq!(sampled, Err(NotCacheable::NonDeterministic));
+/// ```
 pub fn cache_key(request: &KeyRequest<'_>) -> Result<CacheKey, NotCacheable> {
     Canonicalizer::new().key(request)
 }

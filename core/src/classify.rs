@@ -179,6 +179,30 @@ pub const fn classify_fault(fault: TransportFault) -> Classification {
 }
 
 /// Classifies an HTTP response.
+///
+/// ```rust
+/// use unbusy_core::classify::{classify, BodyProgress, OutcomeClass, Response};
+/// use unbusy_core::time::secs;
+///
+/// let response = |status, headers, body: &'static str, progress| Response {
+///     status,
+///     headers,
+///     body_prefix: body.as_bytes(),
+///     progress,
+///     unix_now_s: None,
+/// };
+/// // A 429 with `Retry-After: 2`: rate limited, and the server said how long to wait.
+/// let c = classify(&response(429, &[("Retry-After", "2")], "", BodyProgress::Real));
+/// assert_eq!(c.class, OutcomeClass::RateLimited);
+/// assert_eq!(c.retry_after, Some(secs(2)));
+/// // DeepSeek's "server busy" body on a 500 is busy, not a plain server error.
+/// let body = r#"{"error":{"message":"服务器繁忙,请稍后再试"}}"#;
+/// let c = classify(&response(500, &[], body, BodyProgress::Real));
+/// assert_eq!(c.class, OutcomeClass::Busy);
+/// // A 200 that sent nothing but keep-alive comments is a stall, not an answer.
+/// let c = classify(&response(200, &[], ": keep-alive\n\n", BodyProgress::KeepAliveOnly));
+/// assert!(c.class.is_retryable());
+/// ```
 pub fn classify(response: &Response<'_>) -> Classification {
     let body = response
         .body_prefix

@@ -653,6 +653,26 @@ fn is_http_url(url: &str) -> bool {
 
 impl Config {
     /// Parses and validates a JSON configuration.
+    ///
+    /// ```rust
+    /// use unbusy_core::config::Config;
+    ///
+    /// // One provider is a complete configuration; every other field has its default.
+    /// let c = Config::from_json(br#"{"providers":[{"name":"deepseek","cluster":"deepseek"}]}"#)?;
+    /// assert_eq!(c.retry.max_attempts, 8);
+    /// assert!(c.degradation.enabled);
+    ///
+    /// // Problems are all reported at once, each naming its field.
+    /// let bad = br#"{"providers":[{"name":"a","cluster":"a","weight":0}],"retry":{"cap_ms":1}}"#;
+    /// let message = Config::from_json(bad).unwrap_err().to_string();
+    /// assert!(message.contains("providers[0].weight must be > 0"), "{message}");
+    /// assert!(message.contains("retry.cap_ms"), "{message}");
+    ///
+    /// // A typo is refused, not silently turned into a default.
+    /// let typo = br#"{"providers":[{"name":"a","cluster":"a","weigth":2}]}"#;
+    /// assert!(Config::from_json(typo).unwrap_err().to_string().contains("weigth"));
+    /// # Ok::<(), unbusy_core::config::ConfigErrors>(())
+    /// ```
     pub fn from_json(json: &[u8]) -> Result<Self, ConfigErrors> {
         let value = json::parse(json).map_err(|e| {
             ConfigErrors(alloc::vec![ConfigError {

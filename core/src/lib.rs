@@ -42,6 +42,60 @@
 //!
 //! [`engine::Engine`] composes them behind one sans-IO interface that every host drives.
 //!
+//! ## A host's round trip
+//! A host admits a request, carries out the actions the engine queues, and reports back what
+//! happened, always with the time; it decides nothing itself:
+//!
+//! ```rust
+//! use unbusy_core::classify::{Classification, OutcomeClass};
+//! use unbusy_core::config::Config;
+//! use unbusy_core::engine::{Action, CacheLookup, Engine, Priority, RequestMeta};
+//! use unbusy_core::time::ms;
+//!
+//! let config = Config::from_json(
+//!     br#"{"providers":[{"name":"deepseek","base_url":"https://api.deepseek.com"}]}"#,
+//! )?;
+//! let mut engine = Engine::new(config, 42)?; // 42 seeds the engine's jitter
+//! let request = RequestMeta {
+//!     tenant: unbusy_core::cache_key::tenant_id(b"Bearer sk-..."),
+//!     model: "deepseek-chat".into(),
+//!     stream: false,
+//!     priority: Priority::Normal,
+//!     estimated_tokens: 1200,
+//!     deadline: None,
+//!     cache_key: None,
+//!     cached: CacheLookup::Miss,
+//! };
+//!
+//! // Admitted at t = 0: the engine asks for a first attempt, to the provider's base URL.
+//! let id = engine.admit(0, request.clone());
+//! let Some(Action::Send(send)) = engine.poll_action() else { unreachable!() };
+//! assert_eq!((send.request, send.attempt), (id, 1));
+//! assert_eq!(send.rewrite.base_url.as_deref(), Some("https://api.deepseek.com"));
+//!
+//! // The answer's first real byte at 300 ms, the whole answer at 900 ms: pass it on.
+//! engine.on_first_progress(ms(300), id, send.attempt);
+//! let answered = Classification { class: OutcomeClass::Success, retry_after: None };
+//! engine.on_outcome(ms(900), id, send.attempt, answered);
+//! assert_eq!(
+//!     engine.poll_action(),
+//!     Some(Action::Deliver { request: id, store_in_cache: false })
+//! );
+//!
+//! // Another request is answered "busy": nothing to do until the backoff has passed; the host
+//! // calls `on_tick` at `next_wakeup`, and the retry comes.
+//! let id = engine.admit(ms(1000), request);
+//! let Some(Action::Send(send)) = engine.poll_action() else { unreachable!() };
+//! let busy = Classification { class: OutcomeClass::Busy, retry_after: None };
+//! engine.on_outcome(ms(1100), id, send.attempt, busy);
+//! assert_eq!(engine.poll_action(), None);
+//! let wake = engine.next_wakeup().expect("a retry is scheduled");
+//! engine.on_tick(wake);
+//! let Some(Action::Send(retry)) = engine.poll_action() else { unreachable!() };
+//! assert_eq!((retry.request, retry.attempt), (id, 2));
+//! # Ok::<(), unbusy_core::config::ConfigErrors>(())
+//! ```
+//!
 //! [`window`] is the fixed ring of time buckets that the budget, the throttle and the breaker
 //! count in.
 #![no_std]
