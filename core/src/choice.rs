@@ -9,9 +9,9 @@
 //!
 //! A provider is usable when its breaker lets an attempt through, its concurrency limit has a
 //! free slot, and this request has not tried it already (a request that got "busy" from a
-//! provider should try another one, not the same one again, while there is another one). When
-//! every untried provider is only full (breaker fine, limit reached) the answer is "wait for
-//! capacity" rather than "nothing left": pacing, not failing.
+//! provider should try another one, not the same one again, while there is another one that can
+//! take it now). When every provider with a usable breaker is only full (limit reached) the
+//! answer is "wait for capacity" rather than "nothing left": pacing, not failing.
 
 use fastrand::Rng;
 
@@ -68,13 +68,19 @@ pub enum Choice {
 }
 
 /// Chooses a provider among `candidates`, preferring those not in `tried`. When no untried
-/// provider is usable or full (one provider, or every other one has an open breaker), the tried
-/// ones become eligible again: retrying the same provider after a backoff is better than giving
-/// up while the deadline allows.
+/// provider has room now (one provider, every other one full or with an open breaker), the
+/// tried ones become eligible again: retrying a provider with room after a backoff is better
+/// than waiting for a full one, or giving up, while the deadline allows (a request that had
+/// tried the one provider with room waited for two full ones with quotas of 2 and 4 until its
+/// deadline). Only when none has room is the answer to wait (or that nothing is available).
 pub fn choose(candidates: &[Candidate], tried: Tried, rng: &mut Rng) -> Choice {
     match choose_among(candidates, |i| !tried.contains(i), rng) {
-        Choice::NoneAvailable => choose_among(candidates, |_| true, rng),
-        choice => choice,
+        Choice::Provider(index) => Choice::Provider(index),
+        untried => match choose_among(candidates, |_| true, rng) {
+            Choice::Provider(index) => Choice::Provider(index),
+            Choice::WaitForCapacity => Choice::WaitForCapacity,
+            Choice::NoneAvailable => untried,
+        },
     }
 }
 

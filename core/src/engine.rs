@@ -32,10 +32,11 @@ use crate::throttle::AdaptiveThrottle;
 use crate::time::{ms, Nanos, SECOND};
 use crate::window::Ring;
 use alloc::boxed::Box;
-use alloc::collections::VecDeque;
+use alloc::collections::{BinaryHeap, VecDeque};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cmp::Reverse;
 use fastrand::Rng;
 
 /// Identifies a request for the life of the engine.
@@ -304,6 +305,9 @@ struct Recent {
     next: usize,
 }
 
+/// Waiters in a row that find no usable room before a wake-up pass stops.
+const REWAITS_BEFORE_STOPPING: u32 = 8;
+
 /// Successes remembered per provider.
 const RECENT: usize = 16;
 
@@ -446,6 +450,15 @@ pub struct Engine {
     response_latency: AnomalyDetector<64>,
     stall: Nanos,
     requests: SortedMap<RequestId, Box<RequestState>>,
+    /// When each request next has something due (its deadline, a wait's end, an attempt's
+    /// first-token or stall deadline), earliest first. Entries go stale as requests change or
+    /// end, and are checked when they come up: a request's due time only ever moves earlier
+    /// where an entry is pushed ([`Engine::arm`]), so none is missed. Thousands of requests
+    /// may wait at once, and scanning them all on every tick and wake-up took 40 s for one
+    /// simulated minute.
+    timers: BinaryHeap<Reverse<(Nanos, RequestId)>>,
+    /// The requests waiting for a slot or a probe, by deadline, and whether each is a retry.
+    waiters: SortedMap<(Nanos, RequestId), bool>,
     next_id: RequestId,
     next_ladder_at: Nanos,
     /// The latest `now` a call brought (time never goes back inside the engine).
@@ -499,6 +512,8 @@ impl Engine {
             stall: ms(config.deadlines.stall_ms),
             providers,
             requests: SortedMap::new(),
+            timers: BinaryHeap::new(),
+            waiters: SortedMap::new(),
             next_id: 1,
             next_ladder_at: 0,
             latest: 0,
@@ -589,22 +604,28 @@ impl Engine {
     /// ladder is re-evaluated on every call at most once a second; it needs no wake-up of its
     /// own, since it only matters to requests being admitted.)
     pub fn next_wakeup(&self) -> Option<Nanos> {
-        let mut next: Option<Nanos> = None;
-        let mut consider = |t: Nanos| next = Some(next.map_or(t, |n| n.min(t)));
-        if self.requests.values().any(|r| r.waiting_for_capacity) {
-            // Waiters are woken when a provider takes attempts again.
-            if let Some(at) = self.earliest_probe(self.latest) {
-                consider(at);
-            }
+        // Waiters are woken when a provider takes attempts again (a spare tick when nobody
+        // waits does nothing).
+        let probe = if self.requests.is_empty() {
+            None
+        } else {
+            self.earliest_probe(self.latest)
+        };
+        let due = self.timers.peek().map(|Reverse((at, _))| *at);
+        match (probe, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        for r in self.requests.values() {
-            consider(r.due_at(self.stall));
-        }
-        next
     }
 
     /// Admits a new request; its first action is queued. Returns its id.
     pub fn admit(&mut self, now: Nanos, meta: RequestMeta) -> RequestId {
+        let id = self.admit_untidy(now, meta);
+        self.tidy_timers();
+        id
+    }
+
+    fn admit_untidy(&mut self, now: Nanos, meta: RequestMeta) -> RequestId {
         self.latest = self.latest.max(now);
         let id = self.next_id;
         self.next_id += 1;
@@ -633,6 +654,7 @@ impl Engine {
         let tenant = state.meta.tenant;
         let tokens = state.meta.estimated_tokens;
         self.requests.insert(id, Box::new(state));
+        self.arm(id);
         let tier = self.ladder.tier();
 
         if cached == CacheLookup::Fresh {
@@ -726,6 +748,11 @@ impl Engine {
 
     /// Records that the attempt's first real progress arrived (first token).
     pub fn on_first_progress(&mut self, now: Nanos, request: RequestId, attempt: u32) {
+        self.on_first_progress_untidy(now, request, attempt);
+        self.tidy_timers();
+    }
+
+    fn on_first_progress_untidy(&mut self, now: Nanos, request: RequestId, attempt: u32) {
         self.latest = self.latest.max(now);
         let mut wake = false;
         let Some(r) = self.requests.get_mut(&request) else {
@@ -765,6 +792,7 @@ impl Engine {
                 }
             }
         }
+        self.arm(request);
         if wake {
             self.wake_capacity_waiters(now);
         }
@@ -773,6 +801,11 @@ impl Engine {
     /// Records more real progress on an attempt (a later SSE event or body chunk): resets its
     /// stall deadline. Hosts may call it for every chunk; it is cheap.
     pub fn on_progress(&mut self, now: Nanos, request: RequestId, attempt: u32) {
+        self.on_progress_untidy(now, request, attempt);
+        self.tidy_timers();
+    }
+
+    fn on_progress_untidy(&mut self, now: Nanos, request: RequestId, attempt: u32) {
         let first = self
             .requests
             .get(&request)
@@ -794,6 +827,17 @@ impl Engine {
 
     /// Records how an attempt ended and queues what comes next.
     pub fn on_outcome(
+        &mut self,
+        now: Nanos,
+        request: RequestId,
+        attempt: u32,
+        outcome: Classification,
+    ) {
+        self.on_outcome_untidy(now, request, attempt, outcome);
+        self.tidy_timers();
+    }
+
+    fn on_outcome_untidy(
         &mut self,
         now: Nanos,
         request: RequestId,
@@ -856,6 +900,11 @@ impl Engine {
 
     /// The caller gave up: frees what the request held. Nothing more is queued for it.
     pub fn cancel(&mut self, now: Nanos, request: RequestId) {
+        self.cancel_untidy(now, request);
+        self.tidy_timers();
+    }
+
+    fn cancel_untidy(&mut self, now: Nanos, request: RequestId) {
         self.latest = self.latest.max(now);
         let Some(r) = self.requests.get(&request) else {
             return;
@@ -870,20 +919,33 @@ impl Engine {
     /// Handles everything due at `now`: backoff waits that ended, first-token deadlines, request
     /// deadlines and the degradation ladder.
     pub fn on_tick(&mut self, now: Nanos) {
+        self.on_tick_untidy(now);
+        self.tidy_timers();
+    }
+
+    fn on_tick_untidy(&mut self, now: Nanos) {
         self.latest = self.latest.max(now);
         self.update_ladder(now);
         // Only requests with something due: thousands may be waiting on one tick.
-        let stall = self.stall;
-        let ids: Vec<RequestId> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.due_at(stall) <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut ids: Vec<RequestId> = Vec::new();
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
         for id in ids {
             let Some(r) = self.requests.get(&id) else {
-                continue;
+                continue; // finished: a stale entry
             };
+            if r.due_at(self.stall) > now {
+                // Its due time moved later since the entry was made.
+                self.arm(id);
+                continue;
+            }
             let (deadline, in_flight, waiting) = (r.deadline, r.in_flight, r.waiting_until);
             if now >= deadline {
                 if let Some(f) = in_flight {
@@ -963,9 +1025,9 @@ impl Engine {
                 }
                 (None, Some(until)) if now >= until => {
                     let mut budget_wait = false;
+                    self.set_waiting(id, false);
                     if let Some(r) = self.requests.get_mut(&id) {
                         r.waiting_until = None;
-                        r.waiting_for_capacity = false;
                         budget_wait = core::mem::take(&mut r.budget_wait);
                     }
                     if budget_wait {
@@ -976,8 +1038,35 @@ impl Engine {
                 }
                 _ => {}
             }
+            self.arm(id);
         }
         self.wake_capacity_waiters(now);
+    }
+
+    /// Drops stale entries from the top of `timers`, so that [`Engine::next_wakeup`] is the
+    /// instant something is really due: an entry whose request ended goes, one whose request is
+    /// now due later is moved there.
+    fn tidy_timers(&mut self) {
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            match self.requests.get(&id).map(|r| r.due_at(self.stall)) {
+                Some(due) if due <= at => break,
+                Some(_) => {
+                    self.timers.pop();
+                    self.arm(id);
+                }
+                None => {
+                    self.timers.pop();
+                }
+            }
+        }
+    }
+
+    /// Records when request `id` next has something due (see `timers`).
+    fn arm(&mut self, id: RequestId) {
+        if let Some(r) = self.requests.get(&id) {
+            let at = r.due_at(self.stall);
+            self.timers.push(Reverse((at, id)));
+        }
     }
 
     /// Accounts for the end of an attempt: slots, breaker, throttle, health, events.
@@ -1126,6 +1215,7 @@ impl Engine {
                     r.waiting_until = Some(at);
                     r.previous_delay = delay;
                 }
+                self.arm(id);
             }
             Schedule::GiveUp(why) => self.give_up(now, id, why),
         }
@@ -1310,7 +1400,25 @@ impl Engine {
             return;
         }
         r.waiting_until = Some(limit);
-        r.waiting_for_capacity = true;
+        self.set_waiting(id, true);
+        self.arm(id);
+    }
+
+    /// Marks request `id` as waiting for a slot or a probe, or not, keeping `waiters` in step.
+    fn set_waiting(&mut self, id: RequestId, waiting: bool) {
+        let Some(r) = self.requests.get_mut(&id) else {
+            return;
+        };
+        let key = (r.deadline, id);
+        let retry = r.attempts > 0;
+        if core::mem::replace(&mut r.waiting_for_capacity, waiting) == waiting {
+            return;
+        }
+        if waiting {
+            self.waiters.insert(key, retry);
+        } else {
+            self.waiters.remove(&key);
+        }
     }
 
     /// Re-dispatches requests waiting for a slot (or for a breaker's probe) while slots are
@@ -1333,51 +1441,57 @@ impl Engine {
         if !self.any_room(now, false) {
             return;
         }
-        // (deadline, id, retry) of every waiter; whether the queue is standing.
-        let mut standing = false;
-        let mut waiting: Vec<(Nanos, RequestId, bool)> = Vec::new();
-        for (id, r) in self.requests.iter() {
-            if r.waiting_for_capacity && r.in_flight.is_none() {
-                let waited = now.saturating_sub(r.capacity_wait_since.unwrap_or(now));
-                standing |= waited > r.deadline.saturating_sub(r.admitted_at) / 2;
-                waiting.push((r.deadline, *id, r.attempts > 0));
-            }
-        }
-        // Serving the earliest deadline first only helps while it is sure to be answered in
-        // time: a slot given to a request that then runs out of time is a slot a fresh request
-        // would have used (a quota of 198 slots met with answers slower than most deadlines:
-        // earliest deadline first answered fewer than one plain attempt).
+        let Some(&((earliest, head), _)) = self.waiters.iter().next() else {
+            return;
+        };
+        // The queue stands when the request first in line (earliest deadline) has waited more
+        // than half its time. Serving the earliest deadline first also only helps while it is
+        // sure to be answered in time: a slot given to a request that then runs out of time is
+        // a slot a fresh request would have used (a quota of 198 slots met with answers slower
+        // than most deadlines: earliest deadline first answered fewer than one plain attempt).
+        let mut standing = self.requests.get(&head).is_some_and(|r| {
+            let waited = now.saturating_sub(r.capacity_wait_since.unwrap_or(now));
+            waited > r.deadline.saturating_sub(r.admitted_at) / 2
+        });
         let slow = self.slow_answer(now);
-        let earliest = waiting.iter().map(|w| w.0).min().unwrap_or(Nanos::MAX);
         standing |= slow.is_some_and(|t| earliest.saturating_sub(now) < t);
         let latest_first = standing || self.probe_slot_free(now);
-        // One waiter per free slot, each picked by a scan (no sort: thousands may wait and
-        // usually one slot frees). Retries need room a learned limit or a pause leaves them.
-        loop {
-            let room_first = self.any_room(now, false);
-            let room_retry = self.any_room(now, true);
-            if !room_first {
+        let mut waiting: Vec<(Nanos, RequestId, bool)> = self
+            .waiters
+            .iter()
+            .map(|&((deadline, id), retry)| (deadline, id, retry))
+            .collect();
+        if latest_first {
+            waiting.reverse();
+        }
+        // In that order, while there is room. Retries need room a learned limit leaves them.
+        // A waiter can find no room it can use (its untried provider is the full one) and wait
+        // again; after a few in a row nothing more can be served now. Without that bound,
+        // thousands of waiters were re-dispatched on every event (42 s for one simulated
+        // minute).
+        let mut waited_again = 0;
+        let mut room_for_retries = self.any_room(now, true);
+        for (_, id, retry) in waiting {
+            if retry && !room_for_retries {
+                continue;
+            }
+            if !retry && !self.any_room(now, false) {
                 return;
             }
-            let eligible = waiting
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| room_retry || !w.2)
-                .map(|(at, w)| (at, (w.0, w.1)));
-            let pick = if latest_first {
-                eligible.max_by_key(|(_, key)| *key)
-            } else {
-                eligible.min_by_key(|(_, key)| *key)
-            };
-            let Some((at, _)) = pick else {
-                return;
-            };
-            let (_, id, _) = waiting.swap_remove(at);
+            self.set_waiting(id, false);
             if let Some(r) = self.requests.get_mut(&id) {
                 r.waiting_until = None;
-                r.waiting_for_capacity = false;
             }
             self.dispatch(now, id);
+            let again = self
+                .requests
+                .get(&id)
+                .is_some_and(|r| r.waiting_for_capacity);
+            waited_again = if again { waited_again + 1 } else { 0 };
+            if waited_again >= REWAITS_BEFORE_STOPPING {
+                return;
+            }
+            room_for_retries = self.any_room(now, true);
         }
     }
 
@@ -1447,6 +1561,7 @@ impl Engine {
         });
         let (attempt, deadline) = (r.attempts, r.deadline);
         let model = r.meta.model.clone();
+        self.arm(id);
         let rewrite = self.rewrite(provider, &model, degrade);
         self.actions.push_back(Action::Send(SendAttempt {
             request: id,
@@ -1575,6 +1690,7 @@ impl Engine {
     }
 
     fn finish(&mut self, now: Nanos, id: RequestId, outcome: RequestOutcome) {
+        self.set_waiting(id, false);
         if let Some(r) = self.requests.remove(&id) {
             self.events.push_back(Event::RequestFinished {
                 outcome,
