@@ -662,7 +662,7 @@ impl Engine {
             return id;
         }
         let stale = cached == CacheLookup::Stale;
-        if stale && tier.serves_stale() {
+        if stale && self.config.degradation.enabled && tier.serves_stale() {
             self.finish_cache(now, id, true);
             return id;
         }

@@ -234,8 +234,6 @@ fn tier_2_serves_a_stale_entry_instead_of_calling_a_provider() {
 }
 
 #[test]
-#[ignore = "bug: with degradation.enabled false, tier 2 still serves stale entries (engine.rs \
-            `admit` checks `tier.serves_stale()` without `degradation.enabled`)"]
 fn with_degradation_disabled_no_stale_entry_is_served_while_the_provider_answers() {
     let mut e = one_provider(r#""retry":{"max_attempts":1},"degradation":{"enabled":false}"#);
     let t = brownout(&mut e);
