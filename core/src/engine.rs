@@ -14,6 +14,21 @@
 //!
 //! A request lives from `admit` until an action finishes it (deliver, cache, local reply) or the
 //! host cancels it. At most one attempt per request is in flight.
+//!
+//! The composition follows principles, each proven on generated worlds against the baselines
+//! (`docs/engine.md` has them in full, `BENCHMARKS.md` the figures):
+//! - **never worse than not trying**: a request fails locally only when a configured limit or
+//!   tier-1 shedding refuses it, its deadline cannot be met (less time left than any usable
+//!   provider's fastest recent answer), or every provider is known unable to answer in time (an
+//!   open breaker with no probe due, a `Retry-After` past the deadline). Everything learned
+//!   (breaker doubt short of an outage, learned concurrency limits, throttling, repeated hints)
+//!   shapes retries only; a first attempt is held back only by a configured limit or an outage;
+//! - **breakers trip on outages, not brownouts**, probe often, ramp their probes and count only
+//!   their own;
+//! - **deadline-aware queueing**: earliest deadline first while the queue moves, most time left
+//!   first once it stands and for a half-open probe; no attempt that cannot finish;
+//! - **concurrency limits only where a quota is configured or shown**;
+//! - **a retry hint answers its own request**; the retry budget bounds failed retries.
 
 use crate::anomaly::AnomalyDetector;
 use crate::backoff::{Backoff, GiveUp, Schedule};
