@@ -104,25 +104,27 @@ fn by_policy<'a>(reports: &'a [Report], policy: &str) -> &'a Report {
 
 #[test]
 fn unbusy_meets_or_beats_every_baseline_and_respects_capacity() {
-    for s in scenarios() {
-        let reports: Vec<Report> = POLICIES
-            .iter()
-            .map(|p| run(&s, s.seed, p).unwrap())
-            .collect();
+    // Each scenario at its own seed and three more: one seed can flatter a policy.
+    for (s, seed) in scenarios()
+        .into_iter()
+        .flat_map(|s| [s.seed, 101, 102, 103].map(|seed| (s.clone(), seed)))
+    {
+        let reports: Vec<Report> = POLICIES.iter().map(|p| run(&s, seed, p).unwrap()).collect();
         let unbusy = by_policy(&reports, "unbusy");
         for base in ["none", "naive", "openai-sdk", "envoy-native"] {
             let b = by_policy(&reports, base);
             assert!(
                 unbusy.success_rate >= b.success_rate,
-                "{}: unbusy {:.4} < {base} {:.4}",
+                "{} seed {seed}: unbusy {:.4} < {base} {:.4}",
                 s.name,
                 unbusy.success_rate,
                 b.success_rate
             );
         }
+        // A configured capacity is never exceeded.
         assert!(
-            unbusy.max_overload <= 1.1,
-            "{}: {}",
+            unbusy.max_overload <= 1.0,
+            "{} seed {seed}: {}",
             s.name,
             unbusy.max_overload
         );
