@@ -8,8 +8,38 @@
 //! carried), never the baseline's own state, so a mistake in a baseline cannot hide itself.
 
 use super::baseline::Baseline;
-use super::{Attempt, Violations, World, CALLER_MAX_HINT, THINK_TIME};
+use super::{Attempt, AttemptResult, Violations, World, CALLER_MAX_HINT, THINK_TIME};
 use unbusy_core::time::{Nanos, MILLISECOND, SECOND};
+
+/// The most attempts a request may get, as the scenarios README defines each baseline (kept
+/// apart from the baselines' own code, so that a mistake there cannot hide itself).
+const fn defined_attempts(kind: Baseline) -> u32 {
+    match kind {
+        Baseline::None => 1,
+        // "up to 5 retries"
+        Baseline::Naive => 6,
+        // "2 retries"
+        Baseline::OpenAiSdk | Baseline::EnvoyNative => 3,
+    }
+}
+
+/// Whether the README's definition of `kind` retries after `result` (for a stream: after its
+/// 200 headers reached the caller, no SDK or proxy can retry it).
+fn defined_retry(kind: Baseline, result: AttemptResult, stream: bool) -> bool {
+    use AttemptResult as R;
+    match (kind, result) {
+        (Baseline::None, _) | (_, R::Ok) => false,
+        (Baseline::Naive, _) => true,
+        (Baseline::OpenAiSdk, R::Status { status, .. }) => {
+            matches!(status, 408 | 409 | 429) || status >= 500
+        }
+        (Baseline::OpenAiSdk, R::StallClosed) => !stream,
+        (Baseline::OpenAiSdk, R::Reset | R::Refused) => true,
+        (Baseline::EnvoyNative, R::Status { status, .. }) => status == 429 || status >= 500,
+        (Baseline::EnvoyNative, R::Reset | R::Refused) => true,
+        (Baseline::EnvoyNative, R::StallClosed) => false,
+    }
+}
 
 /// Records a deviation.
 fn note(v: &mut Violations, what: String) -> u64 {
@@ -23,7 +53,7 @@ fn note(v: &mut Violations, what: String) -> u64 {
 /// number `n` (0 for the first retry) of `kind`.
 fn delay_fits(kind: Baseline, n: u32, prev: &Attempt, delay: Nanos) -> bool {
     let hint = match prev.result {
-        super::AttemptResult::Status { hint, .. } => hint,
+        AttemptResult::Status { hint, .. } => hint,
         _ => None,
     };
     match kind {
@@ -54,7 +84,7 @@ pub fn check_baseline(kind: Baseline, w: &World, v: &mut Violations) {
     let mut retry_spans: Vec<Vec<(Nanos, i32)>> = vec![Vec::new(); providers.len()];
     for (id, r) in w.requests.iter().enumerate() {
         let attempts: Vec<&Attempt> = r.attempt_ids.iter().map(|&a| &w.attempts[a]).collect();
-        if attempts.len() as u32 > kind.max_attempts() {
+        if attempts.len() as u32 > defined_attempts(kind) {
             v.too_many_attempts += note(
                 v,
                 format!(
@@ -82,6 +112,17 @@ pub fn check_baseline(kind: Baseline, w: &World, v: &mut Violations) {
                 v.off_definition += note(
                     v,
                     format!("{}: request {id} retried on another provider", kind.name()),
+                );
+            }
+            if !defined_retry(kind, prev.result, r.stream) {
+                v.off_definition += note(
+                    v,
+                    format!(
+                        "{}: request {id} retried after {:?} (stream: {})",
+                        kind.name(),
+                        prev.result,
+                        r.stream
+                    ),
                 );
             }
             let prev_end = prev.closed_at.unwrap_or(prev.ends_at);
