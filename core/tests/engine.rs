@@ -600,9 +600,19 @@ fn invalid_config_is_refused() {
 
 /// A random busy world: each attempt ends busy, rate limited, in a server error, a stall, a
 /// reset, a caller error or a success, after a random time; callers sometimes cancel.
-fn run_world(seed: u64) {
+/// What a random world exercised, so the test can show it had chances to fail.
+#[derive(Default)]
+struct Exercised {
+    stall_aborts: u32,
+    cache_answers: u32,
+    limit_replies: u32,
+}
+
+fn run_world(seed: u64) -> Exercised {
+    let mut seen = Exercised::default();
     let mut rng = Rng::with_seed(seed);
     let mut c = config(vec![provider("a", 0), provider("b", 0), provider("c", 1)]);
+    c.limits.per_tenant.requests_per_minute = Some(60 + rng.u64(0..120));
     c.retry.max_attempts = 1 + rng.u32(0..5);
     c.providers[0].max_concurrency = Some(1 + rng.u32(0..4));
     c.deadlines.total_ms = 2_000 + rng.u64(0..20_000);
@@ -618,7 +628,7 @@ fn run_world(seed: u64) {
     // Other workers sharing provider a's quota, and their breaker verdicts (the Envoy host
     // reports both at every tick).
     let mut external = 0u32;
-    for step in 0..400 {
+    for step in 0..400u32 {
         now += rng.u64(0..ms(300));
         if rng.u8(0..4) == 0 {
             external = rng.u32(0..=quota);
@@ -628,10 +638,17 @@ fn run_world(seed: u64) {
             e.pause_provider(now, rng.usize(0..3), now + rng.u64(0..ms(2_000)));
         }
         if step < 300 && rng.bool() {
+            let cached = match rng.u8(0..10) {
+                0 => CacheLookup::Fresh,
+                1 => CacheLookup::Stale,
+                _ => CacheLookup::Miss,
+            };
             let id = e.admit(
                 now,
                 RequestMeta {
                     stream: rng.bool(),
+                    cache_key: (cached != CacheLookup::Miss).then_some(CacheKey(u128::from(step))),
+                    cached,
                     ..meta(rng.u64(0..5))
                 },
             );
@@ -700,12 +717,33 @@ fn run_world(seed: u64) {
                     }
                     let limit = e.concurrency_limit(s.provider);
                     assert!(limit == u32::MAX || limit <= 100_000, "limit {limit}");
-                    in_flight.push((now + rng.u64(0..ms(3_000)), id, s.attempt));
+                    // One attempt in six stalls: keep-alive bytes only, no outcome until the
+                    // engine aborts it at its first-token deadline (or the request's).
+                    let ends = if rng.u8(0..6) == 0 {
+                        now + secs(600)
+                    } else {
+                        now + rng.u64(0..ms(3_000))
+                    };
+                    in_flight.push((ends, id, s.attempt));
                 }
-                Action::Abort { attempt, .. } => {
+                Action::Abort {
+                    attempt, reason, ..
+                } => {
+                    seen.stall_aborts += u32::from(reason == AbortReason::FirstTokenDeadline);
                     in_flight.retain(|(_, r, a)| !(*r == id && *a == attempt));
                 }
-                Action::Deliver { .. } | Action::ServeCache { .. } | Action::Reply { .. } => {
+                Action::ServeCache { .. } => {
+                    seen.cache_answers += 1;
+                    assert!(admitted.remove(&id).is_some(), "finished twice: {id}");
+                    finished += 1;
+                }
+                Action::Reply { ref reply, .. } if reply.status == 429 => {
+                    seen.limit_replies += 1;
+                    assert!(admitted.remove(&id).is_some(), "finished twice: {id}");
+                    in_flight.retain(|(_, r, _)| *r != id);
+                    finished += 1;
+                }
+                Action::Deliver { .. } | Action::Reply { .. } => {
                     assert!(admitted.remove(&id).is_some(), "finished twice: {id}");
                     in_flight.retain(|(_, r, _)| *r != id);
                     finished += 1;
@@ -753,11 +791,32 @@ fn run_world(seed: u64) {
     for p in 0..3 {
         assert_eq!(e.in_flight(p), 0, "seed {seed}: provider {p} leaked a slot");
     }
+    seen
 }
 
 #[test]
 fn invariants_hold_for_every_seed() {
+    let mut total = Exercised::default();
     for seed in 0..300 {
-        run_world(seed);
+        let seen = run_world(seed);
+        total.stall_aborts += seen.stall_aborts;
+        total.cache_answers += seen.cache_answers;
+        total.limit_replies += seen.limit_replies;
     }
+    // The worlds held what they promise: stalls the engine cut, cache answers, limits.
+    assert!(
+        total.stall_aborts >= 100,
+        "{} stalls cut",
+        total.stall_aborts
+    );
+    assert!(
+        total.cache_answers >= 100,
+        "{} cache answers",
+        total.cache_answers
+    );
+    assert!(
+        total.limit_replies >= 10,
+        "{} limit replies",
+        total.limit_replies
+    );
 }
