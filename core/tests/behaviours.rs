@@ -10,6 +10,9 @@
     clippy::indexing_slicing
 )]
 
+mod support;
+use support::{actions, meta, outcome};
+
 use unbusy_core::cache_key::{tenant_id, CacheKey};
 use unbusy_core::classify::{Classification, OutcomeClass};
 use unbusy_core::config::Config;
@@ -36,33 +39,12 @@ fn with_providers(providers: &str, rest: &str) -> Engine {
     Engine::new(config, 7).unwrap()
 }
 
-fn meta(tenant: u64) -> RequestMeta {
-    RequestMeta {
-        tenant,
-        model: "deepseek-chat".into(),
-        stream: false,
-        priority: Priority::Normal,
-        estimated_tokens: 100,
-        deadline: None,
-        cache_key: None,
-        cached: CacheLookup::Miss,
-    }
-}
-
 fn stale(tenant: u64) -> RequestMeta {
     RequestMeta {
         cache_key: Some(CacheKey(u128::from(tenant))),
         cached: CacheLookup::Stale,
         ..meta(tenant)
     }
-}
-
-fn actions(e: &mut Engine) -> Vec<Action> {
-    std::iter::from_fn(|| e.poll_action()).collect()
-}
-
-fn outcome(class: OutcomeClass, retry_after: Option<Nanos>) -> Classification {
-    Classification { class, retry_after }
 }
 
 fn busy() -> Classification {

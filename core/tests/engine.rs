@@ -9,51 +9,22 @@
     clippy::panic
 )]
 
+mod support;
+use support::{actions, meta, outcome, provider};
+
 use std::collections::HashMap;
 use unbusy_core::cache_key::CacheKey;
-use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
+use unbusy_core::classify::{classify_fault, OutcomeClass, TransportFault};
 use unbusy_core::config::{Config, ProviderConfig};
-use unbusy_core::engine::{
-    AbortReason, Action, CacheLookup, Engine, Priority, RequestId, RequestMeta,
-};
+use unbusy_core::engine::{AbortReason, Action, CacheLookup, Engine, RequestId, RequestMeta};
 use unbusy_core::time::{ms, secs, Nanos};
 use unbusy_core::Rng;
-
-fn provider(name: &str, priority: u32) -> ProviderConfig {
-    ProviderConfig {
-        name: name.into(),
-        cluster: Some(name.into()),
-        priority,
-        ..ProviderConfig::default()
-    }
-}
 
 fn config(providers: Vec<ProviderConfig>) -> Config {
     Config {
         providers,
         ..Config::default()
     }
-}
-
-fn meta(tenant: u64) -> RequestMeta {
-    RequestMeta {
-        tenant,
-        model: "deepseek-chat".into(),
-        stream: false,
-        priority: Priority::Normal,
-        estimated_tokens: 100,
-        deadline: None,
-        cache_key: None,
-        cached: CacheLookup::Miss,
-    }
-}
-
-fn actions(e: &mut Engine) -> Vec<Action> {
-    std::iter::from_fn(|| e.poll_action()).collect()
-}
-
-fn outcome(class: OutcomeClass, retry_after: Option<Nanos>) -> Classification {
-    Classification { class, retry_after }
 }
 
 fn sent(a: &[Action]) -> (u32, usize) {

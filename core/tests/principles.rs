@@ -8,19 +8,13 @@
     clippy::indexing_slicing
 )]
 
+mod support;
+use support::{actions, provider};
+
 use unbusy_core::classify::{Classification, OutcomeClass};
 use unbusy_core::config::{Config, ProviderConfig};
 use unbusy_core::engine::{Action, CacheLookup, Engine, Priority, RequestId, RequestMeta};
 use unbusy_core::time::{ms, secs, Nanos};
-
-fn provider(name: &str, priority: u32) -> ProviderConfig {
-    ProviderConfig {
-        name: name.into(),
-        cluster: Some(name.into()),
-        priority,
-        ..ProviderConfig::default()
-    }
-}
 
 fn engine(providers: Vec<ProviderConfig>) -> Engine {
     Engine::new(
@@ -44,10 +38,6 @@ fn meta(deadline: Option<Nanos>) -> RequestMeta {
         cache_key: None,
         cached: CacheLookup::Miss,
     }
-}
-
-fn actions(e: &mut Engine) -> Vec<Action> {
-    std::iter::from_fn(|| e.poll_action()).collect()
 }
 
 fn sends(a: &[Action]) -> Vec<(RequestId, u32)> {
@@ -120,4 +110,55 @@ fn a_slow_provider_that_recovered_gets_its_held_requests_back_within_seconds() {
         waiting == 0,
         "{waiting} of 40 held requests still waiting 8 s after the breaker half-opened"
     );
+}
+
+#[test]
+fn a_half_open_probe_goes_to_the_waiting_request_with_the_most_time_left() {
+    // One attempt per request, so that the requests that opened the breaker are over.
+    let mut config = Config {
+        providers: vec![provider("only", 0)],
+        ..Config::default()
+    };
+    config.retry.max_attempts = 1;
+    let mut e = Engine::new(config, 7).unwrap();
+    let t = open_breaker(&mut e);
+    // Held while open: one about to give up, one with time to wait for an answer.
+    let hurried = e.admit(t + ms(1), meta(Some(t + ms(900))));
+    let patient = e.admit(t + ms(2), meta(Some(t + secs(30))));
+    assert!(actions(&mut e).is_empty());
+    let at = e.next_wakeup().unwrap();
+    e.on_tick(at);
+    let sent = sends(&actions(&mut e));
+    assert_eq!(
+        sent,
+        vec![(patient, 1)],
+        "the probe went to {sent:?}, not {patient}"
+    );
+    // The hurried one gives up at its deadline; the probe is still in flight and answers.
+    e.cancel(t + ms(900), hurried);
+    e.on_outcome(t + secs(2), patient, 1, outcome(OutcomeClass::Success));
+    assert_eq!(e.breaker_state(0, t + secs(2)).map(|b| b.gauge()), Some(0));
+}
+
+#[test]
+fn a_first_attempt_is_never_held_back_by_a_learned_limit() {
+    let mut e = engine(vec![provider("only", 0)]);
+    let ids: Vec<RequestId> = (0..8).map(|i| e.admit(ms(i), meta(None))).collect();
+    assert_eq!(sends(&actions(&mut e)).len(), 8);
+    // A bare 429 (no retry hint): the quota signal. The limit learned is 6 of the 7 left in
+    // flight, and they fill it.
+    e.on_outcome(
+        ms(100),
+        ids[0],
+        1,
+        Classification {
+            class: OutcomeClass::RateLimited,
+            retry_after: None,
+        },
+    );
+    actions(&mut e);
+    assert_eq!(e.concurrency_limit(0), 6);
+    // A new request's first attempt still goes at once: a caller without unbusy would send it.
+    let fresh = e.admit(ms(101), meta(None));
+    assert_eq!(sends(&actions(&mut e)), vec![(fresh, 1)]);
 }
