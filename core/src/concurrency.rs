@@ -165,18 +165,17 @@ impl AimdLimit {
     /// Takes a slot if one is free.
     pub fn try_acquire(&mut self) -> bool {
         if self.has_room() {
-            self.in_flight = self.in_flight.saturating_add(1);
+            self.acquire();
             true
         } else {
             false
         }
     }
 
-    /// Takes a slot whether or not one is free (an attempt the limit must not hold back);
-    /// always `true`.
-    pub fn force_acquire(&mut self) -> bool {
+    /// Takes a slot whether or not one is free (an attempt the limit must not hold back, see
+    /// the engine's `paced`).
+    pub fn acquire(&mut self) {
         self.in_flight = self.in_flight.saturating_add(1);
-        true
     }
 
     /// Returns a slot and learns from how the attempt ended.

@@ -353,7 +353,8 @@ impl Recent {
     }
 }
 
-/// Whether a provider's concurrency limit, with `room` or not, holds back this attempt.
+/// Whether an attempt may take a slot of a provider's concurrency limit, which has `room` or
+/// not (the one rule [`Engine::candidates`] and `dispatch` both apply).
 ///
 /// A configured quota (`max_concurrency`) holds every attempt: the operator knows it. A learned
 /// one holds only retries. A bare 429 is the quota signal, but not proof: the generated worlds
@@ -1284,16 +1285,18 @@ impl Engine {
             if !p.breaker.try_acquire(now) {
                 return self.wait_for_capacity(now, id);
             }
-            let quota_known = self
+            let room = p.limit.has_room();
+            let admitted = self
                 .config
                 .providers
                 .get(index)
-                .is_some_and(|c| c.max_concurrency.is_some());
-            if !p.limit.try_acquire() && (quota_known || retry || !p.limit.force_acquire()) {
+                .is_some_and(|cfg| paced(cfg, retry, room));
+            if !admitted {
                 p.breaker
                     .on_outcome(now, crate::classify::BreakerSignal::Ignore);
                 return self.wait_for_capacity(now, id);
             }
+            p.limit.acquire();
             return self.send(now, id, index);
         }
         self.retry_later(now, id);
