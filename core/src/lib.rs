@@ -21,6 +21,7 @@
 //! ## The policies
 //! | module | job |
 //! |---|---|
+//! | [`answer`] | whether a complete answer is one (valid JSON answer, SSE ending in `[DONE]`, readable encoding) before it is delivered, cached or counted |
 //! | [`classify`] | what an attempt's outcome means: success, busy, rate limited, server error, transport fault, caller error; and the server's wait hint |
 //! | [`backoff`] | when to try again: full, equal or decorrelated jitter, server hints within a cap, never past the deadline |
 //! | [`budget`] | whether a retry is affordable: retries bounded by a fraction of recent traffic plus a floor |
@@ -34,6 +35,7 @@
 //! | [`anomaly`] | rolling mean/deviation and EWMA detectors over latency and error rate |
 //! | [`cache_key`] | canonical, tenant-scoped 128-bit keys for OpenAI-compatible requests |
 //! | [`config`] | the configuration schema with defaults and field-naming validation errors |
+//! | [`request`] | which endpoint a request calls and where it lives under each provider's base URL; whose it is (its tenant, by source) |
 //! | [`reply`] | OpenAI-compatible local error replies that SDKs back off on correctly |
 //!
 //! Plumbing beside them: [`json`] (a strict JSON reader and writer) and [`sorted_map`] (the map
@@ -107,6 +109,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod anomaly;
+pub mod answer;
 pub mod backoff;
 pub mod breaker;
 pub mod bucket;
@@ -121,6 +124,7 @@ pub mod engine;
 pub mod json;
 pub mod progress;
 pub mod reply;
+pub mod request;
 pub mod sorted_map;
 pub mod throttle;
 pub mod time;
