@@ -493,6 +493,11 @@ pub struct TenancyConfig {
     /// A request header whose value names the tenant (e.g. `x-tenant-id`). Default: none, the
     /// tenant is a hash of the caller's `Authorization` header.
     pub header: Option<String>,
+    /// Whether the tenant header alone names the tenant. Default false: its value only divides
+    /// the namespace of the caller's own `Authorization` (so a caller cannot read another key's
+    /// cached answers by naming its tenant). Set true only when a trusted hop in front of unbusy
+    /// sets or strips the header on every request.
+    pub header_trusted: bool,
     /// The tenant of requests that carry neither. Default `anonymous`.
     pub default_tenant: String,
 }
@@ -501,6 +506,7 @@ impl Default for TenancyConfig {
     fn default() -> Self {
         Self {
             header: None,
+            header_trusted: false,
             default_tenant: "anonymous".to_string(),
         }
     }
@@ -1146,6 +1152,7 @@ read_struct!(DegradationConfig {
 });
 read_struct!(TenancyConfig {
     header,
+    header_trusted,
     default_tenant,
 });
 
