@@ -168,8 +168,12 @@ impl Backoff {
         let delay = match hint {
             Some(h) if h > self.max_hint => return Schedule::GiveUp(GiveUp::HintTooLong(h)),
             // Honour the hint, plus up to 10% (at most one base step) so that clients told the
-            // same reset time do not return in the same instant.
-            Some(h) => h.saturating_add(rng.u64(0..=(h / 10).min(self.base))),
+            // same reset time do not return in the same instant. A hint is a lower bound, never
+            // a replacement for the backoff: a short hint repeated on every answer must not
+            // turn the retries into a storm.
+            Some(h) => h
+                .saturating_add(rng.u64(0..=(h / 10).min(self.base)))
+                .max(self.delay(next_attempt - 1, previous, rng)),
             None => self.delay(next_attempt - 1, previous, rng),
         };
         let at = now.saturating_add(delay);
@@ -246,6 +250,21 @@ mod tests {
             b.schedule(0, secs(600), 2, 0, Some(secs(300)), &mut rng),
             Schedule::GiveUp(GiveUp::HintTooLong(secs(300)))
         );
+    }
+
+    #[test]
+    fn a_short_hint_never_shortens_the_backoff() {
+        // Retry-After of 1 ms on every answer: each wait is at least the backoff's own, as
+        // without the hint (same seed, same draws), never the hint alone.
+        let b = Backoff::DEFAULT.with_jitter(Jitter::None);
+        let mut rng = Rng::with_seed(3);
+        for attempt in 2..=8 {
+            let want = b.exponential(attempt - 1);
+            match b.schedule(0, secs(600), attempt, 0, Some(ms(1)), &mut rng) {
+                Schedule::RetryAt { delay, .. } => assert!(delay >= want, "{attempt}: {delay}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

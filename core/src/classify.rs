@@ -365,16 +365,26 @@ const MAX_HINT: Nanos = 24 * 3600 * SECOND;
 /// then `retry-after` (delta-seconds, possibly fractional, or an HTTP-date in any of its three
 /// forms), then the rate-limit reset headers (`x-ratelimit-reset-requests` / `-tokens`, each
 /// considered only when its `x-ratelimit-remaining-*` partner is absent or zero; the longer wins).
+///
+/// A hint of zero (`Retry-After: 0`, an HTTP-date now or in the past, a reset of `0s`) says
+/// nothing about when to come back: it is no hint, the next source is read, and the backoff
+/// decides. Taken as "retry at once", it made 8 attempts in 0.12 s.
 pub fn retry_hint(headers: &[(&str, &str)], unix_now_s: Option<u64>) -> Option<Nanos> {
-    if let Some(ms) = header(headers, "retry-after-ms").and_then(parse_decimal_scaled_ms) {
-        return Some(ms.min(MAX_HINT));
+    let some = |d: Nanos| (d > 0).then_some(d.min(MAX_HINT));
+    if let Some(ms) = header(headers, "retry-after-ms")
+        .and_then(parse_decimal_scaled_ms)
+        .and_then(some)
+    {
+        return Some(ms);
     }
     if let Some(value) = header(headers, "retry-after") {
-        if let Some(d) = parse_decimal_seconds(value) {
-            return Some(d.min(MAX_HINT));
+        if let Some(d) = parse_decimal_seconds(value).and_then(some) {
+            return Some(d);
         }
         if let (Some(at), Some(now)) = (parse_http_date(value), unix_now_s) {
-            return Some(at.saturating_sub(now).saturating_mul(SECOND).min(MAX_HINT));
+            if let Some(d) = some(at.saturating_sub(now).saturating_mul(SECOND)) {
+                return Some(d);
+            }
         }
     }
     let mut longest: Option<Nanos> = None;
@@ -393,7 +403,7 @@ pub fn retry_hint(headers: &[(&str, &str)], unix_now_s: Option<u64>) -> Option<N
             longest = Some(longest.map_or(d, |l| l.max(d)));
         }
     }
-    longest.map(|d| d.min(MAX_HINT))
+    longest.and_then(some)
 }
 
 /// Parses a non-negative decimal like `1`, `1.5`, `0.25` into nanoseconds, given the unit's size
@@ -680,6 +690,12 @@ mod tests {
         assert_eq!(retry_hint(&[("retry-after", "-1")], None), None);
         assert_eq!(retry_hint(&[("retry-after", "soon")], None), None);
         assert_eq!(retry_hint(&[("retry-after", "")], None), None);
+        // Zero is no hint, and the next source is read.
+        assert_eq!(retry_hint(&[("retry-after", "0")], None), None);
+        let h = [("retry-after-ms", "0"), ("retry-after", "3")];
+        assert_eq!(retry_hint(&h, None), Some(ms(3000)));
+        let h = [("x-ratelimit-reset-requests", "0s")];
+        assert_eq!(retry_hint(&h, None), None);
     }
 
     #[test]
@@ -701,8 +717,8 @@ mod tests {
         assert_eq!(retry_hint(&h, Some(expected)), Some(ms(30_000)));
         // Without a wall clock an HTTP-date cannot become a delay.
         assert_eq!(retry_hint(&h, None), None);
-        // A date in the past means "now".
-        assert_eq!(retry_hint(&h, Some(expected + 100)), Some(0));
+        // A date in the past says nothing about when to come back: no hint.
+        assert_eq!(retry_hint(&h, Some(expected + 100)), None);
     }
 
     #[test]
