@@ -306,6 +306,35 @@ struct ProviderState {
     external_in_flight: u32,
     /// How long its recent successful attempts took, send to answer.
     answered_in: Recent,
+    /// How long its recent attempts took to their first real byte: `[non-streaming, streaming]`
+    /// (see [`learned_first_byte_wait`]).
+    first_byte_in: [Recent; 2],
+}
+
+/// How many times the slowest recent first real byte an attempt may wait for its own, once the
+/// provider's recent answers are known (see [`learned_first_byte_wait`]).
+const FIRST_BYTE_WAIT_FACTOR: u64 = 4;
+
+/// The least a learned first-byte wait can be: below it, ordinary jitter of a healthy provider
+/// would abandon answers that were on their way.
+const FIRST_BYTE_WAIT_FLOOR: Nanos = 2 * SECOND;
+
+/// How long an attempt waits for its first real byte (the first SSE `data:` event, the first
+/// non-blank JSON byte; keep-alive bytes do not count) before it is abandoned for another: the
+/// configured wait (`deadlines.first_token_ms` for streams, `deadlines.response_ms` otherwise),
+/// shortened to [`FIRST_BYTE_WAIT_FACTOR`] times the slowest of the provider's recent first
+/// bytes for the same kind of request (at least [`FIRST_BYTE_WAIT_FLOOR`]) once enough are
+/// known. A provider that answered in 1 to 2 s and now sends only keep-alive blank lines for
+/// 20 s costs 8 s instead of the 25 s a non-streaming attempt was given; a provider whose
+/// answers are slow keeps the configured wait. The attempt that is a request's last chance
+/// keeps waiting anyway (see the first-token rule in `on_tick`).
+fn learned_first_byte_wait(configured: Nanos, recent: &Recent) -> Nanos {
+    recent.slowest().map_or(configured, |slowest| {
+        slowest
+            .saturating_mul(FIRST_BYTE_WAIT_FACTOR)
+            .max(FIRST_BYTE_WAIT_FLOOR)
+            .min(configured)
+    })
 }
 
 /// The durations of a provider's last few successful attempts, in fixed memory.
@@ -501,6 +530,7 @@ impl Engine {
                 paused_until: 0,
                 external_in_flight: 0,
                 answered_in: Recent::default(),
+                first_byte_in: [Recent::default(); 2],
             })
             .collect();
         let limits = &config.limits;
@@ -784,6 +814,9 @@ impl Engine {
                 self.events
                     .push_back(Event::FirstToken { provider, latency });
                 if let Some(p) = self.providers.get_mut(provider) {
+                    if let Some(recent) = p.first_byte_in.get_mut(usize::from(stream)) {
+                        recent.push(latency);
+                    }
                     p.breaker.on_progress(now);
                     let gauge = p.breaker.state(now).gauge();
                     if gauge != p.last_breaker_gauge {
@@ -1563,12 +1596,19 @@ impl Engine {
         r.attempts += 1;
         r.tried.insert(provider);
         r.capacity_wait_since = None;
-        let first_byte_within = if r.meta.stream {
+        let configured = ms(if r.meta.stream {
             self.config.deadlines.first_token_ms
         } else {
             self.config.deadlines.response_ms
-        };
-        let first_token_deadline = now.saturating_add(ms(first_byte_within)).min(r.deadline);
+        });
+        let first_byte_within = self
+            .providers
+            .get(provider)
+            .and_then(|p| p.first_byte_in.get(usize::from(r.meta.stream)))
+            .map_or(configured, |recent| {
+                learned_first_byte_wait(configured, recent)
+            });
+        let first_token_deadline = now.saturating_add(first_byte_within).min(r.deadline);
         r.in_flight = Some(InFlight {
             attempt: r.attempts,
             provider,
