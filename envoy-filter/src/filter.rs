@@ -30,9 +30,10 @@ use crate::metrics::{CacheResult, Metrics, Rejection};
 use crate::shared;
 use std::collections::HashMap;
 use std::time::Duration;
+use unbusy_core::answer::{assess, is_readable_encoding, DoneTracker, MANAGED_ACCEPT_ENCODING};
 use unbusy_core::bucket::{Decision, Rate};
 use unbusy_core::cache_key::{cache_key, tenant_id, CacheKey, KeyRequest, OptIn};
-use unbusy_core::classify::{classify, classify_fault, BodyProgress, Response, TransportFault};
+use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::config::Config;
 use unbusy_core::engine::{
     Action, CacheLookup, Engine, Priority, RequestId, RequestMeta, SendAttempt,
@@ -40,6 +41,7 @@ use unbusy_core::engine::{
 use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_core::reply::{local_reply, LocalReply, ReplyKind};
+use unbusy_core::request::{base_path, query_of, tenant_of, Endpoint};
 use unbusy_core::time::{ms, Nanos};
 
 /// Request bodies larger than this are refused with 413 (a chat request is kilobytes).
@@ -182,6 +184,13 @@ struct Flow {
     provider: usize,
     router_attempt: Option<u32>,
     detector: ProgressDetector,
+    /// Whether the streamed answer has ended with `data: [DONE]` so far.
+    done: DoneTracker,
+    /// The answer's encoding cannot be read (the provider ignored `accept-encoding: identity`):
+    /// any byte counts as progress, and nothing is judged as text or cached.
+    unreadable: bool,
+    /// The current answer is a complete, valid one that may be stored (see `answer::assess`).
+    cacheable: bool,
     fed: usize,
     response_status: u16,
     response_headers: Vec<(String, String)>,
@@ -254,56 +263,36 @@ fn authority_of(base_url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
-fn path_prefix_of(base_url: &str) -> String {
-    let rest = base_url
-        .strip_prefix("https://")
-        .or_else(|| base_url.strip_prefix("http://"))
-        .unwrap_or("");
-    match rest.find('/') {
-        Some(i) => rest
-            .get(i..)
-            .unwrap_or("")
-            .trim_end_matches('/')
-            .to_string(),
-        None => String::new(),
-    }
-}
-
-/// The caller's path relative to an OpenAI-style `/v1`, under the provider's base URL:
-/// `/v1/chat/completions` goes to `https://api.deepseek.com/chat/completions` and to
-/// `https://api.openai.com/v1/chat/completions` alike; without a base URL it is unchanged.
+/// The caller's path under the provider's base URL: a known endpoint (`chat/completions`,
+/// `models`, ...) is placed under the base's own path whatever prefix the caller used
+/// (`/v1/chat/completions` goes to `https://api.deepseek.com/chat/completions` and to
+/// `https://api.openai.com/v1/chat/completions` alike; see `unbusy_core::request`); another path
+/// loses an OpenAI-style `/v1` and goes under the base path. Without a base URL it is unchanged.
 fn routed_path(base_url: Option<&str>, path: &str) -> String {
-    match base_url.map(path_prefix_of) {
-        Some(prefix) => format!("{prefix}{}", path.strip_prefix("/v1").unwrap_or(path)),
-        None => path.to_string(),
+    let Some(base) = base_url else {
+        return path.to_string();
+    };
+    match Endpoint::of_path(path) {
+        Some((endpoint, rest)) => endpoint.under(base, rest, query_of(path)),
+        None => format!(
+            "{}{}",
+            base_path(base),
+            path.strip_prefix("/v1").unwrap_or(path)
+        ),
     }
 }
 
 /// What a complete (held) answer means, for the router's attempt and a dispatched one alike:
-/// a 200 holding only keep-alive bytes is a stall in disguise; anything else is classified
-/// from its status, hint headers and body. Also says whether a 200 showed real progress.
+/// the core's one verdict (`unbusy_core::answer::assess`), which also says whether the answer
+/// showed real progress and whether it may be cached.
 fn judge_answer(
     now: Nanos,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
-) -> (unbusy_core::classify::Classification, bool) {
-    if status == 200 {
-        let content_type = State::header(headers, "content-type").unwrap_or("");
-        let mut detector = ProgressDetector::new(Framing::from_content_type(content_type), now);
-        if detector.feed(now, body) == Feed::KeepAlive {
-            return (classify_fault(TransportFault::Stall), false);
-        }
-    }
+) -> unbusy_core::answer::Assessment {
     let pairs = host::pairs(headers);
-    let outcome = classify(&Response {
-        status,
-        headers: &pairs,
-        body_prefix: body,
-        progress: BodyProgress::Real,
-        unix_now_s: Some(now / 1_000_000_000),
-    });
-    (outcome, status == 200)
+    assess(status, &pairs, body, Some(now / 1_000_000_000))
 }
 
 /// Why a configuration was refused, in one line naming the field.
@@ -392,9 +381,8 @@ impl State {
         }
         match flow.phase {
             Phase::Done => Interest::Pass,
-            Phase::Streaming => Interest::Judge {
-                bytes: flow.keep_body,
-            },
+            // Every chunk is read: whether the stream ends with `[DONE]` decides its outcome.
+            Phase::Streaming => Interest::Judge { bytes: true },
             _ => Interest::Judge { bytes: true },
         }
     }
@@ -448,6 +436,9 @@ impl State {
                 provider: 0,
                 router_attempt: None,
                 detector: ProgressDetector::new(Framing::Sse, 0),
+                done: DoneTracker::new(),
+                unreadable: false,
+                cacheable: false,
                 fed: 0,
                 response_status: 0,
                 response_headers: Vec::new(),
@@ -517,15 +508,10 @@ impl State {
             .and_then(json::Value::as_u64)
             .unwrap_or(1024);
         let estimated_tokens = (body.len() as u64 / 4).saturating_add(max_tokens);
-        let tenancy = &self.config.tenancy;
-        let identity = tenancy
-            .header
-            .as_deref()
-            .and_then(|h| Self::header(&flow.headers, h))
-            .or_else(|| Self::header(&flow.headers, "authorization"))
-            .unwrap_or(&tenancy.default_tenant)
-            .to_string();
-        let tenant = tenant_id(identity.as_bytes());
+        let identity = tenant_of(&self.config.tenancy, |name| {
+            Self::header(&flow.headers, name)
+        });
+        let tenant = tenant_id(&identity);
         flow.stream = stream;
         flow.model = model.clone();
         flow.body = body;
@@ -592,7 +578,7 @@ impl State {
         };
         let key = if self.config.cache.enabled {
             cache_key(&KeyRequest {
-                tenant: identity.as_bytes(),
+                tenant: &identity,
                 endpoint: "/v1/chat/completions",
                 body: &flow.body,
                 opt_in: match Self::header(&flow.headers, "x-unbusy-cache") {
@@ -730,6 +716,10 @@ impl State {
             _ => Phase::BufferingError,
         };
         flow.detector = ProgressDetector::new(Framing::from_content_type(&content_type), now);
+        flow.done = DoneTracker::new();
+        flow.cacheable = false;
+        flow.unreadable =
+            !is_readable_encoding(Self::header(&flow.response_headers, "content-encoding"));
         // Headers can only be changed here, before they are released; a local reply that
         // replaces this answer carries its own note.
         flow.held = from != ctx;
@@ -771,7 +761,12 @@ impl State {
             Phase::HoldingStream => {
                 let new = body.get(flow.fed..).unwrap_or(&[]);
                 flow.fed = body.len();
-                let feed = flow.detector.feed(now, new);
+                let feed = if flow.unreadable && !new.is_empty() {
+                    Feed::FirstProgress // compressed bytes cannot be told from keep-alive ones
+                } else {
+                    flow.detector.feed(now, new)
+                };
+                flow.done.feed(new);
                 if feed == Feed::FirstProgress || feed == Feed::Progress {
                     flow.phase = Phase::Streaming;
                     flow.held = false;
@@ -806,6 +801,7 @@ impl State {
                 (true, Vec::new())
             }
             Phase::Streaming => {
+                flow.done.feed(body);
                 if flow.keep_body {
                     if flow.response_body.len() + body.len()
                         <= self.config.cache.max_entry_bytes as usize
@@ -825,16 +821,34 @@ impl State {
             }
             Phase::BufferingBody | Phase::BufferingError => {
                 if !end_of_stream && body.len() <= MAX_HELD_RESPONSE_BYTES {
+                    if flow.phase == Phase::BufferingBody {
+                        // The first real byte of a held answer is progress, as a stream's first
+                        // event is: the first-byte wait is over (blank lines do not count).
+                        let new = body.get(flow.fed..).unwrap_or(&[]);
+                        flow.fed = body.len();
+                        let feed = if flow.unreadable && !new.is_empty() {
+                            Feed::FirstProgress
+                        } else {
+                            flow.detector.feed(now, new)
+                        };
+                        match feed {
+                            Feed::FirstProgress => {
+                                self.engine.on_first_progress(now, request, attempt)
+                            }
+                            Feed::Progress => self.engine.on_progress(now, request, attempt),
+                            _ => {}
+                        }
+                    }
                     return (true, Vec::new());
                 }
                 flow.response_body = body.to_vec();
                 flow.phase = Phase::Waiting;
-                let (outcome, progressed) =
-                    judge_answer(now, flow.response_status, &flow.response_headers, body);
-                if progressed {
+                let verdict = judge_answer(now, flow.response_status, &flow.response_headers, body);
+                flow.cacheable = verdict.cacheable && body.len() <= MAX_HELD_RESPONSE_BYTES;
+                if verdict.progressed {
                     self.engine.on_first_progress(now, request, attempt);
                 }
-                self.outcome(ctx, now, request, attempt, outcome);
+                self.outcome(ctx, now, request, attempt, verdict.classification);
                 let effects = self.drain(now);
                 // Delivering the router's own answer releases it; otherwise keep holding it.
                 let released = effects.iter().any(|e| {
@@ -856,18 +870,29 @@ impl State {
         request: RequestId,
         attempt: u32,
     ) -> Vec<Effect> {
+        // A stream that reached the caller is an answer only if it ended with `[DONE]`; cut
+        // short, it counts as the provider's failure and is never cached.
+        let complete = self
+            .flows
+            .get(&ctx)
+            .is_some_and(|f| f.unreadable || f.done.complete());
+        if let Some(flow) = self.flows.get_mut(&ctx) {
+            flow.cacheable = complete && !flow.unreadable && flow.keep_body;
+        }
+        let class = if complete {
+            OutcomeClass::Success
+        } else {
+            OutcomeClass::ServerError
+        };
         self.outcome(
             ctx,
             now,
             request,
             attempt,
-            classify(&Response {
-                status: 200,
-                headers: &[],
-                body_prefix: b"",
-                progress: BodyProgress::Real,
-                unix_now_s: None,
-            }),
+            Classification {
+                class,
+                retry_after: None,
+            },
         );
         self.drain(now)
     }
@@ -892,16 +917,17 @@ impl State {
         let status = Self::header(&headers, ":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
-        let outcome = if status == 0 {
-            classify_fault(TransportFault::Reset)
+        let (outcome, cacheable) = if status == 0 {
+            (classify_fault(TransportFault::Reset), false)
         } else {
-            let (outcome, progressed) = judge_answer(now, status, &headers, &body);
-            if progressed {
+            let verdict = judge_answer(now, status, &headers, &body);
+            if verdict.progressed {
                 self.engine.on_first_progress(now, request, attempt);
             }
-            outcome
+            (verdict.classification, verdict.cacheable)
         };
         if let Some(flow) = self.flows.get_mut(&ctx) {
+            flow.cacheable = cacheable;
             flow.response_status = status;
             flow.response_headers = headers;
             flow.response_body = body;
@@ -1026,6 +1052,10 @@ impl State {
             (":path".to_string(), Some(path)),
             ("authorization".to_string(), authorization),
             ("content-length".to_string(), Some(length.to_string())),
+            (
+                "accept-encoding".to_string(),
+                Some(MANAGED_ACCEPT_ENCODING.to_string()),
+            ),
         ];
         Some(UpstreamPlan { headers, body })
     }
@@ -1167,18 +1197,21 @@ impl State {
                     };
                     let from_router = flow.router_attempt == Some(flow.attempt);
                     let carrier = flow.carrier;
-                    if store_in_cache {
+                    if store_in_cache && flow.cacheable {
                         if let Some(key) = flow.cache_key {
-                            let complete = !flow.stream || flow.phase == Phase::Streaming;
-                            if complete
-                                && flow.response_body.len() as u64
-                                    <= self.config.cache.max_entry_bytes
+                            if flow.response_body.len() as u64 <= self.config.cache.max_entry_bytes
                             {
+                                // Replayed with the content type it came with (a stream to a
+                                // request whose `stream` was not literally `true` is SSE).
+                                let sse = Self::header(&flow.response_headers, "content-type")
+                                    .is_some_and(|ct| {
+                                        Framing::from_content_type(ct) == Framing::Sse
+                                    });
                                 shared::cache_put(
                                     key,
                                     &self.cache_bounds,
                                     now,
-                                    flow.stream,
+                                    sse,
                                     &flow.response_body,
                                 );
                                 self.metrics.cache_bytes(shared::cache_bytes());
@@ -1327,6 +1360,10 @@ impl State {
                 let headers = vec![
                     ("x-unbusy-cluster".to_string(), Some(cluster)),
                     (FLOW_HEADER.to_string(), Some(format!("{index}:{ctx}"))),
+                    (
+                        "accept-encoding".to_string(),
+                        Some(MANAGED_ACCEPT_ENCODING.to_string()),
+                    ),
                 ];
                 effects.push(Effect::ResumeRequest {
                     ctx,
@@ -1366,9 +1403,15 @@ impl State {
             flow.phase = Phase::Router;
             flow.router_attempt = Some(send.attempt);
             // (A caller's own flow header would tie its request to another's attempts.)
+            // Answers are asked for unencoded: the judge, the progress detector and the cache
+            // must read them (the caller then gets identity, which every client accepts).
             let mut headers = vec![
                 ("x-unbusy-cluster".to_string(), Some(cluster)),
                 (FLOW_HEADER.to_string(), None),
+                (
+                    "accept-encoding".to_string(),
+                    Some(MANAGED_ACCEPT_ENCODING.to_string()),
+                ),
             ];
             if let Some(auth) = &send.rewrite.authorization {
                 headers.push(("authorization".into(), Some(auth.clone())));
@@ -1435,6 +1478,7 @@ impl State {
         if let Some(a) = auth {
             headers.push(("authorization".into(), a));
         }
+        headers.push(("accept-encoding".into(), MANAGED_ACCEPT_ENCODING.into()));
         headers.push(("x-unbusy-attempt".into(), send.attempt.to_string()));
         let timeout = Duration::from_nanos(send.deadline.saturating_sub(now).max(1_000_000));
         Some(Effect::Dispatch {
@@ -1446,5 +1490,49 @@ impl State {
             body: body.unwrap_or_else(|| flow.body.clone()),
             timeout,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routed_path;
+
+    #[test]
+    fn a_known_endpoint_lands_under_every_shape_of_base_url_once() {
+        let cases = [
+            (
+                "https://api.deepseek.com",
+                "/v1/chat/completions",
+                "/chat/completions",
+            ),
+            (
+                "https://api.openai.com/v1",
+                "/v1/chat/completions",
+                "/v1/chat/completions",
+            ),
+            (
+                "https://api.openai.com/v1/",
+                "/chat/completions",
+                "/v1/chat/completions",
+            ),
+            (
+                "https://gw.example/openai/v1",
+                "/v1/chat/completions?api-version=2",
+                "/openai/v1/chat/completions?api-version=2",
+            ),
+            (
+                "http://127.0.0.1:9/v1",
+                "/v1/models/deepseek-chat",
+                "/v1/models/deepseek-chat",
+            ),
+            ("http://127.0.0.1:9", "/v1/files/abc", "/files/abc"),
+        ];
+        for (base, path, want) in cases {
+            assert_eq!(routed_path(Some(base), path), want, "{path} under {base}");
+        }
+        assert_eq!(
+            routed_path(None, "/v1/chat/completions"),
+            "/v1/chat/completions"
+        );
     }
 }

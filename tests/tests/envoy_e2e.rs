@@ -663,12 +663,16 @@ async fn the_cache_stays_within_its_byte_bound_across_workers() {
         }
     }
     // What was cached at once (the hits, each served by the worker that did not store it)
-    // fits the bound, and is exactly what the gauge says.
+    // fits the bound and the gauge. (Not always all of it: a miss above stores its answer, and
+    // an answer whose key shares a bucket with one not yet read replaces it; last writer wins.)
     assert!(
         hits >= 1 && hit_bytes <= 2000,
         "{hits} hits, {hit_bytes} bytes"
     );
-    assert_eq!(hit_bytes as u64, held);
+    assert!(
+        hit_bytes as u64 <= held,
+        "{hit_bytes} hit bytes, {held} held"
+    );
     assert_eq!(w.providers[0].stats().attempts, before + 12 - hits as u64);
     assert!(gauge(&w, "unbusy_cache_bytes").await.unwrap() <= 2000);
 }
