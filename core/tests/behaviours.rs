@@ -924,3 +924,49 @@ fn with_the_cache_disabled_no_answer_is_stored() {
         }]
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The first-byte wait
+// ---------------------------------------------------------------------------------------------
+
+/// Answers `n` non-streaming requests whose first real byte comes after `first_byte`; returns
+/// the time after the last.
+fn answered_after(e: &mut Engine, mut now: Nanos, n: u32, first_byte: Nanos) -> Nanos {
+    for _ in 0..n {
+        let id = e.admit(now, meta(1));
+        let send = the_send(&actions(e));
+        e.on_first_progress(now + first_byte, id, send.attempt);
+        e.on_outcome(now + first_byte, id, send.attempt, success());
+        let _ = actions(e);
+        now += first_byte + ms(10);
+    }
+    now
+}
+
+#[test]
+fn the_first_byte_wait_shortens_to_what_the_provider_has_shown_and_no_further() {
+    let mut e = one_provider(r#""deadlines":{"response_ms":25000,"total_ms":60000}"#);
+    // Before it has seen enough answers, the configured wait holds.
+    let now = answered_after(&mut e, 0, 7, ms(1500));
+    e.admit(now, meta(1));
+    let send = the_send(&actions(&mut e));
+    assert_eq!(send.first_token_deadline, now + secs(25));
+    e.cancel(now, send.request);
+    let _ = actions(&mut e);
+    // After 8 answers within 1.5 s, an attempt waits 4 x 1.5 s for its first byte.
+    let now = answered_after(&mut e, now + ms(10), 1, ms(1500));
+    e.admit(now, meta(1));
+    let send = the_send(&actions(&mut e));
+    assert_eq!(send.first_token_deadline, now + secs(6));
+    e.cancel(now, send.request);
+    let _ = actions(&mut e);
+    // Never below the floor, never above the configured wait.
+    let mut fast = one_provider("");
+    let now = answered_after(&mut fast, 0, 8, ms(50));
+    fast.admit(now, meta(1));
+    assert_eq!(the_send(&actions(&mut fast)).first_token_deadline, now + secs(2));
+    let mut slow = one_provider(r#""deadlines":{"response_ms":25000,"total_ms":120000}"#);
+    let now = answered_after(&mut slow, 0, 8, secs(10));
+    slow.admit(now, meta(1));
+    assert_eq!(the_send(&actions(&mut slow)).first_token_deadline, now + secs(25));
+}

@@ -3,10 +3,13 @@
 //! split). Nothing may panic, progress must not depend on how the bytes were split, a 2xx
 //! holding a real answer is a success (never busy), one holding only keep-alive bytes a stall,
 //! and a caller error (4xx other than 408, 409, 429) is never retried unless its body says
-//! the provider is overloaded.
+//! the provider is overloaded. The answer judge (`answer::assess`) never calls anything but a
+//! complete, readable answer cacheable, agrees with the stream tracker however the stream is
+//! split, and never calls an encoded body valid.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use unbusy_core::answer::{assess, judge as judge_answer, DoneTracker, Verdict};
 use unbusy_core::classify::{
     classify, retry_hint, BodyProgress, OutcomeClass, Response, TransportFault,
 };
@@ -114,5 +117,50 @@ fuzz_target!(|data: &[u8]| {
             parts.time_to_first_progress().is_some(),
             "progress must not depend on chunking"
         );
+    }
+    // The answer judge, on the raw bytes as a body under each content type and encoding.
+    for content_type in [
+        Some("application/json"),
+        Some("text/event-stream"),
+        Some("text/html"),
+        None,
+    ] {
+        for encoding in [None, Some("gzip")] {
+            let v = judge_answer(content_type, encoding, rest);
+            if encoding.is_some() {
+                assert_eq!(v, Verdict::Unreadable);
+            }
+            let mut h: Vec<(&str, &str)> = Vec::new();
+            if let Some(ct) = content_type {
+                h.push(("content-type", ct));
+            }
+            if let Some(e) = encoding {
+                h.push(("content-encoding", e));
+            }
+            let a = assess(200, &h, rest, Some(1_800_000_000));
+            if a.cacheable {
+                assert_eq!(v, Verdict::Valid, "cacheable but {v:?}");
+                assert_eq!(a.classification.class, OutcomeClass::Success);
+            }
+            if content_type == Some("text/event-stream") && encoding.is_none() {
+                let mut whole = DoneTracker::new();
+                whole.feed(rest);
+                whole.feed(b"\n");
+                let mut parts = DoneTracker::new();
+                let at = split.min(rest.len());
+                parts.feed(&rest[..at]);
+                parts.feed(&rest[at..]);
+                parts.feed(b"\n");
+                assert_eq!(
+                    whole.complete(),
+                    parts.complete(),
+                    "[DONE] must not depend on chunking"
+                );
+            }
+        }
+        let a = assess(status, &[], rest, None);
+        if !(200..=299).contains(&status) {
+            assert!(!a.cacheable, "{status} cacheable");
+        }
     }
 });
