@@ -964,9 +964,15 @@ fn the_first_byte_wait_shortens_to_what_the_provider_has_shown_and_no_further() 
     let mut fast = one_provider("");
     let now = answered_after(&mut fast, 0, 8, ms(50));
     fast.admit(now, meta(1));
-    assert_eq!(the_send(&actions(&mut fast)).first_token_deadline, now + secs(2));
+    assert_eq!(
+        the_send(&actions(&mut fast)).first_token_deadline,
+        now + secs(2)
+    );
     let mut slow = one_provider(r#""deadlines":{"response_ms":25000,"total_ms":120000}"#);
     let now = answered_after(&mut slow, 0, 8, secs(10));
     slow.admit(now, meta(1));
-    assert_eq!(the_send(&actions(&mut slow)).first_token_deadline, now + secs(25));
+    assert_eq!(
+        the_send(&actions(&mut slow)).first_token_deadline,
+        now + secs(25)
+    );
 }
