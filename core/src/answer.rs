@@ -21,7 +21,8 @@
 //! other, so the caller never sees it as a success and the cache never holds it.
 
 use crate::classify::{
-    classify, classify_fault, BodyProgress, Classification, OutcomeClass, Response, TransportFault,
+    classify, classify_fault, header, BodyProgress, Classification, OutcomeClass, Response,
+    TransportFault,
 };
 use crate::json::{self, Value};
 use crate::progress::{Feed, Framing, ProgressDetector};
@@ -202,13 +203,6 @@ pub struct Assessment {
     pub verdict: Option<Verdict>,
     /// Whether the answer may be stored in a cache: a complete, valid, readable success.
     pub cacheable: bool,
-}
-
-fn header<'a>(headers: &'a [(&'a str, &'a str)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| *v)
 }
 
 /// The one verdict on a complete answer (status, headers, whole body), for every host: a 2xx

@@ -350,7 +350,8 @@ fn trim_ascii_start(b: &[u8]) -> &[u8] {
     b.get(start..).unwrap_or_default()
 }
 
-fn header<'a>(headers: &'a [(&'a str, &'a str)], name: &str) -> Option<&'a str> {
+/// A header's value, its name matched case-insensitively, trimmed.
+pub(crate) fn header<'a>(headers: &'a [(&'a str, &'a str)], name: &str) -> Option<&'a str> {
     headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))

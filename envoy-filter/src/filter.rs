@@ -212,6 +212,18 @@ struct Flow {
     cached: Option<shared::Cached>,
 }
 
+impl Flow {
+    /// Feeds the answer's new bytes to the progress detector. Compressed bytes cannot be told
+    /// from keep-alive ones, so for an unreadable encoding any byte is progress.
+    fn feed_progress(&mut self, now: Nanos, new: &[u8]) -> Feed {
+        if self.unreadable && !new.is_empty() {
+            Feed::FirstProgress
+        } else {
+            self.detector.feed(now, new)
+        }
+    }
+}
+
 /// The state of one filter VM (one per Envoy worker thread).
 pub struct State {
     engine: Engine,
@@ -761,11 +773,7 @@ impl State {
             Phase::HoldingStream => {
                 let new = body.get(flow.fed..).unwrap_or(&[]);
                 flow.fed = body.len();
-                let feed = if flow.unreadable && !new.is_empty() {
-                    Feed::FirstProgress // compressed bytes cannot be told from keep-alive ones
-                } else {
-                    flow.detector.feed(now, new)
-                };
+                let feed = flow.feed_progress(now, new);
                 flow.done.feed(new);
                 if feed == Feed::FirstProgress || feed == Feed::Progress {
                     flow.phase = Phase::Streaming;
@@ -826,11 +834,7 @@ impl State {
                         // event is: the first-byte wait is over (blank lines do not count).
                         let new = body.get(flow.fed..).unwrap_or(&[]);
                         flow.fed = body.len();
-                        let feed = if flow.unreadable && !new.is_empty() {
-                            Feed::FirstProgress
-                        } else {
-                            flow.detector.feed(now, new)
-                        };
+                        let feed = flow.feed_progress(now, new);
                         match feed {
                             Feed::FirstProgress => {
                                 self.engine.on_first_progress(now, request, attempt)
