@@ -120,6 +120,7 @@ pub mod classify;
 pub mod concurrency;
 pub mod config;
 pub mod degrade;
+pub mod encoding;
 pub mod engine;
 pub mod json;
 pub mod progress;
