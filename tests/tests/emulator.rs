@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
-use unbusy_tests::emulator::{start, Behaviour};
+use unbusy_tests::emulator::{accepts_gzip, start, AnswerShape, Behaviour, HTML_502, OVERLOAD_200};
 use unbusy_tests::harness::{request, Reply};
 use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
 
@@ -35,6 +35,7 @@ fn fast(faults: Vec<FaultWindow>) -> Behaviour {
             ..Provider::default()
         },
         keepalive_every: Duration::from_millis(50),
+        ..Behaviour::default()
     }
 }
 
@@ -357,10 +358,323 @@ fn the_binary_reads_a_scenario_provider_and_refuses_bad_flags() {
         vec!["--scenario", scenario],
         vec!["--frobnicate"],
         vec!["--total-ms", "9,3"],
+        vec!["--answer", "nope"],
     ] {
         let out = Command::new(exe).args(&bad).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("busy-provider: "), "{bad:?}: {err}");
     }
+}
+
+/// One request with extra headers (after the test key and JSON content type).
+async fn call_with(addr: SocketAddr, body: &str, extra: &[(&str, &str)]) -> Reply {
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("authorization", "Bearer test-key"),
+    ];
+    headers.extend_from_slice(extra);
+    request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        body.to_string(),
+    )
+    .await
+    .unwrap()
+}
+
+fn shaped(shape: AnswerShape) -> Behaviour {
+    Behaviour {
+        answer: shape,
+        ..fast(vec![])
+    }
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+fn sse_events(text: &str) -> Vec<&str> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn answer_shapes_send_the_bad_answers_real_providers_send() {
+    // truncated_json: a cut-off completion with a correct content-length; a stream without [DONE].
+    let (emu, addr) = start(shaped(AnswerShape::TruncatedJson), 1, "127.0.0.1:0")
+        .await
+        .unwrap();
+    let r = call_with(addr, CHAT, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let body = r.body.as_ref().unwrap();
+    assert_eq!(r.headers["content-length"], body.len().to_string().as_str());
+    assert!(r.text().starts_with("{\"choices\":[{"), "{}", r.text());
+    assert!(
+        serde_json::from_slice::<Value>(body).is_err(),
+        "not cut: {}",
+        r.text()
+    );
+    let r = call_with(addr, CHAT_STREAM, &[]).await;
+    let text = r.text();
+    assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert_eq!(emu.stats().truncated_json, 2);
+
+    // html_200: a gateway's page as a success, stream or not.
+    let (emu, addr) = start(shaped(AnswerShape::Html200), 1, "127.0.0.1:0")
+        .await
+        .unwrap();
+    for body in [CHAT, CHAT_STREAM] {
+        let r = call_with(addr, body, &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, HTML_502));
+        assert_eq!(r.headers["content-type"], "text/html");
+    }
+    assert_eq!((emu.stats().html_200, emu.stats().ok), (2, 0));
+
+    // sse_no_done: every chunk, a clean end, no [DONE]; a non-stream answer is normal.
+    let (emu, addr) = start(shaped(AnswerShape::SseNoDone), 1, "127.0.0.1:0")
+        .await
+        .unwrap();
+    let r = call_with(addr, CHAT_STREAM, &[]).await;
+    assert!(r.body.is_ok(), "the stream must end cleanly: {:?}", r.body);
+    let text = r.text();
+    let events = sse_events(&text);
+    assert!(events.last().unwrap().contains("\"usage\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let r = call_with(addr, CHAT, &[]).await;
+    assert_eq!(json_of(&r)["object"], "chat.completion");
+    assert_eq!((emu.stats().sse_no_done, emu.stats().ok), (1, 1));
+
+    // overload_200: DeepSeek's busy error as a 200 JSON body, stream or not.
+    let (emu, addr) = start(shaped(AnswerShape::Overload200), 1, "127.0.0.1:0")
+        .await
+        .unwrap();
+    for body in [CHAT, CHAT_STREAM] {
+        let r = call_with(addr, body, &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, OVERLOAD_200));
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+    assert_eq!(emu.stats().overload_200, 2);
+
+    // retry_after_zero / retry_after_past: 429s whose hints mean "now".
+    let (emu, addr) = start(shaped(AnswerShape::RetryAfterZero), 1, "127.0.0.1:0")
+        .await
+        .unwrap();
+    let r = call_with(addr, CHAT, &[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["retry-after"], "0");
+    assert_eq!(r.headers["retry-after-ms"], "0");
+    assert_eq!(json_of(&r)["error"]["type"], "rate_limit_error");
+    assert_eq!(emu.stats().retry_after_zero, 1);
+    let (emu, addr) = start(shaped(AnswerShape::RetryAfterPast), 1, "127.0.0.1:0")
+        .await
+        .unwrap();
+    let r = call_with(addr, CHAT, &[]).await;
+    assert_eq!(r.status, 429);
+    let date = r.headers["retry-after"].to_str().unwrap().to_string();
+    assert!(date.ends_with(" GMT") && date.len() == 29, "{date}");
+    assert!(!r.headers.contains_key("retry-after-ms"));
+    // One hour in the past, as unbusy's classifier reads it.
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let parsed = unbusy_core::classify::parse_http_date(&date);
+    assert!(
+        parsed.is_some_and(|t| t + 3590 <= now_s && t + 3610 >= now_s),
+        "{date}: {parsed:?}"
+    );
+    assert_eq!(emu.stats().retry_after_past, 1);
+}
+
+#[tokio::test]
+async fn the_answer_shape_is_set_with_put_control() {
+    let (emu, addr) = start(fast(vec![]), 1, "127.0.0.1:0").await.unwrap();
+    let control =
+        json!({"latency_ms": {"first_token": [5, 5], "total": [10, 10]}, "answer": "html_200"});
+    let r = call(addr, "PUT", "/control", &control.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(call_with(addr, CHAT, &[]).await.text(), HTML_502);
+    // A control body replaces the whole behaviour: without "answer", normal again.
+    let r = call(addr, "PUT", "/control", "{}").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        json_of(&call_with(addr, CHAT, &[]).await)["object"],
+        "chat.completion"
+    );
+    let r = call(addr, "PUT", "/control", r#"{"answer": "nope"}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let s = emu.stats();
+    assert_eq!((s.html_200, s.ok), (1, 1));
+}
+
+#[test]
+fn accept_encoding_allows_gzip_only_with_a_positive_q() {
+    for (value, gzip) in [
+        (None, false),
+        (Some(""), false),
+        (Some("identity"), false),
+        (Some("gzip"), true),
+        (Some("gzip, deflate"), true),
+        (Some("gzip, deflate, br, zstd"), true),
+        (Some("br;q=1.0, GZIP;q=0.5"), true),
+        (Some("gzip;q=0"), false),
+        (Some("gzip;q=0.000"), false),
+        (Some("*"), true),
+        (Some("*;q=0"), false),
+        (Some("gzip;q=0, *"), false),
+        (Some("deflate, *;q=0.1"), true),
+        (Some("x-gzip"), true),
+    ] {
+        assert_eq!(accepts_gzip(value), gzip, "{value:?}");
+    }
+}
+
+#[tokio::test]
+async fn gzip_is_used_when_the_caller_accepts_it_and_only_then() {
+    let (emu, addr) = start(fast(vec![]), 1, "127.0.0.1:0").await.unwrap();
+    // JSON, as the official Python SDK asks for it.
+    let r = call_with(addr, CHAT, &[("accept-encoding", "gzip, deflate")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    let raw = r.body.as_ref().unwrap();
+    assert_eq!(r.headers["content-length"], raw.len().to_string().as_str());
+    let v: Value = serde_json::from_slice(&gunzip(raw)).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    // Identity when not asked, or refused with q=0.
+    for extra in [&[][..], &[("accept-encoding", "gzip;q=0, identity")][..]] {
+        let r = call_with(addr, CHAT, extra).await;
+        assert!(!r.headers.contains_key("content-encoding"), "{extra:?}");
+        assert_eq!(json_of(&r)["object"], "chat.completion");
+    }
+    // Errors and shapes too.
+    let control = json!({"faults": [{"from_s": 0, "to_s": 1e9, "busy_503": 1.0}]});
+    call(addr, "PUT", "/control", &control.to_string())
+        .await
+        .unwrap();
+    let r = call_with(addr, CHAT, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(
+        (r.status, r.header("content-encoding")),
+        (503, Some("gzip"))
+    );
+    let v: Value = serde_json::from_slice(&gunzip(r.body.as_ref().unwrap())).unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("overloaded"));
+    let control =
+        json!({"latency_ms": {"first_token": [5, 5], "total": [10, 10]}, "answer": "overload_200"});
+    call(addr, "PUT", "/control", &control.to_string())
+        .await
+        .unwrap();
+    let r = call_with(addr, CHAT, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(
+        (r.status, r.header("content-encoding")),
+        (200, Some("gzip"))
+    );
+    assert_eq!(gunzip(r.body.as_ref().unwrap()), OVERLOAD_200.as_bytes());
+    let s = emu.stats();
+    assert_eq!(s.gzip_answers, 3);
+    let seen: Vec<Option<&str>> = s
+        .recent
+        .iter()
+        .map(|r| r.accept_encoding.as_deref())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            Some("gzip, deflate"),
+            None,
+            Some("gzip;q=0, identity"),
+            Some("gzip"),
+            Some("gzip")
+        ]
+    );
+    assert!(
+        s.recent.windows(2).all(|w| w[0].at_ms <= w[1].at_ms),
+        "{:?}",
+        s.recent
+    );
+}
+
+#[tokio::test]
+async fn a_gzip_stream_still_streams_event_by_event() {
+    use std::io::Write;
+    let mut b = fast(vec![]);
+    b.provider.latency_ms = Latency {
+        first_token: [50.0, 50.0],
+        total: [600.0, 600.0],
+    };
+    let (emu, addr) = start(b, 1, "127.0.0.1:0").await.unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "e")
+        .header("accept-encoding", "gzip, deflate, br")
+        .body(Full::new(Bytes::from(CHAT_STREAM)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    let mut decoder = flate2::write::GzDecoder::new(Vec::new());
+    let mut body = resp.into_body();
+    let mut first_event_while_producing = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.unwrap().into_data() else {
+            continue;
+        };
+        decoder.write_all(&data).unwrap();
+        decoder.flush().unwrap();
+        if first_event_while_producing.is_none() && decoder.get_ref().ends_with(b"\n\n") {
+            // The first event decoded from what arrived so far, while the answer is still
+            // being produced: the compression did not hold it back.
+            first_event_while_producing = Some(emu.stats().in_flight == 1);
+        }
+    }
+    let text = String::from_utf8(decoder.finish().unwrap()).unwrap();
+    assert_eq!(first_event_while_producing, Some(true));
+    let events = sse_events(&text);
+    assert!(events[0].starts_with("data: {"), "{text}");
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    assert_eq!(emu.stats().gzip_answers, 1);
+}
+
+#[tokio::test]
+async fn always_gzip_ignores_what_the_caller_accepts() {
+    let b = Behaviour {
+        always_gzip: true,
+        ..fast(vec![])
+    };
+    let (emu, addr) = start(b, 1, "127.0.0.1:0").await.unwrap();
+    for (body, extra) in [
+        (CHAT, &[][..]),
+        (CHAT_STREAM, &[("accept-encoding", "identity")][..]),
+    ] {
+        let r = call_with(addr, body, extra).await;
+        assert_eq!(r.headers["content-encoding"], "gzip", "{extra:?}");
+        let text = String::from_utf8(gunzip(r.body.as_ref().unwrap())).unwrap();
+        assert!(text.contains("[emu]"), "{text}");
+    }
+    assert_eq!(emu.stats().gzip_answers, 2);
+    // GET /stats stays readable.
+    let r = call(addr, "GET", "/stats", "").await.unwrap();
+    assert!(!r.headers.contains_key("content-encoding"));
 }

@@ -36,6 +36,7 @@ fn behaviour(name: &str, faults: Vec<FaultWindow>) -> Behaviour {
             ..Provider::default()
         },
         keepalive_every: Duration::from_millis(100),
+        ..Behaviour::default()
     }
 }
 

@@ -157,6 +157,7 @@ fn behaviour(name: &str, first_token_ms: f64, total_ms: f64, busy: bool) -> Beha
             ..Provider::default()
         },
         keepalive_every: Duration::from_secs(1),
+        ..Behaviour::default()
     }
 }
 

@@ -6,22 +6,27 @@
 //!               [--busy-503 P] [--error-500 P] [--rate-limit-429 P] [--retry-after S]
 //!               [--stall P] [--stall-s S] [--reset P] [--outage] [--capacity N]
 //!               [--first-token-ms P50[,P99]] [--total-ms P50[,P99]] [--keepalive-ms MS]
+//!               [--answer SHAPE] [--always-gzip]
 //! ```
 //! Flags apply for all time; a scenario's fault windows are timed from start-up. Flags given
 //! with a scenario override its provider's entry. `--retry-after 0` sends 429s without the
-//! header. Prints `busy-provider NAME listening on http://ADDR` once ready.
+//! header. `--answer` shapes the answers that draw no fault: `normal` (the default),
+//! `truncated_json`, `html_200`, `sse_no_done`, `overload_200`, `retry_after_zero`,
+//! `retry_after_past` (see `AnswerShape`). Answers are gzip-encoded when the request's
+//! `accept-encoding` allows it; `--always-gzip` does it whatever was asked.
+//! Prints `busy-provider NAME listening on http://ADDR` once ready.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use unbusy_tests::emulator::{start, Behaviour};
+use unbusy_tests::emulator::{start, AnswerShape, Behaviour};
 use unbusy_tests::scenario::{FaultWindow, Provider, Scenario};
 
 const USAGE: &str = "usage: busy-provider [--listen ADDR] [--name NAME] [--seed N] \
 [--scenario FILE --provider NAME] [--busy-503 P] [--error-500 P] [--rate-limit-429 P] \
 [--retry-after S] [--stall P] [--stall-s S] [--reset P] [--outage] [--capacity N] \
-[--first-token-ms P50[,P99]] [--total-ms P50[,P99]] [--keepalive-ms MS]";
+[--first-token-ms P50[,P99]] [--total-ms P50[,P99]] [--keepalive-ms MS] [--answer SHAPE] [--always-gzip]";
 
 struct Args {
     listen: String,
@@ -60,6 +65,8 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut first_token: Option<[f64; 2]> = None;
     let mut total: Option<[f64; 2]> = None;
     let mut keepalive_ms = 1000u64;
+    let mut answer = AnswerShape::Normal;
+    let mut always_gzip = false;
     while let Some(flag) = argv.next() {
         let mut value = || argv.next().ok_or(format!("{flag} needs a value"));
         let prob = |v: String| -> Result<f64, String> {
@@ -94,6 +101,14 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--first-token-ms" => first_token = Some(latency(&value()?, &flag)?),
             "--total-ms" => total = Some(latency(&value()?, &flag)?),
             "--keepalive-ms" => keepalive_ms = (num(value()?)? as u64).max(1),
+            "--always-gzip" => always_gzip = true,
+            "--answer" => {
+                let v = value()?;
+                answer = AnswerShape::parse(&v).ok_or_else(|| {
+                    let names: Vec<&str> = AnswerShape::ALL.iter().map(|s| s.name()).collect();
+                    format!("--answer: expected one of {names:?}, got {v:?}")
+                })?;
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -145,6 +160,8 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         behaviour: Behaviour {
             provider,
             keepalive_every: Duration::from_millis(keepalive_ms),
+            answer,
+            always_gzip,
         },
     })
 }

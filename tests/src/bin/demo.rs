@@ -85,6 +85,7 @@ async fn demo() -> Result<(), String> {
             ..Provider::default()
         },
         keepalive_every: Duration::from_millis(500),
+        ..Behaviour::default()
     };
     let backup = Behaviour {
         provider: Provider {
@@ -96,6 +97,7 @@ async fn demo() -> Result<(), String> {
             ..Provider::default()
         },
         keepalive_every: Duration::from_millis(500),
+        ..Behaviour::default()
     };
     let (p_emu, p_addr) = start(primary, 1, "127.0.0.1:0")
         .await

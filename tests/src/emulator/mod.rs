@@ -13,17 +13,34 @@
 //! `data: [DONE]`), `GET /v1/models`, `GET /stats` (counters), `POST /stats/reset`,
 //! `PUT /control`. Malformed requests get a 400 with an OpenAI-shaped error, as real providers
 //! answer.
+//!
+//! **Answer shapes** ([`AnswerShape`], `"answer"` in `PUT /control`, `--answer` on the command
+//! line, default `normal`): the bad answers that arrive with a good status or a useless hint
+//! (a cut-off JSON body, a gateway's HTML page as `200`, a stream that never says
+//! `data: [DONE]`, DeepSeek's `服务器繁忙` as a `200`, `Retry-After: 0`, a `Retry-After` date
+//! in the past). A shape applies to the requests that draw no fault; a drawn fault wins. The
+//! shapes that are not an answer (`html_200`, `overload_200`, the 429s) come after the
+//! provider's first-token latency, so a test sets how fast they are.
+//!
+//! **Compression**, as real providers do it: when the request's `accept-encoding` allows gzip
+//! (q > 0), every answer (JSON, errors, SSE, keep-alive stalls, the shapes) is gzip-encoded with
+//! `content-encoding: gzip`; a stream is compressed event by event with a sync flush, so it
+//! still streams. Without it, identity, unless `always_gzip` (`"always_gzip": true` in
+//! `PUT /control`, `--always-gzip`) makes chat answers gzip whatever was asked.
 
 mod body;
+mod shape;
 mod stats;
 
 use crate::scenario::{Fault, LogNormal, Provider, RetryHint};
+pub use body::{accepts_gzip, gzip_bytes};
 use body::{json_response, ChannelBody, ResponseBody};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
+pub use shape::{http_date, AnswerShape, HTML_502, OVERLOAD_200};
 pub use stats::{RecentRequest, Stats};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -42,6 +59,34 @@ pub struct Behaviour {
     pub provider: Provider,
     /// Interval between keep-alive bytes during a stall.
     pub keepalive_every: Duration,
+    /// What a request that draws no fault gets: a normal answer or a bad one.
+    pub answer: AnswerShape,
+    /// Whether answers are gzip-encoded only when asked (`false`, the default), or always,
+    /// whatever `accept-encoding` says (a provider or CDN that ignores `identity`).
+    pub always_gzip: bool,
+}
+
+impl Default for Behaviour {
+    /// The default provider entry, keep-alive every second, normal answers.
+    fn default() -> Self {
+        Self {
+            provider: Provider::default(),
+            keepalive_every: Duration::from_secs(1),
+            answer: AnswerShape::Normal,
+            always_gzip: false,
+        }
+    }
+}
+
+/// The part of a `PUT /control` body that is not the scenario provider entry.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ControlExtra {
+    /// The answer shape; absent: `normal` (a control body replaces the whole behaviour).
+    #[serde(default)]
+    answer: AnswerShape,
+    /// Gzip every answer whatever the request accepts; absent: false.
+    #[serde(default)]
+    always_gzip: bool,
 }
 
 struct State {
@@ -59,6 +104,8 @@ pub struct Emulator {
     state: Mutex<State>,
     in_flight: AtomicU32,
     next_id: AtomicU32,
+    /// Arrival times count from here (never reset).
+    started: Instant,
 }
 
 /// Decrements the in-flight count when an answer ends, however it ends (completed, or the
@@ -109,6 +156,7 @@ impl Emulator {
             }),
             in_flight: AtomicU32::new(0),
             next_id: AtomicU32::new(1),
+            started: Instant::now(),
         })
     }
 
@@ -147,6 +195,23 @@ impl Emulator {
     }
 
     async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, ResetConnection> {
+        let gzip = accepts_gzip(accept_encoding(&req).as_deref())
+            || (self.state().behaviour.always_gzip && req.method() == Method::POST);
+        let resp = self.clone().route(req).await?;
+        if !gzip {
+            return Ok(resp);
+        }
+        let resp = body::gzip_response(resp).await;
+        if resp.headers().contains_key(hyper::header::CONTENT_ENCODING) {
+            self.state().stats.gzip_answers += 1;
+        }
+        Ok(resp)
+    }
+
+    async fn route(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ResetConnection> {
@@ -189,8 +254,11 @@ impl Emulator {
             Ok(b) => b,
             Err(resp) => return resp,
         };
-        match serde_json::from_slice::<Provider>(&bytes) {
-            Ok(mut provider) => {
+        let parsed = serde_json::from_slice::<Provider>(&bytes).and_then(|provider| {
+            serde_json::from_slice::<ControlExtra>(&bytes).map(|extra| (provider, extra))
+        });
+        match parsed {
+            Ok((mut provider, extra)) => {
                 let mut st = self.state();
                 if provider.name == Provider::default().name {
                     provider.name = st.behaviour.provider.name.clone();
@@ -198,6 +266,8 @@ impl Emulator {
                 st.first_token = LogNormal::from_percentiles(provider.latency_ms.first_token);
                 st.total = LogNormal::from_percentiles(provider.latency_ms.total);
                 st.behaviour.provider = provider;
+                st.behaviour.answer = extra.answer;
+                st.behaviour.always_gzip = extra.always_gzip;
                 st.origin = Instant::now();
                 json_response(StatusCode::OK, &json!({"applied": true}))
             }
@@ -214,6 +284,8 @@ impl Emulator {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ResetConnection> {
+        let at_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let accept_encoding = accept_encoding(&req);
         let authorization = req
             .headers()
             .get(hyper::header::AUTHORIZATION)
@@ -239,7 +311,7 @@ impl Emulator {
             }
         };
         // Decide this request's fate under the lock, then act without it.
-        let (fault, over_capacity, name, keepalive, first_token, total, error_delay) = {
+        let (fault, over_capacity, name, keepalive, first_token, total, error_delay, shape) = {
             let mut st = self.state();
             st.stats.attempts += 1;
             st.stats.remember(RecentRequest {
@@ -247,6 +319,8 @@ impl Emulator {
                 stream: parsed.stream,
                 max_tokens: parsed.max_tokens,
                 authorization: authorization.clone(),
+                at_ms,
+                accept_encoding,
             });
             let capacity = st.behaviour.provider.capacity;
             let over_capacity = capacity > 0 && self.in_flight.load(Ordering::SeqCst) >= capacity;
@@ -266,6 +340,7 @@ impl Emulator {
                 Duration::from_secs_f64(ft / 1000.0),
                 Duration::from_secs_f64(total / 1000.0),
                 Duration::from_secs_f64(error_delay / 1000.0),
+                st.behaviour.answer,
             )
         };
         if over_capacity {
@@ -351,7 +426,6 @@ impl Emulator {
                 ))
             }
             Fault::None => {
-                self.state().stats.ok += 1;
                 let id = self.next_id.fetch_add(1, Ordering::SeqCst);
                 let answer = Answer {
                     id: format!("chatcmpl-{name}-{id}"),
@@ -362,17 +436,86 @@ impl Emulator {
                     ),
                     prompt_tokens: (bytes.len() / 4).max(1) as u64,
                 };
-                let resp = if parsed.stream {
-                    stream_response(answer, parsed.include_usage, first_token, total, guard)
-                } else {
-                    tokio::time::sleep(total).await;
-                    drop(guard);
-                    json_response(StatusCode::OK, &answer.completion())
+                self.state().stats.count(shape, parsed.stream);
+                let resp = match shape {
+                    AnswerShape::Html200 => {
+                        tokio::time::sleep(first_token).await;
+                        drop(guard);
+                        body::text_response(StatusCode::OK, "text/html", HTML_502)
+                    }
+                    AnswerShape::Overload200 => {
+                        tokio::time::sleep(first_token).await;
+                        drop(guard);
+                        body::text_response(StatusCode::OK, "application/json", OVERLOAD_200)
+                    }
+                    AnswerShape::RetryAfterZero | AnswerShape::RetryAfterPast => {
+                        tokio::time::sleep(first_token).await;
+                        drop(guard);
+                        let mut resp = openai_error(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "Rate limit reached for requests",
+                            "rate_limit_error",
+                            json!("rate_limit_exceeded"),
+                        );
+                        let headers = resp.headers_mut();
+                        if shape == AnswerShape::RetryAfterZero {
+                            headers.insert(
+                                hyper::header::RETRY_AFTER,
+                                hyper::header::HeaderValue::from_static("0"),
+                            );
+                            headers.insert(
+                                "retry-after-ms",
+                                hyper::header::HeaderValue::from_static("0"),
+                            );
+                        } else if let Ok(v) = shape::an_hour_ago().parse() {
+                            headers.insert(hyper::header::RETRY_AFTER, v);
+                        }
+                        resp
+                    }
+                    _ if parsed.stream => {
+                        let done =
+                            !matches!(shape, AnswerShape::SseNoDone | AnswerShape::TruncatedJson);
+                        stream_response(
+                            answer,
+                            parsed.include_usage,
+                            first_token,
+                            total,
+                            done,
+                            guard,
+                        )
+                    }
+                    AnswerShape::TruncatedJson => {
+                        tokio::time::sleep(total).await;
+                        drop(guard);
+                        let whole = answer.completion().to_string();
+                        let mut cut = whole.len() / 2;
+                        while !whole.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        let half = whole.get(..cut).unwrap_or("").to_string();
+                        body::text_response(StatusCode::OK, "application/json", half)
+                    }
+                    _ => {
+                        tokio::time::sleep(total).await;
+                        drop(guard);
+                        json_response(StatusCode::OK, &answer.completion())
+                    }
                 };
                 Ok(with_provider(resp, &name))
             }
         }
     }
+}
+
+/// The request's `accept-encoding` values, joined as one list.
+fn accept_encoding(req: &Request<Incoming>) -> Option<String> {
+    let values: Vec<&str> = req
+        .headers()
+        .get_all(hyper::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
 }
 
 fn with_provider(mut resp: Response<ResponseBody>, name: &str) -> Response<ResponseBody> {
@@ -505,6 +648,7 @@ fn stream_response(
     include_usage: bool,
     first_token: Duration,
     total: Duration,
+    done: bool,
     guard: InFlightGuard,
 ) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
@@ -545,9 +689,12 @@ fn stream_response(
                 .send(Ok(Frame::data(Bytes::from(format!("data: {v}\n\n")))))
                 .await;
         }
-        let _ = tx
-            .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
-            .await;
+        if done {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+                .await;
+        }
+        // Without `[DONE]` the body still ends cleanly: the channel closes.
     });
     body::sse_response(ChannelBody::new(rx))
 }

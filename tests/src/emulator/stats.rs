@@ -1,5 +1,6 @@
 //! The counters `GET /stats` returns.
 
+use super::AnswerShape;
 use serde::Serialize;
 
 /// How many requests the emulator kept.
@@ -7,7 +8,7 @@ const RECENT: usize = 64;
 
 /// A request as the emulator received it, for tests that check rewrites (model mapping,
 /// credentials, `max_tokens` caps). The keys here are test keys.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RecentRequest {
     /// The `model` field.
     pub model: String,
@@ -17,15 +18,33 @@ pub struct RecentRequest {
     pub max_tokens: Option<u64>,
     /// The `Authorization` header.
     pub authorization: Option<String>,
+    /// When it arrived: milliseconds since the emulator started (never reset).
+    pub at_ms: f64,
+    /// The `accept-encoding` header (several joined with `, `).
+    pub accept_encoding: Option<String>,
 }
 
 /// Counters since start-up (or the last `POST /stats/reset`).
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Stats {
     /// Well-formed chat/completions requests received.
     pub attempts: u64,
-    /// Answered normally.
+    /// Answered normally (`normal`, or `sse_no_done` to a non-streaming request).
     pub ok: u64,
+    /// Answered with the `truncated_json` shape (streams: ended without `[DONE]`).
+    pub truncated_json: u64,
+    /// Answered with the `html_200` shape.
+    pub html_200: u64,
+    /// Streams answered with the `sse_no_done` shape.
+    pub sse_no_done: u64,
+    /// Answered with the `overload_200` shape.
+    pub overload_200: u64,
+    /// Answered with the `retry_after_zero` shape.
+    pub retry_after_zero: u64,
+    /// Answered with the `retry_after_past` shape.
+    pub retry_after_past: u64,
+    /// Answers sent gzip-encoded (the request's `accept-encoding` allowed it).
+    pub gzip_answers: u64,
     /// 503 with an overload body.
     pub busy_503: u64,
     /// 500.
@@ -51,6 +70,21 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Counts an answer to a request that drew no fault, in the shape it got.
+    pub fn count(&mut self, shape: AnswerShape, stream: bool) {
+        let counter = match shape {
+            AnswerShape::Normal => &mut self.ok,
+            AnswerShape::SseNoDone if !stream => &mut self.ok,
+            AnswerShape::SseNoDone => &mut self.sse_no_done,
+            AnswerShape::TruncatedJson => &mut self.truncated_json,
+            AnswerShape::Html200 => &mut self.html_200,
+            AnswerShape::Overload200 => &mut self.overload_200,
+            AnswerShape::RetryAfterZero => &mut self.retry_after_zero,
+            AnswerShape::RetryAfterPast => &mut self.retry_after_past,
+        };
+        *counter += 1;
+    }
+
     /// Keeps `r` among the recent requests.
     pub fn remember(&mut self, r: RecentRequest) {
         if self.recent.len() >= RECENT {
