@@ -35,6 +35,7 @@ use unbusy_core::bucket::{Decision, Rate};
 use unbusy_core::cache_key::{cache_key, tenant_id, CacheKey, KeyRequest, OptIn};
 use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::config::Config;
+use unbusy_core::encoding::{DecodeError, Decoder};
 use unbusy_core::engine::{
     Action, CacheLookup, Engine, Priority, RequestId, RequestMeta, SendAttempt,
 };
@@ -77,14 +78,24 @@ pub enum Effect {
         /// A replacement body.
         body: Option<Vec<u8>>,
     },
-    /// Set a response header on the held response.
+    /// Set (or, with `None`, remove) a response header on the held response.
     SetResponseHeader {
         /// The stream.
         ctx: u32,
         /// Name.
         name: String,
         /// Value.
-        value: String,
+        value: Option<String>,
+    },
+    /// Replace the response body bytes the callback running on `ctx` holds (the buffered body
+    /// while it is held, or the current chunk once it streams) with these.
+    ReplaceResponseBody {
+        /// The stream.
+        ctx: u32,
+        /// How many bytes the callback holds (all of them are replaced).
+        size: usize,
+        /// The new bytes.
+        body: Vec<u8>,
     },
     /// Let the held response go to the caller, with these headers added.
     ResumeResponse {
@@ -140,6 +151,7 @@ impl Effect {
         match self {
             Effect::ResumeRequest { ctx, .. }
             | Effect::SetResponseHeader { ctx, .. }
+            | Effect::ReplaceResponseBody { ctx, .. }
             | Effect::ResumeResponse { ctx, .. }
             | Effect::Reply { ctx, .. }
             | Effect::RetryNatively { ctx, .. }
@@ -189,6 +201,13 @@ struct Flow {
     /// The answer's encoding cannot be read (the provider ignored `accept-encoding: identity`):
     /// any byte counts as progress, and nothing is judged as text or cached.
     unreadable: bool,
+    /// The answer is compressed although identity was asked for: it is decoded as it arrives,
+    /// and the judge, the detector, the cache and the caller get the decoded bytes.
+    decoder: Option<Decoder>,
+    /// Why the compressed answer could not be decoded (it then counts as a server error).
+    decode_failed: Option<DecodeError>,
+    /// The decoded bytes of a held compressed answer so far.
+    plain: Vec<u8>,
     /// The current answer is a complete, valid one that may be stored (see `answer::assess`).
     cacheable: bool,
     fed: usize,
@@ -213,6 +232,28 @@ struct Flow {
 }
 
 impl Flow {
+    /// Decodes a compressed answer's new bytes (as is without a decoder). A body that cannot
+    /// be decoded yields nothing more, and is remembered as a failure.
+    fn decode<'a>(&mut self, new: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        let Some(decoder) = self.decoder.as_mut() else {
+            return std::borrow::Cow::Borrowed(new);
+        };
+        let mut out = Vec::new();
+        if let Err(e) = decoder.feed(new, &mut out, MAX_HELD_RESPONSE_BYTES) {
+            self.decode_failed.get_or_insert(e);
+            out.clear();
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The compressed answer ended: whether all of it decoded.
+    fn decode_finish(&mut self) -> bool {
+        if let Some(Err(e)) = self.decoder.as_ref().map(Decoder::finish) {
+            self.decode_failed.get_or_insert(e);
+        }
+        self.decode_failed.is_none()
+    }
+
     /// Feeds the answer's new bytes to the progress detector. Compressed bytes cannot be told
     /// from keep-alive ones, so for an unreadable encoding any byte is progress.
     fn feed_progress(&mut self, now: Nanos, new: &[u8]) -> Feed {
@@ -305,6 +346,27 @@ fn judge_answer(
 ) -> unbusy_core::answer::Assessment {
     let pairs = host::pairs(headers);
     assess(status, &pairs, body, Some(now / 1_000_000_000))
+}
+
+/// The verdict on an answer compressed in a way that could not be decoded (corrupt,
+/// truncated or too large): a server error, retried or failed over, never cached.
+fn undecodable() -> unbusy_core::answer::Assessment {
+    unbusy_core::answer::Assessment {
+        classification: Classification {
+            class: OutcomeClass::ServerError,
+            retry_after: None,
+        },
+        progressed: false,
+        verdict: None,
+        cacheable: false,
+    }
+}
+
+/// Whether a held answer's verdict is reported to the engine as progress. For a stream
+/// request, progress means the stream reached the caller (it can no longer be retried), so only
+/// a success is; any other real answer ends the first-byte wait.
+fn progress_to_report(verdict: &unbusy_core::answer::Assessment, stream: bool) -> bool {
+    verdict.progressed && (!stream || verdict.classification.class == OutcomeClass::Success)
 }
 
 /// Why a configuration was refused, in one line naming the field.
@@ -450,6 +512,9 @@ impl State {
                 detector: ProgressDetector::new(Framing::Sse, 0),
                 done: DoneTracker::new(),
                 unreadable: false,
+                decoder: None,
+                decode_failed: None,
+                plain: Vec::new(),
                 cacheable: false,
                 fed: 0,
                 response_status: 0,
@@ -730,17 +795,34 @@ impl State {
         flow.detector = ProgressDetector::new(Framing::from_content_type(&content_type), now);
         flow.done = DoneTracker::new();
         flow.cacheable = false;
-        flow.unreadable =
-            !is_readable_encoding(Self::header(&flow.response_headers, "content-encoding"));
+        let encoding = Self::header(&flow.response_headers, "content-encoding");
+        flow.decoder = Decoder::for_encoding(encoding);
+        flow.decode_failed = None;
+        flow.plain.clear();
+        flow.unreadable = !is_readable_encoding(encoding) && flow.decoder.is_none();
+        let mut effects = Vec::new();
+        if flow.decoder.is_some() {
+            // Compressed although identity was asked for: every byte toward the caller is
+            // decoded, so the headers that describe the compressed bytes go.
+            flow.response_headers
+                .retain(|(n, _)| !matches!(n.as_str(), "content-encoding" | "content-length"));
+            for name in ["content-encoding", "content-length"] {
+                effects.push(Effect::SetResponseHeader {
+                    ctx: from,
+                    name: name.into(),
+                    value: None,
+                });
+            }
+        }
         // Headers can only be changed here, before they are released; a local reply that
         // replaces this answer carries its own note.
         flow.held = from != ctx;
         let note = self.note(ctx);
-        let mut effects = vec![Effect::SetResponseHeader {
+        effects.push(Effect::SetResponseHeader {
             ctx: from,
             name: "x-unbusy".into(),
-            value: note,
-        }];
+            value: Some(note),
+        });
         if end_of_stream {
             let (hold, more) = self.router_body(ctx, from, now, &[], true);
             effects.extend(more);
@@ -771,26 +853,47 @@ impl State {
         let (request, attempt) = (flow.request, flow.router_attempt.unwrap_or(0));
         match flow.phase {
             Phase::HoldingStream => {
-                let new = body.get(flow.fed..).unwrap_or(&[]);
+                let new = flow
+                    .decode(body.get(flow.fed..).unwrap_or(&[]))
+                    .into_owned();
                 flow.fed = body.len();
-                let feed = flow.feed_progress(now, new);
-                flow.done.feed(new);
+                if flow.decoder.is_some() {
+                    flow.plain.extend_from_slice(&new);
+                }
+                let feed = flow.feed_progress(now, &new);
+                flow.done.feed(&new);
                 if feed == Feed::FirstProgress || feed == Feed::Progress {
                     flow.phase = Phase::Streaming;
                     flow.held = false;
                     flow.keep_body = flow.cache_key.is_some();
+                    let mut all = Vec::new();
+                    let delivered = if flow.decoder.is_some() {
+                        // What the caller gets is the decoded stream so far.
+                        let plain = std::mem::take(&mut flow.plain);
+                        all.push(Effect::ReplaceResponseBody {
+                            ctx: from,
+                            size: body.len(),
+                            body: plain.clone(),
+                        });
+                        plain
+                    } else {
+                        body.to_vec()
+                    };
                     if flow.keep_body {
-                        flow.response_body.extend_from_slice(body);
+                        flow.response_body.extend_from_slice(&delivered);
+                    }
+                    if end_of_stream {
+                        flow.decode_finish();
                     }
                     self.engine.on_first_progress(now, request, attempt);
                     let mut effects = Vec::new();
                     if end_of_stream {
                         effects = self.finish_router(ctx, now, request, attempt);
                     }
-                    let mut all = vec![Effect::ResumeResponse {
+                    all.push(Effect::ResumeResponse {
                         ctx: from,
                         headers: Vec::new(),
-                    }];
+                    });
                     all.extend(effects);
                     return (false, all);
                 }
@@ -809,33 +912,49 @@ impl State {
                 (true, Vec::new())
             }
             Phase::Streaming => {
-                flow.done.feed(body);
+                let chunk = flow.decode(body).into_owned();
+                let mut effects_before = Vec::new();
+                if flow.decoder.is_some() {
+                    if end_of_stream {
+                        flow.decode_finish();
+                    }
+                    effects_before.push(Effect::ReplaceResponseBody {
+                        ctx: from,
+                        size: body.len(),
+                        body: chunk.clone(),
+                    });
+                }
+                flow.done.feed(&chunk);
                 if flow.keep_body {
-                    if flow.response_body.len() + body.len()
+                    if flow.response_body.len() + chunk.len()
                         <= self.config.cache.max_entry_bytes as usize
                     {
-                        flow.response_body.extend_from_slice(body);
+                        flow.response_body.extend_from_slice(&chunk);
                     } else {
                         flow.keep_body = false;
                     }
                 }
                 self.engine.on_progress(now, request, attempt);
-                let effects = if end_of_stream {
-                    self.finish_router(ctx, now, request, attempt)
-                } else {
-                    Vec::new()
-                };
-                (false, effects)
+                if end_of_stream {
+                    effects_before.extend(self.finish_router(ctx, now, request, attempt));
+                }
+                (false, effects_before)
             }
             Phase::BufferingBody | Phase::BufferingError => {
+                let new = flow
+                    .decode(body.get(flow.fed..).unwrap_or(&[]))
+                    .into_owned();
+                flow.fed = body.len();
+                if flow.decoder.is_some() {
+                    flow.plain.extend_from_slice(&new);
+                }
                 if !end_of_stream && body.len() <= MAX_HELD_RESPONSE_BYTES {
-                    if flow.phase == Phase::BufferingBody {
-                        // The first real byte of a held answer is progress, as a stream's first
-                        // event is: the first-byte wait is over (blank lines do not count).
-                        let new = body.get(flow.fed..).unwrap_or(&[]);
-                        flow.fed = body.len();
-                        let feed = flow.feed_progress(now, new);
-                        match feed {
+                    // The first real byte of a held answer is progress, as a stream's first
+                    // event is: the first-byte wait is over (blank lines do not count). Not for
+                    // a stream request: to the engine, a stream that progressed has reached the
+                    // caller, and this one is held until it is judged.
+                    if flow.phase == Phase::BufferingBody && !flow.stream {
+                        match flow.feed_progress(now, &new) {
                             Feed::FirstProgress => {
                                 self.engine.on_first_progress(now, request, attempt)
                             }
@@ -845,11 +964,26 @@ impl State {
                     }
                     return (true, Vec::new());
                 }
-                flow.response_body = body.to_vec();
                 flow.phase = Phase::Waiting;
-                let verdict = judge_answer(now, flow.response_status, &flow.response_headers, body);
+                let decoded = flow.decoder.is_none() || flow.decode_finish();
+                flow.response_body = if flow.decoder.is_some() {
+                    std::mem::take(&mut flow.plain)
+                } else {
+                    body.to_vec()
+                };
+                let stream = flow.stream;
+                let verdict = if decoded {
+                    judge_answer(
+                        now,
+                        flow.response_status,
+                        &flow.response_headers,
+                        &flow.response_body,
+                    )
+                } else {
+                    undecodable()
+                };
                 flow.cacheable = verdict.cacheable && body.len() <= MAX_HELD_RESPONSE_BYTES;
-                if verdict.progressed {
+                if progress_to_report(&verdict, stream) {
                     self.engine.on_first_progress(now, request, attempt);
                 }
                 self.outcome(ctx, now, request, attempt, verdict.classification);
@@ -921,11 +1055,28 @@ impl State {
         let status = Self::header(&headers, ":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
+        let stream = flow.stream;
+        let (mut headers, mut body) = (headers, body);
+        let mut decoded = true;
+        if let Some(result) = Decoder::decode_all(
+            Self::header(&headers, "content-encoding"),
+            &body,
+            MAX_HELD_RESPONSE_BYTES,
+        ) {
+            // Compressed although identity was asked for: judged, cached and delivered decoded.
+            headers.retain(|(n, _)| !matches!(n.as_str(), "content-encoding" | "content-length"));
+            decoded = result.is_ok();
+            body = result.unwrap_or_default();
+        }
         let (outcome, cacheable) = if status == 0 {
             (classify_fault(TransportFault::Reset), false)
         } else {
-            let verdict = judge_answer(now, status, &headers, &body);
-            if verdict.progressed {
+            let verdict = if decoded {
+                judge_answer(now, status, &headers, &body)
+            } else {
+                undecodable()
+            };
+            if progress_to_report(&verdict, stream) {
                 self.engine.on_first_progress(now, request, attempt);
             }
             (verdict.classification, verdict.cacheable)
@@ -1224,7 +1375,9 @@ impl State {
                     }
                     match flow.phase {
                         Phase::Streaming => {} // already flowing
-                        _ if from_router => {
+                        // A decoded answer is replied with its decoded bytes (the router's
+                        // held bytes are the compressed ones).
+                        _ if from_router && flow.decoder.is_none() => {
                             // (Its `x-unbusy` was set with its headers.)
                             flow.phase = Phase::Done;
                             flow.held = false;

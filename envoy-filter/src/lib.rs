@@ -85,7 +85,10 @@ fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
                     }
                 }
                 Effect::SetResponseHeader { name, value, .. } => {
-                    host::set_header(Map::ResponseHeaders, &name, Some(&value));
+                    host::set_header(Map::ResponseHeaders, &name, value.as_deref());
+                }
+                Effect::ReplaceResponseBody { size, body, .. } => {
+                    host::set_buffer(Buffer::ResponseBody, size, &body);
                 }
                 Effect::ResumeResponse { headers, .. } => {
                     for (name, value) in &headers {
