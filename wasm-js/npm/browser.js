@@ -9,7 +9,8 @@ export async function init(url) {
   exports ??= await initWasm({ module_or_path: url ?? new URL('./pkg/unbusy_js_bg.wasm', import.meta.url) });
 }
 
-const create = makeCreateFetch(wasm, { memory: () => exports.memory });
+// Browsers decode zstd too (those that advertise it).
+const create = makeCreateFetch(wasm, { memory: () => exports.memory, decodes: ['gzip', 'x-gzip', 'deflate', 'br', 'zstd'] });
 
 export function createFetch(config, options) {
   if (!exports) throw new Error('unbusy: call `await init()` before createFetch in a browser');

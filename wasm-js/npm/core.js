@@ -3,7 +3,14 @@
 // Responses. Every decision (which provider, retry or not, when, what to cache, when to give
 // up) is the engine's, in the wasm module.
 
-const CHAT = /\/chat\/completions\/?(?:[?#]|$)/;
+const ORIGIN = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i;
+const SSE = /^\s*text\/event-stream/i;
+/** The content codings fetch decodes itself in every runtime (it leaves the header in place). */
+const DECODED = ['gzip', 'x-gzip', 'deflate', 'br'];
+/** The `accept-encoding` managed attempts send (`core::answer::MANAGED_ACCEPT_ENCODING`): the
+ * answer must be readable to be judged, watched for keep-alive bytes and cached. Browsers do not
+ * let a page set it; there fetch decodes whatever it asked for. */
+const MANAGED_ACCEPT_ENCODING = 'identity';
 const NEVER_SNAKE = new Set(['models', 'model_fallbacks']); // their keys are model names
 
 function snake(key) {
@@ -177,23 +184,41 @@ function headerOf(headers, name) {
   return null;
 }
 
-/** An attempt's request headers: the caller's, less content-length, with the provider's
- * credentials. A plain object stays one (fetch converts it once, as for a direct call). */
+/** Headers the attempt sets itself, or that are for unbusy only. */
+const NOT_FORWARDED = new Set(['content-length', 'accept-encoding', 'x-unbusy-deadline-ms']);
+
+/** An attempt's request headers: the caller's, less content-length and its accept-encoding,
+ * asking for an unencoded answer, with the provider's credentials. A plain object stays one
+ * (fetch converts it once, as for a direct call). */
 function attemptHeaders(headers, authorization) {
   if (headers && typeof headers === 'object' && !Array.isArray(headers) && typeof headers.get !== 'function') {
     const out = {};
     for (const k in headers) {
       const lower = k.toLowerCase();
-      if (lower === 'content-length' || (authorization && lower === 'authorization')) continue;
+      if (NOT_FORWARDED.has(lower) || (authorization && lower === 'authorization')) continue;
       out[k] = headers[k];
     }
     if (authorization) out.authorization = authorization;
+    out['accept-encoding'] = MANAGED_ACCEPT_ENCODING;
     return out;
   }
   const out = new Headers(headers ?? undefined);
   if (authorization) out.set('authorization', authorization);
-  out.delete('content-length');
+  for (const h of NOT_FORWARDED) out.delete(h);
+  out.set('accept-encoding', MANAGED_ACCEPT_ENCODING);
   return out;
+}
+
+/** Whether fetch handed over the body as it was encoded: a `content-encoding` with a coding the
+ * runtime does not decode (fetch then decodes none of them). Such a body is never judged as
+ * text nor cached, and reaches the caller as bytes with its `content-encoding`. */
+function undecoded(contentEncoding, decodes) {
+  if (!contentEncoding) return false;
+  for (const c of contentEncoding.toLowerCase().split(',')) {
+    const coding = c.trim();
+    if (coding && coding !== 'identity' && !decodes.includes(coding)) return true;
+  }
+  return false;
 }
 
 function abortError(signal) {
@@ -209,6 +234,11 @@ export function makeCreateFetch(wasm, host = {}) {
     const baseFetch = options.fetch ?? globalThis.fetch.bind(globalThis);
     const now = options.now ?? (() => (globalThis.performance ? performance.now() : Date.now()));
     const onEvent = options.onEvent;
+    const unmatched = options.unmatched ?? 'passthrough';
+    if (unmatched !== 'passthrough' && unmatched !== 'error') {
+      throw new TypeError(`unbusy: options.unmatched must be 'passthrough' or 'error', not ${JSON.stringify(unmatched)}`);
+    }
+    const decodes = host.decodes ?? DECODED;
     // Listing order is preference unless a provider says otherwise.
     const withOrder = {
       ...config,
@@ -221,7 +251,8 @@ export function makeCreateFetch(wasm, host = {}) {
     } catch (e) {
       throw new TypeError('unbusy: invalid configuration: ' + camel(String(e?.message ?? e)));
     }
-    const providers = (config.providers ?? []).map((p) => ({
+    const providers = (config.providers ?? []).map((p, index) => ({
+      index,
       name: p.name,
       baseUrl: String(p.baseUrl ?? '').replace(/\/+$/, ''),
     }));
@@ -306,6 +337,7 @@ export function makeCreateFetch(wasm, host = {}) {
       if (route === undefined) {
         route = JSON.parse(engine.route(provider));
         route.base = (route.baseUrl ?? providers[provider]?.baseUrl ?? '').replace(/\/+$/, '');
+        route.origin = ORIGIN.exec(route.base)?.[0] ?? route.base;
         routes[provider] = route;
       }
       return route;
@@ -357,8 +389,15 @@ export function makeCreateFetch(wasm, host = {}) {
       r.attemptNo = 0; // whatever the attempt still says is not listened to
     }
 
-    /** The caller's answer: a HeldResponse where the host allows it, else a Response. */
-    function respond(r, status, headerSource, text, extra) {
+    /** The caller's answer: a HeldResponse where the host allows it, else a Response. Never with
+     * the `content-encoding` and `content-length` of an encoded original (fetch decoded it),
+     * unless fetch left it encoded (`bytes`, see `undecoded`). */
+    function respond(r, status, headerSource, text, extra, bytes) {
+      if (bytes) {
+        const headers = new Headers(headerSource ?? undefined);
+        for (const [k, v] of extra) headers.set(k, v);
+        return new Response(bytes, { status, headers });
+      }
       if (host.heldResponses) return new HeldResponse(text, status, headerSource, extra);
       const headers = new Headers(headerSource ?? undefined);
       headers.delete('content-length');
@@ -395,15 +434,17 @@ export function makeCreateFetch(wasm, host = {}) {
           break;
         case DELIVER: {
           const storeInCache = a2 === 1;
-          const ans = r.answer;
-          if (storeInCache && r.cacheKey && ans && !r.stream) {
-            cache.set(r.cacheKey, { body: ans.body, stream: false, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
-          }
           if (r.streaming) {
             r.storeStream = storeInCache;
-            break; // already flowing; finished when the stream ends
+            break; // already flowing; stored (if complete) when the stream ends
           }
-          r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r, undefined, a3)]]));
+          const ans = r.answer;
+          // Only a complete, valid, readable answer (`answer::assess`), with its own framing: an
+          // SSE body is replayed as SSE whatever the request's `stream` said.
+          if (storeInCache && r.cacheKey && ans?.cacheable) {
+            cache.set(r.cacheKey, { body: ans.body, stream: ans.sse, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
+          }
+          r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r, undefined, a3)]], ans?.bytes));
           finish(r);
           break;
         }
@@ -456,7 +497,10 @@ export function makeCreateFetch(wasm, host = {}) {
       } else {
         r.attemptAbort = null;
       }
-      baseFetch(target.base + r.suffix, init).then(
+      // The caller's own URL for the provider it is under; for any other, the endpoint under
+      // that provider's base URL, whatever prefix each has (`request::Endpoint::under`).
+      const url = provider === r.home ? r.url : target.origin + wasm.endpointUnder(target.base, r.suffix);
+      baseFetch(url, init).then(
         (resp) => answer(r, attempt, resp),
         (err) => {
           if (r.attemptNo !== attempt || !requests.has(r.id)) return;
@@ -467,7 +511,7 @@ export function makeCreateFetch(wasm, host = {}) {
       );
     }
 
-    /** Reads an attempt's body whole through a reader the attempt can be stopped by. */
+    /** Reads an attempt's body whole (as bytes) through a reader the attempt can be stopped by. */
     async function readAll(r, resp) {
       const reader = resp.body.getReader();
       r.attemptReader = reader;
@@ -477,7 +521,21 @@ export function makeCreateFetch(wasm, host = {}) {
         if (done) break;
         chunks.push(value);
       }
-      return chunks.length === 1 ? decoder.decode(chunks[0]) : decoder.decode(concat(chunks));
+      return chunks.length === 1 ? chunks[0] : concat(chunks);
+    }
+
+    /** The headers the core's verdict reads, as `[[name, value], ...]` JSON: the content type,
+     * the encoding when fetch left the body encoded, and (for an error) the provider's hints. */
+    function verdictHeaders(resp, contentType, unreadable, ok) {
+      const pairs = [];
+      if (contentType !== null) pairs.push(['content-type', contentType]);
+      if (unreadable) pairs.push(['content-encoding', resp.headers.get('content-encoding')]);
+      if (!ok) {
+        for (const [n, v] of resp.headers) {
+          if (/^(retry-after|retry-after-ms|x-ratelimit-reset)/i.test(n)) pairs.push([n, v]);
+        }
+      }
+      return pairs.length ? JSON.stringify(pairs) : '';
     }
 
     async function answer(r, attempt, resp) {
@@ -487,44 +545,49 @@ export function makeCreateFetch(wasm, host = {}) {
         resp.body?.cancel().catch(() => {});
         return;
       }
-      if (resp.status !== 200 || !resp.body) {
-        // The provider's hints (a success needs none).
-        const hintHeaders = [];
-        for (const [n, v] of resp.headers) {
-          if (/^(retry-after|retry-after-ms|x-ratelimit-reset)/i.test(n)) hintHeaders.push([n, v]);
-        }
-        let text = '';
-        try {
-          if (resp.body) text = await readAll(r, resp);
-        } catch {
-          /* cut short */
-        }
-        if (!live()) return;
-        r.answer = { status: resp.status, headers: resp.headers, body: text };
-        engine.onResponse(now(), r.id, attempt, resp.status, hintHeaders.length ? JSON.stringify(hintHeaders) : '', encoder.encode(text.slice(0, 512)), false, false, Date.now() / 1000);
-        drain();
+      const ok = resp.status >= 200 && resp.status < 300;
+      const contentType = resp.headers.get('content-type');
+      const sse = contentType !== null && SSE.test(contentType);
+      // fetch decodes the codings it knows and leaves `content-encoding` in place.
+      const unreadable = undecoded(resp.headers.get('content-encoding'), decodes);
+      if (r.stream && ok && sse && resp.body) {
+        streamAnswer(r, attempt, resp, unreadable);
         return;
       }
-      if (!r.stream) {
-        // Held whole anyway: read it at once; blank lines only means a stall in disguise.
-        let text;
-        try {
-          text = await readAll(r, resp);
-        } catch {
-          if (!live()) return;
+      // Held whole (a non-streaming answer, an error, or a stream request answered with
+      // something that is not a stream) and judged whole by the core before anything is
+      // delivered or cached: truncated JSON, an HTML page, an error object and keep-alive bytes
+      // only are failures, retried or failed over like any other.
+      let bytes = EMPTY;
+      try {
+        if (resp.body) bytes = await readAll(r, resp);
+      } catch {
+        if (!live()) return;
+        if (ok) {
           engine.onFault(now(), r.id, attempt, 'stall');
           drain();
           return;
         }
-        if (!live()) return;
-        // The core's JSON rule (progress.rs): any byte that is not JSON whitespace is real.
-        const real = /[^ \t\n\r]/.test(text);
-        r.answer = { status: 200, headers: resp.headers, body: text };
-        engine.onResponse(now(), r.id, attempt, 200, '', EMPTY, !real, real, Date.now() / 1000);
-        drain();
-        return;
+        /* an error cut short: judged by what its status says */
       }
-      const tracker = new wasm.ProgressTracker((resp.headers.get('content-type') ?? '').includes('event-stream'));
+      if (!live()) return;
+      const cacheable = engine.onAnswer(now(), r.id, attempt, resp.status, verdictHeaders(resp, contentType, unreadable, ok), ok ? bytes : bytes.subarray(0, 512), Date.now() / 1000);
+      r.answer = {
+        status: resp.status,
+        headers: resp.headers,
+        body: unreadable ? '' : decoder.decode(bytes),
+        bytes: unreadable ? bytes : undefined,
+        cacheable: cacheable === 1 && !unreadable,
+        sse,
+      };
+      drain();
+    }
+
+    /** A streamed answer: held until its first real event (keep-alive bytes never reach the
+     * caller), then streamed on; it is an answer, and cached, only if it ends with `[DONE]`. */
+    async function streamAnswer(r, attempt, resp, unreadable) {
+      const live = () => r.attemptNo === attempt && requests.has(r.id);
+      const tracker = new wasm.ProgressTracker(true);
       const reader = resp.body.getReader();
       r.attemptReader = reader;
       const held = [];
@@ -536,74 +599,126 @@ export function makeCreateFetch(wasm, host = {}) {
             return;
           }
           if (done) break;
-          const feed = tracker.feed(value);
+          // Bytes fetch left encoded cannot be told from keep-alive ones: any byte is progress.
+          const feed = unreadable ? (value.length ? 1 : 0) : tracker.feed(value);
           if (feed === 0) continue; // keep-alive: never shown to the caller
           held.push(value);
-          if (r.stream && feed === 1) {
-            engine.onFirstProgress(now(), r.id, attempt);
-            startStream(r, attempt, resp, reader, held);
-            drain();
-            return;
-          }
+          engine.onFirstProgress(now(), r.id, attempt);
+          startStream(r, attempt, resp, reader, held, unreadable);
+          drain();
+          return;
         }
       } catch {
         if (!live()) return;
-        engine.onFault(now(), r.id, attempt, held.length ? 'reset' : 'stall');
+        engine.onFault(now(), r.id, attempt, 'stall');
         drain();
         return;
       } finally {
         tracker.free?.();
       }
-      const text = decoder.decode(concat(held));
-      r.answer = { status: 200, headers: resp.headers, body: text };
-      engine.onResponse(now(), r.id, attempt, 200, '', encoder.encode(text.slice(0, 512)), held.length === 0, held.length > 0, Date.now() / 1000);
+      // Ended with keep-alive bytes only: a stall in disguise (the core's verdict on it).
+      r.answer = { status: 200, headers: resp.headers, body: '', cacheable: false, sse: true };
+      engine.onAnswer(now(), r.id, attempt, 200, verdictHeaders(resp, resp.headers.get('content-type'), false, true), EMPTY, Date.now() / 1000);
       drain();
     }
 
-    function startStream(r, attempt, resp, reader, held) {
+    function startStream(r, attempt, resp, reader, held, unreadable) {
       const copy = [];
       const headers = new Headers(resp.headers);
       headers.set('x-unbusy', note(r));
       headers.delete('content-length');
-      headers.delete('content-encoding');
+      if (!unreadable) headers.delete('content-encoding');
+      // Whether the bytes the caller got so far end with `data: [DONE]` (`answer::DoneTracker`).
+      const tracker = new wasm.DoneTracker();
+      let complete = false;
+      let ended = false;
       let controller;
+      const pass = (chunk) => {
+        tracker.feed(chunk);
+        controller.enqueue(chunk);
+        copy.push(chunk);
+      };
+      /** The stream is over, however it ended; `finished`: its body ended or the caller stopped
+       * reading (then it is an answer if it was complete), else it failed or was aborted. */
+      const end = (finished) => {
+        if (ended) return false;
+        ended = true;
+        complete = unreadable || tracker.complete();
+        tracker.free();
+        if (!finished || !requests.has(r.id)) return true;
+        // Complete: a success, stored if the engine says so; cut short before `[DONE]`: the
+        // provider's failure (the caller has its bytes, so it is not retried) and never cached.
+        engine.onStreamEnd(now(), r.id, attempt, complete);
+        drain();
+        if (complete && !unreadable && r.storeStream && r.cacheKey) {
+          cache.set(r.cacheKey, { body: decoder.decode(concat(copy)), stream: true, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
+        }
+        finish(r);
+        return true;
+      };
       const body = new ReadableStream({
         start(c) {
           controller = c;
-          for (const chunk of held) {
-            c.enqueue(chunk);
-            copy.push(chunk);
-          }
+          for (const chunk of held) pass(chunk);
         },
         cancel() {
           reader.cancel().catch(() => {});
-          if (requests.has(r.id)) {
-            engine.cancel(now(), r.id);
-            finish(r);
-            drain();
+          if (ended) return;
+          // A caller that stops reading once it has `[DONE]` (the openai SDK from v5 on) got a
+          // whole answer: a success, cached as one. Before it, the caller gave up.
+          if (tracker.complete()) {
+            end(true);
+            return;
           }
+          end(false);
+          if (!requests.has(r.id)) return;
+          engine.cancel(now(), r.id);
+          finish(r);
+          drain();
         },
       });
-      r.streaming = { error: (e) => controller.error(e) };
+      r.streaming = {
+        /** The engine cut the stream (stalled, or past its deadline). */
+        error: (e) => {
+          end(false);
+          try {
+            controller.error(e);
+          } catch {
+            /* the caller's stream already ended */
+          }
+        },
+        /** The caller's signal fired: true when the stream was already complete (then it is
+         * a success), else the caller's stream errors with the signal's reason. */
+        abort: (e) => {
+          if (!ended && tracker.complete()) {
+            reader.cancel().catch(() => {});
+            end(true);
+            return true;
+          }
+          end(false);
+          try {
+            controller.error(e);
+          } catch {
+            /* already ended */
+          }
+          return false;
+        },
+      };
       r.resolve(new Response(body, { status: 200, headers }));
       (async () => {
         try {
           for (;;) {
             const { done, value } = await reader.read();
+            if (ended) return;
             if (done) break;
-            controller.enqueue(value);
-            copy.push(value);
+            pass(value);
             engine.onProgress(now(), r.id, attempt);
           }
           controller.close();
-          if (!requests.has(r.id)) return;
-          engine.onResponse(now(), r.id, attempt, 200, '', EMPTY, false, false, Date.now() / 1000);
-          drain();
-          if (r.storeStream && r.cacheKey) {
-            cache.set(r.cacheKey, { body: decoder.decode(concat(copy)), stream: true, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
-          }
-          finish(r);
+          end(true);
         } catch (e) {
+          if (ended) return;
+          end(false);
           try {
             controller.error(e);
           } catch {
@@ -638,7 +753,7 @@ export function makeCreateFetch(wasm, host = {}) {
     }
 
     /** The managed request, once its body is text and its cache entry looked up. */
-    function start(p, url, signal, bodyText, requestHeaders, json, tenant, key, cached) {
+    function start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, key, cached) {
       let lookup = 0;
       if (cached) {
         const age = Date.now() - cached.storedAt;
@@ -646,10 +761,13 @@ export function makeCreateFetch(wasm, host = {}) {
         if (lookup === 0) cached = undefined;
       }
       const stream = json.stream === true;
-      const suffix = url.slice(p.baseUrl.length);
       const tokens = Math.ceil(bodyText.length / 4) + (Number(json.max_tokens) || 1024);
+      // The caller's own deadline for the whole request, in ms from now (as the filter reads it).
+      const within = Number(headerOf(requestHeaders, 'x-unbusy-deadline-ms') ?? NaN);
       return new Promise((resolve, reject) => {
-        const id = engine.admit(now(), tenant, String(json.model ?? ''), stream, 1, tokens, NaN, key ?? undefined, lookup);
+        const at = now();
+        const deadline = within > 0 ? at + within : NaN;
+        const id = engine.admit(at, tenant, String(json.model ?? ''), stream, 1, tokens, deadline, key ?? undefined, lookup);
         const r = {
           id,
           resolve,
@@ -658,7 +776,9 @@ export function makeCreateFetch(wasm, host = {}) {
           headers: requestHeaders, // copied per attempt, in send()
           bodyText,
           json,
+          url,
           suffix,
+          home: p.index,
           stream,
           cacheKey: key,
           cached,
@@ -670,6 +790,7 @@ export function makeCreateFetch(wasm, host = {}) {
         if (signal) {
           r.onAbort = () => {
             if (!requests.has(id)) return;
+            if (r.streaming?.abort(abortError(signal))) return; // it had its [DONE]: an answer
             abortAttempt(r);
             engine.cancel(now(), id);
             finish(r);
@@ -683,7 +804,7 @@ export function makeCreateFetch(wasm, host = {}) {
       });
     }
 
-    function prepare(p, url, signal, bodyText, requestHeaders, input, init) {
+    function prepare(p, url, suffix, signal, bodyText, requestHeaders, input, init) {
       let json;
       try {
         json = JSON.parse(bodyText);
@@ -693,9 +814,11 @@ export function makeCreateFetch(wasm, host = {}) {
       if (!json || typeof json !== 'object' || Array.isArray(json)) {
         return baseFetch(input, { ...init, body: bodyText }); // let the provider say what is wrong
       }
-      const tenant = (tenantHeader && headerOf(requestHeaders, tenantHeader)) || headerOf(requestHeaders, 'authorization') || snakeConfig.tenancy?.default_tenant || 'anonymous';
+      // The core's rule (`request::tenant_of`): the tenant header, the key and the default tenant
+      // never name one another's tenants.
+      const tenant = engine.tenantOf((tenantHeader && headerOf(requestHeaders, tenantHeader)) ?? undefined, headerOf(requestHeaders, 'authorization') ?? undefined);
       const key = cacheOn ? wasm.cacheKey(tenant, encoder.encode(bodyText), 0) : undefined;
-      if (!key) return start(p, url, signal, bodyText, requestHeaders, json, tenant, undefined, undefined);
+      if (!key) return start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, undefined, undefined);
       let pending;
       try {
         pending = Promise.resolve(cache.get(key));
@@ -703,8 +826,8 @@ export function makeCreateFetch(wasm, host = {}) {
         pending = Promise.resolve(undefined);
       }
       return pending.then(
-        (cached) => start(p, url, signal, bodyText, requestHeaders, json, tenant, key, cached),
-        () => start(p, url, signal, bodyText, requestHeaders, json, tenant, key, undefined),
+        (cached) => start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, key, cached),
+        () => start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, key, undefined),
       );
     }
 
@@ -712,19 +835,27 @@ export function makeCreateFetch(wasm, host = {}) {
       try {
         const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
         const method = init?.method ?? (typeof input === 'object' ? input.method : undefined) ?? 'GET';
-        const p = method === 'POST' || String(method).toUpperCase() === 'POST' ? providerOf(url) : null;
-        if (!p || !CHAT.test(url)) {
+        const p = providerOf(url);
+        if (!p) {
+          if (unmatched === 'error') {
+            return Promise.reject(new TypeError(`unbusy: ${url} is under no configured provider's baseUrl (${providers.map((q) => q.baseUrl).join(', ')}); options.unmatched is 'error'`));
+          }
           return baseFetch(input, init); // not ours: untouched
+        }
+        // Managed: POST to chat/completions (`request::Endpoint`, whatever the prefix).
+        const suffix = url.slice(p.baseUrl.length);
+        if (!(method === 'POST' || String(method).toUpperCase() === 'POST') || wasm.endpointOf(suffix) !== 1) {
+          return baseFetch(input, init); // a provider's other endpoints: untouched
         }
         const signal = init?.signal ?? (typeof input === 'object' ? input.signal : undefined);
         if (signal?.aborted) return Promise.reject(abortError(signal));
         // The common case (a URL string and a string body, as SDKs send) needs no Request copy
         // and, unless a cache entry must be looked up, no await before the engine has it.
         if (typeof input === 'string' && typeof init?.body === 'string') {
-          return prepare(p, url, signal, init.body, init.headers, input, init);
+          return prepare(p, url, suffix, signal, init.body, init.headers, input, init);
         }
         const request = new Request(input, init);
-        return request.text().then((bodyText) => prepare(p, url, signal, bodyText, request.headers, input, init));
+        return request.text().then((bodyText) => prepare(p, url, suffix, signal, bodyText, request.headers, input, init));
       } catch (e) {
         return Promise.reject(e);
       }

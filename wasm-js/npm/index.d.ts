@@ -25,12 +25,13 @@ export interface Config {
   deadlines?: { totalMs?: number; firstTokenMs?: number; responseMs?: number; stallMs?: number };
   cache?: { enabled?: boolean; ttlMs?: number; staleTtlMs?: number; maxBytes?: number; maxEntryBytes?: number };
   degradation?: Record<string, unknown>;
-  tenancy?: { header?: string; defaultTenant?: string };
+  tenancy?: { header?: string; headerTrusted?: boolean; defaultTenant?: string };
 }
 
 /** A cached answer. */
 export interface CachedAnswer {
   body: string;
+  /** Whether the body is SSE (replayed as `text/event-stream`), else JSON. */
   stream: boolean;
   status: number;
   storedAt: number;
@@ -59,6 +60,11 @@ export interface Options {
   cache?: CacheStore;
   /** Called for every engine event. */
   onEvent?: (event: UnbusyEvent) => void;
+  /**
+   * A URL under no provider's `baseUrl`: passed to `fetch` untouched (`'passthrough'`, the
+   * default), or refused with a rejected `TypeError` before anything is sent (`'error'`).
+   */
+  unmatched?: 'passthrough' | 'error';
 }
 
 /** Builds a fetch that manages requests to the configured providers. Throws on invalid config. */

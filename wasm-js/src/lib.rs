@@ -34,12 +34,14 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
+use unbusy_core::answer::{assess, Assessment};
 use unbusy_core::cache_key::{cache_key, tenant_id, KeyRequest, OptIn};
-use unbusy_core::classify::{classify, classify_fault, BodyProgress, Response, TransportFault};
+use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::config::Config;
 use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Priority, RequestMeta};
 use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
+use unbusy_core::request::{query_of, tenant_of, Endpoint};
 use unbusy_core::time::Nanos;
 use wasm_bindgen::prelude::*;
 
@@ -105,6 +107,12 @@ impl Obj {
             Some(v) => json::write_str(&mut self.0, v),
             None => self.0.push_str("null"),
         }
+        self
+    }
+
+    fn bool(mut self, k: &str, v: bool) -> Self {
+        self.key(k);
+        self.0.push_str(if v { "true" } else { "false" });
         self
     }
 
@@ -178,12 +186,13 @@ impl JsEngine {
         })
     }
 
-    /// Admits a request; returns its id. `cached`: 0 miss, 1 fresh, 2 stale.
+    /// Admits a request; returns its id. `tenant`: its identity (`tenantOf`); `cached`: 0 miss,
+    /// 1 fresh, 2 stale.
     #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
         now: f64,
-        tenant: &str,
+        tenant: &[u8],
         model: &str,
         stream: bool,
         priority: u8,
@@ -193,12 +202,12 @@ impl JsEngine {
         cached: u8,
     ) -> f64 {
         let key = cache_key
-            .and_then(|k| u128::from_str_radix(&k, 16).ok())
+            .and_then(|k| parse_hex(&k))
             .map(unbusy_core::cache_key::CacheKey);
         let id = self.engine.admit(
             ns(now),
             RequestMeta {
-                tenant: tenant_id(tenant.as_bytes()),
+                tenant: tenant_id(tenant),
                 model: model.to_string(),
                 stream,
                 priority: match priority {
@@ -236,13 +245,16 @@ impl JsEngine {
         self.engine.on_progress(ns(now), request as u64, attempt);
     }
 
-    /// An attempt ended with an HTTP answer: `headers` is `[[name, value], ...]` as JSON (only
-    /// the hint headers matter; empty for none), `body` the body's first bytes, `keepalive_only`
-    /// whether the body held nothing but keep-alive bytes, `first_progress` whether its first
-    /// real byte is reported with it (an answer read whole: one call instead of two).
-    #[wasm_bindgen(js_name = onResponse)]
+    /// An attempt ended with a complete HTTP answer: `headers` is `[[name, value], ...]` as
+    /// JSON (only `content-type`, `content-encoding` when the runtime did not decode the body,
+    /// and the hint headers matter; empty for none), `body` the whole body of a 2xx (its first
+    /// bytes otherwise). The core's one verdict (`answer::assess`) decides what it is: a 2xx
+    /// that is not an answer (truncated JSON, an HTML page, an error object, keep-alive bytes
+    /// only) is a failure like any other, retried or failed over (nothing of it reached the
+    /// caller). Returns 1 when the answer may be cached.
+    #[wasm_bindgen(js_name = onAnswer)]
     #[allow(clippy::too_many_arguments)]
-    pub fn on_response(
+    pub fn on_answer(
         &mut self,
         now: f64,
         request: f64,
@@ -250,56 +262,40 @@ impl JsEngine {
         status: u16,
         headers_json: &str,
         body: &[u8],
-        keepalive_only: bool,
-        first_progress: bool,
         unix_now_s: f64,
-    ) {
-        if first_progress {
+    ) -> u8 {
+        let a = assessed(status, headers_json, body, unix_now_s);
+        // The first real byte of an answer held whole, once it is known to be one: an answer
+        // that is not one reached nobody (for a stream request, progress would mean bytes
+        // reached the caller, and it could not be retried).
+        if a.progressed && a.classification.class == OutcomeClass::Success {
             self.engine
                 .on_first_progress(ns(now), request as u64, attempt);
         }
-        // `[[name, value], ...]`; anything else counts as no hint headers.
-        let parsed = if headers_json.is_empty() {
-            None
-        } else {
-            json::parse(headers_json.as_bytes()).ok()
-        };
-        let pairs: Vec<(String, String)> = match &parsed {
-            Some(json::Value::Array(items)) => items
-                .iter()
-                .filter_map(|pair| match pair {
-                    json::Value::Array(nv) => match nv.as_slice() {
-                        [json::Value::String(n), json::Value::String(v)] => {
-                            Some((n.clone(), v.clone()))
-                        }
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let headers: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        let outcome = if status == 200 && keepalive_only {
-            classify_fault(TransportFault::Stall)
-        } else {
-            classify(&Response {
-                status,
-                headers: &headers,
-                body_prefix: body,
-                progress: if keepalive_only {
-                    BodyProgress::KeepAliveOnly
-                } else {
-                    BodyProgress::Real
-                },
-                unix_now_s: (unix_now_s > 0.0).then_some(unix_now_s as u64),
-            })
-        };
         self.engine
-            .on_outcome(ns(now), request as u64, attempt, outcome);
+            .on_outcome(ns(now), request as u64, attempt, a.classification);
+        u8::from(a.cacheable)
+    }
+
+    /// A streamed answer ended (its body ended, or the caller stopped reading): an answer if it
+    /// was `complete` (its last event `data: [DONE]`, see `DoneTracker`), else the provider's
+    /// failure (the caller already has its bytes, so it is not retried, only never cached).
+    #[wasm_bindgen(js_name = onStreamEnd)]
+    pub fn on_stream_end(&mut self, now: f64, request: f64, attempt: u32, complete: bool) {
+        let class = if complete {
+            OutcomeClass::Success
+        } else {
+            OutcomeClass::ServerError
+        };
+        self.engine.on_outcome(
+            ns(now),
+            request as u64,
+            attempt,
+            Classification {
+                class,
+                retry_after: None,
+            },
+        );
     }
 
     /// An attempt failed below HTTP: `kind` is `reset`, `refused`, `timeout` or `stall`.
@@ -452,6 +448,20 @@ impl JsEngine {
             .unwrap_or_default()
     }
 
+    /// A request's tenant identity under the configuration's `tenancy` (`request::tenant_of`):
+    /// `header` is the value of the configured tenant header, `authorization` the caller's
+    /// `Authorization`. The bytes go to `admit` and `cacheKey`.
+    #[wasm_bindgen(js_name = tenantOf)]
+    pub fn tenant_of(&self, header: Option<String>, authorization: Option<String>) -> Vec<u8> {
+        tenant_of(&self.engine.config().tenancy, |name| {
+            if name == "authorization" {
+                authorization.as_deref()
+            } else {
+                header.as_deref()
+            }
+        })
+    }
+
     /// Where a provider's attempts go and with which credentials, as JSON
     /// `{"baseUrl": ..., "authorization": ...}`: the same for every attempt to it, so hosts ask
     /// once per provider.
@@ -487,11 +497,12 @@ impl JsEngine {
 }
 
 /// The tenant-scoped cache key of a chat/completions body (32 hex digits), or `undefined` when
-/// the request is not cacheable. `opt_in`: 0 default, 1 always, 2 never.
+/// the request is not cacheable. `tenant`: the identity `tenantOf` gave; `opt_in`: 0 default,
+/// 1 always, 2 never.
 #[wasm_bindgen(js_name = cacheKey)]
-pub fn js_cache_key(tenant: &str, body: &[u8], opt_in: u8) -> Option<String> {
+pub fn js_cache_key(tenant: &[u8], body: &[u8], opt_in: u8) -> Option<String> {
     cache_key(&KeyRequest {
-        tenant: tenant.as_bytes(),
+        tenant,
         endpoint: "/v1/chat/completions",
         body,
         opt_in: match opt_in {
@@ -501,7 +512,133 @@ pub fn js_cache_key(tenant: &str, body: &[u8], opt_in: u8) -> Option<String> {
         },
     })
     .ok()
-    .map(|k| k.to_string())
+    .map(|k| hex(k.0))
+}
+
+/// A cache key as 32 lower-case hex digits (as `CacheKey`'s `Display`, without the formatting
+/// machinery's 128-bit division in the module).
+fn hex(k: u128) -> String {
+    (0..32)
+        .rev()
+        .map(|i| {
+            let d = ((k >> (i * 4)) & 0xf) as u8;
+            char::from(if d < 10 { b'0' + d } else { b'a' + d - 10 })
+        })
+        .collect()
+}
+
+/// The inverse of [`hex`]: 1 to 32 hex digits, else `None`.
+fn parse_hex(s: &str) -> Option<u128> {
+    if s.is_empty() || s.len() > 32 {
+        return None;
+    }
+    s.bytes().try_fold(0u128, |acc, b| {
+        let d = char::from(b).to_digit(16)?;
+        Some(acc << 4 | u128::from(d))
+    })
+}
+
+/// `[[name, value], ...]` as JSON, as header pairs; anything else is no headers.
+fn header_pairs(headers_json: &str) -> Vec<(String, String)> {
+    let parsed = if headers_json.is_empty() {
+        None
+    } else {
+        json::parse(headers_json.as_bytes()).ok()
+    };
+    match parsed {
+        Some(json::Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|pair| match pair {
+                json::Value::Array(nv) => match <[json::Value; 2]>::try_from(nv) {
+                    Ok([json::Value::String(n), json::Value::String(v)]) => Some((n, v)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn assessed(status: u16, headers_json: &str, body: &[u8], unix_now_s: f64) -> Assessment {
+    let pairs = header_pairs(headers_json);
+    let headers: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    assess(
+        status,
+        &headers,
+        body,
+        (unix_now_s > 0.0).then_some(unix_now_s as u64),
+    )
+}
+
+/// The core's verdict on a complete answer (`answer::assess`): `status`, its headers as JSON
+/// `[[name, value], ...]` and its whole body give
+/// `{"outcome": class, "retryAfterMs": ms or null, "progressed": bool, "cacheable": bool}`.
+#[wasm_bindgen(js_name = assess)]
+pub fn js_assess(status: u16, headers_json: &str, body: &[u8], unix_now_s: f64) -> String {
+    let a = assessed(status, headers_json, body, unix_now_s);
+    let mut o = Obj::new().str("outcome", a.classification.class.label());
+    o.key("retryAfterMs");
+    match a.classification.retry_after {
+        Some(d) => json::write_f64(&mut o.0, ms(d), 3),
+        None => o.0.push_str("null"),
+    }
+    o.bool("progressed", a.progressed)
+        .bool("cacheable", a.cacheable)
+        .end()
+}
+
+/// The endpoint a path (a URL's path, or the suffix below a base URL) calls
+/// (`request::Endpoint::of_path`): 1 chat/completions, 2 completions, 3 embeddings, 4 models,
+/// 0 none of them.
+#[wasm_bindgen(js_name = endpointOf)]
+pub fn endpoint_of(path: &str) -> u8 {
+    match Endpoint::of_path(path) {
+        Some((Endpoint::ChatCompletions, _)) => 1,
+        Some((Endpoint::Completions, _)) => 2,
+        Some((Endpoint::Embeddings, _)) => 3,
+        Some((Endpoint::Models, _)) => 4,
+        None => 0,
+    }
+}
+
+/// The path of the endpoint `path` calls under a provider's base URL, whatever prefix each has
+/// (`request::Endpoint::under`: `/v1/chat/completions` under `https://api.deepseek.com` is
+/// `/chat/completions`, under `https://host/openai/v1` it is `/openai/v1/chat/completions`),
+/// with the path's query; `undefined` when `path` calls no known endpoint. (The host puts the
+/// base URL's origin in front.)
+#[wasm_bindgen(js_name = endpointUnder)]
+pub fn endpoint_under(base_url: &str, path: &str) -> Option<String> {
+    let (endpoint, rest) = Endpoint::of_path(path)?;
+    Some(endpoint.under(base_url, rest, query_of(path)))
+}
+
+/// Whether the SSE bytes seen so far end with `data: [DONE]` (`answer::DoneTracker`): a stream
+/// is an answer, and may be cached, only once it has.
+#[wasm_bindgen]
+pub struct DoneTracker(unbusy_core::answer::DoneTracker);
+
+#[wasm_bindgen]
+impl DoneTracker {
+    /// A tracker at the start of a stream.
+    #[wasm_bindgen(constructor)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> DoneTracker {
+        Self(unbusy_core::answer::DoneTracker::new())
+    }
+
+    /// Feeds the next bytes of the stream.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.0.feed(chunk);
+    }
+
+    /// Whether the stream so far ends with its `data: [DONE]` event.
+    pub fn complete(&self) -> bool {
+        self.0.complete()
+    }
 }
 
 /// Tells real progress from keep-alive bytes in a response body.

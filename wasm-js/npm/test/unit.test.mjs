@@ -47,7 +47,7 @@ test("the wasm module's allocator: bodies of every size round-trip, and memory i
   for (let round = 0; round < 3; round++) {
     for (const n of sizes) {
       for (const salt of ['a', 'b']) {
-        const k = glue.cacheKey('tenant', new TextEncoder().encode(body(n, salt)), 0);
+        const k = glue.cacheKey(new TextEncoder().encode('tenant'), new TextEncoder().encode(body(n, salt)), 0);
         assert.match(k, /^[0-9a-f]{32}$/);
         const id = `${n}/${salt}`;
         if (keys.has(id)) assert.equal(k, keys.get(id), id);
