@@ -112,7 +112,7 @@ wasm: setup
 ## bounded time (FUZZ_SECONDS per target). Stable Rust: the sanitizer-coverage passes are set
 ## with -C flags and --target keeps them off build scripts.
 FUZZ_SECONDS ?= 15
-FUZZ_TARGETS := request response
+FUZZ_TARGETS := request response encoding
 HOST_TRIPLE := $(shell rustc -vV | sed -n 's/^host: //p')
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
   -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
