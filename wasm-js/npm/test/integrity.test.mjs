@@ -9,6 +9,7 @@ import { readFileSync, existsSync } from 'node:fs';
 import { gunzipSync } from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
+import OpenAIv6 from 'openai-v6';
 import { createFetch } from 'unbusy';
 import { provider } from '../test-support/busy-provider.mjs';
 
@@ -264,6 +265,25 @@ test('the installed openai SDK (v4) streams through to the end: a success, cache
   assert.match(first, /\[primary\]/);
   assert.ok(await until(() => seen.some((e) => e.type === 'requestFinished')));
   assert.equal(seen.find((e) => e.type === 'requestFinished').outcome, 'success');
+  assert.equal(await ask(), first);
+  assert.equal((await p.stats()).attempts, 1, 'the second came from the cache');
+});
+
+test('the openai SDK v6 (Node 20 takes up to v6; v7 needs Node 22) streams through: a success, cached', async () => {
+  const [p] = await world(['primary', []]);
+  const { seen, onEvent } = events();
+  const client = new OpenAIv6({ baseURL: `${p.url}/v1`, apiKey: 'k', maxRetries: 0, fetch: createFetch(config([p]), { onEvent }) });
+  const ask = async () => {
+    const stream = await client.chat.completions.create({ model: 'deepseek-chat', temperature: 0, stream: true, messages: [{ role: 'user', content: 'sdk v6 stream' }] });
+    let text = '';
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
+    return text;
+  };
+  const first = await ask();
+  assert.match(first, /\[primary\]/);
+  assert.ok(await until(() => seen.some((e) => e.type === 'requestFinished')));
+  assert.equal(seen.find((e) => e.type === 'requestFinished').outcome, 'success');
+  assert.equal(seen.find((e) => e.type === 'attemptFinished').result, 'success');
   assert.equal(await ask(), first);
   assert.equal((await p.stats()).attempts, 1, 'the second came from the cache');
 });
