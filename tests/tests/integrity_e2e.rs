@@ -630,3 +630,30 @@ async fn a_provider_that_gzips_unasked_never_hands_the_caller_gzip() {
     );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_answer_to_a_request_that_did_not_stream_is_replayed_as_sse() {
+    // A provider (or gateway) that streams whatever the request said: the cache keeps the
+    // content type the answer came with, never the one the request's `stream` implied.
+    let w = world(
+        vec![behaviour("primary", AnswerShape::SseAlways)],
+        test_config(json!({})),
+    )
+    .await;
+    let body = chat_body("always streams", false, true);
+    let first = post(w.envoy.listen, &body, &[]).await;
+    let second = post(w.envoy.listen, &body, &[]).await;
+    for (which, r) in [("first", &first), ("repeat", &second)] {
+        assert_eq!(r.status, 200, "{which}: {}", short(&r.text()));
+        assert!(
+            r.header("content-type")
+                .is_some_and(|ct| ct.starts_with("text/event-stream")),
+            "{which}: content-type {:?}",
+            r.header("content-type")
+        );
+        validity(r.status, &r.text(), true).unwrap_or_else(|e| panic!("{which}: {e}"));
+    }
+    assert!(is_hit(&second), "x-unbusy {:?}", x_unbusy(&second));
+    assert_eq!(content(&first.text(), true), content(&second.text(), true));
+    assert_eq!(w.providers[0].stats().attempts, 1);
+}

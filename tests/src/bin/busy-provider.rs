@@ -12,7 +12,7 @@
 //! with a scenario override its provider's entry. `--retry-after 0` sends 429s without the
 //! header. `--answer` shapes the answers that draw no fault: `normal` (the default),
 //! `truncated_json`, `html_200`, `sse_no_done`, `overload_200`, `retry_after_zero`,
-//! `retry_after_past` (see `AnswerShape`). Answers are gzip-encoded when the request's
+//! `retry_after_past`, `sse_always` (see `AnswerShape`). Answers are gzip-encoded when the request's
 //! `accept-encoding` allows it; `--always-gzip` does it whatever was asked.
 //! Prints `busy-provider NAME listening on http://ADDR` once ready.
 

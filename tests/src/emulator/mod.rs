@@ -472,7 +472,7 @@ impl Emulator {
                         }
                         resp
                     }
-                    _ if parsed.stream => {
+                    _ if parsed.stream || shape == AnswerShape::SseAlways => {
                         let done =
                             !matches!(shape, AnswerShape::SseNoDone | AnswerShape::TruncatedJson);
                         stream_response(

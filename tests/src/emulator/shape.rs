@@ -29,11 +29,14 @@ pub enum AnswerShape {
     RetryAfterZero,
     /// `429` with an OpenAI rate-limit body and `Retry-After:` an HTTP-date one hour ago.
     RetryAfterPast,
+    /// A valid SSE answer whatever the request's `stream` said (a provider or gateway that
+    /// always streams).
+    SseAlways,
 }
 
 impl AnswerShape {
     /// Every shape, `normal` first.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Normal,
         Self::TruncatedJson,
         Self::Html200,
@@ -41,6 +44,7 @@ impl AnswerShape {
         Self::Overload200,
         Self::RetryAfterZero,
         Self::RetryAfterPast,
+        Self::SseAlways,
     ];
 
     /// The shape's name, as in `PUT /control` (`"answer"`), `--answer` and `cases.json`.
@@ -53,6 +57,7 @@ impl AnswerShape {
             Self::Overload200 => "overload_200",
             Self::RetryAfterZero => "retry_after_zero",
             Self::RetryAfterPast => "retry_after_past",
+            Self::SseAlways => "sse_always",
         }
     }
 

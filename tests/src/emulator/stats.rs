@@ -73,7 +73,7 @@ impl Stats {
     /// Counts an answer to a request that drew no fault, in the shape it got.
     pub fn count(&mut self, shape: AnswerShape, stream: bool) {
         let counter = match shape {
-            AnswerShape::Normal => &mut self.ok,
+            AnswerShape::Normal | AnswerShape::SseAlways => &mut self.ok,
             AnswerShape::SseNoDone if !stream => &mut self.ok,
             AnswerShape::SseNoDone => &mut self.sse_no_done,
             AnswerShape::TruncatedJson => &mut self.truncated_json,
