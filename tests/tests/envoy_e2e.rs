@@ -90,7 +90,7 @@ async fn world_edited(
         providers.push(emu);
         addrs.push(addr);
     }
-    let mut filter = filter_config(&config, &upstreams, &|_| None).unwrap();
+    let mut filter = filter_config(&config, &upstreams, &|_| false).unwrap();
     edit(&mut filter);
     let wasm = filter_wasm();
     assert!(
