@@ -256,11 +256,11 @@ async fn a_key_in_unbusy_ups_environment_reaches_the_provider_and_no_file_or_con
     }
 
     let dump = config_dump(up.admin).await;
+    assert!(!dump.contains(&key), "the key is in /config_dump");
     assert!(
         dump.contains("UNBUSY_KEY_PRIMARY"),
         "the dump names the variable"
     );
-    assert!(!dump.contains(&key), "the key is in /config_dump");
     for path in ["/stats", "/stats/prometheus", "/server_info"] {
         let text = request(up.admin, "GET", path, &[], "")
             .await
@@ -344,13 +344,13 @@ async fn unbusy_up_keeps_its_config_in_a_private_directory_removed_when_envoy_ex
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     let dir = &dirs[0];
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(
-        name.starts_with("unbusy-up-") && name.len() > "unbusy-up-".len() + 8,
-        "{name}"
-    );
     let meta = std::fs::symlink_metadata(dir).unwrap();
     assert!(meta.is_dir());
     assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{name}");
+    assert!(
+        name.starts_with("unbusy-up-") && name.len() > "unbusy-up-".len() + 8,
+        "not a fresh name: {name}"
+    );
     // SAFETY: getuid(2) has no preconditions.
     assert_eq!(meta.uid(), unsafe { libc::getuid() });
     let files = entries(dir);
