@@ -327,7 +327,7 @@ pub fn resolve_keys(
             Some(key) => p.api_key = Some(key),
             None => missing.push(format!(
                 "providers[{i}] ({:?}): api_key_env names {name:?}, which is not set or empty \
-                 in the VM's environment (list it in vm_config.environment_variables.host_env_keys)",
+                 in the VM's environment",
                 p.name
             )),
         }
@@ -335,7 +335,11 @@ pub fn resolve_keys(
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(missing.join("; "))
+        Err(format!(
+            "{} (Envoy passes a variable of its own environment to the VM when \
+             vm_config.environment_variables.host_env_keys lists it)",
+            missing.join("; ")
+        ))
     }
 }
 
