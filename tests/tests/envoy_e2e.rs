@@ -1089,6 +1089,8 @@ fn the_example_envoy_config_is_valid_for_this_envoy() {
     let out = std::process::Command::new(unbusy_tests::envoy::envoy_binary())
         .args(["--mode", "validate", "-c"])
         .arg(root.join("examples/envoy/envoy.yaml"))
+        .env("UNBUSY_KEY_DEEPSEEK", "sk-example")
+        .env("UNBUSY_KEY_BACKUP", "sk-example")
         .current_dir(&root)
         .output()
         .unwrap();
