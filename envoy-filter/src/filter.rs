@@ -435,6 +435,11 @@ impl State {
         }
     }
 
+    /// Counts a request refused because of its endpoint.
+    pub fn refused_endpoint(&self) {
+        self.metrics.rejection(Rejection::EndpointNotAllowed);
+    }
+
     /// How a request with this method and path is handled (`unbusy_core::request::handling`
     /// under this configuration's `endpoints`).
     pub fn handling(&self, method: &str, path: &str) -> Handling {

@@ -388,6 +388,7 @@ impl HttpContext for Stream {
                     .collect();
                 h.push(("x-unbusy", "refused=endpoint_not_allowed"));
                 host::send_response(reply.status, &h, reply.body.as_bytes());
+                self.with(|s| s.refused_endpoint());
                 return Action::Pause;
             }
         };

@@ -511,6 +511,17 @@ async fn an_unknown_endpoint_is_refused_and_the_provider_sees_nothing() {
         vec![],
         "something reached the provider"
     );
+    let stats = request(
+        w.envoy.admin,
+        "GET",
+        "/stats?filter=unbusy_rejections",
+        &[],
+        "",
+    )
+    .await
+    .unwrap()
+    .text();
+    assert!(stats.contains("reason.endpoint_not_allowed: 6"), "{stats}");
 
     // The endpoints unbusy knows still get the provider's key.
     let models = request(w.envoy.listen, "GET", "/v1/models", &[CALLER], "")
