@@ -52,6 +52,8 @@ pub struct Config {
     pub degradation: DegradationConfig,
     /// How a request's tenant is identified.
     pub tenancy: TenancyConfig,
+    /// What happens to requests for endpoints unbusy does not know.
+    pub endpoints: EndpointsConfig,
 }
 
 /// One upstream LLM provider.
@@ -71,8 +73,14 @@ pub struct ProviderConfig {
     /// filter and arrive whole).
     pub failover_cluster: Option<String>,
     /// The API key to send to this provider, replacing the caller's. Never logged. Default:
-    /// none, the caller's `Authorization` is passed through.
+    /// none, the caller's `Authorization` is passed through. At most one of `api_key` and
+    /// `api_key_env`.
     pub api_key: Option<String>,
+    /// The name of an environment variable that holds the API key, read by the host when it
+    /// loads the configuration (the Envoy filter: from the variables Envoy exposes to the VM
+    /// through `vm_config.environment_variables`), so the key is in no configuration file and
+    /// not in Envoy's `/config_dump`. Default: none.
+    pub api_key_env: Option<String>,
     /// Model name mapping for this provider: the caller's model name to the provider's.
     /// Default: empty, names pass through.
     pub models: SortedMap<String, String>,
@@ -94,6 +102,7 @@ impl Default for ProviderConfig {
             cluster: None,
             failover_cluster: None,
             api_key: None,
+            api_key_env: None,
             models: SortedMap::new(),
             weight: 1,
             priority: 0,
@@ -512,6 +521,27 @@ impl Default for TenancyConfig {
     }
 }
 
+/// What happens to a request for an endpoint unbusy does not manage or know (see
+/// [`crate::request::handling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Passthrough {
+    /// Answered locally with 403 `endpoint_not_allowed`; nothing is sent upstream. The default:
+    /// a provider's key must not reach endpoints nobody chose to expose (files, fine-tuning,
+    /// batches, deletions).
+    #[default]
+    Refuse,
+    /// Forwarded to the preferred provider with the caller's own `Authorization` (none if the
+    /// caller sent none), never the provider's key.
+    CallerKey,
+}
+
+/// Endpoints beyond the ones unbusy knows.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EndpointsConfig {
+    /// `refuse` (default) or `caller_key`.
+    pub passthrough: Passthrough,
+}
+
 /// What is wrong with a field.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Problem {
@@ -534,8 +564,10 @@ pub enum Problem {
     Empty,
     /// Must be unique; the value appears more than once.
     Duplicate(String),
-    /// Exactly one of two fields must be set.
+    /// At least one of two fields must be set.
     AtLeastOneOf(&'static str, &'static str),
+    /// At most one of two fields may be set.
+    NotBoth(&'static str, &'static str),
     /// Must be an `http://` or `https://` URL with a host.
     NotAUrl,
     /// Must be at least another field's value.
@@ -580,6 +612,9 @@ impl fmt::Display for ConfigError {
             }
             Problem::AtLeastOneOf(a, b) => {
                 write!(f, "{field} must set `{a}` or `{b}` (or both)")
+            }
+            Problem::NotBoth(a, b) => {
+                write!(f, "{field}.{a} and {field}.{b} must not both be set")
             }
             Problem::NotAUrl => write!(f, "{field} must be an http:// or https:// URL with a host"),
             Problem::LessThan(other) => write!(f, "{field} must be at least {other}"),
@@ -742,6 +777,18 @@ impl Config {
             }
             if p.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
                 c.fail(at("api_key"), Problem::Empty);
+            }
+            if p.api_key_env
+                .as_deref()
+                .is_some_and(|k| k.trim().is_empty())
+            {
+                c.fail(at("api_key_env"), Problem::Empty);
+            }
+            if p.api_key.is_some() && p.api_key_env.is_some() {
+                c.fail(
+                    format!("providers[{i}]"),
+                    Problem::NotBoth("api_key", "api_key_env"),
+                );
             }
             c.positive(&at("weight"), u64::from(p.weight));
             if p.max_concurrency == Some(0) {
@@ -1007,6 +1054,20 @@ impl FromJson for Vec<ProviderConfig> {
     }
 }
 
+impl FromJson for Passthrough {
+    fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
+        let p = match v.as_str() {
+            Some("refuse") => Some(Passthrough::Refuse),
+            Some("caller_key") => Some(Passthrough::CallerKey),
+            _ => None,
+        };
+        if p.is_none() {
+            wrong(path, errors, "\"refuse\" or \"caller_key\"");
+        }
+        p
+    }
+}
+
 impl FromJson for Jitter {
     fn read(v: &Value, path: &str, errors: &mut Vec<ConfigError>) -> Option<Self> {
         let j = match v.as_str() {
@@ -1069,6 +1130,7 @@ read_struct!(Config {
     cache,
     degradation,
     tenancy,
+    endpoints,
 });
 read_struct!(ProviderConfig {
     name,
@@ -1076,6 +1138,7 @@ read_struct!(ProviderConfig {
     cluster,
     failover_cluster,
     api_key,
+    api_key_env,
     models,
     weight,
     priority,
@@ -1150,6 +1213,7 @@ read_struct!(DegradationConfig {
     max_tokens_cap,
     model_fallbacks,
 });
+read_struct!(EndpointsConfig { passthrough });
 read_struct!(TenancyConfig {
     header,
     header_trusted,
@@ -1234,6 +1298,51 @@ mod tests {
         );
         assert!(errors("not json").starts_with("invalid configuration:"));
         assert!(errors(r#"{"providers":[],"providers":[]}"#).contains("duplicate key"));
+    }
+
+    #[test]
+    fn a_key_comes_from_the_configuration_or_an_environment_variable_not_both() {
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"a","cluster":"c","api_key_env":"UNBUSY_KEY_A"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.providers[0].api_key_env.as_deref(), Some("UNBUSY_KEY_A"));
+        assert_eq!(c.providers[0].api_key, None);
+        assert_eq!(
+            errors(r#"{"providers":[{"name":"a","cluster":"c","api_key":"k","api_key_env":"K"}]}"#),
+            "providers[0].api_key and providers[0].api_key_env must not both be set"
+        );
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"},{"name":"b","cluster":"d","api_key_env":" "}]}"#
+            ),
+            "providers[1].api_key_env must not be empty"
+        );
+        assert_eq!(
+            errors(r#"{"providers":[{"name":"a","cluster":"c","api_key_env":7}]}"#),
+            "providers[0].api_key_env must be a string"
+        );
+    }
+
+    #[test]
+    fn unknown_endpoints_are_refused_unless_configured_otherwise() {
+        let c = Config::from_json(br#"{"providers":[{"name":"a","cluster":"c"}]}"#).unwrap();
+        assert_eq!(c.endpoints.passthrough, Passthrough::Refuse);
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"a","cluster":"c"}],"endpoints":{"passthrough":"caller_key"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.endpoints.passthrough, Passthrough::CallerKey);
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"}],"endpoints":{"passthrough":"provider_key"}}"#
+            ),
+            "endpoints.passthrough must be \"refuse\" or \"caller_key\""
+        );
+        assert_eq!(
+            errors(r#"{"providers":[{"name":"a","cluster":"c"}],"endpoints":{"pass":"refuse"}}"#),
+            "unknown field `pass` in endpoints"
+        );
     }
 
     #[test]

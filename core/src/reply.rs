@@ -26,6 +26,9 @@ pub enum ReplyKind {
     BadRequest,
     /// The request body is larger than unbusy buffers (413): no retry will help.
     TooLarge,
+    /// The endpoint is not one unbusy forwards (403, `endpoints.passthrough: refuse`): no retry
+    /// will help.
+    EndpointNotAllowed,
 }
 
 impl ReplyKind {
@@ -37,6 +40,7 @@ impl ReplyKind {
             Self::DeadlineExceeded => 504,
             Self::BadRequest => 400,
             Self::TooLarge => 413,
+            Self::EndpointNotAllowed => 403,
         }
     }
 
@@ -46,6 +50,7 @@ impl ReplyKind {
             Self::RateLimited => "rate_limit_error",
             Self::Overloaded | Self::Shed | Self::DeadlineExceeded => "server_error",
             Self::BadRequest | Self::TooLarge => "invalid_request_error",
+            Self::EndpointNotAllowed => "endpoint_not_allowed",
         }
     }
 
@@ -58,12 +63,16 @@ impl ReplyKind {
             Self::Shed => "load_shed",
             Self::BadRequest => "invalid_request",
             Self::TooLarge => "request_too_large",
+            Self::EndpointNotAllowed => "endpoint_not_allowed",
         }
     }
 
     /// Whether a retry (after the hinted wait) can succeed.
     pub const fn retryable(self) -> bool {
-        !matches!(self, Self::BadRequest | Self::TooLarge)
+        !matches!(
+            self,
+            Self::BadRequest | Self::TooLarge | Self::EndpointNotAllowed
+        )
     }
 }
 
@@ -167,5 +176,15 @@ mod tests {
         assert_eq!(r.status, 400);
         assert_eq!(header(&r, "x-should-retry"), Some("false"));
         assert_eq!(header(&r, "retry-after"), None);
+    }
+
+    #[test]
+    fn a_refused_endpoint_is_a_403_that_says_why() {
+        let r = local_reply(ReplyKind::EndpointNotAllowed, "DELETE /v1/files/x", None);
+        assert_eq!(r.status, 403);
+        assert_eq!(header(&r, "x-should-retry"), Some("false"));
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["error"]["type"], "endpoint_not_allowed");
+        assert_eq!(v["error"]["code"], "endpoint_not_allowed");
     }
 }

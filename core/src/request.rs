@@ -9,6 +9,13 @@
 //! `/v1`; so the endpoint is recognised by its own name ([`Endpoint::of_path`]) and placed under
 //! each provider's base ([`Endpoint::under`]), whatever prefix each has.
 //!
+//! **Which requests carry a provider's key** ([`handling`]). unbusy manages
+//! `POST .../chat/completions` and knows a few other endpoints (legacy completions, embeddings,
+//! the model list); only those are sent with a provider's configured key. Anything else (files,
+//! fine-tuning, batches, assistants, a `DELETE` of anything, a `GET` of stored completions) is
+//! refused by default, or forwarded with the caller's own key when the configuration says so
+//! (`endpoints.passthrough`): a provider's key must not reach endpoints nobody chose to expose.
+//!
 //! **Tenants.** The tenant scopes the cache and the per-tenant limits. It comes from one of three
 //! sources, and a value from one source can never name a tenant of another
 //! ([`tenant_identity`]): otherwise a caller sending `x-tenant: Bearer victim` would read the
@@ -16,7 +23,7 @@
 //! A tenant header is trusted only when a trusted hop sets or strips it
 //! (`tenancy.header_trusted`); otherwise it only divides the caller's own key's namespace.
 
-use crate::config::TenancyConfig;
+use crate::config::{EndpointsConfig, Passthrough, TenancyConfig};
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -104,6 +111,56 @@ impl Endpoint {
         out.push_str(rest);
         out.push_str(query);
         out
+    }
+}
+
+/// How a host handles a request, by its method and path (see [`handling`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// `POST .../chat/completions`: the engine manages it (limits, cache, retries, failover),
+    /// each attempt with the chosen provider's key.
+    Managed,
+    /// Another endpoint unbusy knows, with the method that reads or computes (`POST`
+    /// completions and embeddings, `GET`/`HEAD` models): forwarded to the preferred provider
+    /// with that provider's key.
+    ProviderKey(Endpoint),
+    /// Forwarded to the preferred provider with the caller's own `Authorization` (none if the
+    /// caller sent none), never a provider's key: any other request under
+    /// `endpoints.passthrough: caller_key`, and a CORS preflight (`OPTIONS`) of a known
+    /// endpoint, which carries no credentials.
+    CallerKey,
+    /// Answered locally with 403 (`endpoint_not_allowed`), nothing sent upstream: any other
+    /// request under `endpoints.passthrough: refuse`, the default.
+    Refuse,
+}
+
+/// Whether a request is managed, forwarded with the provider's key, forwarded with the caller's
+/// key, or refused: the one rule every host applies before a provider's key goes anywhere.
+/// `method` is the HTTP method (case-sensitive, as HTTP defines it), `path` the request path
+/// with its query.
+///
+/// ```rust
+/// use unbusy_core::config::{EndpointsConfig, Passthrough};
+/// use unbusy_core::request::{handling, Endpoint, Handling};
+/// let refuse = EndpointsConfig::default();
+/// assert_eq!(handling("POST", "/v1/chat/completions", &refuse), Handling::Managed);
+/// assert_eq!(handling("GET", "/v1/models", &refuse), Handling::ProviderKey(Endpoint::Models));
+/// assert_eq!(handling("DELETE", "/v1/files/x", &refuse), Handling::Refuse);
+/// assert_eq!(handling("DELETE", "/v1/models/ft-1", &refuse), Handling::Refuse);
+/// let caller = EndpointsConfig { passthrough: Passthrough::CallerKey };
+/// assert_eq!(handling("DELETE", "/v1/files/x", &caller), Handling::CallerKey);
+/// ```
+pub fn handling(method: &str, path: &str, endpoints: &EndpointsConfig) -> Handling {
+    let known = Endpoint::of_path(path).map(|(e, _)| e);
+    match (method, known) {
+        ("POST", Some(Endpoint::ChatCompletions)) => Handling::Managed,
+        ("POST", Some(e @ (Endpoint::Completions | Endpoint::Embeddings)))
+        | ("GET" | "HEAD", Some(e @ Endpoint::Models)) => Handling::ProviderKey(e),
+        ("OPTIONS", Some(_)) => Handling::CallerKey,
+        _ => match endpoints.passthrough {
+            Passthrough::Refuse => Handling::Refuse,
+            Passthrough::CallerKey => Handling::CallerKey,
+        },
     }
 }
 
@@ -298,6 +355,66 @@ mod tests {
             Some((Endpoint::Embeddings, ""))
         );
         assert_eq!(Endpoint::of_path("/models"), Some((Endpoint::Models, "")));
+    }
+
+    #[test]
+    fn only_known_endpoints_with_their_own_methods_get_a_providers_key() {
+        let refuse = EndpointsConfig::default();
+        let caller = EndpointsConfig {
+            passthrough: Passthrough::CallerKey,
+        };
+        for (method, path, want) in [
+            ("POST", "/v1/chat/completions", Handling::Managed),
+            ("POST", "/chat/completions?x=1", Handling::Managed),
+            (
+                "POST",
+                "/v1/completions",
+                Handling::ProviderKey(Endpoint::Completions),
+            ),
+            (
+                "POST",
+                "/v1/embeddings",
+                Handling::ProviderKey(Endpoint::Embeddings),
+            ),
+            ("GET", "/v1/models", Handling::ProviderKey(Endpoint::Models)),
+            (
+                "HEAD",
+                "/v1/models/deepseek-chat",
+                Handling::ProviderKey(Endpoint::Models),
+            ),
+            ("OPTIONS", "/v1/chat/completions", Handling::CallerKey),
+        ] {
+            assert_eq!(handling(method, path, &refuse), want, "{method} {path}");
+            assert_eq!(handling(method, path, &caller), want, "{method} {path}");
+        }
+        // Everything else: another path, or a known path with a method that lists stored
+        // data, deletes or changes something.
+        for (method, path) in [
+            ("DELETE", "/v1/files/x"),
+            ("GET", "/v1/files"),
+            ("POST", "/v1/files"),
+            ("POST", "/v1/fine_tuning/jobs"),
+            ("GET", "/v1/chat/completions"),
+            ("GET", "/v1/chat/completions/abc"),
+            ("DELETE", "/v1/chat/completions/abc"),
+            ("DELETE", "/v1/models/ft-1"),
+            ("POST", "/v1/models"),
+            ("GET", "/v1/embeddings"),
+            ("post", "/v1/chat/completions"),
+            ("POST", "/"),
+            ("GET", ""),
+        ] {
+            assert_eq!(
+                handling(method, path, &refuse),
+                Handling::Refuse,
+                "{method} {path}"
+            );
+            assert_eq!(
+                handling(method, path, &caller),
+                Handling::CallerKey,
+                "{method} {path}"
+            );
+        }
     }
 
     #[test]

@@ -42,7 +42,7 @@ use unbusy_core::engine::{
 use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_core::reply::{local_reply, LocalReply, ReplyKind};
-use unbusy_core::request::{base_path, query_of, tenant_of, Endpoint};
+use unbusy_core::request::{base_path, handling, query_of, tenant_of, Endpoint, Handling};
 use unbusy_core::time::{ms, Nanos};
 
 /// Request bodies larger than this are refused with 413 (a chat request is kilobytes).
@@ -369,6 +369,42 @@ fn progress_to_report(verdict: &unbusy_core::answer::Assessment, stream: bool) -
     verdict.progressed && (!stream || verdict.classification.class == OutcomeClass::Success)
 }
 
+/// Reads the key of every provider configured with `api_key_env` from the environment (`env`
+/// looks a variable up) into its `api_key`. A variable that is missing or empty (after trimming
+/// whitespace, which a key never holds) refuses the configuration: the message names each such
+/// provider and variable, and never holds a value.
+pub fn resolve_keys(
+    config: &mut Config,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), String> {
+    let mut missing = Vec::new();
+    for (i, p) in config.providers.iter_mut().enumerate() {
+        let Some(name) = p.api_key_env.take() else {
+            continue;
+        };
+        match env(&name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+        {
+            Some(key) => p.api_key = Some(key),
+            None => missing.push(format!(
+                "providers[{i}] ({:?}): api_key_env names {name:?}, which is not set or empty \
+                 in the VM's environment",
+                p.name
+            )),
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} (Envoy passes a variable of its own environment to the VM when \
+             vm_config.environment_variables.host_env_keys lists it)",
+            missing.join("; ")
+        ))
+    }
+}
+
 /// Why a configuration was refused, in one line naming the field.
 pub fn check_config(config: &Config) -> Result<(), String> {
     config.validate().map_err(|e| e.to_string())?;
@@ -461,9 +497,25 @@ impl State {
         }
     }
 
-    /// The headers that send an unmanaged request (not chat/completions) to the preferred
-    /// provider, with its credentials.
-    pub fn passthrough_headers(&self, path: &str) -> Vec<(String, Option<String>)> {
+    /// Counts a request refused because of its endpoint.
+    pub fn refused_endpoint(&self) {
+        self.metrics.rejection(Rejection::EndpointNotAllowed);
+    }
+
+    /// How a request with this method and path is handled (`unbusy_core::request::handling`
+    /// under this configuration's `endpoints`).
+    pub fn handling(&self, method: &str, path: &str) -> Handling {
+        handling(method, path, &self.config.endpoints)
+    }
+
+    /// The headers that send a request the filter does not manage to the preferred provider:
+    /// with the provider's key when `provider_key` (an endpoint unbusy knows, see
+    /// [`State::handling`]), else with the caller's own `Authorization`, untouched.
+    pub fn passthrough_headers(
+        &self,
+        path: &str,
+        provider_key: bool,
+    ) -> Vec<(String, Option<String>)> {
         let Some((i, p)) = self
             .config
             .providers
@@ -477,7 +529,7 @@ impl State {
             ("x-unbusy-cluster".to_string(), p.cluster.clone()),
             (FLOW_HEADER.to_string(), None),
         ];
-        if let Some(key) = &p.api_key {
+        if let Some(key) = p.api_key.as_ref().filter(|_| provider_key) {
             h.push(("authorization".into(), Some(format!("Bearer {key}"))));
         }
         if let Some(a) = self.authorities.get(i).cloned().flatten() {
@@ -1652,7 +1704,51 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::routed_path;
+    use super::{resolve_keys, routed_path};
+    use unbusy_core::config::Config;
+
+    #[test]
+    fn keys_named_by_variables_are_read_and_a_missing_one_refuses_the_configuration() {
+        let json = br#"{"providers":[
+            {"name":"a","cluster":"ca","api_key_env":"KEY_A"},
+            {"name":"b","cluster":"cb","api_key":"inline"},
+            {"name":"c","cluster":"cc","api_key_env":"KEY_C"}]}"#;
+        let mut config = Config::from_json(json).unwrap();
+        let env = |name: &str| match name {
+            "KEY_A" => Some("sk-a\n".to_string()),
+            "KEY_C" => Some("sk-c".to_string()),
+            _ => None,
+        };
+        resolve_keys(&mut config, env).unwrap();
+        let keys: Vec<_> = config.providers.iter().map(|p| p.api_key.clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                Some("sk-a".into()),
+                Some("inline".into()),
+                Some("sk-c".into())
+            ]
+        );
+        assert!(config.providers.iter().all(|p| p.api_key_env.is_none()));
+        // Resolved, it is still a valid configuration for the filter.
+        super::check_config(&config).unwrap();
+
+        let mut config = Config::from_json(json).unwrap();
+        let only_a = |name: &str| (name == "KEY_A").then(|| "secret-a".to_string());
+        let e = resolve_keys(&mut config, only_a).unwrap_err();
+        assert!(
+            e.starts_with("providers[2] (\"c\"): api_key_env names \"KEY_C\""),
+            "{e}"
+        );
+        assert!(!e.contains("secret-a"), "{e}");
+        let mut config = Config::from_json(json).unwrap();
+        let blank = |_: &str| Some("  ".to_string());
+        let e = resolve_keys(&mut config, blank).unwrap_err();
+        assert!(
+            e.contains("providers[0]") && e.contains("providers[2]"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_known_endpoint_lands_under_every_shape_of_base_url_once() {

@@ -12,8 +12,15 @@
 //! - [`host`]: hostcalls that report failure instead of panicking, over [`abi`] (the raw ABI).
 //!
 //! The plugin configuration is the engine's JSON schema (`docs/config.md`); every provider
-//! needs a `cluster`. An invalid one makes `on_configure` fail with one log line naming the
-//! field, and Envoy refuses the filter. The upstream instance is the same module with the
+//! needs a `cluster`. A provider's `api_key_env` is read at configure time from the variables
+//! Envoy passes to the VM (`vm_config.environment_variables`, through WASI's `environ_get`), so
+//! the key need not be in the configuration (which Envoy's `/config_dump` shows). An invalid
+//! configuration, or a key variable that is missing or empty, makes `on_configure` fail with one
+//! log line naming the field (or the provider and the variable, never a value), and Envoy
+//! refuses the filter.
+//!
+//! Which requests are managed, forwarded with a provider's key, forwarded with the caller's
+//! own key, or refused with 403 is `unbusy_core::request::handling`'s decision. The upstream instance is the same module with the
 //! root id [`UPSTREAM_ROOT_ID`]; its configuration is ignored.
 
 pub mod abi;
@@ -33,6 +40,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 use unbusy_core::config::Config;
+use unbusy_core::request::Handling;
 
 /// How often the engine's timers are checked (first-token deadlines, backoff waits).
 const TICK: Duration = Duration::from_millis(20);
@@ -188,13 +196,19 @@ impl RootContext for Root {
             return true;
         }
         let bytes = host::buffer(Buffer::PluginConfiguration, size.max(1)).unwrap_or_default();
-        let config = match Config::from_json(&bytes) {
+        let mut config = match Config::from_json(&bytes) {
             Ok(c) => c,
             Err(e) => {
                 host::error(&format!("unbusy: invalid plugin configuration: {e}"));
                 return false;
             }
         };
+        // Keys named by `api_key_env`, from the variables Envoy passes to the VM
+        // (`vm_config.environment_variables`), read through WASI's `environ_get`.
+        if let Err(e) = filter::resolve_keys(&mut config, |name| std::env::var(name).ok()) {
+            host::error(&format!("unbusy: invalid plugin configuration: {e}"));
+            return false;
+        }
         let seed = host::now() ^ 0x756e_6275_7379;
         match State::new(config, seed) {
             Ok(state) => {
@@ -351,10 +365,38 @@ impl HttpContext for Stream {
         };
         let method = value(":method");
         let path = value(":path").to_string();
-        let route = path.split('?').next().unwrap_or("");
-        let managed = method == "POST" && (route.ends_with("/chat/completions"));
-        if !managed {
-            for (name, value) in self.with(|s| s.passthrough_headers(&path)) {
+        // (If the state cannot be borrowed, nothing is forwarded: refusing is the safe side.)
+        let handling = self
+            .with(|s| Some(s.handling(method, &path)))
+            .unwrap_or(Handling::Refuse);
+        let provider_key = match handling {
+            Handling::Managed => None,
+            Handling::ProviderKey(_) => Some(true),
+            Handling::CallerKey => Some(false),
+            Handling::Refuse => {
+                let route = path.split(['?', '#']).next().unwrap_or("");
+                let reply = unbusy_core::reply::local_reply(
+                    unbusy_core::reply::ReplyKind::EndpointNotAllowed,
+                    &format!(
+                        "{method} {route} is not an endpoint this proxy forwards: only \
+                         chat/completions, completions and embeddings (POST) and models (GET) \
+                         are (endpoints.passthrough is \"refuse\")"
+                    ),
+                    None,
+                );
+                let mut h: Vec<(&str, &str)> = reply
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (*n, v.as_str()))
+                    .collect();
+                h.push(("x-unbusy", "refused=endpoint_not_allowed"));
+                host::send_response(reply.status, &h, reply.body.as_bytes());
+                self.with(|s| s.refused_endpoint());
+                return Action::Pause;
+            }
+        };
+        if let Some(provider_key) = provider_key {
+            for (name, value) in self.with(|s| s.passthrough_headers(&path, provider_key)) {
                 host::set_header(Map::RequestHeaders, &name, value.as_deref());
             }
             return Action::Continue;

@@ -59,7 +59,7 @@ pub struct Metrics {
     tier: Option<u32>,
     cache: [Option<u32>; 3],
     cache_bytes: Option<u32>,
-    rejections: [Option<u32>; 4],
+    rejections: [Option<u32>; 5],
 }
 
 /// Cache lookups, for [`Metrics::cache`].
@@ -84,6 +84,8 @@ pub enum Rejection {
     RateLimited = 2,
     /// Degradation shed it.
     Shed = 3,
+    /// An endpoint unbusy does not forward (`endpoints.passthrough: refuse`).
+    EndpointNotAllowed = 4,
 }
 
 impl Metrics {
@@ -131,8 +133,14 @@ impl Metrics {
             cache_bytes: host::metric(Gauge, "unbusy_cache_bytes"),
             cache: ["hit", "miss", "stale"]
                 .map(|r| host::metric(Counter, &format!("unbusy_cache_total.result.{r}"))),
-            rejections: ["budget", "throttled", "rate_limited", "shed"]
-                .map(|r| host::metric(Counter, &format!("unbusy_rejections_total.reason.{r}"))),
+            rejections: [
+                "budget",
+                "throttled",
+                "rate_limited",
+                "shed",
+                "endpoint_not_allowed",
+            ]
+            .map(|r| host::metric(Counter, &format!("unbusy_rejections_total.reason.{r}"))),
         }
     }
 

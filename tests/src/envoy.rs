@@ -83,14 +83,23 @@ impl Upstream {
     }
 }
 
+/// The environment variable that holds provider `name`'s key: `UNBUSY_KEY_<NAME>` (upper
+/// case, `-` as `_`).
+pub fn key_variable(name: &str) -> String {
+    format!("UNBUSY_KEY_{}", name.to_ascii_uppercase().replace('-', "_"))
+}
+
 /// Builds the filter's configuration: `base` (the engine schema, possibly empty) with the
 /// upstreams as its providers, in order of preference. A provider already in `base` keeps its
 /// settings (credentials, model mapping, quota); its URL, cluster and priority come from the
-/// command line. A key in `UNBUSY_KEY_<NAME>` (upper case, `-` as `_`) becomes its `api_key`.
+/// command line. When `has_key` says the variable [`key_variable`] is set, the provider's key
+/// is that variable (`api_key_env`, replacing any `api_key`): the filter reads it from Envoy's
+/// environment, and [`render`] lists it in `host_env_keys`, so the key itself is in no file and
+/// not in Envoy's `/config_dump`.
 pub fn filter_config(
     base: &Value,
     upstreams: &[Upstream],
-    keys: &dyn Fn(&str) -> Option<String>,
+    has_key: &dyn Fn(&str) -> bool,
 ) -> Result<Value, String> {
     let mut config = match base {
         Value::Null => serde_json::json!({}),
@@ -116,12 +125,12 @@ pub fn filter_config(
         if upstreams.len() > 1 {
             p["failover_cluster"] = Value::from(u.failover_cluster());
         }
-        let env = format!(
-            "UNBUSY_KEY_{}",
-            u.name.to_ascii_uppercase().replace('-', "_")
-        );
-        if let Some(k) = keys(&env) {
-            p["api_key"] = Value::from(k);
+        let env = key_variable(&u.name);
+        if has_key(&env) {
+            if let Some(p) = p.as_object_mut() {
+                p.remove("api_key");
+            }
+            p["api_key_env"] = Value::from(env);
         }
         providers.push(p);
     }
@@ -151,6 +160,20 @@ pub struct Render<'a> {
 
 fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// The environment variables the filter's configuration reads keys from (its providers'
+/// `api_key_env`), as a YAML flow list: Envoy passes exactly these to the VM.
+fn host_env_keys(filter: &Value) -> String {
+    let names: Vec<String> = filter
+        .get("providers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("api_key_env").and_then(Value::as_str))
+        .map(yaml_str)
+        .collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// Envoy's YAML.
@@ -283,8 +306,10 @@ static_resources:
                   vm_id: unbusy
                   runtime: envoy.wasm.runtime.v8
                   code: {{ local: {{ filename: {wasm} }} }}
+                  environment_variables: {{ host_env_keys: {env} }}
 "#,
             json = yaml_str(&json),
+            env = host_env_keys(config),
         );
     }
     y.push_str(
@@ -309,11 +334,13 @@ static_resources:
                       vm_id: unbusy
                       runtime: envoy.wasm.runtime.v8
                       code: {{ local: {{ filename: {wasm} }} }}
+                      environment_variables: {{ host_env_keys: {env} }}
               - name: envoy.filters.http.upstream_codec
                 typed_config:
                   "@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec
 "#,
             root = unbusy_envoy::UPSTREAM_ROOT_ID,
+            env = r.filter.map(host_env_keys).unwrap_or_default(),
         );
     }
     y.push_str("  clusters:\n");

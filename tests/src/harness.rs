@@ -128,6 +128,16 @@ impl Envoy {
     /// wrote (`--admin-address-path`), the server is live (`/ready`), and the listener is bound
     /// (its address from `/listeners`) and accepts connections.
     pub fn start_yaml(yaml: &str, concurrency: u32) -> Result<Self, String> {
+        Self::start_yaml_env(yaml, concurrency, &[])
+    }
+
+    /// [`Envoy::start_yaml`] with these variables added to Envoy's environment (keys the
+    /// filter reads through `host_env_keys`), and nowhere else.
+    pub fn start_yaml_env(
+        yaml: &str,
+        concurrency: u32,
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let dir = run_dir()?;
         let config = dir.join("envoy.yaml");
         let log = dir.join("envoy.log");
@@ -144,6 +154,7 @@ impl Envoy {
             .arg("--use-dynamic-base-id")
             .arg("--base-id-path")
             .arg(dir.join("base-id"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

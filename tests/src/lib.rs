@@ -6,7 +6,9 @@
 //!   with the baseline client policies;
 //! - [`plot`]: the SVG chart of simulator results in `BENCHMARKS.md`;
 //! - the `busy-provider` binary: a real HTTP/1.1 server behaving like a struggling
-//!   OpenAI-compatible provider, for end-to-end tests and the demo.
+//!   OpenAI-compatible provider, for end-to-end tests and the demo;
+//! - [`envoy`], [`harness`]: rendering Envoy's configuration and running it (`unbusy-up`, the
+//!   end-to-end tests); [`private`]: the private directory `unbusy-up` writes it in.
 
 // The harness is test tooling, not a proxy: indexing its own vectors may panic on a bug, and a
 // panic here is a failed run, not a dead worker.
@@ -16,5 +18,6 @@ pub mod emulator;
 pub mod envoy;
 pub mod harness;
 pub mod plot;
+pub mod private;
 pub mod scenario;
 pub mod sim;

@@ -91,7 +91,7 @@ async fn world_edited(
         providers.push(emu);
         addrs.push(addr);
     }
-    let mut filter = filter_config(&config, &upstreams, &|_| None).unwrap();
+    let mut filter = filter_config(&config, &upstreams, &|_| false).unwrap();
     edit(&mut filter);
     let wasm = filter_wasm();
     assert!(
@@ -1090,6 +1090,8 @@ fn the_example_envoy_config_is_valid_for_this_envoy() {
     let out = std::process::Command::new(unbusy_tests::envoy::envoy_binary())
         .args(["--mode", "validate", "-c"])
         .arg(root.join("examples/envoy/envoy.yaml"))
+        .env("UNBUSY_KEY_DEEPSEEK", "sk-example")
+        .env("UNBUSY_KEY_BACKUP", "sk-example")
         .current_dir(&root)
         .output()
         .unwrap();

@@ -99,7 +99,7 @@ async fn world(behaviours: Vec<Behaviour>, config: Value) -> World {
         upstreams.push(Upstream::parse(&format!("{name}=http://{addr}")).unwrap());
         providers.push(emu);
     }
-    let filter = filter_config(&config, &upstreams, &|_| None).unwrap();
+    let filter = filter_config(&config, &upstreams, &|_| false).unwrap();
     let wasm = filter_wasm();
     assert!(
         wasm.exists(),

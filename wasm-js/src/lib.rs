@@ -175,6 +175,18 @@ impl JsEngine {
     pub fn new(config_json: &str, seed: f64) -> Result<JsEngine, JsError> {
         let config =
             Config::from_json(config_json.as_bytes()).map_err(|e| JsError::new(&e.to_string()))?;
+        // A key named by an environment variable is the Envoy filter's way; here it would be
+        // silently missing (browsers and workers have no process environment), and the
+        // caller's own key would go to the provider instead.
+        if let Some(i) = config
+            .providers
+            .iter()
+            .position(|p| p.api_key_env.is_some())
+        {
+            return Err(JsError::new(&format!(
+                "providers[{i}].api_key_env is read only by the Envoy filter; pass api_key"
+            )));
+        }
         let engine =
             Engine::new(config, seed.to_bits()).map_err(|e| JsError::new(&e.to_string()))?;
         Ok(Self {

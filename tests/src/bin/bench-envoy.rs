@@ -206,7 +206,7 @@ async fn bench_failover(seconds: f64, connections: usize) -> Result<Vec<Run>, St
             Upstream::parse(&format!("primary=http://{pa}"))?,
             Upstream::parse(&format!("backup=http://{ba}"))?,
         ];
-        let native = filter_config(&policy, &upstreams, &|_| None)?;
+        let native = filter_config(&policy, &upstreams, &|_| false)?;
         let mut dispatched = native.clone();
         if let Some(ps) = dispatched
             .get_mut("providers")
@@ -239,7 +239,7 @@ async fn bench(seconds: f64, connections: usize) -> Result<Vec<Run>, String> {
         .map_err(|e| e.to_string())?;
     let upstreams = [Upstream::parse(&format!("fast=http://{addr}"))?];
     let wasm = filter_wasm();
-    let filter = filter_config(&serde_json::Value::Null, &upstreams, &|_| None)?;
+    let filter = filter_config(&serde_json::Value::Null, &upstreams, &|_| false)?;
     // Two providers (the second never used): the upstream instance runs on every attempt.
     let (_spare, spare_addr) = start(behaviour("spare", 0.2, 0.5, false), 3, "127.0.0.1:0")
         .await
@@ -248,7 +248,7 @@ async fn bench(seconds: f64, connections: usize) -> Result<Vec<Run>, String> {
         upstreams[0].clone(),
         Upstream::parse(&format!("spare=http://{spare_addr}"))?,
     ];
-    let filter_two = filter_config(&serde_json::Value::Null, &two, &|_| None)?;
+    let filter_two = filter_config(&serde_json::Value::Null, &two, &|_| false)?;
     let miss = chat_body("benchmark", false, false);
     let hit = chat_body("benchmark", false, true);
     let mut runs = Vec::new();

@@ -110,7 +110,7 @@ async fn demo() -> Result<(), String> {
         Upstream::parse(&format!("backup=http://{b_addr}"))?,
     ];
     let config = serde_json::json!({"deadlines": {"first_token_ms": 4000, "response_ms": 8000, "total_ms": 30000}});
-    let filter = filter_config(&config, &upstreams, &|_| None)?;
+    let filter = filter_config(&config, &upstreams, &|_| false)?;
     let wasm = filter_wasm();
     let envoy = Envoy::start(&EnvoySpec {
         upstreams: &upstreams,

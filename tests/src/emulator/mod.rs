@@ -41,7 +41,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 pub use shape::{http_date, AnswerShape, HTML_502, OVERLOAD_200};
-pub use stats::{RecentRequest, Stats};
+pub use stats::{RecentRequest, SeenRequest, Stats};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -216,6 +216,21 @@ impl Emulator {
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ResetConnection> {
         let path = req.uri().path().to_string();
+        if !matches!(path.as_str(), "/stats" | "/stats/reset" | "/control") {
+            let seen = SeenRequest {
+                method: req.method().to_string(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| path.clone(), |p| p.to_string()),
+                authorization: req
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            };
+            self.state().stats.saw(seen);
+        }
         match (req.method().clone(), path.as_str()) {
             (Method::POST, "/v1/chat/completions" | "/chat/completions") => self.chat(req).await,
             (Method::GET, "/v1/models" | "/models") => Ok(self.models()),

@@ -24,6 +24,18 @@ pub struct RecentRequest {
     pub accept_encoding: Option<String>,
 }
 
+/// Any request as the emulator received it (its own `/stats` and `/control` excepted), for
+/// tests that check what reached the provider at all, and with which credentials.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SeenRequest {
+    /// The method.
+    pub method: String,
+    /// The path and query.
+    pub path: String,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+}
+
 /// Counters since start-up (or the last `POST /stats/reset`).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Stats {
@@ -67,6 +79,8 @@ pub struct Stats {
     pub max_in_flight: u32,
     /// The latest requests, oldest first.
     pub recent: Vec<RecentRequest>,
+    /// The latest requests of any kind, oldest first.
+    pub seen: Vec<SeenRequest>,
 }
 
 impl Stats {
@@ -91,5 +105,13 @@ impl Stats {
             self.recent.remove(0);
         }
         self.recent.push(r);
+    }
+
+    /// Keeps `r` among the requests seen.
+    pub fn saw(&mut self, r: SeenRequest) {
+        if self.seen.len() >= RECENT {
+            self.seen.remove(0);
+        }
+        self.seen.push(r);
     }
 }

@@ -34,6 +34,14 @@ test('camelCase configuration reaches the engine; model names are not rewritten'
   assert.throws(() => createFetch({ providers: [{ name: 'p', baseUrl: 'http://x', bogusField: 1 }] }), /bogusField|bogus_field|unknown field/);
 });
 
+test('a key named by an environment variable is refused: only the Envoy filter reads one', () => {
+  // Accepted silently, the caller's own key would go to the provider instead.
+  assert.throws(
+    () => createFetch({ providers: [{ name: 'p', baseUrl: 'http://x', apiKeyEnv: 'UNBUSY_KEY_P' }] }),
+    /providers\[0\]\.apiKeyEnv is read only by the Envoy filter; pass apiKey/,
+  );
+});
+
 test("the wasm module's allocator: bodies of every size round-trip, and memory is reused", async () => {
   const glue = await import('../pkg/unbusy_js.js');
   const { memory } = glue.initSync({ module: new Uint8Array() }); // already initialised by the import above
