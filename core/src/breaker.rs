@@ -149,7 +149,15 @@ pub struct CircuitBreaker {
     pending: u32,
     /// The latest success recorded while closed.
     last_success: Option<Nanos>,
+    /// When the half-open episode that closed the breaker began: its probe ramp goes on for
+    /// retries after it closes (see [`CircuitBreaker::retry_cap`]).
+    recovered_from: Option<Nanos>,
 }
+
+/// How many doublings of the probe ramp (from the half-open episode's start) the recovery ramp
+/// lasts after the breaker closed: 12, so it ends 1.5 s into the episode with the defaults, at
+/// 4,096 retries in flight.
+const RECOVERY_DOUBLINGS: u64 = 12;
 
 impl CircuitBreaker {
     /// A closed breaker.
@@ -163,6 +171,7 @@ impl CircuitBreaker {
             counting_since: 0,
             pending: 0,
             last_success: None,
+            recovered_from: None,
         }
     }
 
@@ -212,12 +221,43 @@ impl CircuitBreaker {
         (self.settings.open_for / 4).max(1)
     }
 
+    /// How many retries may be in flight at `now` just after an outage, `None` when the breaker
+    /// puts no bound on them.
+    ///
+    /// A provider that comes back from an outage has every request that waited through it to
+    /// answer at once: with the first probe's first byte the breaker closes, and without a
+    /// bound every waiting retry would go in the same instant (a provider with room for 80
+    /// got 620 in flight when a 30 s outage ended, and answered those with 429s until the
+    /// callers' deadlines passed). So the half-open episode's probe ramp goes on for retries
+    /// after the breaker closed, doubling every quarter of `open_for`, until
+    /// [`RECOVERY_DOUBLINGS`] doublings from the episode's start: a provider without a quota
+    /// gets its waiting requests back within about a second, and one with a quota refuses the
+    /// excess while it is at most twice what it can take, which is when a learned
+    /// concurrency limit binds (see `concurrency`). First attempts are never bounded by it: a
+    /// caller without us sends them anyway.
+    pub fn retry_cap(&self, now: Nanos) -> Option<u32> {
+        let since = self.recovered_from?;
+        let s = &self.settings;
+        if self.state != BreakerState::Closed || !s.probe_ramp {
+            return None;
+        }
+        let doublings = now.saturating_sub(since) / self.ramp_step();
+        (doublings < RECOVERY_DOUBLINGS).then(|| self.probe_limit(now, since))
+    }
+
     /// When the breaker's verdict next changes by itself: an open breaker half-opens, a
-    /// half-open one allows more probes. `None` when closed.
+    /// half-open one allows more probes, a recovery ramp allows more retries. `None` when
+    /// closed otherwise.
     pub fn next_change(&self, now: Nanos) -> Option<Nanos> {
         let open_for = self.settings.open_for.max(1);
         match self.state(now) {
-            BreakerState::Closed => None,
+            BreakerState::Closed => {
+                let since = self.recovered_from?;
+                self.retry_cap(now)?;
+                let ramp = self.ramp_step();
+                let step = now.saturating_sub(since) / ramp + 1;
+                Some(since.saturating_add(step.saturating_mul(ramp)))
+            }
             BreakerState::Open { until } => Some(until),
             BreakerState::HalfOpen { since, .. } if self.settings.probe_ramp => {
                 let ramp = self.ramp_step();
@@ -314,7 +354,7 @@ impl CircuitBreaker {
             }
             (BreakerState::HalfOpen { successes, .. }, BreakerSignal::Success) => {
                 if successes + 1 >= self.settings.probe_successes {
-                    self.close();
+                    self.close(now);
                 } else if let BreakerState::HalfOpen {
                     probes,
                     last_probe,
@@ -356,7 +396,7 @@ impl CircuitBreaker {
     /// breaker closes at once, since the provider is answering.
     pub fn on_progress(&mut self, now: Nanos) {
         if let BreakerState::HalfOpen { .. } = self.state(now) {
-            self.close();
+            self.close(now);
         }
     }
 
@@ -400,12 +440,17 @@ impl CircuitBreaker {
             .saturating_mul(1u64 << shift)
             .min(self.settings.max_open_for.max(self.settings.open_for));
         self.reopen_count = self.reopen_count.saturating_add(1);
+        self.recovered_from = None;
         self.state = BreakerState::Open {
             until: now.saturating_add(wait),
         };
     }
 
-    fn close(&mut self) {
+    fn close(&mut self, now: Nanos) {
+        self.recovered_from = match self.state(now) {
+            BreakerState::HalfOpen { since, .. } => Some(since),
+            _ => None,
+        };
         self.state = BreakerState::Closed;
         self.reopen_count = 0;
         self.consecutive_failures = 0;
@@ -569,6 +614,38 @@ mod tests {
         }
         settle(&mut b, secs(5), BreakerSignal::Failure);
         assert_eq!(b.state(secs(5)), BreakerState::Open { until: secs(15) });
+    }
+
+    #[test]
+    fn after_an_outage_the_probe_ramp_goes_on_for_retries_then_ends() {
+        let mut b = CircuitBreaker::new(BreakerSettings::default());
+        assert_eq!(b.retry_cap(0), None, "no outage, no bound");
+        for i in 0..10 {
+            settle(&mut b, ms(i), BreakerSignal::Failure);
+        }
+        let half_open = ms(9) + BreakerSettings::default().open_for;
+        assert!(b.try_acquire(half_open));
+        // The probe's first byte: closed, and the ramp goes on from the episode's start.
+        let up = half_open + ms(300);
+        b.on_progress(up);
+        assert_eq!(b.state(up), BreakerState::Closed);
+        let step = b.ramp_step();
+        assert_eq!(b.retry_cap(up), Some(1 << (ms(300) / step)));
+        assert_eq!(
+            b.next_change(up),
+            Some(half_open + (ms(300) / step + 1) * step)
+        );
+        let last = half_open + (RECOVERY_DOUBLINGS - 1) * step;
+        assert_eq!(b.retry_cap(last), Some(1 << (RECOVERY_DOUBLINGS - 1)));
+        assert_eq!(b.retry_cap(last + step), None, "the ramp ends");
+        assert_eq!(b.next_change(last + step), None);
+        // A new outage ends it at once.
+        let mut b2 = b.clone();
+        for i in 0..10 {
+            settle(&mut b2, up + ms(i), BreakerSignal::Failure);
+        }
+        assert!(matches!(b2.state(up + ms(10)), BreakerState::Open { .. }));
+        assert_eq!(b2.retry_cap(up + ms(10)), None);
     }
 
     #[test]

@@ -31,9 +31,15 @@
 //!   slowness alone says little about queueing.
 //!
 //!
-//! A learned limit that sees no quota verdict for [`FORGET_AFTER`] stops binding: random bare
+//! A learned limit that sees no quota verdict for [`FORGET_AFTER`] is forgotten: random bare
 //! 429s (a storm, whatever the load) shrink any AIMD limit to its floor, as random loss does
 //! TCP's window, and additive increase from one slot would take thousands of answers to undo.
+//! It is forgotten gradually, doubling every [`FORGET_STEP`] until it no longer binds at
+//! [`FORGET_CEILING`]: at once, it released every request it held in the same instant (a
+//! provider with room for 80, paced at 55 for five quiet seconds after an outage, got 747 in
+//! flight when its learned limit was dropped). Doubling gives the held requests back within a
+//! second or two, and a real quota refuses the excess while it is at most twice its size,
+//! which is a quota verdict that keeps the limit.
 //! A configured quota is fixed: the operator knows it, and a bare 429 below it is not a verdict
 //! on our concurrency. Which attempts a limit holds back is the engine's rule (`engine::paced`).
 //!
@@ -112,6 +118,12 @@ pub struct AimdLimit {
 /// anew from what is in flight then).
 pub const FORGET_AFTER: Nanos = 5_000_000_000;
 
+/// How often a learned limit being forgotten doubles (see the module doc).
+pub const FORGET_STEP: Nanos = 125_000_000;
+
+/// A learned limit being forgotten stops binding at this many slots.
+pub const FORGET_CEILING: f64 = 4096.0;
+
 impl AimdLimit {
     /// A limiter at its initial limit with nothing in flight.
     pub fn new(settings: ConcurrencySettings) -> Self {
@@ -137,19 +149,51 @@ impl AimdLimit {
         l
     }
 
-    /// The current limit as a whole number of slots (at least 1); `u32::MAX` while it does not
-    /// bind.
-    pub fn limit(&self) -> u32 {
-        if self.bound {
-            (self.limit as u32).max(1)
-        } else {
-            u32::MAX
+    /// The limit at `now`, `None` while it does not bind: the learned one, or, after
+    /// [`FORGET_AFTER`] without a quota verdict, the learned one doubled every [`FORGET_STEP`]
+    /// since, until [`FORGET_CEILING`].
+    fn effective(&self, now: Nanos) -> Option<f64> {
+        if !self.bound {
+            return None;
         }
+        let Some(quiet_from) = self
+            .last_decrease
+            .filter(|_| !self.fixed)
+            .map(|t| t.saturating_add(FORGET_AFTER))
+        else {
+            return Some(self.limit); // a configured quota, or no verdict to forget
+        };
+        if now < quiet_from {
+            return Some(self.limit);
+        }
+        let doublings = (now - quiet_from) / FORGET_STEP + 1;
+        let grown = self.limit * libm::exp2(doublings.min(64) as f64);
+        (grown < FORGET_CEILING && grown < self.settings.max).then_some(grown)
     }
 
-    /// Whether the limit binds: a quota was configured or shown.
-    pub fn binds(&self) -> bool {
-        self.bound
+    /// The limit at `now` as a whole number of slots (at least 1); `u32::MAX` while it does
+    /// not bind.
+    pub fn limit(&self, now: Nanos) -> u32 {
+        self.effective(now).map_or(u32::MAX, |l| (l as u32).max(1))
+    }
+
+    /// Whether the limit binds at `now`: a quota was configured or shown, and is not yet
+    /// forgotten.
+    pub fn binds(&self, now: Nanos) -> bool {
+        self.effective(now).is_some()
+    }
+
+    /// When a learned limit being forgotten next grows, if it binds at `now` and will.
+    pub fn next_growth(&self, now: Nanos) -> Option<Nanos> {
+        if self.fixed || !self.binds(now) {
+            return None;
+        }
+        let quiet_from = self.last_decrease?.saturating_add(FORGET_AFTER);
+        if now < quiet_from {
+            return Some(quiet_from);
+        }
+        let step = (now - quiet_from) / FORGET_STEP + 1;
+        Some(quiet_from.saturating_add(step.saturating_mul(FORGET_STEP)))
     }
 
     /// Attempts in flight.
@@ -157,14 +201,14 @@ impl AimdLimit {
         self.in_flight
     }
 
-    /// Whether a slot is free.
-    pub fn has_room(&self) -> bool {
-        !self.bound || self.in_flight < self.limit()
+    /// Whether a slot is free at `now`.
+    pub fn has_room(&self, now: Nanos) -> bool {
+        self.in_flight < self.limit(now)
     }
 
-    /// Takes a slot if one is free.
-    pub fn try_acquire(&mut self) -> bool {
-        if self.has_room() {
+    /// Takes a slot if one is free at `now`.
+    pub fn try_acquire(&mut self, now: Nanos) -> bool {
+        if self.has_room(now) {
             self.acquire();
             true
         } else {
@@ -184,11 +228,12 @@ impl AimdLimit {
         if self.fixed {
             return;
         }
-        if self.bound
+        let forgetting = self.bound
             && self
                 .last_decrease
-                .is_some_and(|t| now.saturating_sub(t) >= FORGET_AFTER)
-        {
+                .is_some_and(|t| now.saturating_sub(t) >= FORGET_AFTER);
+        let grown = self.effective(now);
+        if grown.is_none() {
             self.bound = false;
         }
         match how {
@@ -209,7 +254,7 @@ impl AimdLimit {
                     // Nothing to learn until the provider shows a quota.
                 } else if slow {
                     self.decrease(now, (1.0 + self.settings.backoff_ratio) / 2.0);
-                } else if self.in_flight + 1 >= self.limit() / 2 {
+                } else if self.in_flight + 1 >= self.limit(now) / 2 {
                     // Only grow when the limit is actually being used: a limit that is never
                     // reached proves nothing about the provider.
                     self.limit = (self.limit + 1.0 / self.limit).min(self.settings.max);
@@ -224,7 +269,13 @@ impl AimdLimit {
                     .min(self.settings.max);
                 self.last_decrease = Some(now);
             }
-            Release::Overload => self.decrease(now, self.settings.backoff_ratio),
+            Release::Overload => {
+                if let (true, Some(grown)) = (forgetting, grown) {
+                    // A verdict while being forgotten: decrease from what it has grown to.
+                    self.limit = grown;
+                }
+                self.decrease(now, self.settings.backoff_ratio);
+            }
             Release::Neutral => {}
         }
     }
@@ -247,25 +298,25 @@ mod tests {
     #[test]
     fn slots_are_bounded() {
         let mut l = AimdLimit::learned(ConcurrencySettings::default(), 2.0);
-        assert!(l.try_acquire());
-        assert!(l.try_acquire());
-        assert!(!l.try_acquire());
+        assert!(l.try_acquire(0));
+        assert!(l.try_acquire(0));
+        assert!(!l.try_acquire(0));
         l.release(0, Release::Neutral);
-        assert!(l.try_acquire());
+        assert!(l.try_acquire(0));
     }
 
     #[test]
     fn overload_burst_decreases_once_per_cooldown() {
         let mut l = AimdLimit::learned(ConcurrencySettings::default(), 16.0);
         for _ in 0..16 {
-            assert!(l.try_acquire());
+            assert!(l.try_acquire(0));
         }
         for _ in 0..10 {
             l.release(ms(1000), Release::Overload);
         }
-        assert_eq!(l.limit(), 12);
+        assert_eq!(l.limit(ms(1000)), 12);
         l.release(ms(1600), Release::Overload);
-        assert_eq!(l.limit(), 9);
+        assert_eq!(l.limit(ms(1600)), 9);
     }
 
     #[test]
@@ -277,41 +328,72 @@ mod tests {
         };
         let mut l = AimdLimit::new(settings);
         for now in 0..100 {
-            while l.try_acquire() {}
+            while l.try_acquire(ms(now * 1000)) {}
             assert_eq!(l.in_flight(), 3);
             l.release(ms(now * 1000), Release::Overload);
             l.release(ms(now * 1000), Release::Success(ms(10)));
-            assert_eq!(l.limit(), 3);
+            assert_eq!(l.limit(ms(now * 1000)), 3);
         }
     }
 
     #[test]
-    fn a_learned_limit_is_forgotten_without_verdicts() {
+    fn a_learned_limit_is_forgotten_without_verdicts_doubling_until_it_no_longer_binds() {
         let mut l = AimdLimit::learned(ConcurrencySettings::default(), 10.0);
-        l.release(ms(0), Release::Overload);
-        assert!(l.binds());
-        l.release(FORGET_AFTER - 1, Release::Success(ms(10)));
-        assert!(l.binds());
-        l.release(FORGET_AFTER, Release::Success(ms(10)));
-        assert!(!l.binds());
+        l.release(ms(0), Release::Overload); // 10 * 0.75
+        assert_eq!(l.limit(0), 7);
+        assert_eq!(l.limit(FORGET_AFTER - 1), 7);
+        assert_eq!(l.next_growth(ms(1)), Some(FORGET_AFTER));
+        // Then it doubles every step, never all at once: the requests it holds are let go
+        // within a second or two, and a real quota can refuse the excess while it is small.
+        for step in 0..9u32 {
+            let at = FORGET_AFTER + u64::from(step) * FORGET_STEP;
+            assert_eq!(
+                l.limit(at),
+                (7.5 * f64::from(2u32 << step)) as u32,
+                "step {step}"
+            );
+            assert!(l.binds(at));
+            assert_eq!(l.next_growth(at), Some(at + FORGET_STEP));
+        }
+        // 7.5 * 2^10 = 7680 is past the ceiling: it no longer binds.
+        let end = FORGET_AFTER + 9 * FORGET_STEP;
+        assert!(!l.binds(end));
+        assert_eq!(l.limit(end), u32::MAX);
+        l.release(end, Release::Success(ms(10)));
+        assert!(!l.binds(end));
+    }
+
+    #[test]
+    fn a_verdict_while_forgetting_decreases_from_what_the_limit_has_grown_to() {
+        let mut l = AimdLimit::learned(ConcurrencySettings::default(), 40.0);
+        l.release(0, Release::Overload); // 30
+        for _ in 0..100 {
+            l.acquire();
+        }
+        // Three steps in: 30 * 8 = 240; a quota verdict then: 0.75 of it, and binding again.
+        let at = FORGET_AFTER + 2 * FORGET_STEP;
+        assert_eq!(l.limit(at), 240);
+        l.release(at, Release::Overload);
+        assert_eq!(l.limit(at), 180);
+        assert_eq!(l.limit(at + FORGET_AFTER - 1), 180);
     }
 
     #[test]
     fn unbound_until_the_first_quota_verdict() {
         let mut l = AimdLimit::new(ConcurrencySettings::default());
         for _ in 0..5_000 {
-            assert!(l.try_acquire(), "no quota shown: no limit");
+            assert!(l.try_acquire(0), "no quota shown: no limit");
         }
         for _ in 0..100 {
             l.release(ms(1), Release::Success(ms(10)));
         }
-        assert!(!l.binds());
-        assert_eq!(l.limit(), u32::MAX);
+        assert!(!l.binds(ms(1)));
+        assert_eq!(l.limit(ms(1)), u32::MAX);
         // 4,900 in flight, then a quota verdict: 0.75 of what was in flight.
         l.release(ms(2), Release::Overload);
-        assert!(l.binds());
-        assert_eq!(l.limit(), 3_675);
-        assert!(!l.has_room());
+        assert!(l.binds(ms(2)));
+        assert_eq!(l.limit(ms(2)), 3_675);
+        assert!(!l.has_room(ms(2)));
     }
 
     #[test]
@@ -325,7 +407,7 @@ mod tests {
         for _ in 0..600 {
             now += ms(1000);
             let mut sent = 0;
-            while sent < 100 && l.try_acquire() {
+            while sent < 100 && l.try_acquire(now) {
                 sent += 1;
             }
             let in_flight = l.in_flight();
@@ -338,7 +420,7 @@ mod tests {
                 l.release(now, how);
             }
         }
-        assert!((8..=14).contains(&l.limit()), "limit {}", l.limit());
+        assert!((8..=14).contains(&l.limit(now)), "limit {}", l.limit(now));
     }
 
     #[test]
@@ -349,16 +431,16 @@ mod tests {
         };
         let mut l = AimdLimit::learned(settings, 1.0);
         for i in 0..2_000 {
-            while l.try_acquire() {}
+            while l.try_acquire(i) {}
             while l.in_flight() > 0 {
                 l.release(i, Release::Success(ms(10)));
             }
         }
         // A fully used limit grows to the maximum and no further.
-        assert_eq!(l.limit(), 20);
+        assert_eq!(l.limit(2_000), 20);
         for i in 0..100 {
             l.release(ms(1000 * i), Release::Overload);
         }
-        assert_eq!(l.limit(), 1);
+        assert_eq!(l.limit(ms(99_000)), 1);
     }
 }

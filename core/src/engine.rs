@@ -382,6 +382,16 @@ impl Recent {
     }
 }
 
+impl ProviderState {
+    /// Whether a retry may go to this provider as it comes back from an outage: its breaker's
+    /// recovery ramp has room for one more attempt in flight.
+    fn recovery_room(&self, now: Nanos) -> bool {
+        self.breaker
+            .retry_cap(now)
+            .is_none_or(|cap| self.limit.in_flight() < cap)
+    }
+}
+
 /// Whether an attempt may take a slot of a provider's concurrency limit, which has `room` or
 /// not (the one rule [`Engine::candidates`] and `dispatch` both apply).
 ///
@@ -393,8 +403,16 @@ impl Recent {
 /// refusals from a quota (TCP's old trouble with random loss), so a first attempt, which a
 /// caller without us would send anyway, is never held back on that guess: a real quota answers
 /// it with a quick 429, and its retry then waits for a slot.
-fn paced(cfg: &crate::config::ProviderConfig, retry: bool, room: bool) -> bool {
-    room || !(retry || cfg.max_concurrency.is_some())
+///
+/// A provider just back from an outage also bounds retries, by `recovery_room` (see
+/// [`crate::breaker::CircuitBreaker::retry_cap`]).
+fn paced(
+    cfg: &crate::config::ProviderConfig,
+    retry: bool,
+    room: bool,
+    recovery_room: bool,
+) -> bool {
+    (room || !(retry || cfg.max_concurrency.is_some())) && (recovery_room || !retry)
 }
 
 /// After this many rate-limit answers in a row carrying a retry hint, retries prefer other
@@ -436,6 +454,10 @@ struct RequestState {
     waiting_for_capacity: bool,
     /// When the current wait for a slot began (cleared when an attempt is sent).
     capacity_wait_since: Option<Nanos>,
+    /// Whether the request waited for a breaker to let anything through: its first attempt
+    /// is then no longer what a caller without us would send now (that one went when the
+    /// provider was down), and it is paced as a retry (see [`paced`]).
+    held_by_breaker: bool,
     /// Whether the wait is for the retry budget (the retry asks it again when the wait ends).
     budget_wait: bool,
     previous_delay: Nanos,
@@ -638,7 +660,9 @@ impl Engine {
 
     /// Provider `index`'s current concurrency limit.
     pub fn concurrency_limit(&self, index: usize) -> u32 {
-        self.providers.get(index).map_or(0, |p| p.limit.limit())
+        self.providers
+            .get(index)
+            .map_or(0, |p| p.limit.limit(self.latest))
     }
 
     /// Provider `index`'s breaker state.
@@ -690,6 +714,7 @@ impl Engine {
             waiting_until: None,
             waiting_for_capacity: false,
             capacity_wait_since: None,
+            held_by_breaker: false,
             budget_wait: false,
             previous_delay: 0,
             last_class: None,
@@ -1275,11 +1300,10 @@ impl Engine {
         // Each pass either sends, waits, gives up, or marks one more provider as tried, so
         // providers + 1 passes always suffice.
         for _ in 0..=self.providers.len() {
-            let Some((tried, deadline, retry)) = self
-                .requests
-                .get(&id)
-                .map(|r| (r.tried, r.deadline, r.attempts > 0))
-            else {
+            let Some((tried, deadline, retry, paced_as_retry)) = self.requests.get(&id).map(|r| {
+                let retry = r.attempts > 0;
+                (r.tried, r.deadline, retry, retry || r.held_by_breaker)
+            }) else {
                 return;
             };
             // Hosts may call late; an attempt never starts at or past the deadline, nor with
@@ -1290,7 +1314,7 @@ impl Engine {
             if now >= deadline || cannot_finish {
                 return self.give_up(now, id, GiveUp::PastDeadline);
             }
-            let candidates = self.candidates(now, retry);
+            let candidates = self.candidates(now, paced_as_retry);
             let index = match choose(&candidates, tried, &mut self.rng) {
                 Choice::Provider(index) => index,
                 Choice::WaitForCapacity => return self.wait_for_capacity(now, id),
@@ -1318,12 +1342,13 @@ impl Engine {
             if !p.breaker.try_acquire(now) {
                 return self.wait_for_capacity(now, id);
             }
-            let room = p.limit.has_room();
+            let room = p.limit.has_room(now);
+            let recovery_room = p.recovery_room(now);
             let admitted = self
                 .config
                 .providers
                 .get(index)
-                .is_some_and(|cfg| paced(cfg, retry, room));
+                .is_some_and(|cfg| paced(cfg, paced_as_retry, room, recovery_room));
             if !admitted {
                 p.breaker
                     .on_outcome(now, crate::classify::BreakerSignal::Ignore);
@@ -1358,6 +1383,9 @@ impl Engine {
             return;
         };
         if self.probing(now) || self.earliest_probe(now).is_some_and(|at| at < limit) {
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.held_by_breaker = true;
+            }
             self.wait_for_capacity(now, id)
         } else {
             self.give_up(now, id, GiveUp::AttemptsExhausted)
@@ -1427,11 +1455,20 @@ impl Engine {
                 // An open breaker half-opens, a half-open one with its probes in flight
                 // allows more (see `breaker`).
                 let open = if p.breaker.would_allow(now) {
-                    now
+                    // A recovery ramp allows more retries at its next step.
+                    p.breaker
+                        .retry_cap(now)
+                        .and_then(|_| p.breaker.next_change(now))
+                        .unwrap_or(now)
                 } else {
                     p.breaker.next_change(now).unwrap_or(now)
                 };
-                let at = open.max(p.paused_until);
+                // A learned limit being forgotten has room for more at its next step.
+                let at = match p.limit.next_growth(now) {
+                    Some(growth) if !p.limit.has_room(now) => open.max(growth),
+                    _ => open,
+                }
+                .max(p.paused_until);
                 (at > now).then_some(at)
             })
             .min()
@@ -1579,7 +1616,7 @@ impl Engine {
                 weight: cfg.weight,
                 outstanding: p.limit.in_flight(),
                 breaker_allows: p.breaker.would_allow(now) && now >= p.paused_until,
-                has_room: paced(cfg, retry, p.limit.has_room())
+                has_room: paced(cfg, retry, p.limit.has_room(now), p.recovery_room(now))
                     && cfg.max_concurrency.is_none_or(|quota| {
                         p.limit.in_flight().saturating_add(p.external_in_flight) < quota
                     }),

@@ -162,3 +162,50 @@ fn a_first_attempt_is_never_held_back_by_a_learned_limit() {
     let fresh = e.admit(ms(101), meta(None));
     assert_eq!(sends(&actions(&mut e)), vec![(fresh, 1)]);
 }
+
+#[test]
+fn requests_held_through_an_outage_go_back_in_a_ramp_not_at_once() {
+    let mut e = engine(vec![provider("only", 0)]);
+    let t = open_breaker(&mut e);
+    // 500 requests arrive while it is down: held (a caller without us sent them into the
+    // outage, where they failed).
+    for i in 0..500 {
+        e.admit(t + ms(1) + i, meta(None));
+    }
+    assert!(sends(&actions(&mut e)).is_empty());
+    // It half-opens and its first probe's first byte comes back: it is up again.
+    let mut half_open = t;
+    let mut probes = Vec::new();
+    while probes.is_empty() {
+        half_open = e.next_wakeup().unwrap();
+        assert!(half_open < t + secs(2), "no probe by {half_open}");
+        e.on_tick(half_open);
+        probes = sends(&actions(&mut e));
+    }
+    assert_eq!(probes.len(), 1, "{probes:?}");
+    let (probe, attempt) = probes[0];
+    let up = half_open + ms(300);
+    e.on_first_progress(up, probe, attempt);
+    let at_once = sends(&actions(&mut e)).len();
+    assert!(
+        at_once < 50,
+        "{at_once} held requests went in the instant the breaker closed"
+    );
+    // The ramp doubles: within two seconds every held request has gone, never more than
+    // twice as many in flight as a step before.
+    let mut in_flight = e.in_flight(0);
+    let mut now = up;
+    while let Some(at) = e.next_wakeup().filter(|at| *at <= up + secs(2)) {
+        now = at;
+        e.on_tick(at);
+        actions(&mut e);
+        let after = e.in_flight(0);
+        assert!(
+            after <= 2 * in_flight.max(8),
+            "{in_flight} -> {after} in flight at {at}"
+        );
+        in_flight = after;
+    }
+    // (With the ten whose failures opened the breaker, retrying.)
+    assert_eq!(e.in_flight(0), 510, "in flight by {now} (closed at {up})");
+}

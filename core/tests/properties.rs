@@ -304,8 +304,8 @@ proptest! {
             match op {
                 0 => {
                     let before = l.in_flight();
-                    if l.try_acquire() {
-                        prop_assert!(before < l.limit());
+                    if l.try_acquire(now) {
+                        prop_assert!(before < l.limit(now));
                     }
                 }
                 1 if l.in_flight() > 0 => l.release(now, Release::Success(ms(step))),
@@ -314,7 +314,7 @@ proptest! {
                 _ => {}
             }
             // A learned limit binds within its bounds, or (forgotten) not at all.
-            prop_assert!(!l.binds() || (l.limit() >= min && l.limit() <= min + extra));
+            prop_assert!(!l.binds(now) || (l.limit(now) >= min && l.limit(now) <= min + extra));
         }
     }
 }
