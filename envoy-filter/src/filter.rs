@@ -66,6 +66,10 @@ fn tenant_key(slot: u64, kind: char) -> String {
 /// filter, removed by its upstream instance before the request leaves Envoy).
 pub const FLOW_HEADER: &str = "x-unbusy-flow";
 
+/// The caller's own deadline for its request, in ms from now: for unbusy only, never sent on
+/// to a provider.
+pub const DEADLINE_HEADER: &str = "x-unbusy-deadline-ms";
+
 /// What the host must do after a callback, outside the state's borrow.
 #[derive(Debug)]
 pub enum Effect {
@@ -693,7 +697,7 @@ impl State {
             Some("high") => Priority::High,
             _ => Priority::Normal,
         };
-        let deadline = Self::header(&flow.headers, "x-unbusy-deadline-ms")
+        let deadline = Self::header(&flow.headers, DEADLINE_HEADER)
             .and_then(|v| v.parse::<u64>().ok())
             .map(|d| now.saturating_add(ms(d)));
         self.share_views(now);
@@ -1521,6 +1525,7 @@ impl State {
                         "accept-encoding".to_string(),
                         Some(MANAGED_ACCEPT_ENCODING.to_string()),
                     ),
+                    (DEADLINE_HEADER.to_string(), None),
                 ];
                 effects.push(Effect::ResumeRequest {
                     ctx,
@@ -1569,6 +1574,7 @@ impl State {
                     "accept-encoding".to_string(),
                     Some(MANAGED_ACCEPT_ENCODING.to_string()),
                 ),
+                (DEADLINE_HEADER.to_string(), None),
             ];
             if let Some(auth) = &send.rewrite.authorization {
                 headers.push(("authorization".into(), Some(auth.clone())));
@@ -1615,6 +1621,7 @@ impl State {
                         | "transfer-encoding"
                         | "x-unbusy-cluster"
                         | "x-unbusy-flow"
+                        | DEADLINE_HEADER
                         | "authorization"
                         | "accept-encoding"
                 )

@@ -1315,3 +1315,81 @@ async fn a_stale_answer_is_served_when_no_provider_can_answer() {
     assert_eq!(other.status, 503);
     assert!(other.header("retry-after").is_some());
 }
+
+/// A provider that answers everything, streamed or not, after `first_token_ms` and ends after
+/// `total_ms`.
+fn slow(name: &str, first_token_ms: f64, total_ms: f64) -> Behaviour {
+    let mut b = behaviour(name, vec![]);
+    b.provider.latency_ms = Latency {
+        first_token: [first_token_ms, first_token_ms],
+        total: [total_ms, total_ms],
+    };
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_header_ends_the_request_with_a_504_and_stays_with_unbusy() {
+    // A busy primary (answered by the router) and a backup that answers after 4 s (reached by
+    // a dispatched attempt); unbusy's own waits are far longer (10 s for the first byte, 20 s
+    // in all), so only the caller's 1 s can end the request early.
+    let answer_ms = 4000u64;
+    let deadline_ms = 1000u64;
+    let config = json!({"deadlines": {"first_token_ms": 10000, "response_ms": 10000,
+                                       "total_ms": 20000, "stall_ms": 10000}});
+    let w = world(
+        vec![
+            behaviour("primary", vec![busy()]),
+            slow("backup", answer_ms as f64, answer_ms as f64 + 1.0),
+        ],
+        config,
+        1,
+    )
+    .await;
+    // Ended at the caller's deadline, long before the backup's answer: the bound is halfway
+    // between the two.
+    let bound = Duration::from_millis(deadline_ms + (answer_ms - deadline_ms) / 2);
+    for stream in [false, true] {
+        let before = [0, 1].map(|i| w.providers[i].stats().attempts);
+        let r = chat(
+            w.envoy.listen,
+            &chat_body(&format!("in a hurry {stream}"), stream, false),
+            &[("x-unbusy-deadline-ms", &deadline_ms.to_string())],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 504, "{}", r.text());
+        assert_eq!(
+            r.json()["error"]["code"],
+            "deadline_exceeded",
+            "{}",
+            r.text()
+        );
+        assert!(
+            r.total >= Duration::from_millis(deadline_ms - 50),
+            "answered before the deadline: {:?}",
+            r.total
+        );
+        assert!(r.total < bound, "the deadline was not kept: {:?}", r.total);
+        assert!(r.header("x-unbusy").unwrap().contains("attempts=2"));
+        // One attempt each, and the caller's header for unbusy went with neither.
+        for (i, before) in before.into_iter().enumerate() {
+            let stats = w.providers[i].stats();
+            assert_eq!(stats.attempts, before + 1, "provider {i}");
+            let seen = stats.recent.last().unwrap();
+            assert!(
+                !seen
+                    .unbusy_headers
+                    .iter()
+                    .any(|h| h == "x-unbusy-deadline-ms"),
+                "forwarded to provider {i}: {:?}",
+                seen.unbusy_headers
+            );
+        }
+    }
+    // Without the header the same request waits for the backup's answer.
+    let r = chat(w.envoy.listen, &chat_body("no hurry", false, false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.total >= Duration::from_millis(answer_ms - 100));
+}
