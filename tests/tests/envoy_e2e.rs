@@ -1393,3 +1393,73 @@ async fn a_callers_deadline_header_ends_the_request_with_a_504_and_stays_with_un
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.total >= Duration::from_millis(answer_ms - 100));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_unbusy_cache_always_caches_a_random_request_and_never_bypasses_the_cache() {
+    let w = world(
+        vec![behaviour("primary", vec![])],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    let attempts = || w.providers[0].stats().attempts;
+    for stream in [false, true] {
+        // temperature 0.7 is not cacheable by default: both reach the provider.
+        let random = chat_body(&format!("random {stream}"), stream, false);
+        for _ in 0..2 {
+            let before = attempts();
+            let r = chat(w.envoy.listen, &random, &[]).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(!r.header("x-unbusy").unwrap().contains("cache=hit"));
+            assert_eq!(attempts(), before + 1);
+        }
+        // Opted in: the second identical call is a hit.
+        let always = [("x-unbusy-cache", "always")];
+        let random = chat_body(&format!("random, opted in {stream}"), stream, false);
+        let before = attempts();
+        let a = chat(w.envoy.listen, &random, &always).await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert!(
+            a.header("x-unbusy").unwrap().contains("cache=miss"),
+            "{:?}",
+            a.header("x-unbusy")
+        );
+        let b = chat(w.envoy.listen, &random, &always).await.unwrap();
+        assert_eq!(b.status, 200, "{}", b.text());
+        assert!(
+            b.header("x-unbusy").unwrap().contains("cache=hit"),
+            "{:?}",
+            b.header("x-unbusy")
+        );
+        assert_eq!(b.text(), a.text());
+        assert_eq!(attempts(), before + 1, "the hit reached the provider");
+
+        // Opted out: a deterministic request is neither served from the cache...
+        let never = [("x-unbusy-cache", "never")];
+        let fixed = chat_body(&format!("deterministic {stream}"), stream, true);
+        let stored = chat(w.envoy.listen, &fixed, &[]).await.unwrap();
+        assert!(stored.header("x-unbusy").unwrap().contains("cache=miss"));
+        let hit = chat(w.envoy.listen, &fixed, &[]).await.unwrap();
+        assert!(hit.header("x-unbusy").unwrap().contains("cache=hit"));
+        let before = attempts();
+        let r = chat(w.envoy.listen, &fixed, &never).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            !r.header("x-unbusy").unwrap().contains("cache=hit"),
+            "{:?}",
+            r.header("x-unbusy")
+        );
+        assert_eq!(attempts(), before + 1, "served from the cache");
+        // ...nor stored in it.
+        let fresh = chat_body(&format!("deterministic, opted out {stream}"), stream, true);
+        chat(w.envoy.listen, &fresh, &never).await.unwrap();
+        let before = attempts();
+        let r = chat(w.envoy.listen, &fresh, &[]).await.unwrap();
+        assert!(
+            r.header("x-unbusy").unwrap().contains("cache=miss"),
+            "{:?}",
+            r.header("x-unbusy")
+        );
+        assert_eq!(attempts(), before + 1);
+    }
+}
