@@ -1463,3 +1463,83 @@ async fn x_unbusy_cache_always_caches_a_random_request_and_never_bypasses_the_ca
         assert_eq!(attempts(), before + 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_degradation_low_priority_is_shed_and_high_priority_still_answered() {
+    // A provider failing 40% of attempts puts the engine in tier 1 (enter 0.3), as in
+    // `under_pressure_tier_1_cuts_features_before_the_provider_sees_them`.
+    let flaky = FaultWindow {
+        busy_503: 0.4,
+        ..FaultWindow::default()
+    };
+    let w = world(
+        vec![behaviour("primary", vec![flaky])],
+        test_config(json!({"degradation": {"min_dwell_ms": 500}})),
+        1,
+    )
+    .await;
+    let attempts = || w.providers[0].stats().attempts;
+    // Tier 0: a low-priority request is answered like any other.
+    let before = attempts();
+    let r = chat(
+        w.envoy.listen,
+        &chat_body("low, calm", false, false),
+        &[("x-unbusy-priority", "low")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-unbusy").unwrap().contains("tier=0"));
+    assert!(attempts() > before);
+    // Until an answer says tier 1 (bounded as in the test above).
+    let mut tier = String::new();
+    for _ in 0..500 {
+        let r = chat(w.envoy.listen, &chat_body("pressure", false, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        tier = r.header("x-unbusy").unwrap_or("").to_string();
+        if tier.contains("tier=1") {
+            break;
+        }
+    }
+    assert!(tier.contains("tier=1"), "never degraded: {tier}");
+    // Low is shed locally, without an attempt...
+    let before = attempts();
+    let shed = chat(
+        w.envoy.listen,
+        &chat_body("low", false, false),
+        &[("x-unbusy-priority", "low")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(shed.status, 503, "{}", shed.text());
+    assert_eq!(shed.json()["error"]["code"], "load_shed");
+    assert!(shed.header("retry-after").is_some());
+    assert_eq!(attempts(), before);
+    // ...while high priority still reaches the provider and is answered, degraded. (The
+    // ladder may move to tier 2 meanwhile; high priority is not shed there either.)
+    let before = attempts();
+    let high = chat(
+        w.envoy.listen,
+        &chat_body("high", false, false),
+        &[("x-unbusy-priority", "high")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(high.status, 200, "{}", high.text());
+    let note = high.header("x-unbusy").unwrap();
+    assert!(
+        note.contains("tier=1") || note.contains("tier=2"),
+        "not degraded any more: {note}"
+    );
+    assert!(
+        attempts() > before,
+        "high priority never reached the provider"
+    );
+    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    assert!(metrics.contains("unbusy_rejections_total{reason=\"shed\"} 1"));
+}
