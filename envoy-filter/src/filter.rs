@@ -108,6 +108,12 @@ pub enum Effect {
         /// Headers to set.
         headers: Vec<(String, String)>,
     },
+    /// Cut the caller's stream: its answer was already flowing when the engine gave up on it
+    /// (stalled, or past the request's deadline).
+    ResetResponse {
+        /// The stream.
+        ctx: u32,
+    },
     /// Answer the caller locally (or with an answer obtained by a dispatched attempt).
     Reply {
         /// The stream.
@@ -157,6 +163,7 @@ impl Effect {
             | Effect::SetResponseHeader { ctx, .. }
             | Effect::ReplaceResponseBody { ctx, .. }
             | Effect::ResumeResponse { ctx, .. }
+            | Effect::ResetResponse { ctx }
             | Effect::Reply { ctx, .. }
             | Effect::RetryNatively { ctx, .. }
             | Effect::Dispatch { ctx, .. } => *ctx,
@@ -1342,6 +1349,12 @@ impl State {
                     // dispatched one is ignored when it answers (its token no longer matches).
                     // (The engine ignores an aborted attempt's late outcome itself.)
                     if let Some(flow) = self.flows.get_mut(&ctx) {
+                        // One already streaming to the caller is cut there: held from now on,
+                        // its stream would hang until the provider ended it, and its last bytes
+                        // would never be let go.
+                        if flow.phase == Phase::Streaming {
+                            effects.push(Effect::ResetResponse { ctx });
+                        }
                         flow.phase = Phase::Waiting;
                     }
                 }

@@ -1543,3 +1543,130 @@ async fn under_degradation_low_priority_is_shed_and_high_priority_still_answered
         .text();
     assert!(metrics.contains("unbusy_rejections_total{reason=\"shed\"} 1"));
 }
+
+/// A streamed answer as it arrived: each chunk with its time since the request was sent, and
+/// how the body ended (`Err` when the stream was cut).
+struct Streamed {
+    status: u16,
+    headers: hyper::HeaderMap,
+    chunks: Vec<(Duration, bytes::Bytes)>,
+    end: Result<(), String>,
+    total: Duration,
+}
+
+impl Streamed {
+    fn text(&self) -> String {
+        self.chunks
+            .iter()
+            .map(|(_, c)| String::from_utf8_lossy(c).into_owned())
+            .collect()
+    }
+}
+
+/// POSTs a chat request and reads its answer chunk by chunk, for at most `within` (a body
+/// still open then ends as an `Err`).
+async fn chat_streamed(addr: std::net::SocketAddr, body: &str, within: Duration) -> Streamed {
+    use http_body_util::{BodyExt, Full};
+    let started = std::time::Instant::now();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("host", "unbusy.test");
+    for (n, v) in CHAT_HEADERS {
+        req = req.header(n, v);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let mut body = resp.into_body();
+    let mut chunks = Vec::new();
+    let until = tokio::time::Instant::from_std(started + within);
+    let end = loop {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => break Err(format!("still open after {within:?}")),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(e))) => break Err(e.to_string()),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    chunks.push((started.elapsed(), data));
+                }
+            }
+        }
+    };
+    Streamed {
+        status,
+        headers,
+        chunks,
+        end,
+        total: started.elapsed(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_midway_is_cut_after_stall_ms_and_never_cached() {
+    // The provider's first event comes at once, the next only 4 s later (its answer's five
+    // words spread over 20 s): a pause far past stall_ms.
+    let stall_ms = 800u64;
+    let gap_ms = 4000u64;
+    let config = test_config(
+        json!({"deadlines": {"first_token_ms": 1500, "response_ms": 3000,
+                                                   "total_ms": 30000, "stall_ms": stall_ms}}),
+    );
+    let w = world(vec![slow("primary", 30.0, 20000.0)], config, 1).await;
+    let body = chat_body("stall", true, true);
+    // (Read for at most two gaps: a stream that is never cut fails, it does not hang.)
+    let r = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    // The caller had the first event...
+    let (first_at, _) = r.chunks.first().expect("no event reached the caller");
+    assert!(text.starts_with("data: "), "{text}");
+    assert!(text.contains("[primary]"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    // ...and its stream ended (cut) stall_ms after it, long before the next event would
+    // have come: the bound is halfway between the two.
+    let cut_by = *first_at + Duration::from_millis(stall_ms + (gap_ms - stall_ms) / 2);
+    assert!(
+        r.total >= *first_at + Duration::from_millis(stall_ms - 50),
+        "cut before stall_ms: {:?} after the first event at {first_at:?}",
+        r.total
+    );
+    assert!(
+        r.total < cut_by,
+        "not cut after stall_ms: ended {:?} ({:?}), first event at {first_at:?}",
+        r.total,
+        r.end
+    );
+    assert!(r.headers.get("x-unbusy").is_some());
+    // The attempt counts as a stall, the request as failed.
+    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("unbusy_attempts_total{result=\"stall\",provider=\"primary\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("unbusy_attempts_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(metrics.contains("unbusy_requests_total{outcome=\"failed\"} 1"));
+    // Nothing was cached: the same (deterministic) request goes to the provider again.
+    let before = w.providers[0].stats().attempts;
+    let again = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
+    assert_eq!(again.status, 200);
+    let note = again.headers.get("x-unbusy").unwrap().to_str().unwrap();
+    assert!(note.contains("cache=miss"), "{note}");
+    assert_eq!(w.providers[0].stats().attempts, before + 1);
+}
