@@ -1613,60 +1613,78 @@ async fn chat_streamed(addr: std::net::SocketAddr, body: &str, within: Duration)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_stalls_midway_is_cut_after_stall_ms_and_never_cached() {
-    // The provider's first event comes at once, the next only 4 s later (its answer's five
-    // words spread over 20 s): a pause far past stall_ms.
+    // The streaming provider's first event comes at once, the next only 4 s later (its
+    // answer's five words spread over 20 s): a pause far past stall_ms. Alone, its stream is
+    // the router's attempt on the caller's stream; behind a busy primary, it is the router's
+    // native retry, carried by the upstream instance.
     let stall_ms = 800u64;
     let gap_ms = 4000u64;
-    let config = test_config(
-        json!({"deadlines": {"first_token_ms": 1500, "response_ms": 3000,
-                                                   "total_ms": 30000, "stall_ms": stall_ms}}),
-    );
-    let w = world(vec![slow("primary", 30.0, 20000.0)], config, 1).await;
-    let body = chat_body("stall", true, true);
-    // (Read for at most two gaps: a stream that is never cut fails, it does not hang.)
-    let r = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
-    assert_eq!(r.status, 200);
-    let text = r.text();
-    // The caller had the first event...
-    let (first_at, _) = r.chunks.first().expect("no event reached the caller");
-    assert!(text.starts_with("data: "), "{text}");
-    assert!(text.contains("[primary]"), "{text}");
-    assert!(!text.contains("[DONE]"), "{text}");
-    // ...and its stream ended (cut) stall_ms after it, long before the next event would
-    // have come: the bound is halfway between the two.
-    let cut_by = *first_at + Duration::from_millis(stall_ms + (gap_ms - stall_ms) / 2);
-    assert!(
-        r.total >= *first_at + Duration::from_millis(stall_ms - 50),
-        "cut before stall_ms: {:?} after the first event at {first_at:?}",
-        r.total
-    );
-    assert!(
-        r.total < cut_by,
-        "not cut after stall_ms: ended {:?} ({:?}), first event at {first_at:?}",
-        r.total,
-        r.end
-    );
-    assert!(r.headers.get("x-unbusy").is_some());
-    // The attempt counts as a stall, the request as failed.
-    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-        .await
-        .unwrap()
-        .text();
-    assert!(
-        metrics.contains("unbusy_attempts_total{result=\"stall\",provider=\"primary\"} 1"),
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("unbusy_attempts_total"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    assert!(metrics.contains("unbusy_requests_total{outcome=\"failed\"} 1"));
-    // Nothing was cached: the same (deterministic) request goes to the provider again.
-    let before = w.providers[0].stats().attempts;
-    let again = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
-    assert_eq!(again.status, 200);
-    let note = again.headers.get("x-unbusy").unwrap().to_str().unwrap();
-    assert!(note.contains("cache=miss"), "{note}");
-    assert_eq!(w.providers[0].stats().attempts, before + 1);
+    let config = json!({"deadlines": {"first_token_ms": 1500, "response_ms": 3000,
+                                      "total_ms": 30000, "stall_ms": stall_ms}});
+    for native in [false, true] {
+        let behaviours = if native {
+            vec![
+                behaviour("primary", vec![busy()]),
+                slow("backup", 30.0, 20000.0),
+            ]
+        } else {
+            vec![slow("primary", 30.0, 20000.0)]
+        };
+        let name = if native { "backup" } else { "primary" };
+        let w = world(behaviours, test_config(config.clone()), 1).await;
+        let body = chat_body("stall", true, true);
+        // (Read for at most two gaps: a stream that is never cut fails, it does not hang.)
+        let r = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
+        assert_eq!(r.status, 200);
+        let text = r.text();
+        // The caller had the first event...
+        let (first_at, _) = r.chunks.first().expect("no event reached the caller");
+        assert!(text.starts_with("data: "), "{text}");
+        assert!(text.contains(&format!("[{name}]")), "{text}");
+        assert!(!text.contains("[DONE]"), "{text}");
+        // ...and its stream ended (cut) stall_ms after it, long before the next event would
+        // have come: the bound is halfway between the two.
+        let cut_by = *first_at + Duration::from_millis(stall_ms + (gap_ms - stall_ms) / 2);
+        assert!(
+            r.total >= *first_at + Duration::from_millis(stall_ms - 50),
+            "cut before stall_ms: {:?} after the first event at {first_at:?}",
+            r.total
+        );
+        assert!(
+            r.total < cut_by,
+            "not cut after stall_ms: ended {:?} ({:?}), first event at {first_at:?}",
+            r.total,
+            r.end
+        );
+        assert!(r.end.is_err(), "the stream ended cleanly");
+        assert!(r.headers.get("x-unbusy").is_some());
+        if native {
+            assert_eq!(router_retries(&w, "unbusy_primary_failover").await, 1);
+        }
+        // The attempt counts as a stall, the request as failed.
+        let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+            .await
+            .unwrap()
+            .text();
+        assert!(
+            metrics.contains(&format!(
+                "unbusy_attempts_total{{result=\"stall\",provider=\"{name}\"}} 1"
+            )),
+            "{}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("unbusy_attempts_total"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(metrics.contains("unbusy_requests_total{outcome=\"failed\"} 1"));
+        // Nothing was cached: the same (deterministic) request goes to the provider again.
+        let stalled = w.providers.len() - 1;
+        let before = w.providers[stalled].stats().attempts;
+        let again = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
+        assert_eq!(again.status, 200);
+        let note = again.headers.get("x-unbusy").unwrap().to_str().unwrap();
+        assert!(note.contains("cache=miss"), "{note}");
+        assert_eq!(w.providers[stalled].stats().attempts, before + 1);
+    }
 }
