@@ -1563,9 +1563,14 @@ impl Streamed {
     }
 }
 
-/// POSTs a chat request and reads its answer chunk by chunk, for at most `within` (a body
-/// still open then ends as an `Err`).
-async fn chat_streamed(addr: std::net::SocketAddr, body: &str, within: Duration) -> Streamed {
+/// POSTs a chat request (with `extra` headers) and reads its answer chunk by chunk, for at
+/// most `within` (a body still open then ends as an `Err`).
+async fn chat_streamed(
+    addr: std::net::SocketAddr,
+    body: &str,
+    extra: &[(&str, &str)],
+    within: Duration,
+) -> Streamed {
     use http_body_util::{BodyExt, Full};
     let started = std::time::Instant::now();
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1578,8 +1583,8 @@ async fn chat_streamed(addr: std::net::SocketAddr, body: &str, within: Duration)
         .method("POST")
         .uri("/v1/chat/completions")
         .header("host", "unbusy.test");
-    for (n, v) in CHAT_HEADERS {
-        req = req.header(n, v);
+    for (n, v) in CHAT_HEADERS.iter().chain(extra) {
+        req = req.header(*n, *v);
     }
     let req = req
         .body(Full::new(bytes::Bytes::from(body.to_string())))
@@ -1634,7 +1639,13 @@ async fn a_stream_that_stalls_midway_is_cut_after_stall_ms_and_never_cached() {
         let w = world(behaviours, test_config(config.clone()), 1).await;
         let body = chat_body("stall", true, true);
         // (Read for at most two gaps: a stream that is never cut fails, it does not hang.)
-        let r = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
+        let r = chat_streamed(
+            w.envoy.listen,
+            &body,
+            &[],
+            Duration::from_millis(2 * gap_ms),
+        )
+        .await;
         assert_eq!(r.status, 200);
         let text = r.text();
         // The caller had the first event...
@@ -1681,10 +1692,54 @@ async fn a_stream_that_stalls_midway_is_cut_after_stall_ms_and_never_cached() {
         // Nothing was cached: the same (deterministic) request goes to the provider again.
         let stalled = w.providers.len() - 1;
         let before = w.providers[stalled].stats().attempts;
-        let again = chat_streamed(w.envoy.listen, &body, Duration::from_millis(2 * gap_ms)).await;
+        let again = chat_streamed(
+            w.envoy.listen,
+            &body,
+            &[],
+            Duration::from_millis(2 * gap_ms),
+        )
+        .await;
         assert_eq!(again.status, 200);
         let note = again.headers.get("x-unbusy").unwrap().to_str().unwrap();
         assert!(note.contains("cache=miss"), "{note}");
         assert_eq!(w.providers[stalled].stats().attempts, before + 1);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_cuts_a_stream_already_flowing() {
+    // The stream's first event comes at once, the next 4 s later; stall_ms (10 s) would not
+    // cut it, the caller's 1.5 s deadline does.
+    let deadline_ms = 1500u64;
+    let gap_ms = 4000u64;
+    let config = json!({"deadlines": {"first_token_ms": 1500, "response_ms": 3000,
+                                      "total_ms": 30000, "stall_ms": 10000}});
+    let w = world(vec![slow("primary", 30.0, 20000.0)], test_config(config), 1).await;
+    let r = chat_streamed(
+        w.envoy.listen,
+        &chat_body("stall", true, false),
+        &[("x-unbusy-deadline-ms", &deadline_ms.to_string())],
+        Duration::from_millis(2 * gap_ms),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.contains("[primary]"), "{text}");
+    assert!(r.end.is_err(), "ended cleanly: {text}");
+    assert!(
+        r.total >= Duration::from_millis(deadline_ms - 50),
+        "cut before the deadline: {:?}",
+        r.total
+    );
+    assert!(
+        r.total < Duration::from_millis(deadline_ms + (gap_ms - deadline_ms) / 2),
+        "not cut at the deadline: {:?} ({:?})",
+        r.total,
+        r.end
+    );
+    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    assert!(metrics.contains("unbusy_requests_total{outcome=\"deadline_exceeded\"} 1"));
 }
