@@ -153,6 +153,7 @@ host_imports! {
         cas: u32,
     ) -> Status;
     fn proxy_continue_stream(direction: u32) -> Status;
+    fn proxy_close_stream(direction: u32) -> Status;
     fn proxy_send_local_response(
         status: u32,
         details: *const u8,
@@ -362,6 +363,13 @@ pub fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Status {
 pub fn resume(direction: Direction) -> Status {
     // SAFETY: plain value.
     unsafe { proxy_continue_stream(direction as u32) }
+}
+
+/// Resets a direction of the current stream (Envoy resets the whole stream: the caller's
+/// connection sees its answer cut).
+pub fn close(direction: Direction) -> Status {
+    // SAFETY: plain value.
+    unsafe { proxy_close_stream(direction as u32) }
 }
 
 /// Answers the current stream locally.

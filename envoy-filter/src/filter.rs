@@ -66,6 +66,10 @@ fn tenant_key(slot: u64, kind: char) -> String {
 /// filter, removed by its upstream instance before the request leaves Envoy).
 pub const FLOW_HEADER: &str = "x-unbusy-flow";
 
+/// The caller's own deadline for its request, in ms from now: for unbusy only, never sent on
+/// to a provider.
+pub const DEADLINE_HEADER: &str = "x-unbusy-deadline-ms";
+
 /// What the host must do after a callback, outside the state's borrow.
 #[derive(Debug)]
 pub enum Effect {
@@ -103,6 +107,12 @@ pub enum Effect {
         ctx: u32,
         /// Headers to set.
         headers: Vec<(String, String)>,
+    },
+    /// Cut the caller's stream: its answer was already flowing when the engine gave up on it
+    /// (stalled, or past the request's deadline).
+    ResetResponse {
+        /// The stream.
+        ctx: u32,
     },
     /// Answer the caller locally (or with an answer obtained by a dispatched attempt).
     Reply {
@@ -153,6 +163,7 @@ impl Effect {
             | Effect::SetResponseHeader { ctx, .. }
             | Effect::ReplaceResponseBody { ctx, .. }
             | Effect::ResumeResponse { ctx, .. }
+            | Effect::ResetResponse { ctx }
             | Effect::Reply { ctx, .. }
             | Effect::RetryNatively { ctx, .. }
             | Effect::Dispatch { ctx, .. } => *ctx,
@@ -745,7 +756,7 @@ impl State {
             Some("high") => Priority::High,
             _ => Priority::Normal,
         };
-        let deadline = Self::header(&flow.headers, "x-unbusy-deadline-ms")
+        let deadline = Self::header(&flow.headers, DEADLINE_HEADER)
             .and_then(|v| v.parse::<u64>().ok())
             .map(|d| now.saturating_add(ms(d)));
         self.share_views(now);
@@ -1390,6 +1401,12 @@ impl State {
                     // dispatched one is ignored when it answers (its token no longer matches).
                     // (The engine ignores an aborted attempt's late outcome itself.)
                     if let Some(flow) = self.flows.get_mut(&ctx) {
+                        // One already streaming to the caller is cut there: held from now on,
+                        // its stream would hang until the provider ended it, and its last bytes
+                        // would never be let go.
+                        if flow.phase == Phase::Streaming {
+                            effects.push(Effect::ResetResponse { ctx });
+                        }
                         flow.phase = Phase::Waiting;
                     }
                 }
@@ -1573,6 +1590,7 @@ impl State {
                         "accept-encoding".to_string(),
                         Some(MANAGED_ACCEPT_ENCODING.to_string()),
                     ),
+                    (DEADLINE_HEADER.to_string(), None),
                 ];
                 effects.push(Effect::ResumeRequest {
                     ctx,
@@ -1621,6 +1639,7 @@ impl State {
                     "accept-encoding".to_string(),
                     Some(MANAGED_ACCEPT_ENCODING.to_string()),
                 ),
+                (DEADLINE_HEADER.to_string(), None),
             ];
             if let Some(auth) = &send.rewrite.authorization {
                 headers.push(("authorization".into(), Some(auth.clone())));
@@ -1667,6 +1686,7 @@ impl State {
                         | "transfer-encoding"
                         | "x-unbusy-cluster"
                         | "x-unbusy-flow"
+                        | DEADLINE_HEADER
                         | "authorization"
                         | "accept-encoding"
                 )

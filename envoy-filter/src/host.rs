@@ -93,6 +93,11 @@ pub fn resume_response() -> bool {
     abi::resume(Direction::Response) == OK
 }
 
+/// Cuts the current stream's response (the caller sees it end short, with an error).
+pub fn reset_response() -> bool {
+    abi::close(Direction::Response) == OK
+}
+
 /// Sends a request to `cluster` outside the stream; the answer arrives in
 /// `on_http_call_response` with the returned token.
 ///

@@ -108,6 +108,9 @@ fn run(state: &Shared, effects: Vec<Effect>, inline: Option<u32>) -> bool {
                         host::resume_response();
                     }
                 }
+                Effect::ResetResponse { .. } => {
+                    host::reset_response();
+                }
                 Effect::RetryNatively { ctx, stream, flow } => {
                     // The router retries with the caller's request headers, as the upstream
                     // instance left them (it removed the flow header): put it back, from the

@@ -1317,3 +1317,431 @@ async fn a_stale_answer_is_served_when_no_provider_can_answer() {
     assert_eq!(other.status, 503);
     assert!(other.header("retry-after").is_some());
 }
+
+/// A provider that answers everything, streamed or not, after `first_token_ms` and ends after
+/// `total_ms`.
+fn slow(name: &str, first_token_ms: f64, total_ms: f64) -> Behaviour {
+    let mut b = behaviour(name, vec![]);
+    b.provider.latency_ms = Latency {
+        first_token: [first_token_ms, first_token_ms],
+        total: [total_ms, total_ms],
+    };
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_header_ends_the_request_with_a_504_and_stays_with_unbusy() {
+    // A busy primary (answered by the router) and a backup that answers after 4 s (reached by
+    // a dispatched attempt); unbusy's own waits are far longer (10 s for the first byte, 20 s
+    // in all), so only the caller's 1 s can end the request early.
+    let answer_ms = 4000u64;
+    let deadline_ms = 1000u64;
+    let config = json!({"deadlines": {"first_token_ms": 10000, "response_ms": 10000,
+                                       "total_ms": 20000, "stall_ms": 10000}});
+    let w = world(
+        vec![
+            behaviour("primary", vec![busy()]),
+            slow("backup", answer_ms as f64, answer_ms as f64 + 1.0),
+        ],
+        config,
+        1,
+    )
+    .await;
+    // Ended at the caller's deadline, long before the backup's answer: the bound is halfway
+    // between the two.
+    let bound = Duration::from_millis(deadline_ms + (answer_ms - deadline_ms) / 2);
+    for stream in [false, true] {
+        let before = [0, 1].map(|i| w.providers[i].stats().attempts);
+        let r = chat(
+            w.envoy.listen,
+            &chat_body(&format!("in a hurry {stream}"), stream, false),
+            &[("x-unbusy-deadline-ms", &deadline_ms.to_string())],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 504, "{}", r.text());
+        assert_eq!(
+            r.json()["error"]["code"],
+            "deadline_exceeded",
+            "{}",
+            r.text()
+        );
+        assert!(
+            r.total >= Duration::from_millis(deadline_ms - 50),
+            "answered before the deadline: {:?}",
+            r.total
+        );
+        assert!(r.total < bound, "the deadline was not kept: {:?}", r.total);
+        assert!(r.header("x-unbusy").unwrap().contains("attempts=2"));
+        // One attempt each, and the caller's header for unbusy went with neither.
+        for (i, before) in before.into_iter().enumerate() {
+            let stats = w.providers[i].stats();
+            assert_eq!(stats.attempts, before + 1, "provider {i}");
+            let seen = stats.recent.last().unwrap();
+            assert!(
+                !seen
+                    .unbusy_headers
+                    .iter()
+                    .any(|h| h == "x-unbusy-deadline-ms"),
+                "forwarded to provider {i}: {:?}",
+                seen.unbusy_headers
+            );
+        }
+    }
+    // Without the header the same request waits for the backup's answer.
+    let r = chat(w.envoy.listen, &chat_body("no hurry", false, false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.total >= Duration::from_millis(answer_ms - 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_unbusy_cache_always_caches_a_random_request_and_never_bypasses_the_cache() {
+    let w = world(
+        vec![behaviour("primary", vec![])],
+        test_config(json!({})),
+        1,
+    )
+    .await;
+    let attempts = || w.providers[0].stats().attempts;
+    for stream in [false, true] {
+        // temperature 0.7 is not cacheable by default: both reach the provider.
+        let random = chat_body(&format!("random {stream}"), stream, false);
+        for _ in 0..2 {
+            let before = attempts();
+            let r = chat(w.envoy.listen, &random, &[]).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(!r.header("x-unbusy").unwrap().contains("cache=hit"));
+            assert_eq!(attempts(), before + 1);
+        }
+        // Opted in: the second identical call is a hit.
+        let always = [("x-unbusy-cache", "always")];
+        let random = chat_body(&format!("random, opted in {stream}"), stream, false);
+        let before = attempts();
+        let a = chat(w.envoy.listen, &random, &always).await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert!(
+            a.header("x-unbusy").unwrap().contains("cache=miss"),
+            "{:?}",
+            a.header("x-unbusy")
+        );
+        let b = chat(w.envoy.listen, &random, &always).await.unwrap();
+        assert_eq!(b.status, 200, "{}", b.text());
+        assert!(
+            b.header("x-unbusy").unwrap().contains("cache=hit"),
+            "{:?}",
+            b.header("x-unbusy")
+        );
+        assert_eq!(b.text(), a.text());
+        assert_eq!(attempts(), before + 1, "the hit reached the provider");
+
+        // Opted out: a deterministic request is neither served from the cache...
+        let never = [("x-unbusy-cache", "never")];
+        let fixed = chat_body(&format!("deterministic {stream}"), stream, true);
+        let stored = chat(w.envoy.listen, &fixed, &[]).await.unwrap();
+        assert!(stored.header("x-unbusy").unwrap().contains("cache=miss"));
+        let hit = chat(w.envoy.listen, &fixed, &[]).await.unwrap();
+        assert!(hit.header("x-unbusy").unwrap().contains("cache=hit"));
+        let before = attempts();
+        let r = chat(w.envoy.listen, &fixed, &never).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            !r.header("x-unbusy").unwrap().contains("cache=hit"),
+            "{:?}",
+            r.header("x-unbusy")
+        );
+        assert_eq!(attempts(), before + 1, "served from the cache");
+        // ...nor stored in it.
+        let fresh = chat_body(&format!("deterministic, opted out {stream}"), stream, true);
+        chat(w.envoy.listen, &fresh, &never).await.unwrap();
+        let before = attempts();
+        let r = chat(w.envoy.listen, &fresh, &[]).await.unwrap();
+        assert!(
+            r.header("x-unbusy").unwrap().contains("cache=miss"),
+            "{:?}",
+            r.header("x-unbusy")
+        );
+        assert_eq!(attempts(), before + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_degradation_low_priority_is_shed_and_high_priority_still_answered() {
+    // A provider failing 40% of attempts puts the engine in tier 1 (enter 0.3), as in
+    // `under_pressure_tier_1_cuts_features_before_the_provider_sees_them`.
+    let flaky = FaultWindow {
+        busy_503: 0.4,
+        ..FaultWindow::default()
+    };
+    let w = world(
+        vec![behaviour("primary", vec![flaky])],
+        test_config(json!({"degradation": {"min_dwell_ms": 500}})),
+        1,
+    )
+    .await;
+    let attempts = || w.providers[0].stats().attempts;
+    // Tier 0: a low-priority request is answered like any other.
+    let before = attempts();
+    let r = chat(
+        w.envoy.listen,
+        &chat_body("low, calm", false, false),
+        &[("x-unbusy-priority", "low")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-unbusy").unwrap().contains("tier=0"));
+    assert!(attempts() > before);
+    // Until an answer says tier 1 (bounded as in the test above).
+    let mut tier = String::new();
+    for _ in 0..500 {
+        let r = chat(w.envoy.listen, &chat_body("pressure", false, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        tier = r.header("x-unbusy").unwrap_or("").to_string();
+        if tier.contains("tier=1") {
+            break;
+        }
+    }
+    assert!(tier.contains("tier=1"), "never degraded: {tier}");
+    // Low is shed locally, without an attempt...
+    let before = attempts();
+    let shed = chat(
+        w.envoy.listen,
+        &chat_body("low", false, false),
+        &[("x-unbusy-priority", "low")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(shed.status, 503, "{}", shed.text());
+    assert_eq!(shed.json()["error"]["code"], "load_shed");
+    assert!(shed.header("retry-after").is_some());
+    assert_eq!(attempts(), before);
+    // ...while high priority still reaches the provider and is answered, degraded. (The
+    // ladder may move to tier 2 meanwhile; high priority is not shed there either.)
+    let before = attempts();
+    let high = chat(
+        w.envoy.listen,
+        &chat_body("high", false, false),
+        &[("x-unbusy-priority", "high")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(high.status, 200, "{}", high.text());
+    let note = high.header("x-unbusy").unwrap();
+    assert!(
+        note.contains("tier=1") || note.contains("tier=2"),
+        "not degraded any more: {note}"
+    );
+    assert!(
+        attempts() > before,
+        "high priority never reached the provider"
+    );
+    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    assert!(metrics.contains("unbusy_rejections_total{reason=\"shed\"} 1"));
+}
+
+/// A streamed answer as it arrived: each chunk with its time since the request was sent, and
+/// how the body ended (`Err` when the stream was cut).
+struct Streamed {
+    status: u16,
+    headers: hyper::HeaderMap,
+    chunks: Vec<(Duration, bytes::Bytes)>,
+    end: Result<(), String>,
+    total: Duration,
+}
+
+impl Streamed {
+    fn text(&self) -> String {
+        self.chunks
+            .iter()
+            .map(|(_, c)| String::from_utf8_lossy(c).into_owned())
+            .collect()
+    }
+}
+
+/// POSTs a chat request (with `extra` headers) and reads its answer chunk by chunk, for at
+/// most `within` (a body still open then ends as an `Err`).
+async fn chat_streamed(
+    addr: std::net::SocketAddr,
+    body: &str,
+    extra: &[(&str, &str)],
+    within: Duration,
+) -> Streamed {
+    use http_body_util::{BodyExt, Full};
+    let started = std::time::Instant::now();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("host", "unbusy.test");
+    for (n, v) in CHAT_HEADERS.iter().chain(extra) {
+        req = req.header(*n, *v);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let mut body = resp.into_body();
+    let mut chunks = Vec::new();
+    let until = tokio::time::Instant::from_std(started + within);
+    let end = loop {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => break Err(format!("still open after {within:?}")),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(e))) => break Err(e.to_string()),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    chunks.push((started.elapsed(), data));
+                }
+            }
+        }
+    };
+    Streamed {
+        status,
+        headers,
+        chunks,
+        end,
+        total: started.elapsed(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_midway_is_cut_after_stall_ms_and_never_cached() {
+    // The streaming provider's first event comes at once, the next only 4 s later (its
+    // answer's five words spread over 20 s): a pause far past stall_ms. Alone, its stream is
+    // the router's attempt on the caller's stream; behind a busy primary, it is the router's
+    // native retry, carried by the upstream instance.
+    let stall_ms = 800u64;
+    let gap_ms = 4000u64;
+    let config = json!({"deadlines": {"first_token_ms": 1500, "response_ms": 3000,
+                                      "total_ms": 30000, "stall_ms": stall_ms}});
+    for native in [false, true] {
+        let behaviours = if native {
+            vec![
+                behaviour("primary", vec![busy()]),
+                slow("backup", 30.0, 20000.0),
+            ]
+        } else {
+            vec![slow("primary", 30.0, 20000.0)]
+        };
+        let name = if native { "backup" } else { "primary" };
+        let w = world(behaviours, test_config(config.clone()), 1).await;
+        let body = chat_body("stall", true, true);
+        // (Read for at most two gaps: a stream that is never cut fails, it does not hang.)
+        let r = chat_streamed(
+            w.envoy.listen,
+            &body,
+            &[],
+            Duration::from_millis(2 * gap_ms),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let text = r.text();
+        // The caller had the first event...
+        let (first_at, _) = r.chunks.first().expect("no event reached the caller");
+        assert!(text.starts_with("data: "), "{text}");
+        assert!(text.contains(&format!("[{name}]")), "{text}");
+        assert!(!text.contains("[DONE]"), "{text}");
+        // ...and its stream ended (cut) stall_ms after it, long before the next event would
+        // have come: the bound is halfway between the two.
+        let cut_by = *first_at + Duration::from_millis(stall_ms + (gap_ms - stall_ms) / 2);
+        assert!(
+            r.total >= *first_at + Duration::from_millis(stall_ms - 50),
+            "cut before stall_ms: {:?} after the first event at {first_at:?}",
+            r.total
+        );
+        assert!(
+            r.total < cut_by,
+            "not cut after stall_ms: ended {:?} ({:?}), first event at {first_at:?}",
+            r.total,
+            r.end
+        );
+        assert!(r.end.is_err(), "the stream ended cleanly");
+        assert!(r.headers.get("x-unbusy").is_some());
+        if native {
+            assert_eq!(router_retries(&w, "unbusy_primary_failover").await, 1);
+        }
+        // The attempt counts as a stall, the request as failed.
+        let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+            .await
+            .unwrap()
+            .text();
+        assert!(
+            metrics.contains(&format!(
+                "unbusy_attempts_total{{result=\"stall\",provider=\"{name}\"}} 1"
+            )),
+            "{}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("unbusy_attempts_total"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(metrics.contains("unbusy_requests_total{outcome=\"failed\"} 1"));
+        // Nothing was cached: the same (deterministic) request goes to the provider again.
+        let stalled = w.providers.len() - 1;
+        let before = w.providers[stalled].stats().attempts;
+        let again = chat_streamed(
+            w.envoy.listen,
+            &body,
+            &[],
+            Duration::from_millis(2 * gap_ms),
+        )
+        .await;
+        assert_eq!(again.status, 200);
+        let note = again.headers.get("x-unbusy").unwrap().to_str().unwrap();
+        assert!(note.contains("cache=miss"), "{note}");
+        assert_eq!(w.providers[stalled].stats().attempts, before + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_deadline_cuts_a_stream_already_flowing() {
+    // The stream's first event comes at once, the next 4 s later; stall_ms (10 s) would not
+    // cut it, the caller's 1.5 s deadline does.
+    let deadline_ms = 1500u64;
+    let gap_ms = 4000u64;
+    let config = json!({"deadlines": {"first_token_ms": 1500, "response_ms": 3000,
+                                      "total_ms": 30000, "stall_ms": 10000}});
+    let w = world(vec![slow("primary", 30.0, 20000.0)], test_config(config), 1).await;
+    let r = chat_streamed(
+        w.envoy.listen,
+        &chat_body("stall", true, false),
+        &[("x-unbusy-deadline-ms", &deadline_ms.to_string())],
+        Duration::from_millis(2 * gap_ms),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.contains("[primary]"), "{text}");
+    assert!(r.end.is_err(), "ended cleanly: {text}");
+    assert!(
+        r.total >= Duration::from_millis(deadline_ms - 50),
+        "cut before the deadline: {:?}",
+        r.total
+    );
+    assert!(
+        r.total < Duration::from_millis(deadline_ms + (gap_ms - deadline_ms) / 2),
+        "not cut at the deadline: {:?} ({:?})",
+        r.total,
+        r.end
+    );
+    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
+        .await
+        .unwrap()
+        .text();
+    assert!(metrics.contains("unbusy_requests_total{outcome=\"deadline_exceeded\"} 1"));
+}

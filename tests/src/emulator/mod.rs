@@ -306,6 +306,13 @@ impl Emulator {
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let unbusy_headers: Vec<String> = req
+            .headers()
+            .keys()
+            .map(|n| n.as_str())
+            .filter(|n| n.starts_with("x-unbusy"))
+            .map(str::to_string)
+            .collect();
         let bytes = match read_body(req).await {
             Ok(b) => b,
             Err(resp) => {
@@ -336,6 +343,7 @@ impl Emulator {
                 authorization: authorization.clone(),
                 at_ms,
                 accept_encoding,
+                unbusy_headers,
             });
             let capacity = st.behaviour.provider.capacity;
             let over_capacity = capacity > 0 && self.in_flight.load(Ordering::SeqCst) >= capacity;

@@ -22,6 +22,9 @@ pub struct RecentRequest {
     pub at_ms: f64,
     /// The `accept-encoding` header (several joined with `, `).
     pub accept_encoding: Option<String>,
+    /// The names of the `x-unbusy-*` headers it carried, lowercase, in arrival order: the
+    /// caller's own headers for unbusy (`x-unbusy-deadline-ms`) must not reach a provider.
+    pub unbusy_headers: Vec<String>,
 }
 
 /// Any request as the emulator received it (its own `/stats` and `/control` excepted), for

@@ -449,6 +449,92 @@ test('x-unbusy-deadline-ms bounds the whole request', async () => {
   assert.ok(took < responseMs / 2, `answered after ${took} ms`);
 });
 
+test('x-unbusy-deadline-ms ends the request with a 504 deadline_exceeded at the deadline, and is never forwarded', async () => {
+  // A busy primary, then a backup that answers after 4 s; the package's own waits are far
+  // longer (10 s for the first byte, 20 s in all), so only the caller's 1 s can end it early.
+  const answerMs = 4000;
+  const deadlineMs = 1000;
+  const ps = await world(['primary', ['--busy-503', '1']], ['backup', ['--first-token-ms', String(answerMs), '--total-ms', String(answerMs + 1)]]);
+  const f = createFetch(config(ps, { deadlines: { firstTokenMs: 10000, responseMs: 10000, totalMs: 20000, stallMs: 10000 } }));
+  // Ended at the deadline, long before the backup's answer: the bound is halfway between.
+  const bound = deadlineMs + (answerMs - deadlineMs) / 2;
+  for (const stream of [false, true]) {
+    const before = await Promise.all(ps.map((p) => p.stats()));
+    const started = performance.now();
+    const r = await post(f, `${ps[0].url}/v1/chat/completions`, chat(`in a hurry ${stream}`, { stream, temperature: 0.7 }), { 'x-unbusy-deadline-ms': String(deadlineMs) });
+    const took = performance.now() - started;
+    const text = await r.text();
+    assert.equal(r.status, 504, text);
+    assert.equal(JSON.parse(text).error.code, 'deadline_exceeded', text);
+    assert.ok(took >= deadlineMs - 50, `answered before the deadline: ${took} ms`);
+    assert.ok(took < bound, `the deadline was not kept: ${took} ms`);
+    assert.match(r.headers.get('x-unbusy'), /attempts=2/);
+    // One attempt each, and the caller's header for unbusy went with neither.
+    for (const [i, p] of ps.entries()) {
+      const stats = await p.stats();
+      assert.equal(stats.attempts, before[i].attempts + 1, `provider ${i}`);
+      assert.ok(!stats.recent.at(-1).unbusy_headers.includes('x-unbusy-deadline-ms'), `forwarded to provider ${i}: ${stats.recent.at(-1).unbusy_headers}`);
+    }
+  }
+});
+
+test('a stream that stalls midway is cut after stallMs: the caller keeps the first events, the attempt is a stall, nothing is cached', async () => {
+  // The first event comes at once, the next only about 4 s later (the answer's five words
+  // spread over 20 s): a pause far past stallMs.
+  const stallMs = 800;
+  const gapMs = 4000;
+  const [p] = await world(['primary', ['--first-token-ms', '30', '--total-ms', '20000']]);
+  const { seen, onEvent } = events();
+  const f = createFetch(config([p], { deadlines: { firstTokenMs: 2000, responseMs: 3000, totalMs: 30000, stallMs } }), { onEvent });
+  const body = chat('stall', { stream: true });
+  const started = performance.now();
+  const r = await post(f, `${p.url}/v1/chat/completions`, body);
+  assert.equal(r.status, 200);
+  // Read for at most two gaps: a stream that is never cut fails, it does not hang.
+  const reader = r.body.getReader();
+  const chunks = [];
+  let firstAt;
+  let cut;
+  const giveUp = started + 2 * gapMs;
+  for (;;) {
+    const timeout = new Promise((resolve) => setTimeout(() => resolve('open'), Math.max(0, giveUp - performance.now())).unref());
+    const step = await Promise.race([reader.read().catch((e) => ({ error: e })), timeout]);
+    if (step === 'open') {
+      reader.cancel().catch(() => {});
+      cut = new Error(`still open after ${2 * gapMs} ms`);
+      break;
+    }
+    if (step.error) {
+      cut = step.error;
+      break;
+    }
+    if (step.done) break;
+    firstAt ??= performance.now() - started;
+    chunks.push(decoder.decode(step.value));
+  }
+  const ended = performance.now() - started;
+  const text = chunks.join('');
+  // The caller had the first event...
+  assert.ok(firstAt !== undefined, 'no event reached the caller');
+  assert.match(contentOf(text, true), /\[primary\]/);
+  assert.ok(!text.includes('[DONE]'), text);
+  // ...and its stream was cut (an error, not a clean end) stallMs after it, long before the
+  // next event would have come: the bound is halfway between the two.
+  assert.ok(cut, 'the stream ended cleanly');
+  assert.match(String(cut?.message), /Stalled/, String(cut));
+  assert.ok(ended >= firstAt + stallMs - 50, `cut before stallMs: ${ended} ms, first event at ${firstAt} ms`);
+  assert.ok(ended < firstAt + stallMs + (gapMs - stallMs) / 2, `not cut after stallMs: ${ended} ms, first event at ${firstAt} ms`);
+  // The attempt is a stall, the request failed.
+  assert.ok(await until(() => seen.some((e) => e.type === 'requestFinished')));
+  assert.equal(seen.find((e) => e.type === 'attemptFinished' && e.provider === 0)?.result, 'stall');
+  assert.equal(seen.find((e) => e.type === 'requestFinished').outcome, 'failed');
+  // Nothing was cached: the same (deterministic) request goes to the provider again.
+  const again = await post(f, `${p.url}/v1/chat/completions`, body);
+  assert.doesNotMatch(again.headers.get('x-unbusy'), /cache=hit/);
+  await again.body.cancel();
+  assert.equal((await p.stats()).attempts, 2);
+});
+
 // The differential test: every shared case through the package, the verdicts the filter is
 // held to (tests/answers/README.md).
 const casesFile = `${root}tests/answers/cases.json`;
