@@ -49,7 +49,6 @@ use crate::engine::{CacheLookup, Priority, RequestMeta, Rewrite};
 use crate::json;
 use crate::reply::{local_reply, LocalReply, ReplyKind};
 use crate::time::{ms, Nanos};
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -328,6 +327,14 @@ pub const DEADLINE_HEADER: &str = "x-unbusy-deadline-ms";
 pub const CACHE_HEADER: &str = "x-unbusy-cache";
 /// `max_tokens` as charged when a request does not say (most providers' default is larger).
 pub const DEFAULT_MAX_TOKENS: u64 = 1024;
+/// The headers [`read`] reads, besides the configured `tenancy.header`: a host that copies
+/// headers across a boundary (the npm package into its wasm module) copies these.
+pub const READ_HEADERS: [&str; 4] = [
+    "authorization",
+    PRIORITY_HEADER,
+    DEADLINE_HEADER,
+    CACHE_HEADER,
+];
 
 /// What a managed chat/completions request asks for, read by [`read`].
 #[derive(Debug, Clone, PartialEq)]
@@ -421,23 +428,19 @@ pub fn read(
         headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim())
+            .map(|(_, v)| v.trim_ascii())
             .filter(|v| !v.is_empty())
     };
-    let priority = match header(PRIORITY_HEADER) {
-        None => Priority::Normal,
-        Some(v) if v.eq_ignore_ascii_case("normal") => Priority::Normal,
-        Some(v) if v.eq_ignore_ascii_case("low") => Priority::Low,
-        Some(v) if v.eq_ignore_ascii_case("high") => Priority::High,
-        Some(v) => return Err(bad_header(PRIORITY_HEADER, v, "low, normal or high")),
-    };
-    let cache = match header(CACHE_HEADER) {
-        None => OptIn::Default,
-        Some(v) if v.eq_ignore_ascii_case("default") => OptIn::Default,
-        Some(v) if v.eq_ignore_ascii_case("always") => OptIn::Always,
-        Some(v) if v.eq_ignore_ascii_case("never") => OptIn::Never,
-        Some(v) => return Err(bad_header(CACHE_HEADER, v, "always, never or default")),
-    };
+    const PRIORITIES: [Priority; 3] = [Priority::Normal, Priority::Low, Priority::High];
+    let priority = keyword(header(PRIORITY_HEADER), &["normal", "low", "high"])
+        .map_err(|v| bad_header(PRIORITY_HEADER, v, "low, normal or high"))?
+        .and_then(|i| PRIORITIES.get(i).copied())
+        .unwrap_or_default();
+    const OPT_INS: [OptIn; 3] = [OptIn::Default, OptIn::Always, OptIn::Never];
+    let cache = keyword(header(CACHE_HEADER), &["default", "always", "never"])
+        .map_err(|v| bad_header(CACHE_HEADER, v, "always, never or default"))?
+        .and_then(|i| OPT_INS.get(i).copied())
+        .unwrap_or_default();
     let deadline_in = match header(DEADLINE_HEADER) {
         None => None,
         Some(v) => match whole_ms(v) {
@@ -454,7 +457,13 @@ pub fn read(
     let v = match json::parse(body) {
         Ok(v @ json::Value::Object(_)) => v,
         Ok(_) => return Err(bad("the request body must be a JSON object".into())),
-        Err(e) => return Err(bad(format!("the request body is not valid JSON: {e}"))),
+        Err(e) => {
+            let mut m = String::from("the request body is not valid JSON: ");
+            m.push_str(e.what);
+            m.push_str(" at byte ");
+            json::write_u64(&mut m, e.at as u64);
+            return Err(bad(m));
+        }
     };
     let max_tokens = v.get("max_tokens").and_then(json::Value::as_u64);
     let identity = tenant_of(&config.tenancy, header);
@@ -489,16 +498,34 @@ pub fn read(
     })
 }
 
+/// Which of `words` a keyword header's value is (ASCII case ignored): `Ok(None)` when the
+/// header is absent, `Err` with the value when it is none of them.
+fn keyword<'v>(value: Option<&'v str>, words: &[&str]) -> Result<Option<usize>, &'v str> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    match words.iter().position(|w| w.eq_ignore_ascii_case(v)) {
+        Some(i) => Ok(Some(i)),
+        None => Err(v),
+    }
+}
+
 fn bad(message: String) -> BadRequest {
     BadRequest { message }
 }
 
 fn bad_header(name: &str, value: &str, allowed: &str) -> BadRequest {
-    // (The value is quoted as JSON, cut short: it is the caller's own, but may be long.)
-    let mut quoted = String::new();
-    let cut: String = value.chars().take(40).collect();
-    json::write_str(&mut quoted, &cut);
-    bad(format!("{name} must be {allowed}, not {quoted}"))
+    // The value is quoted as JSON, cut short: it is the caller's own, but may be long.
+    let mut end = value.len().min(40);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut m = String::from(name);
+    m.push_str(" must be ");
+    m.push_str(allowed);
+    m.push_str(", not ");
+    json::write_str(&mut m, value.get(..end).unwrap_or(""));
+    bad(m)
 }
 
 /// Decimal digits only (no sign, no fraction, no unit), saturating.
@@ -534,52 +561,37 @@ pub fn estimate_tokens(body: &[u8], max_tokens: Option<u64>) -> u64 {
 /// stands for (`\u4f60` as 3, `\n` as 1, a surrogate pair as 4). Bytes that are not JSON are
 /// counted as they are.
 pub fn content_bytes(body: &[u8]) -> u64 {
-    let hex4 = |at: usize| -> Option<u32> {
-        let digits = body.get(at..at + 4)?;
-        let text = core::str::from_utf8(digits).ok()?;
-        u32::from_str_radix(text, 16).ok()
-    };
     let (mut n, mut i, mut in_string) = (0u64, 0usize, false);
     while let Some(&b) = body.get(i) {
         i += 1;
-        if !in_string {
-            match b {
-                b' ' | b'\t' | b'\n' | b'\r' => continue,
-                b'"' => in_string = true,
-                _ => {}
+        n += match (in_string, b) {
+            (false, b' ' | b'\t' | b'\n' | b'\r') => 0,
+            (_, b'"') => {
+                in_string = !in_string;
+                1
             }
-            n += 1;
-            continue;
-        }
-        match b {
-            b'"' => {
-                in_string = false;
-                n += 1;
-            }
-            b'\\' if body.get(i) == Some(&b'u') => match hex4(i + 1) {
-                Some(0xD800..=0xDBFF)
-                    if body.get(i + 5..i + 7) == Some(b"\\u")
-                        && hex4(i + 7).is_some_and(|low| (0xDC00..=0xDFFF).contains(&low)) =>
-                {
-                    n += 4;
-                    i += 11;
-                }
-                Some(c) => {
-                    n += match c {
-                        0..=0x7F => 1,
-                        0x80..=0x7FF => 2,
-                        _ => 3,
-                    };
-                    i += 5;
-                }
-                None => n += 1,
-            },
-            b'\\' => {
-                n += 1;
+            (true, b'\\') => {
+                let escaped = body.get(i).copied();
                 i += 1;
+                if escaped != Some(b'u') {
+                    1
+                } else {
+                    // `\uXXXX`: each half of a surrogate pair counts 2 (the pair is 4 bytes).
+                    let unit = body
+                        .get(i..i + 4)
+                        .unwrap_or_default()
+                        .iter()
+                        .try_fold(0u32, |c, &d| Some(c << 4 | char::from(d).to_digit(16)?));
+                    i += 4;
+                    match unit {
+                        Some(0..=0x7F) => 1,
+                        Some(0x80..=0x7FF | 0xD800..=0xDFFF) => 2,
+                        _ => 3,
+                    }
+                }
             }
-            _ => n += 1,
-        }
+            _ => 1,
+        };
     }
     n
 }
@@ -607,6 +619,7 @@ pub fn rewrite_body(body: &[u8], rewrite: &Rewrite) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::format;
 
     #[test]
     fn every_base_url_shape_gets_the_endpoint_once() {
