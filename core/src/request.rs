@@ -49,6 +49,7 @@ use crate::engine::{CacheLookup, Priority, RequestMeta, Rewrite};
 use crate::json;
 use crate::reply::{local_reply, LocalReply, ReplyKind};
 use crate::time::{ms, Nanos};
+use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -395,8 +396,9 @@ impl BadRequest {
 }
 
 /// Reads a managed request: `headers` are its `(name, value)` pairs (names matched without
-/// regard to case; the first of a repeated header counts; a header whose value is empty or
-/// only whitespace counts as absent), `body` its whole body. The one rule every host applies
+/// regard to case; a header whose value is empty or only spaces and tabs counts as absent; a
+/// per-request header given more than once counts as its values joined by `, `), `body` its
+/// whole body. The one rule every host applies
 /// before admission.
 ///
 /// Refused with a [`BadRequest`]: a body that is not a JSON object, and a per-request header
@@ -431,17 +433,22 @@ pub fn read(
             .map(|(_, v)| v.trim_ascii())
             .filter(|v| !v.is_empty())
     };
+    let (priority, cache, deadline) = (
+        list(headers, PRIORITY_HEADER),
+        list(headers, CACHE_HEADER),
+        list(headers, DEADLINE_HEADER),
+    );
     const PRIORITIES: [Priority; 3] = [Priority::Normal, Priority::Low, Priority::High];
-    let priority = keyword(header(PRIORITY_HEADER), &["normal", "low", "high"])
+    let priority = keyword(priority.as_deref(), &["normal", "low", "high"])
         .map_err(|v| bad_header(PRIORITY_HEADER, v, "low, normal or high"))?
         .and_then(|i| PRIORITIES.get(i).copied())
         .unwrap_or_default();
     const OPT_INS: [OptIn; 3] = [OptIn::Default, OptIn::Always, OptIn::Never];
-    let cache = keyword(header(CACHE_HEADER), &["default", "always", "never"])
+    let cache = keyword(cache.as_deref(), &["default", "always", "never"])
         .map_err(|v| bad_header(CACHE_HEADER, v, "always, never or default"))?
         .and_then(|i| OPT_INS.get(i).copied())
         .unwrap_or_default();
-    let deadline_in = match header(DEADLINE_HEADER) {
+    let deadline_in = match deadline.as_deref() {
         None => None,
         Some(v) => match whole_ms(v) {
             Some(n) if n > 0 => Some(ms(n)),
@@ -508,6 +515,25 @@ fn keyword<'v>(value: Option<&'v str>, words: &[&str]) -> Result<Option<usize>, 
         Some(i) => Ok(Some(i)),
         None => Err(v),
     }
+}
+
+/// A per-request header's value; one given more than once is one list, joined by commas as HTTP
+/// defines (and as fetch's `Headers` joins it), so every host sees the same value.
+#[inline(never)]
+fn list<'a>(headers: &[(&str, &'a str)], name: &str) -> Option<Cow<'a, str>> {
+    let mut all: Option<Cow<'a, str>> = None;
+    for (_, v) in headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        let v = v.trim_ascii();
+        match &mut all {
+            None => all = Some(Cow::Borrowed(v)),
+            Some(list) => {
+                let list = list.to_mut();
+                list.push_str(", ");
+                list.push_str(v);
+            }
+        }
+    }
+    all.filter(|v| !v.is_empty())
 }
 
 fn bad(message: String) -> BadRequest {
@@ -865,13 +891,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(empty, plain);
-        // The first of a repeated header counts.
+        // A repeated header is one list, as fetch's Headers joins it: no keyword.
         let twice = read(
             &[(PRIORITY_HEADER, "low"), (PRIORITY_HEADER, "high")],
             DETERMINISTIC,
             &c,
         );
-        assert_eq!(twice.unwrap().priority, Priority::Low);
+        let joined = read(&[(PRIORITY_HEADER, "low, high")], DETERMINISTIC, &c);
+        assert_eq!(twice.unwrap_err(), joined.unwrap_err());
+        let e = read(
+            &[(DEADLINE_HEADER, "5"), (DEADLINE_HEADER, "6")],
+            DETERMINISTIC,
+            &c,
+        );
+        assert!(e.unwrap_err().message.ends_with(r#"not "5, 6""#));
     }
 
     #[test]

@@ -191,6 +191,18 @@ async fn a_per_request_header_value_it_does_not_define_is_a_400_naming_the_heade
         assert_eq!(error["type"], "invalid_request_error");
         assert_eq!(error["message"], says);
     }
+    // A header given twice is one list, as fetch's Headers joins it in the npm package.
+    let r = post(
+        w.envoy.listen,
+        &body,
+        &[("x-unbusy-priority", "low"), ("x-unbusy-priority", "high")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["message"],
+        r#"x-unbusy-priority must be low, normal or high, not "low, high""#
+    );
     // A body that is not a JSON object: the same messages the npm package gives.
     let r = post(w.envoy.listen, r#"{"model":"#, &[]).await;
     assert_eq!(r.status, 400);

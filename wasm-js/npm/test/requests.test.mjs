@@ -88,6 +88,13 @@ test('a per-request header value it does not define is a 400 naming the header, 
     assert.equal(error.type, 'invalid_request_error');
     assert.equal(error.message, says);
   }
+  // A header given twice is one list (fetch's Headers joins it), as the filter reads it.
+  const twice = new Headers({ 'content-type': 'application/json', authorization: 'Bearer caller' });
+  twice.append('x-unbusy-priority', 'low');
+  twice.append('x-unbusy-priority', 'high');
+  const r = await f(`${p.url}/v1/chat/completions`, { method: 'POST', headers: twice, body: chat('hi') });
+  assert.equal(r.status, 400);
+  assert.equal((await r.json()).error.message, 'x-unbusy-priority must be low, normal or high, not "low, high"');
   // A body that is not a JSON object: the same 400 the filter gives, not the provider's.
   for (const [body, says] of [
     ['{"model":', /^the request body is not valid JSON: .* at byte 9$/],
