@@ -398,8 +398,7 @@ impl BadRequest {
 /// Reads a managed request: `headers` are its `(name, value)` pairs (names matched without
 /// regard to case; a header whose value is empty or only spaces and tabs counts as absent; a
 /// per-request header given more than once counts as its values joined by `, `), `body` its
-/// whole body. The one rule every host applies
-/// before admission.
+/// whole body. The one rule every host applies before admission.
 ///
 /// Refused with a [`BadRequest`]: a body that is not a JSON object, and a per-request header
 /// with a value it does not define (a typo such as `x-unbusy-priority: hihg` or
