@@ -24,9 +24,10 @@
 //! answer are SSE and those of a plain one are JSON, so the two must not share an entry.
 //!
 //! ## What is cacheable
-//! - A request marked [`OptIn::Never`] (the Envoy filter: `x-unbusy-cache: never`) never is.
-//! - A request marked [`OptIn::Always`] (the Envoy filter: `x-unbusy-cache: always`) is, if its
-//!   body is a valid JSON object.
+//! - A request marked [`OptIn::Never`] (`x-unbusy-cache: never`, read by
+//!   [`crate::request::read`]) never is.
+//! - A request marked [`OptIn::Always`] (`x-unbusy-cache: always`) is, if its body is a valid
+//!   JSON object.
 //! - Otherwise only deterministic requests are: `temperature` present and equal to 0, and `n`
 //!   absent or 1. (LLMs are not bit-exact even at temperature 0; serving the same answer to the
 //!   same question is what callers of a cache ask for.)

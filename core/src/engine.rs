@@ -81,6 +81,32 @@ pub enum CacheLookup {
     Stale,
 }
 
+impl CacheLookup {
+    /// What a cached answer stored `age` ago is under the `cache` configuration, the one rule
+    /// every host's cache applies: fresh before `ttl_ms`, stale before `ttl_ms + stale_ttl_ms`,
+    /// expired ([`CacheLookup::Miss`]: the host may drop it) from then on.
+    ///
+    /// ```rust
+    /// use unbusy_core::config::CacheConfig;
+    /// use unbusy_core::engine::CacheLookup;
+    /// use unbusy_core::time::ms;
+    /// let cache = CacheConfig { ttl_ms: 1000, stale_ttl_ms: 500, ..Default::default() };
+    /// assert_eq!(CacheLookup::for_age(ms(999), &cache), CacheLookup::Fresh);
+    /// assert_eq!(CacheLookup::for_age(ms(1000), &cache), CacheLookup::Stale);
+    /// assert_eq!(CacheLookup::for_age(ms(1500), &cache), CacheLookup::Miss);
+    /// ```
+    pub fn for_age(age: Nanos, cache: &crate::config::CacheConfig) -> Self {
+        let ttl = crate::time::ms(cache.ttl_ms);
+        if age < ttl {
+            Self::Fresh
+        } else if age < ttl.saturating_add(crate::time::ms(cache.stale_ttl_ms)) {
+            Self::Stale
+        } else {
+            Self::Miss
+        }
+    }
+}
+
 /// A new request as the engine needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestMeta {

@@ -35,7 +35,7 @@
 //! | [`anomaly`] | rolling mean/deviation and EWMA detectors over latency and error rate |
 //! | [`cache_key`] | canonical, tenant-scoped 128-bit keys for OpenAI-compatible requests |
 //! | [`config`] | the configuration schema with defaults and field-naming validation errors |
-//! | [`request`] | which endpoint a request calls and where it lives under each provider's base URL; whose it is (its tenant, by source) |
+//! | [`request`] | which endpoint a request calls and where it lives under each provider's base URL; whose it is (its tenant, by source); what a managed one asks for (per-request headers, model, stream, token estimate, cache key) and what an attempt changes in its body |
 //! | [`reply`] | OpenAI-compatible local error replies that SDKs back off on correctly |
 //!
 //! Plumbing beside them: [`json`] (a strict JSON reader and writer) and [`sorted_map`] (the map

@@ -117,6 +117,55 @@ pub fn local_reply(kind: ReplyKind, message: &str, retry_after: Option<Nanos>) -
     }
 }
 
+/// What the cache did for a request, as the `x-unbusy` note says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheNote {
+    /// The request has no cache key (the cache is off, or the request is not cacheable).
+    #[default]
+    None,
+    /// It has a key, and its answer came from a provider.
+    Miss,
+    /// It was answered from the cache, fresh.
+    Hit,
+    /// It was answered from the cache past its freshness (degraded, or no provider could).
+    Stale,
+}
+
+impl CacheNote {
+    /// Its word in the note.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Miss => "miss",
+            Self::Hit => "hit",
+            Self::Stale => "stale",
+        }
+    }
+}
+
+/// The `x-unbusy` header every managed answer carries, from every host:
+/// `provider=<name>; attempts=<n>; cache=<none|miss|hit|stale>; tier=<0-3>`. `provider` is the
+/// provider of the last attempt (`none` when no attempt was made), `tier` the degradation tier.
+///
+/// ```rust
+/// use unbusy_core::reply::{note, CacheNote};
+/// assert_eq!(note(Some("deepseek"), 2, CacheNote::Miss, 0), "provider=deepseek; attempts=2; cache=miss; tier=0");
+/// assert_eq!(note(Some("deepseek"), 0, CacheNote::Hit, 1), "provider=none; attempts=0; cache=hit; tier=1");
+/// ```
+pub fn note(provider: Option<&str>, attempts: u32, cache: CacheNote, tier: u8) -> String {
+    let provider = provider.filter(|_| attempts > 0).unwrap_or("none");
+    let mut out = String::with_capacity(provider.len() + 48);
+    out.push_str("provider=");
+    out.push_str(provider);
+    out.push_str("; attempts=");
+    crate::json::write_u64(&mut out, u64::from(attempts));
+    out.push_str("; cache=");
+    out.push_str(cache.label());
+    out.push_str("; tier=");
+    crate::json::write_u64(&mut out, u64::from(tier));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +235,23 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["error"]["type"], "endpoint_not_allowed");
         assert_eq!(v["error"]["code"], "endpoint_not_allowed");
+    }
+
+    #[test]
+    fn the_note_names_the_last_provider_only_after_an_attempt() {
+        use super::{note, CacheNote};
+        assert_eq!(
+            note(Some("backup"), 2, CacheNote::Miss, 0),
+            "provider=backup; attempts=2; cache=miss; tier=0"
+        );
+        assert_eq!(
+            note(Some("backup"), 0, CacheNote::Stale, 3),
+            "provider=none; attempts=0; cache=stale; tier=3"
+        );
+        assert_eq!(
+            note(None, 1, CacheNote::None, 1),
+            "provider=none; attempts=1; cache=none; tier=1"
+        );
+        assert_eq!(CacheNote::Hit.label(), "hit");
     }
 }

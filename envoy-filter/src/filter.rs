@@ -32,18 +32,17 @@ use std::collections::HashMap;
 use std::time::Duration;
 use unbusy_core::answer::{assess, is_readable_encoding, DoneTracker, MANAGED_ACCEPT_ENCODING};
 use unbusy_core::bucket::{Decision, Rate};
-use unbusy_core::cache_key::{cache_key, tenant_id, CacheKey, KeyRequest, OptIn};
+use unbusy_core::cache_key::CacheKey;
 use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::config::Config;
 use unbusy_core::encoding::{DecodeError, Decoder};
-use unbusy_core::engine::{
-    Action, CacheLookup, Engine, Priority, RequestId, RequestMeta, SendAttempt,
-};
-use unbusy_core::json;
+use unbusy_core::engine::{Action, CacheLookup, Engine, RequestId, SendAttempt};
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
-use unbusy_core::reply::{local_reply, LocalReply, ReplyKind};
-use unbusy_core::request::{base_path, handling, query_of, tenant_of, Endpoint, Handling};
-use unbusy_core::time::{ms, Nanos};
+use unbusy_core::reply::{local_reply, note, CacheNote, LocalReply, ReplyKind};
+use unbusy_core::request::{
+    base_path, handling, query_of, read, rewrite_body, BadRequest, Endpoint, Handling,
+};
+use unbusy_core::time::Nanos;
 
 /// Request bodies larger than this are refused with 413 (a chat request is kilobytes).
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
@@ -201,7 +200,7 @@ struct Flow {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     cache_key: Option<CacheKey>,
-    cache_note: &'static str,
+    cache_note: CacheNote,
     phase: Phase,
     attempt: u32,
     provider: usize,
@@ -567,7 +566,7 @@ impl State {
                 headers,
                 body: Vec::new(),
                 cache_key: None,
-                cache_note: "none",
+                cache_note: CacheNote::None,
                 phase: Phase::RequestHeld,
                 attempt: 0,
                 provider: 0,
@@ -621,39 +620,14 @@ impl State {
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return Vec::new();
         };
-        let parsed: Result<json::Value, String> =
-            json::parse(&body).map_err(|e| format!("the request body is not valid JSON: {e}"));
-        let v = match parsed {
-            Ok(v @ json::Value::Object(_)) => v,
-            Ok(_) => {
-                return self.refuse(
-                    ctx,
-                    ReplyKind::BadRequest,
-                    "the request body must be a JSON object",
-                )
-            }
-            Err(e) => return self.refuse(ctx, ReplyKind::BadRequest, &e),
+        // The core's one reading of the request (`unbusy_core::request::read`).
+        let info = match read(&host::pairs(&flow.headers), &body, &self.config) {
+            Ok(info) => info,
+            Err(e) => return self.refuse(ctx, ReplyKind::BadRequest, &e.message),
         };
-        let model = v
-            .get("model")
-            .and_then(|m| m.as_str())
-            .unwrap_or("")
-            .to_string();
-        let stream = v
-            .get("stream")
-            .and_then(json::Value::as_bool)
-            .unwrap_or(false);
-        let max_tokens = v
-            .get("max_tokens")
-            .and_then(json::Value::as_u64)
-            .unwrap_or(1024);
-        let estimated_tokens = (body.len() as u64 / 4).saturating_add(max_tokens);
-        let identity = tenant_of(&self.config.tenancy, |name| {
-            Self::header(&flow.headers, name)
-        });
-        let tenant = tenant_id(&identity);
-        flow.stream = stream;
-        flow.model = model.clone();
+        let (tenant, estimated_tokens) = (info.tenant, info.estimated_tokens);
+        flow.stream = info.stream;
+        flow.model = info.model.clone();
         flow.body = body;
         // Rate limits, shared by every worker.
         let slot = tenant % u64::from(self.config.limits.tenant_slots.max(1));
@@ -716,30 +690,10 @@ impl State {
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return Vec::new();
         };
-        let key = if self.config.cache.enabled {
-            cache_key(&KeyRequest {
-                tenant: &identity,
-                endpoint: "/v1/chat/completions",
-                body: &flow.body,
-                opt_in: match Self::header(&flow.headers, "x-unbusy-cache") {
-                    Some("always") => OptIn::Always,
-                    Some("never") => OptIn::Never,
-                    _ => OptIn::Default,
-                },
-            })
-            .ok()
-        } else {
-            None
-        };
+        let key = info.cache_key;
         flow.cache_key = key;
         let (cached, entry) = match key {
-            Some(k) => shared::cache_get(
-                k,
-                &self.cache_bounds,
-                now,
-                ms(self.config.cache.ttl_ms),
-                ms(self.config.cache.stale_ttl_ms),
-            ),
+            Some(k) => shared::cache_get(k, &self.cache_bounds, now, &self.config.cache),
             None => (CacheLookup::Miss, None),
         };
         if key.is_some() {
@@ -748,31 +702,11 @@ impl State {
                 CacheLookup::Stale => CacheResult::Stale,
                 CacheLookup::Miss => CacheResult::Miss,
             });
-            flow.cache_note = "miss";
+            flow.cache_note = CacheNote::Miss;
         }
         flow.cached = entry;
-        let priority = match Self::header(&flow.headers, "x-unbusy-priority") {
-            Some("low") => Priority::Low,
-            Some("high") => Priority::High,
-            _ => Priority::Normal,
-        };
-        let deadline = Self::header(&flow.headers, DEADLINE_HEADER)
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|d| now.saturating_add(ms(d)));
         self.share_views(now);
-        let request = self.engine.admit(
-            now,
-            RequestMeta {
-                tenant,
-                model,
-                stream,
-                priority,
-                estimated_tokens,
-                deadline,
-                cache_key: key,
-                cached,
-            },
-        );
+        let request = self.engine.admit(now, info.meta(now, cached));
         if let Some(flow) = self.flows.get_mut(&ctx) {
             flow.request = request;
         }
@@ -785,7 +719,7 @@ impl State {
         vec![Self::local(
             ctx,
             &local_reply(kind, message, None),
-            "refused=bad_request",
+            BadRequest::NOTE,
         )]
     }
 
@@ -1354,36 +1288,17 @@ impl State {
         let Some(flow) = self.flows.get(&ctx) else {
             return String::new();
         };
-        let provider = self
-            .config
-            .providers
-            .get(flow.provider)
-            .filter(|_| flow.attempt > 0)
-            .map_or("none", |p| p.name.as_str());
-        format!(
-            "provider={provider}; attempts={}; cache={}; tier={}",
+        let provider = self.config.providers.get(flow.provider);
+        note(
+            provider.map(|p| p.name.as_str()),
             flow.attempt,
             flow.cache_note,
-            self.engine.tier().level()
+            self.engine.tier().level(),
         )
     }
 
     fn rewritten_body(flow: &Flow, send: &SendAttempt) -> Option<Vec<u8>> {
-        let rw = &send.rewrite;
-        if rw.model.is_none() && rw.max_tokens_cap.is_none() {
-            return None;
-        }
-        // Only the rewritten members change; the rest is written back as the caller sent it.
-        let mut v = json::parse(&flow.body).ok()?;
-        if let Some(m) = &rw.model {
-            v.set("model", json::Value::String(m.clone()));
-        }
-        if let Some(cap) = rw.max_tokens_cap {
-            let current = v.get("max_tokens").and_then(json::Value::as_u64);
-            let capped = current.map_or(u64::from(cap), |c| c.min(u64::from(cap)));
-            v.set("max_tokens", json::Value::from_u64(capped));
-        }
-        Some(v.to_text().into_bytes())
+        rewrite_body(&flow.body, &send.rewrite)
     }
 
     /// Turns the engine's queued actions into host effects.
@@ -1484,7 +1399,11 @@ impl State {
                     let Some(flow) = self.flows.get_mut(&ctx) else {
                         continue;
                     };
-                    flow.cache_note = if stale { "stale" } else { "hit" };
+                    flow.cache_note = if stale {
+                        CacheNote::Stale
+                    } else {
+                        CacheNote::Hit
+                    };
                     flow.phase = Phase::Done;
                     let note = self.note(ctx);
                     let Some(flow) = self.flows.get_mut(&ctx) else {

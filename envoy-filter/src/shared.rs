@@ -9,6 +9,7 @@
 use crate::host;
 use unbusy_core::bucket::{gcra, Decision, Rate};
 use unbusy_core::cache_key::CacheKey;
+use unbusy_core::config::CacheConfig;
 use unbusy_core::engine::CacheLookup;
 use unbusy_core::time::Nanos;
 
@@ -198,14 +199,13 @@ pub struct Cached {
     pub body: Vec<u8>,
 }
 
-/// Looks `key` up: fresh within `ttl`, stale within `ttl + stale_ttl`. An expired answer found
-/// in the key's bucket is emptied.
+/// Looks `key` up: fresh, stale or expired by the core's rule (`CacheLookup::for_age`). An
+/// expired answer found in the key's bucket is emptied.
 pub fn cache_get(
     key: CacheKey,
     bounds: &CacheBounds,
     now: Nanos,
-    ttl: Nanos,
-    stale_ttl: Nanos,
+    config: &CacheConfig,
 ) -> (CacheLookup, Option<Cached>) {
     let slot = cache_slot(key, bounds);
     let (Some(v), cas) = host::shared_get(&slot) else {
@@ -217,8 +217,8 @@ pub fn cache_get(
         return (CacheLookup::Miss, None);
     };
     let stored = <[u8; 8]>::try_from(stamp).map_or(0, u64::from_le_bytes);
-    let age = now.saturating_sub(stored);
-    if age >= ttl.saturating_add(stale_ttl) {
+    let lookup = CacheLookup::for_age(now.saturating_sub(stored), config);
+    if lookup == CacheLookup::Miss {
         // Expired (whoever's it was): free its bytes.
         if host::shared_set(&slot, &[], cas) {
             ledger_add(-(v.len() as i64), None);
@@ -228,11 +228,6 @@ pub fn cache_get(
     if stored_key != key.0.to_le_bytes() {
         return (CacheLookup::Miss, None); // another key's answer shares the bucket
     }
-    let lookup = if age < ttl {
-        CacheLookup::Fresh
-    } else {
-        CacheLookup::Stale
-    };
     (
         lookup,
         Some(Cached {

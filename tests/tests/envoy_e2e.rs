@@ -1023,10 +1023,11 @@ async fn a_storm_of_bad_input_gets_clear_answers_and_never_a_dead_vm() {
         let models = request(a, "GET", "/v1/models", &[], "").await.unwrap();
         assert_eq!(models.status, 200);
         // Header values with bytes that are not UTF-8 (HTTP allows them): the SDK's header
-        // readers would panic on these; the filter reads them lossily.
+        // readers would panic on these; the filter reads them lossily. (One in
+        // x-unbusy-priority is a 400: requests_e2e.rs.)
         let status = raw_request(
             a,
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer caf\xe9\xff\r\nx-unbusy-priority: \xfe\r\ncontent-length: 57\r\nconnection: close\r\n\r\n{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer caf\xe9\xff\r\nx-trace: \xfe\r\ncontent-length: 57\r\nconnection: close\r\n\r\n{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
         )
         .await;
         assert_eq!(status, 200, "round {round}: non-UTF-8 headers");

@@ -79,6 +79,11 @@ const ABORT = 2;
 const DELIVER = 3;
 const SERVE_CACHE = 4;
 const ABORT_REASONS = ['FirstTokenDeadline', 'Deadline', 'Stalled'];
+// What the cache did, as `note` numbers it (`reply::CacheNote`).
+const CACHE_NONE = 0;
+const CACHE_MISS = 1;
+const CACHE_HIT = 2;
+const CACHE_STALE = 3;
 
 const encoder = new TextEncoder();
 const EMPTY = new Uint8Array();
@@ -259,8 +264,8 @@ export function makeCreateFetch(wasm, host = {}) {
     const cache = options.cache ?? new MemoryCache({ maxBytes: snakeConfig.cache?.max_bytes });
     const cacheTtl = snakeConfig.cache?.ttl_ms ?? 300000;
     const staleTtl = snakeConfig.cache?.stale_ttl_ms ?? 3600000;
-    const tenantHeader = snakeConfig.tenancy?.header?.toLowerCase();
-    const cacheOn = snakeConfig.cache?.enabled !== false;
+    // The request headers the core reads (`request::read`): only these cross into the module.
+    const readHeaders = engine.headerNames().toLowerCase().split(',').filter(Boolean);
     const requests = new Map();
     // When each provider last left an attempt hanging before its headers (see `send`).
     const hungAt = [];
@@ -367,10 +372,9 @@ export function makeCreateFetch(wasm, host = {}) {
       schedule();
     }
 
-    /** The `x-unbusy` header. `tier` comes with the action when there is one. */
-    function note(r, extra, tier = engine.tier()) {
-      const provider = r.attempt > 0 ? providers[r.provider]?.name ?? 'none' : 'none';
-      return `provider=${provider}; attempts=${r.attempt}; cache=${extra ?? r.cacheNote}; tier=${tier}`;
+    /** The `x-unbusy` header (`reply::note`). `tier` comes with the action when there is one. */
+    function note(r, cache, tier = engine.tier()) {
+      return engine.note(r.provider, r.attempt, cache ?? r.cacheNote, tier);
     }
 
     /** Stops the attempt in flight: through its AbortController if it has one, else by cancelling
@@ -417,7 +421,7 @@ export function makeCreateFetch(wasm, host = {}) {
       if (!r) return;
       switch (kind) {
         case SEND:
-          send(r, a2, a3, Number.isNaN(a4) ? null : a4, a5 === 1 ? engine.actionModel() : null);
+          send(r, a2, a3, !Number.isNaN(a4) || a5 === 1);
           break;
         case ABORT:
           if (r.attemptNo !== a2) break;
@@ -452,7 +456,7 @@ export function makeCreateFetch(wasm, host = {}) {
           const e = r.cached;
           const extra = [
             ['content-type', e?.stream ? 'text/event-stream' : 'application/json'],
-            ['x-unbusy', note(r, a2 === 1 ? 'stale' : 'hit', a3)],
+            ['x-unbusy', note(r, a2 === 1 ? CACHE_STALE : CACHE_HIT, a3)],
           ];
           r.resolve(respond(r, 200, null, e?.body ?? '', extra));
           finish(r);
@@ -467,20 +471,16 @@ export function makeCreateFetch(wasm, host = {}) {
       }
     }
 
-    function send(r, attempt, provider, maxTokensCap, model) {
+    /** Sends an attempt; `rewrites`: the engine changes the body (model mapping, max_tokens cap). */
+    function send(r, attempt, provider, rewrites) {
       r.attempt = attempt;
       r.attemptNo = attempt;
       r.provider = provider;
       r.attemptReader = null;
       const target = route(provider);
       const headers = attemptHeaders(r.headers, target.authorization);
-      let body = r.bodyText;
-      if (model || maxTokensCap) {
-        const v = { ...r.json };
-        if (model) v.model = model;
-        if (maxTokensCap) v.max_tokens = Math.min(v.max_tokens ?? Infinity, maxTokensCap);
-        body = JSON.stringify(v);
-      }
+      // (`request::rewrite_body`, as the Envoy filter rewrites it.)
+      const body = (rewrites && engine.rewriteBody(r.bodyText)) || r.bodyText;
       // An AbortController per attempt is the only way to stop one that hangs before its
       // headers, and fetch's bookkeeping for a signal is about 12 µs a call in Node. So an
       // attempt carries one when it may be aborted from outside (the caller gave a signal),
@@ -752,22 +752,11 @@ export function makeCreateFetch(wasm, host = {}) {
       return null;
     }
 
-    /** The managed request, once its body is text and its cache entry looked up. */
-    function start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, key, cached) {
-      let lookup = 0;
-      if (cached) {
-        const age = Date.now() - cached.storedAt;
-        lookup = age < cacheTtl ? 1 : age < cacheTtl + staleTtl ? 2 : 0;
-        if (lookup === 0) cached = undefined;
-      }
-      const stream = json.stream === true;
-      const tokens = Math.ceil(bodyText.length / 4) + (Number(json.max_tokens) || 1024);
-      // The caller's own deadline for the whole request, in ms from now (as the filter reads it).
-      const within = Number(headerOf(requestHeaders, 'x-unbusy-deadline-ms') ?? NaN);
+    /** The managed request, once the core has read it (`handle`) and its cache entry is looked up. */
+    function start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, cached) {
       return new Promise((resolve, reject) => {
-        const at = now();
-        const deadline = within > 0 ? at + within : NaN;
-        const id = engine.admit(at, tenant, String(json.model ?? ''), stream, 1, tokens, deadline, key ?? undefined, lookup);
+        // Fresh, stale or expired is the core's rule (`CacheLookup::for_age`), from the age.
+        const id = engine.admit(now(), handle, cached ? Math.max(0, Date.now() - cached.storedAt) : NaN);
         const r = {
           id,
           resolve,
@@ -775,14 +764,13 @@ export function makeCreateFetch(wasm, host = {}) {
           signal,
           headers: requestHeaders, // copied per attempt, in send()
           bodyText,
-          json,
           url,
           suffix,
           home: p.index,
           stream,
           cacheKey: key,
           cached,
-          cacheNote: key ? 'miss' : 'none',
+          cacheNote: key ? CACHE_MISS : CACHE_NONE,
           attempt: 0,
           attemptNo: 0,
           provider: 0,
@@ -804,21 +792,28 @@ export function makeCreateFetch(wasm, host = {}) {
       });
     }
 
-    function prepare(p, url, suffix, signal, bodyText, requestHeaders, input, init) {
-      let json;
-      try {
-        json = JSON.parse(bodyText);
-      } catch {
-        json = null;
+    /** The headers the core reads, as `[[name, value], ...]` JSON ('' for none). */
+    function readable(headers) {
+      let out = '';
+      for (const name of readHeaders) {
+        const v = headerOf(headers, name);
+        if (v !== null && v !== undefined) out += (out ? ',' : '[') + JSON.stringify([name, v]);
       }
-      if (!json || typeof json !== 'object' || Array.isArray(json)) {
-        return baseFetch(input, { ...init, body: bodyText }); // let the provider say what is wrong
+      return out && out + ']';
+    }
+
+    function prepare(p, url, suffix, signal, bodyText, requestHeaders) {
+      // The core's one reading of the request (`request::read`, as the Envoy filter reads it):
+      // tenant, priority, deadline, cache opt-in, model, stream, token estimate, cache key.
+      const key = engine.read(readable(requestHeaders), bodyText);
+      const v = actionNumbers();
+      const handle = v[0];
+      const stream = v[1] === 1;
+      if (handle === 0) {
+        // Refused (a body that is not a JSON object, a per-request header it does not define).
+        return Promise.resolve(respond(null, v[2], JSON.parse(engine.replyHeaders()), engine.replyBody(), []));
       }
-      // The core's rule (`request::tenant_of`): the tenant header, the key and the default tenant
-      // never name one another's tenants.
-      const tenant = engine.tenantOf((tenantHeader && headerOf(requestHeaders, tenantHeader)) ?? undefined, headerOf(requestHeaders, 'authorization') ?? undefined);
-      const key = cacheOn ? wasm.cacheKey(tenant, encoder.encode(bodyText), 0) : undefined;
-      if (!key) return start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, undefined, undefined);
+      if (!key) return start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, undefined, undefined);
       let pending;
       try {
         pending = Promise.resolve(cache.get(key));
@@ -826,8 +821,8 @@ export function makeCreateFetch(wasm, host = {}) {
         pending = Promise.resolve(undefined);
       }
       return pending.then(
-        (cached) => start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, key, cached),
-        () => start(p, url, suffix, signal, bodyText, requestHeaders, json, tenant, key, undefined),
+        (cached) => start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, cached),
+        () => start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, undefined),
       );
     }
 
@@ -852,10 +847,10 @@ export function makeCreateFetch(wasm, host = {}) {
         // The common case (a URL string and a string body, as SDKs send) needs no Request copy
         // and, unless a cache entry must be looked up, no await before the engine has it.
         if (typeof input === 'string' && typeof init?.body === 'string') {
-          return prepare(p, url, suffix, signal, init.body, init.headers, input, init);
+          return prepare(p, url, suffix, signal, init.body, init.headers);
         }
         const request = new Request(input, init);
-        return request.text().then((bodyText) => prepare(p, url, suffix, signal, bodyText, request.headers, input, init));
+        return request.text().then((bodyText) => prepare(p, url, suffix, signal, bodyText, request.headers));
       } catch (e) {
         return Promise.reject(e);
       }

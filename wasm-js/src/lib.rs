@@ -35,13 +35,15 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use unbusy_core::answer::{assess, Assessment};
-use unbusy_core::cache_key::{cache_key, tenant_id, KeyRequest, OptIn};
 use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::config::Config;
-use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Priority, RequestMeta};
+use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Rewrite};
 use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
-use unbusy_core::request::{query_of, tenant_of, Endpoint};
+use unbusy_core::reply::{note, CacheNote};
+use unbusy_core::request::{
+    query_of, read, rewrite_body, BadRequest, Endpoint, RequestInfo, READ_HEADERS,
+};
 use unbusy_core::time::Nanos;
 use wasm_bindgen::prelude::*;
 
@@ -61,9 +63,16 @@ fn ms(ns: Nanos) -> f64 {
 #[wasm_bindgen]
 pub struct JsEngine {
     engine: Engine,
-    /// The strings of the action `nextAction` returned last (its numbers cannot carry them).
-    model: Option<String>,
+    /// The rewrite of the send `nextAction` returned last (`rewriteBody` applies it).
+    rewrite: Rewrite,
+    /// The reply `nextAction` (or a refusal by `read`) returned last (its numbers cannot carry
+    /// its strings).
     reply: Option<unbusy_core::reply::LocalReply>,
+    /// Requests `read` has read and `admit` has not admitted yet (waiting for the host's cache
+    /// lookup), by handle.
+    pending: Vec<(f64, RequestInfo)>,
+    /// The last handle `read` gave.
+    handles: f64,
     /// The action `nextAction` moved out last, as numbers.
     action: [f64; 6],
     /// Whether anyone takes the events.
@@ -191,57 +200,110 @@ impl JsEngine {
             Engine::new(config, seed.to_bits()).map_err(|e| JsError::new(&e.to_string()))?;
         Ok(Self {
             engine,
-            model: None,
+            rewrite: Rewrite::default(),
             reply: None,
+            pending: Vec::new(),
+            handles: 0.0,
             action: [0.0; 6],
             listening: true,
         })
     }
 
-    /// Admits a request; returns its id. `tenant`: its identity (`tenantOf`); `cached`: 0 miss,
-    /// 1 fresh, 2 stale.
-    #[allow(clippy::too_many_arguments)]
-    pub fn admit(
-        &mut self,
-        now: f64,
-        tenant: &[u8],
-        model: &str,
-        stream: bool,
-        priority: u8,
-        estimated_tokens: f64,
-        deadline: f64,
-        cache_key: Option<String>,
-        cached: u8,
-    ) -> f64 {
-        let key = cache_key
-            .and_then(|k| parse_hex(&k))
-            .map(unbusy_core::cache_key::CacheKey);
-        let id = self.engine.admit(
-            ns(now),
-            RequestMeta {
-                tenant: tenant_id(tenant),
-                model: model.to_string(),
-                stream,
-                priority: match priority {
-                    0 => Priority::Low,
-                    2 => Priority::High,
-                    _ => Priority::Normal,
-                },
-                estimated_tokens: if estimated_tokens.is_finite() && estimated_tokens > 0.0 {
-                    estimated_tokens as u64
-                } else {
-                    0
-                },
-                deadline: (deadline.is_finite() && deadline > 0.0).then(|| ns(deadline)),
-                cache_key: key,
-                cached: match cached {
-                    1 => CacheLookup::Fresh,
-                    2 => CacheLookup::Stale,
-                    _ => CacheLookup::Miss,
-                },
-            },
-        );
-        id as f64
+    /// The names of the request headers `read` reads (comma-separated): the caller's
+    /// `Authorization`, the per-request headers (`request::READ_HEADERS`) and the configured
+    /// tenant header. Hosts ask once and pass only these.
+    #[wasm_bindgen(js_name = headerNames)]
+    pub fn header_names(&self) -> String {
+        let tenant = self.engine.config().tenancy.header.as_deref();
+        let mut out = String::new();
+        for name in READ_HEADERS.iter().copied().chain(tenant) {
+            out.push_str(name);
+            out.push(',');
+        }
+        out
+    }
+
+    /// Reads a managed chat/completions request (`request::read`, the rule the Envoy filter
+    /// applies too): `headers_json` is `[[name, value], ...]` of the headers `headerNames`
+    /// lists that the request has (empty for none), `body` its whole body. Returns its cache key
+    /// (32 hex digits) when it has one, and lays out in the action buffer
+    /// `[handle, stream 0/1, status]`: a handle (> 0) for `admit`, or 0 when the request is
+    /// refused, with the status of the reply (400) whose headers (its `x-unbusy` note included)
+    /// and body `replyHeaders` / `replyBody` give.
+    pub fn read(&mut self, headers_json: &str, body: &str) -> Option<String> {
+        let pairs = header_pairs(headers_json);
+        let headers: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        match read(&headers, body.as_bytes(), self.engine.config()) {
+            Ok(info) => {
+                self.handles += 1.0;
+                let key = info.cache_key.map(|k| hex(k.0));
+                self.action = [
+                    self.handles,
+                    f64::from(u8::from(info.stream)),
+                    0.0,
+                    0.0,
+                    0.0,
+                    0.0,
+                ];
+                self.pending.push((self.handles, info));
+                key
+            }
+            Err(e) => {
+                let mut reply = e.reply();
+                reply
+                    .headers
+                    .push(("x-unbusy", BadRequest::NOTE.to_string()));
+                self.action = [0.0, 0.0, f64::from(reply.status), 0.0, 0.0, 0.0];
+                self.reply = Some(reply);
+                None
+            }
+        }
+    }
+
+    /// Admits the request `read` gave `handle` for; returns its id (NaN for an unknown
+    /// handle). `cached_age_ms`: how long ago the host's cache stored the answer under its key,
+    /// NaN when it holds none; fresh, stale or expired by the core's rule
+    /// (`CacheLookup::for_age`).
+    pub fn admit(&mut self, now: f64, handle: f64, cached_age_ms: f64) -> f64 {
+        let Some(i) = self.pending.iter().position(|(h, _)| *h == handle) else {
+            return f64::NAN;
+        };
+        let (_, info) = self.pending.swap_remove(i);
+        let cached = if cached_age_ms >= 0.0 {
+            CacheLookup::for_age(ns(cached_age_ms), &self.engine.config().cache)
+        } else {
+            CacheLookup::Miss
+        };
+        self.engine.admit(ns(now), info.meta(ns(now), cached)) as f64
+    }
+
+    /// The `x-unbusy` note of an answer (`reply::note`): the provider of the last attempt, how
+    /// many attempts, what the cache did (0 none, 1 miss, 2 hit, 3 stale) and the tier.
+    pub fn note(&self, provider: usize, attempts: u32, cache: u8, tier: u8) -> String {
+        let name = self
+            .engine
+            .config()
+            .providers
+            .get(provider)
+            .map(|p| p.name.as_str());
+        let cache = match cache {
+            1 => CacheNote::Miss,
+            2 => CacheNote::Hit,
+            3 => CacheNote::Stale,
+            _ => CacheNote::None,
+        };
+        note(name, attempts, cache, tier)
+    }
+
+    /// The body of the send `nextAction` returned last (`request::rewrite_body`): the caller's
+    /// `body` with the send's model mapping and `max_tokens` cap; `undefined` when it changes
+    /// nothing.
+    #[wasm_bindgen(js_name = rewriteBody)]
+    pub fn rewrite_body(&self, body: &str) -> Option<String> {
+        rewrite_body(body.as_bytes(), &self.rewrite).and_then(|b| String::from_utf8(b).ok())
     }
 
     /// The attempt's first real progress arrived.
@@ -343,7 +405,8 @@ impl JsEngine {
     /// kind, or 0 when none is queued (then, with nobody listening, the events queued so far are
     /// dropped: `listen(false)`). The buffer's numbers by kind:
     /// - 1 send `[1, request, attempt, provider, max_tokens cap or NaN, 1 if a model rewrite]`
-    ///   (the model from `actionModel`, the provider's base URL and credentials from `route`);
+    ///   (the body it sends from `rewriteBody`, the provider's base URL and credentials from
+    ///   `route`);
     /// - 2 abort `[2, request, attempt, reason]` (0 first-token deadline, 1 deadline, 2 stalled);
     /// - 3 deliver `[3, request, store in cache 0/1, tier]`; 4 serve from cache
     ///   `[4, request, stale 0/1, tier]`;
@@ -365,13 +428,14 @@ impl JsEngine {
         self.action = match action {
             Action::Send(s) => {
                 let has_model = s.rewrite.model.is_some();
-                self.model = s.rewrite.model;
+                let cap = s.rewrite.max_tokens_cap;
+                self.rewrite = s.rewrite;
                 [
                     1.0,
                     s.request as f64,
                     f64::from(s.attempt),
                     s.provider as f64,
-                    s.rewrite.max_tokens_cap.map_or(f64::NAN, f64::from),
+                    cap.map_or(f64::NAN, f64::from),
                     if has_model { 1.0 } else { 0.0 },
                 ]
             }
@@ -427,12 +491,6 @@ impl JsEngine {
         self.listening = on;
     }
 
-    /// The model of the send `nextAction` returned last, when it rewrites the model.
-    #[wasm_bindgen(js_name = actionModel)]
-    pub fn action_model(&self) -> Option<String> {
-        self.model.clone()
-    }
-
     /// The headers of the reply `nextAction` returned last, as JSON `[[name, value], ...]`.
     #[wasm_bindgen(js_name = replyHeaders)]
     pub fn reply_headers(&self) -> String {
@@ -458,20 +516,6 @@ impl JsEngine {
             .as_ref()
             .map(|r| r.body.clone())
             .unwrap_or_default()
-    }
-
-    /// A request's tenant identity under the configuration's `tenancy` (`request::tenant_of`):
-    /// `header` is the value of the configured tenant header, `authorization` the caller's
-    /// `Authorization`. The bytes go to `admit` and `cacheKey`.
-    #[wasm_bindgen(js_name = tenantOf)]
-    pub fn tenant_of(&self, header: Option<String>, authorization: Option<String>) -> Vec<u8> {
-        tenant_of(&self.engine.config().tenancy, |name| {
-            if name == "authorization" {
-                authorization.as_deref()
-            } else {
-                header.as_deref()
-            }
-        })
     }
 
     /// Where a provider's attempts go and with which credentials, as JSON
@@ -508,25 +552,6 @@ impl JsEngine {
     }
 }
 
-/// The tenant-scoped cache key of a chat/completions body (32 hex digits), or `undefined` when
-/// the request is not cacheable. `tenant`: the identity `tenantOf` gave; `opt_in`: 0 default,
-/// 1 always, 2 never.
-#[wasm_bindgen(js_name = cacheKey)]
-pub fn js_cache_key(tenant: &[u8], body: &[u8], opt_in: u8) -> Option<String> {
-    cache_key(&KeyRequest {
-        tenant,
-        endpoint: "/v1/chat/completions",
-        body,
-        opt_in: match opt_in {
-            1 => OptIn::Always,
-            2 => OptIn::Never,
-            _ => OptIn::Default,
-        },
-    })
-    .ok()
-    .map(|k| hex(k.0))
-}
-
 /// A cache key as 32 lower-case hex digits (as `CacheKey`'s `Display`, without the formatting
 /// machinery's 128-bit division in the module).
 fn hex(k: u128) -> String {
@@ -537,17 +562,6 @@ fn hex(k: u128) -> String {
             char::from(if d < 10 { b'0' + d } else { b'a' + d - 10 })
         })
         .collect()
-}
-
-/// The inverse of [`hex`]: 1 to 32 hex digits, else `None`.
-fn parse_hex(s: &str) -> Option<u128> {
-    if s.is_empty() || s.len() > 32 {
-        return None;
-    }
-    s.bytes().try_fold(0u128, |acc, b| {
-        let d = char::from(b).to_digit(16)?;
-        Some(acc << 4 | u128::from(d))
-    })
 }
 
 /// `[[name, value], ...]` as JSON, as header pairs; anything else is no headers.

@@ -4,14 +4,15 @@
 
 use super::{AttId, AttemptResult, Policy, ReqId, World};
 use std::collections::HashMap;
-use unbusy_core::cache_key::{cache_key, CacheKey, KeyRequest, OptIn};
+use unbusy_core::cache_key::CacheKey;
 use unbusy_core::classify::{
     classify, classify_fault, retry_hint, BodyProgress, Classification, Response, TransportFault,
 };
 use unbusy_core::config::{Config, ConfigErrors, ProviderConfig};
-use unbusy_core::engine::{Action, CacheLookup, Engine, Priority, RequestId, RequestMeta};
+use unbusy_core::engine::{Action, CacheLookup, Engine, RequestId};
 use unbusy_core::reply::LocalReply;
-use unbusy_core::time::{ms, Nanos};
+use unbusy_core::request::read;
+use unbusy_core::time::Nanos;
 
 /// The configuration the `unbusy` policy runs with: defaults plus the scenario's providers
 /// (a provider's capacity becomes its `max_concurrency`, the quota a user would configure).
@@ -43,8 +44,6 @@ struct Entry {
 /// The engine as a simulated client.
 pub struct UnbusyPolicy {
     engine: Engine,
-    ttl: Nanos,
-    stale_ttl: Nanos,
     cache: HashMap<CacheKey, Entry>,
     by_engine: HashMap<RequestId, ReqId>,
     engine_id: Vec<Option<RequestId>>,
@@ -59,12 +58,8 @@ pub struct UnbusyPolicy {
 impl UnbusyPolicy {
     /// A policy for this configuration, its randomness seeded from the world.
     pub fn new(config: Config, seed: u64) -> Result<Self, ConfigErrors> {
-        let ttl = ms(config.cache.ttl_ms);
-        let stale_ttl = ms(config.cache.stale_ttl_ms);
         Ok(Self {
             engine: Engine::new(config, seed)?,
-            ttl,
-            stale_ttl,
             cache: HashMap::new(),
             by_engine: HashMap::new(),
             engine_id: Vec::new(),
@@ -190,14 +185,10 @@ impl UnbusyPolicy {
         if entry.tenant != w.requests[req].tenant {
             w.violations.cross_tenant_hits += 1;
         }
-        let age = w.now.saturating_sub(entry.stored_at);
-        if age < self.ttl {
-            CacheLookup::Fresh
-        } else if age < self.ttl + self.stale_ttl {
-            CacheLookup::Stale
-        } else {
-            CacheLookup::Miss
-        }
+        CacheLookup::for_age(
+            w.now.saturating_sub(entry.stored_at),
+            &self.engine.config().cache,
+        )
     }
 }
 
@@ -244,32 +235,22 @@ pub fn classification(result: AttemptResult) -> Classification {
 
 impl Policy for UnbusyPolicy {
     fn on_arrival(&mut self, w: &mut World, req: ReqId) {
+        // The request as every host reads it (`request::read`): its tenant is the caller's key.
         let body = w.requests[req].body();
-        let tenant = format!("tenant-{}", w.requests[req].tenant);
-        let key = cache_key(&KeyRequest {
-            tenant: tenant.as_bytes(),
-            endpoint: "/v1/chat/completions",
-            body: body.as_bytes(),
-            opt_in: OptIn::Default,
-        })
-        .ok();
+        let key_of_tenant = format!("Bearer tenant-{}", w.requests[req].tenant);
+        let headers = [("authorization", key_of_tenant.as_str())];
+        let Ok(info) = read(&headers, body.as_bytes(), self.engine.config()) else {
+            return; // (the simulator's bodies are valid requests)
+        };
+        let key = info.cache_key;
         if self.keys.len() <= req {
             self.keys.resize(req + 1, None);
             self.engine_id.resize(req + 1, None);
         }
         self.keys[req] = key;
         let cached = self.lookup(w, req, key);
-        let r = &w.requests[req];
-        let meta = RequestMeta {
-            tenant: u64::from(r.tenant),
-            model: String::from("deepseek-chat"),
-            stream: r.stream,
-            priority: Priority::Normal,
-            estimated_tokens: 300,
-            deadline: Some(r.deadline),
-            cache_key: key,
-            cached,
-        };
+        let mut meta = info.meta(w.now, cached);
+        meta.deadline = Some(w.requests[req].deadline);
         let id = self.engine.admit(w.now, meta);
         self.by_engine.insert(id, req);
         self.engine_id[req] = Some(id);
