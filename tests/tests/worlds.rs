@@ -25,6 +25,10 @@ fn hard(j: &Judgement) -> Vec<String> {
         .collect()
 }
 
+/// The most in flight over a provider's capacity `unbusy-blind` may reach in the generated
+/// worlds (see the test).
+const BLIND_OVERLOAD_BOUND: f64 = 25.0;
+
 fn baseline_deviations(w: &Judged) -> Vec<String> {
     w.run
         .reports
@@ -99,6 +103,21 @@ fn unbusy_keeps_its_principles_on_300_generated_worlds() {
             behind.len()
         );
     }
+    // A capacity unbusy must learn (`unbusy-blind`) is a stated bound, not the goal of 1.1
+    // (docs/engine.md says why first attempts are not held on a guess): requests held through
+    // an outage come back in a ramp and a learned limit is forgotten by doubling, so no world
+    // pushes a provider past 25 times its capacity (22.5 at most in these worlds; 590 when
+    // both released everything at once).
+    let blind_worst = worlds
+        .iter()
+        .map(|w| (w.judgement.overload_blind, w.run.scenario.as_str()))
+        .fold((0.0, ""), |a, b| if b.0 > a.0 { b } else { a });
+    assert!(
+        blind_worst.0 <= BLIND_OVERLOAD_BOUND,
+        "unbusy-blind pushed {} to {}x its capacity (bound {BLIND_OVERLOAD_BOUND})",
+        blind_worst.1,
+        blind_worst.0
+    );
     // The check must have had chances to fail: the worlds hold outages, capacities, retries
     // and recoveries.
     let judged_recovery = worlds

@@ -399,6 +399,8 @@ pub struct Judgement {
     pub overload: f64,
     /// See `overload`.
     pub overload_blind: f64,
+    /// The largest in-flight / capacity one plain attempt per request caused (`none`).
+    pub overload_none: f64,
     /// Unanswered retries over what the retry budget allows (at most 1).
     pub budget_use: f64,
     /// Recovery: the success rate after the faults ended minus the fault-free twin's.
@@ -441,6 +443,7 @@ pub fn judge(run: &WorldRun) -> Judgement {
         attempts_vs_naive: unbusy.map_or(0.0, |r| r.attempts_per_request) / naive_att.max(1e-9),
         overload: unbusy.map_or(0.0, |r| r.max_overload),
         overload_blind: run.report("unbusy-blind").map_or(0.0, |r| r.max_overload),
+        overload_none: run.report("none").map_or(0.0, |r| r.max_overload),
         budget_use,
         recovery: run.recovery.map(|r| {
             let (after, twin) = r.rates();
