@@ -616,6 +616,135 @@ mod tests {
         assert_eq!(b.state(secs(5)), BreakerState::Open { until: secs(15) });
     }
 
+    fn is_open(b: &CircuitBreaker, now: Nanos) -> bool {
+        matches!(b.state(now), BreakerState::Open { .. })
+    }
+
+    #[test]
+    fn a_run_of_failures_trips_at_its_length_and_only_after_a_silent_tenth_of_the_window() {
+        let s = BreakerSettings::default(); // 10 in a row, 10 s window
+        let mut b = CircuitBreaker::new(s);
+        for i in 0..9 {
+            settle(&mut b, ms(i), BreakerSignal::Failure);
+        }
+        assert!(!is_open(&b, ms(9)), "9 failures in a row are not 10");
+        settle(&mut b, ms(9), BreakerSignal::Failure);
+        assert!(is_open(&b, ms(9)));
+        // A success a tenth of the window before the tenth failure: silent long enough.
+        let mut b = CircuitBreaker::new(s);
+        settle(&mut b, 0, BreakerSignal::Success);
+        for i in 1..10 {
+            settle(&mut b, ms(i), BreakerSignal::Failure);
+        }
+        let tenth = s.window / 10;
+        settle(&mut b, tenth - 1, BreakerSignal::Failure);
+        assert!(!is_open(&b, tenth - 1), "a success less than a tenth ago");
+        settle(&mut b, tenth, BreakerSignal::Failure);
+        assert!(is_open(&b, tenth), "a success exactly a tenth ago");
+        // A run no longer than the attempts still pending is not a verdict yet.
+        let mut b = CircuitBreaker::new(s);
+        for i in 0..12 {
+            assert!(b.try_acquire(ms(i)));
+            b.on_outcome_pending(ms(i), BreakerSignal::Failure, 12);
+        }
+        assert!(!is_open(&b, ms(12)), "12 failures with 12 still pending");
+        assert!(b.try_acquire(ms(13)));
+        b.on_outcome_pending(ms(13), BreakerSignal::Failure, 12);
+        assert!(is_open(&b, ms(13)), "13 failures with 12 pending");
+    }
+
+    #[test]
+    fn the_success_rate_is_judged_strictly_below_its_threshold_with_volume_and_span() {
+        let s = BreakerSettings {
+            consecutive_failures: 0, // the rate alone
+            min_success_rate: 0.5,
+            min_volume: 10,
+            ..BreakerSettings::default()
+        };
+        let half = s.window / 2;
+        // Exactly half succeed: not below the threshold.
+        let mut b = CircuitBreaker::new(s);
+        settle(&mut b, 0, BreakerSignal::Success);
+        for _ in 0..4 {
+            settle(&mut b, half, BreakerSignal::Success);
+        }
+        for _ in 0..5 {
+            settle(&mut b, half, BreakerSignal::Failure);
+        }
+        assert!(!is_open(&b, half), "5 of 10 is not below 0.5");
+        settle(&mut b, half, BreakerSignal::Failure);
+        assert!(is_open(&b, half), "5 of 11 is");
+        // Volume: nine failures are not enough, the tenth is.
+        let mut b = CircuitBreaker::new(s);
+        settle(&mut b, 0, BreakerSignal::Failure);
+        for _ in 0..8 {
+            settle(&mut b, half, BreakerSignal::Failure);
+        }
+        assert!(!is_open(&b, half), "9 outcomes");
+        settle(&mut b, half, BreakerSignal::Failure);
+        assert!(is_open(&b, half), "10 outcomes");
+        // Span: outcomes that began less than half a window ago are not judged yet.
+        let mut b = CircuitBreaker::new(s);
+        settle(&mut b, ms(1), BreakerSignal::Failure);
+        for _ in 0..10 {
+            settle(&mut b, half, BreakerSignal::Failure);
+        }
+        assert!(!is_open(&b, half), "spanning half a window less 1 ms");
+        settle(&mut b, half + ms(1), BreakerSignal::Failure);
+        assert!(is_open(&b, half + ms(1)), "spanning half a window");
+    }
+
+    #[test]
+    fn the_span_clock_restarts_when_the_window_empties() {
+        let s = BreakerSettings {
+            consecutive_failures: 0,
+            min_success_rate: 0.5,
+            min_volume: 10,
+            ..BreakerSettings::default()
+        };
+        let mut b = CircuitBreaker::new(s);
+        settle(&mut b, 0, BreakerSignal::Success);
+        // Two windows later the ring is empty: the span starts again at the next outcome, so
+        // ten failures at once are not judged.
+        let later = 2 * s.window;
+        for _ in 0..10 {
+            settle(&mut b, later, BreakerSignal::Failure);
+        }
+        assert!(!is_open(&b, later), "a span of zero");
+        settle(&mut b, later + s.window / 2, BreakerSignal::Failure);
+        assert!(is_open(&b, later + s.window / 2));
+    }
+
+    #[test]
+    fn a_half_open_breaker_wakes_its_waiters_at_each_doubling() {
+        let mut b = CircuitBreaker::new(BreakerSettings::default());
+        for i in 0..10 {
+            settle(&mut b, ms(i), BreakerSignal::Failure);
+        }
+        let until = match b.state(ms(9)) {
+            BreakerState::Open { until } => until,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(b.next_change(ms(9)), Some(until));
+        let step = b.ramp_step();
+        assert_eq!(b.next_change(until), Some(until + step));
+        assert_eq!(b.next_change(until + step - 1), Some(until + step));
+        assert_eq!(b.next_change(until + step), Some(until + 2 * step));
+        // Without the ramp: a lost probe's slot frees after `open_for`.
+        let mut b = CircuitBreaker::new(BreakerSettings {
+            probe_ramp: false,
+            ..BreakerSettings::default()
+        });
+        for i in 0..10 {
+            settle(&mut b, ms(i), BreakerSignal::Failure);
+        }
+        assert!(b.try_acquire(until));
+        assert_eq!(
+            b.next_change(until + ms(1)),
+            Some(until + BreakerSettings::default().open_for)
+        );
+    }
+
     #[test]
     fn after_an_outage_the_probe_ramp_goes_on_for_retries_then_ends() {
         let mut b = CircuitBreaker::new(BreakerSettings::default());

@@ -45,6 +45,8 @@
 //!
 //! Fixed-size state, `now` passed in.
 
+#[cfg(test)]
+use crate::time::secs;
 use crate::time::{ms, Nanos};
 
 /// The limit's settings.
@@ -421,6 +423,79 @@ mod tests {
             }
         }
         assert!((8..=14).contains(&l.limit(now)), "limit {}", l.limit(now));
+    }
+
+    #[test]
+    fn a_used_limit_grows_by_one_slot_per_limit_successes_and_an_unused_one_not_at_all() {
+        let mut l = AimdLimit::learned(ConcurrencySettings::default(), 10.0);
+        // Used (at least half of it in flight): each success adds 1/limit.
+        for _ in 0..10 {
+            l.acquire();
+        }
+        l.release(ms(1), Release::Success(ms(100)));
+        assert!((l.limit - 10.1).abs() < 1e-9, "{}", l.limit);
+        // Down to four in flight; the next release leaves three, and 3 + 1 is below half the
+        // limit: no growth.
+        for _ in 0..5 {
+            l.release(ms(2), Release::Success(ms(100)));
+        }
+        // Six successes grew it, the last with 4 + 1 in flight, exactly half of 10.
+        let mut expected = 10.0;
+        for _ in 0..6 {
+            expected += 1.0 / expected;
+        }
+        assert!(
+            (l.limit - expected).abs() < 1e-9,
+            "{} vs {expected}",
+            l.limit
+        );
+        let before = l.limit;
+        l.release(ms(3), Release::Success(ms(100)));
+        assert_eq!(l.limit, before, "grew while 3 of 10 were in flight");
+        // Neutral outcomes teach nothing.
+        l.acquire();
+        l.release(ms(4), Release::Neutral);
+        assert_eq!(l.limit, before);
+    }
+
+    #[test]
+    fn with_a_latency_tolerance_a_slow_success_is_half_an_overload() {
+        let settings = ConcurrencySettings {
+            latency_tolerance: 2.0,
+            ..ConcurrencySettings::default()
+        };
+        let mut l = AimdLimit::learned(settings, 16.0);
+        for _ in 0..16 {
+            l.acquire();
+        }
+        // The average starts at the first latency, 100 ms.
+        l.release(ms(1), Release::Success(ms(100)));
+        let used = l.limit;
+        // Twice the average is not slower than the tolerance; just above it is.
+        l.release(ms(2), Release::Success(ms(200)));
+        assert!(
+            l.limit >= used,
+            "{} after exactly twice the average",
+            l.limit
+        );
+        let before = l.limit;
+        // (The average is now 105 ms: 0.05 of the way from 100 to 200.)
+        l.release(secs(1), Release::Success(ms(211)));
+        let expected = before * (1.0 + 0.75) / 2.0;
+        assert!(
+            (l.limit - expected).abs() < 1e-9,
+            "{} vs {expected}",
+            l.limit
+        );
+        // Off by default: however slow, no decrease.
+        let mut l = AimdLimit::learned(ConcurrencySettings::default(), 16.0);
+        for _ in 0..16 {
+            l.acquire();
+        }
+        l.release(ms(1), Release::Success(ms(100)));
+        let before = l.limit;
+        l.release(secs(1), Release::Success(secs(100)));
+        assert!(l.limit >= before);
     }
 
     #[test]
