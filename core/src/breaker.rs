@@ -775,6 +775,18 @@ mod tests {
         }
         assert!(matches!(b2.state(up + ms(10)), BreakerState::Open { .. }));
         assert_eq!(b2.retry_cap(up + ms(10)), None);
+        // Without the probe ramp there is no recovery ramp either.
+        let mut b3 = CircuitBreaker::new(BreakerSettings {
+            probe_ramp: false,
+            ..BreakerSettings::default()
+        });
+        for i in 0..10 {
+            settle(&mut b3, ms(i), BreakerSignal::Failure);
+        }
+        assert!(b3.try_acquire(half_open));
+        b3.on_progress(up);
+        assert_eq!(b3.state(up), BreakerState::Closed);
+        assert_eq!(b3.retry_cap(up), None);
     }
 
     #[test]
