@@ -256,6 +256,19 @@ impl Flow {
         std::borrow::Cow::Owned(out)
     }
 
+    /// The bytes of a held answer (`body`: all of it buffered so far) not seen before,
+    /// decoded; a decoded answer also keeps them in `plain`.
+    fn take_held(&mut self, body: &[u8]) -> Vec<u8> {
+        let new = self
+            .decode(body.get(self.fed..).unwrap_or(&[]))
+            .into_owned();
+        self.fed = body.len();
+        if self.decoder.is_some() {
+            self.plain.extend_from_slice(&new);
+        }
+        new
+    }
+
     /// The compressed answer ended: whether all of it decoded.
     fn decode_finish(&mut self) -> bool {
         if let Some(Err(e)) = self.decoder.as_ref().map(Decoder::finish) {
@@ -850,13 +863,7 @@ impl State {
         let (request, attempt) = (flow.request, flow.router_attempt.unwrap_or(0));
         match flow.phase {
             Phase::HoldingStream => {
-                let new = flow
-                    .decode(body.get(flow.fed..).unwrap_or(&[]))
-                    .into_owned();
-                flow.fed = body.len();
-                if flow.decoder.is_some() {
-                    flow.plain.extend_from_slice(&new);
-                }
+                let new = flow.take_held(body);
                 let feed = flow.feed_progress(now, &new);
                 flow.done.feed(&new);
                 if feed == Feed::FirstProgress || feed == Feed::Progress {
@@ -938,13 +945,7 @@ impl State {
                 (false, effects_before)
             }
             Phase::BufferingBody | Phase::BufferingError => {
-                let new = flow
-                    .decode(body.get(flow.fed..).unwrap_or(&[]))
-                    .into_owned();
-                flow.fed = body.len();
-                if flow.decoder.is_some() {
-                    flow.plain.extend_from_slice(&new);
-                }
+                let new = flow.take_held(body);
                 if !end_of_stream && body.len() <= MAX_HELD_RESPONSE_BYTES {
                     // The first real byte of a held answer is progress, as a stream's first
                     // event is: the first-byte wait is over (blank lines do not count). Not for
