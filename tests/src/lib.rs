@@ -8,7 +8,8 @@
 //! - the `busy-provider` binary: a real HTTP/1.1 server behaving like a struggling
 //!   OpenAI-compatible provider, for end-to-end tests and the demo;
 //! - [`envoy`], [`harness`]: rendering Envoy's configuration and running it (`unbusy-up`, the
-//!   end-to-end tests); [`private`]: the private directory `unbusy-up` writes it in.
+//!   end-to-end tests); [`private`]: the private directory `unbusy-up` writes it in;
+//! - [`world`]: the end-to-end tests' worlds (emulated providers behind Envoy with the filter).
 
 // The harness is test tooling, not a proxy: indexing its own vectors may panic on a bug, and a
 // panic here is a failed run, not a dead worker.
@@ -21,3 +22,4 @@ pub mod plot;
 pub mod private;
 pub mod scenario;
 pub mod sim;
+pub mod world;

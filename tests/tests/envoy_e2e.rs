@@ -10,57 +10,36 @@
 
 use serde_json::{json, Value};
 use std::time::Duration;
-use unbusy_tests::emulator::{start, Behaviour, Emulator};
-use unbusy_tests::envoy::{filter_config, filter_wasm, render, Render, Upstream};
+use unbusy_tests::emulator::Behaviour;
+use unbusy_tests::envoy::{filter_wasm, Upstream};
 use unbusy_tests::harness::{
     chat, chat_body, request, request_observed, Envoy, EnvoySpec, Reply, CHAT_HEADERS,
 };
-use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
+use unbusy_tests::scenario::{FaultWindow, Latency};
+use unbusy_tests::world::{self, healthy, World};
 
 fn behaviour(name: &str, faults: Vec<FaultWindow>) -> Behaviour {
-    Behaviour {
-        provider: Provider {
-            name: name.into(),
-            latency_ms: Latency {
-                first_token: [30.0, 60.0],
-                total: [120.0, 200.0],
-            },
-            faults: faults
-                .into_iter()
-                .map(|f| FaultWindow {
-                    from_s: 0.0,
-                    to_s: 1e9,
-                    ..f
-                })
-                .collect(),
-            ..Provider::default()
-        },
-        keepalive_every: Duration::from_millis(100),
-        ..Behaviour::default()
-    }
-}
-
-struct World {
-    envoy: Envoy,
-    providers: Vec<std::sync::Arc<Emulator>>,
-    addrs: Vec<std::net::SocketAddr>,
+    let mut b = healthy(name, [30.0, 60.0], [120.0, 200.0]);
+    b.provider.faults = faults
+        .into_iter()
+        .map(|f| FaultWindow {
+            from_s: 0.0,
+            to_s: 1e9,
+            ..f
+        })
+        .collect();
+    b
 }
 
 /// Test deadlines: short, so a stall costs a second and a half, not fifteen.
 fn test_config(extra: Value) -> Value {
-    let mut c = json!({
-        "deadlines": {"first_token_ms": 1500, "response_ms": 3000, "total_ms": 20000, "stall_ms": 5000},
-    });
-    if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            c.insert(k.clone(), v.clone());
-        }
-    }
-    c
+    world::test_config(&extra)
 }
 
 async fn world(behaviours: Vec<Behaviour>, config: Value, concurrency: u32) -> World {
-    world_with(behaviours, config, concurrency, |_| {}).await
+    World::start(behaviours, &config, concurrency)
+        .await
+        .unwrap()
 }
 
 /// A world whose filter configuration is changed by `edit` after rendering.
@@ -70,7 +49,9 @@ async fn world_with(
     concurrency: u32,
     edit: impl FnOnce(&mut Value),
 ) -> World {
-    world_edited(behaviours, config, concurrency, edit, |y| y).await
+    World::start_edited(behaviours, &config, concurrency, edit, |y| y)
+        .await
+        .unwrap()
 }
 
 /// A world whose filter configuration and rendered Envoy YAML are changed before Envoy starts.
@@ -81,39 +62,9 @@ async fn world_edited(
     edit: impl FnOnce(&mut Value),
     edit_yaml: impl FnOnce(String) -> String,
 ) -> World {
-    let mut upstreams = Vec::new();
-    let mut providers = Vec::new();
-    let mut addrs = Vec::new();
-    for b in behaviours {
-        let name = b.provider.name.clone();
-        let (emu, addr) = start(b, 7, "127.0.0.1:0").await.unwrap();
-        upstreams.push(Upstream::parse(&format!("{name}=http://{addr}")).unwrap());
-        providers.push(emu);
-        addrs.push(addr);
-    }
-    let mut filter = filter_config(&config, &upstreams, &|_| false).unwrap();
-    edit(&mut filter);
-    let wasm = filter_wasm();
-    assert!(
-        wasm.exists(),
-        "{} missing: run `make filter`",
-        wasm.display()
-    );
-    // Port 0 for both: Envoy binds free ports itself and the harness reads them back.
-    let yaml = edit_yaml(render(&Render {
-        listen: ("127.0.0.1", 0),
-        admin: ("127.0.0.1", 0),
-        upstreams: &upstreams,
-        filter: Some(&filter),
-        wasm: &wasm,
-        native: None,
-    }));
-    let envoy = Envoy::start_yaml(&yaml, concurrency).unwrap();
-    World {
-        envoy,
-        providers,
-        addrs,
-    }
+    World::start_edited(behaviours, &config, concurrency, edit, edit_yaml)
+        .await
+        .unwrap()
 }
 
 /// A busy primary with `fault` and a healthy backup, the default test configuration, one

@@ -17,12 +17,10 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
-use unbusy_tests::emulator::{accepts_gzip, start, AnswerShape, Behaviour, Emulator};
-use unbusy_tests::envoy::{filter_config, filter_wasm, Upstream};
-use unbusy_tests::harness::{chat_body, request, Envoy, EnvoySpec, Reply};
-use unbusy_tests::scenario::{Latency, Provider};
+use unbusy_tests::emulator::{accepts_gzip, AnswerShape, Behaviour};
+use unbusy_tests::harness::{chat_body, request, Reply};
+use unbusy_tests::scenario::Latency;
+use unbusy_tests::world::{self, healthy, World};
 
 /// One recorded-answer case (`tests/answers/cases.json`).
 #[derive(Debug, Clone, Deserialize)]
@@ -57,64 +55,19 @@ fn case(name: &str) -> Case {
 
 fn behaviour(name: &str, answer: AnswerShape) -> Behaviour {
     Behaviour {
-        provider: Provider {
-            name: name.into(),
-            latency_ms: Latency {
-                first_token: [30.0, 60.0],
-                total: [120.0, 200.0],
-            },
-            ..Provider::default()
-        },
-        keepalive_every: Duration::from_millis(100),
         answer,
-        ..Behaviour::default()
+        ..healthy(name, [30.0, 60.0], [120.0, 200.0])
     }
 }
 
 /// The deadlines of `envoy_e2e.rs` (short, so a missed first token costs 1.5 s), with `extra`
 /// merged over them.
 fn test_config(extra: Value) -> Value {
-    let mut c = json!({
-        "deadlines": {"first_token_ms": 1500, "response_ms": 3000, "total_ms": 20000, "stall_ms": 5000},
-    });
-    if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            c.insert(k.clone(), v.clone());
-        }
-    }
-    c
-}
-
-struct World {
-    envoy: Envoy,
-    providers: Vec<Arc<Emulator>>,
+    world::test_config(&extra)
 }
 
 async fn world(behaviours: Vec<Behaviour>, config: Value) -> World {
-    let mut upstreams = Vec::new();
-    let mut providers = Vec::new();
-    for b in behaviours {
-        let name = b.provider.name.clone();
-        let (emu, addr) = start(b, 7, "127.0.0.1:0").await.unwrap();
-        upstreams.push(Upstream::parse(&format!("{name}=http://{addr}")).unwrap());
-        providers.push(emu);
-    }
-    let filter = filter_config(&config, &upstreams, &|_| false).unwrap();
-    let wasm = filter_wasm();
-    assert!(
-        wasm.exists(),
-        "{} missing: run `make filter`",
-        wasm.display()
-    );
-    let envoy = Envoy::start(&EnvoySpec {
-        upstreams: &upstreams,
-        filter: Some(&filter),
-        native: None,
-        concurrency: 1,
-        wasm: &wasm,
-    })
-    .unwrap();
-    World { envoy, providers }
+    World::start(behaviours, &config, 1).await.unwrap()
 }
 
 /// A chat/completions request with a JSON content type and `headers`.

@@ -12,58 +12,16 @@
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use unbusy_tests::emulator::{start, Behaviour, Emulator};
-use unbusy_tests::envoy::{filter_config, filter_wasm, Upstream};
-use unbusy_tests::harness::{request, Envoy, EnvoySpec, Reply};
-use unbusy_tests::scenario::{Latency, Provider};
-
-struct World {
-    envoy: Envoy,
-    provider: Arc<Emulator>,
-}
+use unbusy_tests::harness::{request, Reply};
+use unbusy_tests::world::{healthy, test_config, World};
 
 /// One fast provider behind Envoy, with `config` (the filter's JSON) over short deadlines.
 async fn world(config: Value) -> World {
-    let behaviour = Behaviour {
-        provider: Provider {
-            name: "primary".into(),
-            latency_ms: Latency {
-                first_token: [30.0, 60.0],
-                total: [120.0, 200.0],
-            },
-            ..Provider::default()
-        },
-        keepalive_every: Duration::from_millis(100),
-        ..Behaviour::default()
-    };
-    let (provider, addr) = start(behaviour, 7, "127.0.0.1:0").await.unwrap();
-    let upstreams = vec![Upstream::parse(&format!("primary=http://{addr}")).unwrap()];
-    let mut c = json!({
-        "deadlines": {"first_token_ms": 1500, "response_ms": 3000, "total_ms": 20000, "stall_ms": 5000},
-    });
-    if let (Some(c), Some(e)) = (c.as_object_mut(), config.as_object()) {
-        for (k, v) in e {
-            c.insert(k.clone(), v.clone());
-        }
-    }
-    let filter = filter_config(&c, &upstreams, &|_| false).unwrap();
-    let wasm = filter_wasm();
-    assert!(
-        wasm.exists(),
-        "{} missing: run `make filter`",
-        wasm.display()
-    );
-    let envoy = Envoy::start(&EnvoySpec {
-        upstreams: &upstreams,
-        filter: Some(&filter),
-        native: None,
-        concurrency: 1,
-        wasm: &wasm,
-    })
-    .unwrap();
-    World { envoy, provider }
+    let primary = healthy("primary", [30.0, 60.0], [120.0, 200.0]);
+    World::start(vec![primary], &test_config(&config), 1)
+        .await
+        .unwrap()
 }
 
 /// A chat/completions request with a JSON content type, the caller's key and `headers`.
@@ -128,7 +86,7 @@ async fn a_chinese_prompt_is_charged_37_tokens_raw_or_escaped_as_in_js() {
     )
     .await;
     assert_eq!(again.status, 429, "{}", again.text());
-    assert_eq!(w.provider.stats().attempts, 2);
+    assert_eq!(w.providers[0].stats().attempts, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +112,7 @@ async fn x_unbusy_cache_always_caches_a_sampled_request_never_keeps_a_determinis
         .await;
         assert!(note(&r).contains("cache=none"), "{}", note(&r));
     }
-    assert_eq!(w.provider.stats().attempts, 4);
+    assert_eq!(w.providers[0].stats().attempts, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +187,7 @@ async fn a_per_request_header_value_it_does_not_define_is_a_400_naming_the_heade
         let r = post(w.envoy.listen, &chat("fine", 1.0), &headers).await;
         assert_eq!(r.status, 200, "{headers:?}: {}", r.text());
     }
-    assert_eq!(w.provider.stats().attempts, 3);
+    assert_eq!(w.providers[0].stats().attempts, 3);
 }
 
 /// The status of a request sent as raw bytes (header values no HTTP client would send).

@@ -21,26 +21,14 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use unbusy_tests::emulator::{start, Behaviour, Emulator};
+use unbusy_tests::emulator::{start, Behaviour};
 use unbusy_tests::envoy::{filter_config, filter_wasm, render, Render, Upstream};
 use unbusy_tests::harness::{chat, chat_body, request, Envoy};
-use unbusy_tests::scenario::{Latency, Provider};
+use unbusy_tests::world::{self, World};
 
 fn healthy(name: &str) -> Behaviour {
-    Behaviour {
-        provider: Provider {
-            name: name.into(),
-            latency_ms: Latency {
-                first_token: [20.0, 40.0],
-                total: [60.0, 100.0],
-            },
-            ..Provider::default()
-        },
-        keepalive_every: Duration::from_millis(100),
-        ..Behaviour::default()
-    }
+    world::healthy(name, [20.0, 40.0], [60.0, 100.0])
 }
 
 /// A key no other test uses, so finding it anywhere means it leaked from this test.
@@ -443,41 +431,16 @@ async fn a_directory_planted_at_the_old_fixed_name_is_not_followed() {
 
 // ---- 13: which endpoints carry which key ----
 
-struct World {
-    envoy: Envoy,
-    provider: Arc<Emulator>,
-}
-
 /// One healthy provider `primary` with the key `provider-key`, and `extra` in the filter's
 /// configuration.
 async fn world(extra: Value) -> World {
-    let (provider, addr) = start(healthy("primary"), 7, "127.0.0.1:0").await.unwrap();
-    let upstreams = [Upstream::parse(&format!("primary=http://{addr}")).unwrap()];
-    let mut config = json!({"providers": [{"name": "primary", "api_key": "provider-key"}]});
-    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            c.insert(k.clone(), v.clone());
-        }
-    }
-    let filter = filter_config(&config, &upstreams, &|_| false).unwrap();
-    let wasm = filter_wasm();
-    assert!(
-        wasm.exists(),
-        "{} missing: run `make filter`",
-        wasm.display()
+    let config = world::merged(
+        json!({"providers": [{"name": "primary", "api_key": "provider-key"}]}),
+        &extra,
     );
-    let yaml = render(&Render {
-        listen: ("127.0.0.1", 0),
-        admin: ("127.0.0.1", 0),
-        upstreams: &upstreams,
-        filter: Some(&filter),
-        wasm: &wasm,
-        native: None,
-    });
-    World {
-        envoy: Envoy::start_yaml(&yaml, 1).unwrap(),
-        provider,
-    }
+    World::start(vec![healthy("primary")], &config, 1)
+        .await
+        .unwrap()
 }
 
 const CALLER: (&str, &str) = ("authorization", "Bearer caller-key");
@@ -508,7 +471,7 @@ async fn an_unknown_endpoint_is_refused_and_the_provider_sees_nothing() {
         assert_eq!(r.header("x-unbusy"), Some("refused=endpoint_not_allowed"));
     }
     assert_eq!(
-        w.provider.stats().seen,
+        w.providers[0].stats().seen,
         vec![],
         "something reached the provider"
     );
@@ -533,7 +496,7 @@ async fn an_unknown_endpoint_is_refused_and_the_provider_sees_nothing() {
         .await
         .unwrap();
     assert_eq!(managed.status, 200, "{}", managed.text());
-    let seen = w.provider.stats().seen;
+    let seen = w.providers[0].stats().seen;
     let auth: Vec<_> = seen.iter().map(|s| s.authorization.as_deref()).collect();
     assert_eq!(auth, [Some("Bearer provider-key"); 2], "{seen:?}");
     let log = w.envoy.log_text();
@@ -556,7 +519,7 @@ async fn with_caller_key_an_unknown_endpoint_carries_the_callers_key_never_the_p
         .await
         .unwrap();
     assert_eq!(models.status, 200);
-    let seen = w.provider.stats().seen;
+    let seen = w.providers[0].stats().seen;
     let got: Vec<_> = seen
         .iter()
         .map(|s| {
