@@ -625,6 +625,31 @@ impl fmt::Display for ConfigError {
 
 impl core::error::Error for ConfigError {}
 
+/// Whether `field` is `path` or a member or element of it (every field is under the root, `""`).
+fn under(field: &str, path: &str) -> bool {
+    path.is_empty()
+        || field
+            .strip_prefix(path)
+            .is_some_and(|rest| matches!(rest.bytes().next(), None | Some(b'.' | b'[')))
+}
+
+impl ConfigError {
+    /// Whether this error is about the field at `path` (or under it), or relates another
+    /// field to it.
+    fn concerns(&self, path: &str) -> bool {
+        let field = &self.field;
+        under(field, path)
+            || match self.problem {
+                Problem::LessThan(other) | Problem::NotBelow(other) => under(other, path),
+                Problem::AtLeastOneOf(a, b) | Problem::NotBoth(a, b) => path
+                    .strip_prefix(field.as_str())
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .is_some_and(|member| member == a || member == b),
+                _ => false,
+            }
+    }
+}
+
 /// Every problem found in a configuration (never empty).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
@@ -723,11 +748,22 @@ impl Config {
         })?;
         let mut errors = Vec::new();
         let config = Self::read(&value, "", &mut errors).unwrap_or_default();
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
+        // Validated even when some members could not be read, so that every problem is reported
+        // at once; but a member that had the wrong type holds its default, and what validation
+        // says about it (or about a rule relating it to another field) would be noise.
+        if let Err(ConfigErrors(mut more)) = config.validate() {
+            more.retain(|e| {
+                !errors.iter().any(|unread| {
+                    matches!(unread.problem, Problem::WrongType(_)) && e.concerns(&unread.field)
+                })
+            });
+            errors.append(&mut more);
         }
-        config.validate()?;
-        Ok(config)
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Checks every field; returns all problems found.
@@ -1272,6 +1308,42 @@ mod tests {
             ),
             "providers[1].name must be unique: \"a\" repeats; \
              retry.max_attempts must be between 1 and 16; retry.cap_ms must be at least retry.base_ms"
+        );
+    }
+
+    #[test]
+    fn reading_and_validation_problems_are_reported_together() {
+        // An unknown field does not hide what validation finds elsewhere.
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a"},{"name":"b","base_url":"https://b","weight":0}],
+                    "deadlines":{"first_token_m_s":1},"retry":{"max_attempts":0}}"#
+            ),
+            "unknown field `first_token_m_s` in deadlines; \
+             providers[0] must set `base_url` or `cluster` (or both); \
+             providers[1].weight must be > 0; retry.max_attempts must be between 1 and 16"
+        );
+        // A member of the wrong type holds its default: nothing else is said about it, nor
+        // about the rules relating it to other fields.
+        assert_eq!(
+            errors(r#"{"providers":{"a":{"base_url":"https://a"}}}"#),
+            "providers must be an array of providers"
+        );
+        assert_eq!(
+            errors(r#"{"providers":[7,{"name":"b","cluster":"b"}]}"#),
+            "providers[0] must be an object"
+        );
+        assert_eq!(
+            errors(r#"{"providers":[{"name":"a","base_url":7}]}"#),
+            "providers[0].base_url must be a string"
+        );
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"}],"retry":{"base_ms":"x","cap_ms":100,
+                    "max_attempts":0}}"#
+            ),
+            "retry.base_ms must be a whole number from 0 to 18446744073709551615; \
+             retry.max_attempts must be between 1 and 16"
         );
     }
 

@@ -17,21 +17,104 @@ function snake(key) {
   return key.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase());
 }
 
-function toSnake(value, parent) {
-  if (Array.isArray(value)) return value.map((v) => toSnake(v, parent));
+/**
+ * The configuration in the engine's schema (snake_case keys). `names` gets each path in it (the
+ * core's form: `providers[0].base_url`) with the caller's own spelling of it
+ * (`providers[0].baseUrl`), and `problems` the keys the caller spelled twice.
+ */
+function toSnake(value, parent, names, problems, path = '', caller = '') {
+  if (Array.isArray(value)) return value.map((v, i) => toSnake(v, parent, names, problems, `${path}[${i}]`, `${caller}[${i}]`));
   if (value && typeof value === 'object') {
     const out = {};
     for (const [k, v] of Object.entries(value)) {
       const key = NEVER_SNAKE.has(parent) ? k : snake(k);
-      out[key] = toSnake(v, key);
+      const at = path ? `${path}.${key}` : key;
+      const callerAt = caller ? `${caller}.${k}` : k;
+      if (Object.hasOwn(out, key)) problems.push(`${names.get(at)} and ${callerAt} are the same field`);
+      names.set(at, callerAt);
+      out[key] = toSnake(v, key, names, problems, at, callerAt);
     }
     return out;
   }
   return value;
 }
 
-function camel(message) {
-  return message.replace(/([a-z0-9])_([a-z])/g, (_, a, b) => a + b.toUpperCase());
+/** A path in the core's form as the caller spelled it; the parts they did not write (a field
+ * left to its default) in camelCase. */
+function spell(path, names) {
+  if (names.has(path)) return names.get(path);
+  let at = '';
+  let out = '';
+  for (const [, key, index] of path.matchAll(/\.?([^.[\]]+)|\[(\d+)\]/g)) {
+    const part = key === undefined ? `[${index}]` : (at ? '.' : '') + key;
+    at += part;
+    out = names.get(at) ?? out + (key === undefined ? part : (out ? '.' : '') + key.replace(/_([a-z0-9])/g, (_, c) => c.toUpperCase()));
+  }
+  return out;
+}
+
+/** One of the core's configuration errors (`config::ConfigError`), in the caller's spelling. */
+function callerProblem(line, names) {
+  let m = /^unknown field `(.*)` in (.*)$/.exec(line) ?? /^unknown field `(.*)`()$/.exec(line);
+  if (m) {
+    const parent = m[2] && spell(m[2], names);
+    const written = names.get(m[2] ? `${m[2]}.${m[1]}` : m[1]);
+    const key = written === undefined ? m[1] : written.slice(parent ? parent.length + 1 : 0);
+    return `unknown field \`${key}\`` + (parent ? ` in ${parent}` : '');
+  }
+  // `cluster` is the Envoy filter's: here every provider needs a base URL.
+  if ((m = /^(.*) must set `base_url` or `cluster` \(or both\)$/.exec(line))) return `${spell(`${m[1]}.base_url`, names)} must be set`;
+  if ((m = /^(.*) and (.*) must not both be set$/.exec(line))) return `${spell(m[1], names)} and ${spell(m[2], names)} must not both be set`;
+  if ((m = /^(.*) must be (at least|below) (.*)$/.exec(line))) {
+    return `${spell(m[1], names)} must be ${m[2]} ${m[3].replace(/[a-z_]+(\.[a-z_]+)+/g, (p) => spell(p, names))}`;
+  }
+  if ((m = /^(.+?) (must .*)$/s.exec(line))) return `${spell(m[1], names)} ${m[2]}`;
+  return line;
+}
+
+/** Every problem with the configuration, in the caller's spelling (none: an engine for it). */
+function engineFor(wasm, config) {
+  if (!config || typeof config !== 'object' || Array.isArray(config)) {
+    throw new TypeError('unbusy: invalid configuration: it must be an object');
+  }
+  // Listing order is preference unless a provider says otherwise.
+  const listed = config.providers;
+  const withOrder = {
+    ...config,
+    providers: Array.isArray(listed)
+      ? listed.map((p, i) => (p && typeof p === 'object' && !Array.isArray(p) ? { priority: i, ...p } : p))
+      : listed,
+  };
+  const names = new Map();
+  const problems = [];
+  const snakeConfig = toSnake(withOrder, undefined, names, problems);
+  let engine = null;
+  try {
+    engine = new wasm.JsEngine(JSON.stringify(snakeConfig), Math.random() * 2 ** 52);
+  } catch (e) {
+    // `config::ConfigErrors` joins its errors with '; ' (split here and joined again below, a
+    // name with '; ' in it comes out as it went in).
+    problems.unshift(...String(e?.message ?? e).split('; ').map((line) => callerProblem(line, names)));
+  }
+  // The Envoy filter's ways to reach a provider and its key: here they would be silently
+  // missing (no clusters; no process environment in browsers and workers), and the caller's
+  // own key would go to the provider instead.
+  if (Array.isArray(snakeConfig.providers)) {
+    snakeConfig.providers.forEach((p, i) => {
+      if (p?.api_key_env !== undefined) {
+        const at = spell(`providers[${i}].api_key_env`, names);
+        problems.push(`${at} is read only by the Envoy filter: pass ${at.endsWith('api_key_env') ? 'api_key' : 'apiKey'}`);
+      }
+      if (p?.cluster !== undefined && p.base_url === undefined) {
+        problems.push(`${spell(`providers[${i}].base_url`, names)} must be set (\`${spell(`providers[${i}].cluster`, names).replace(/.*\./, '')}\` is read only by the Envoy filter)`);
+      }
+    });
+  }
+  if (problems.length) {
+    engine?.free();
+    throw new TypeError('unbusy: invalid configuration: ' + problems.join('; '));
+  }
+  return { engine, snakeConfig };
 }
 
 /** An in-memory LRU cache, bounded in bytes, implementing the store interface. */
@@ -244,22 +327,11 @@ export function makeCreateFetch(wasm, host = {}) {
       throw new TypeError(`unbusy: options.unmatched must be 'passthrough' or 'error', not ${JSON.stringify(unmatched)}`);
     }
     const decodes = host.decodes ?? DECODED;
-    // Listing order is preference unless a provider says otherwise.
-    const withOrder = {
-      ...config,
-      providers: (config?.providers ?? []).map((p, i) => ({ priority: i, ...p })),
-    };
-    const snakeConfig = toSnake(withOrder);
-    let engine;
-    try {
-      engine = new wasm.JsEngine(JSON.stringify(snakeConfig), Math.random() * 2 ** 52);
-    } catch (e) {
-      throw new TypeError('unbusy: invalid configuration: ' + camel(String(e?.message ?? e)));
-    }
-    const providers = (config.providers ?? []).map((p, index) => ({
+    const { engine, snakeConfig } = engineFor(wasm, config);
+    const providers = snakeConfig.providers.map((p, index) => ({
       index,
       name: p.name,
-      baseUrl: String(p.baseUrl ?? '').replace(/\/+$/, ''),
+      baseUrl: String(p.base_url ?? '').replace(/\/+$/, ''),
     }));
     const cache = options.cache ?? new MemoryCache({ maxBytes: snakeConfig.cache?.max_bytes });
     const cacheTtl = snakeConfig.cache?.ttl_ms ?? 300000;

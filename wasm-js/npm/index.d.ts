@@ -70,8 +70,11 @@ export interface Options {
 /** Builds a fetch that manages requests to the configured providers. Throws on invalid config. */
 export function createFetch(config: Config, options?: Options): typeof fetch;
 
-/** Loads the wasm module (browsers: required once before createFetch; elsewhere a no-op). */
-export function init(url?: string | URL): Promise<void>;
+/**
+ * Loads the wasm module (browsers: required once before createFetch; elsewhere a no-op).
+ * Rejects when the module cannot be loaded; createFetch then throws that error as its `cause`.
+ */
+export function init(url?: string | URL | Response | BufferSource): Promise<void>;
 
 /** The default in-memory LRU store. */
 export class MemoryCache implements CacheStore {

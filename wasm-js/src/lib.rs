@@ -179,25 +179,13 @@ fn event_json(e: &Event) -> String {
 #[wasm_bindgen]
 impl JsEngine {
     /// An engine for a configuration in the engine's JSON schema (snake_case); throws with
-    /// every problem, each naming its field.
+    /// every problem (`ConfigErrors`: joined with "; "), each naming its field (the host spells
+    /// them as the caller did, and refuses the Envoy filter's `api_key_env` itself).
     #[wasm_bindgen(constructor)]
     pub fn new(config_json: &str, seed: f64) -> Result<JsEngine, JsError> {
-        let config =
-            Config::from_json(config_json.as_bytes()).map_err(|e| JsError::new(&e.to_string()))?;
-        // A key named by an environment variable is the Envoy filter's way; here it would be
-        // silently missing (browsers and workers have no process environment), and the
-        // caller's own key would go to the provider instead.
-        if let Some(i) = config
-            .providers
-            .iter()
-            .position(|p| p.api_key_env.is_some())
-        {
-            return Err(JsError::new(&format!(
-                "providers[{i}].api_key_env is read only by the Envoy filter; pass api_key"
-            )));
-        }
-        let engine =
-            Engine::new(config, seed.to_bits()).map_err(|e| JsError::new(&e.to_string()))?;
+        let engine = Config::from_json(config_json.as_bytes())
+            .and_then(|config| Engine::new(config, seed.to_bits()))
+            .map_err(|e| JsError::new(&e.to_string()))?;
         Ok(Self {
             engine,
             rewrite: Rewrite::default(),

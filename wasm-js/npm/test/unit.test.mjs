@@ -38,8 +38,76 @@ test('a key named by an environment variable is refused: only the Envoy filter r
   // Accepted silently, the caller's own key would go to the provider instead.
   assert.throws(
     () => createFetch({ providers: [{ name: 'p', baseUrl: 'http://x', apiKeyEnv: 'UNBUSY_KEY_P' }] }),
-    /providers\[0\]\.apiKeyEnv is read only by the Envoy filter; pass apiKey/,
+    /providers\[0\]\.apiKeyEnv is read only by the Envoy filter: pass apiKey/,
   );
+  // Every provider that has one, with the other problems.
+  assert.deepEqual(
+    problems({
+      providers: [
+        { name: 'p', baseUrl: 'http://x', apiKeyEnv: 'P' },
+        { name: 'q', baseUrl: 'http://y', api_key_env: 'Q' },
+      ],
+      retry: { maxAttempts: 0 },
+    }),
+    [
+      'retry.maxAttempts must be between 1 and 16',
+      'providers[0].apiKeyEnv is read only by the Envoy filter: pass apiKey',
+      'providers[1].api_key_env is read only by the Envoy filter: pass api_key',
+    ],
+  );
+});
+
+/** The problems a configuration is refused with, as a list. */
+function problems(config) {
+  try {
+    createFetch(config);
+  } catch (e) {
+    assert.ok(e instanceof TypeError, String(e));
+    assert.match(e.message, /^unbusy: invalid configuration: /);
+    return e.message.slice('unbusy: invalid configuration: '.length).split('; ');
+  }
+  assert.fail('the configuration was accepted');
+}
+
+test('every configuration problem is reported at once, in the spelling the caller used', () => {
+  // An unknown field, a type error and what validation finds elsewhere, together.
+  assert.deepEqual(
+    problems({
+      providers: [{ name: 'a', baseUrl: 'ftp://a' }, { name: 'a', baseUrl: 'http://b', weight: 0, maxConcurrency: 'many' }],
+      deadlines: { firstTokenMS: 1000 },
+      retry: { maxAttempts: 0, capMs: 1, baseMs: 10 },
+      cache: { ttl_ms: 0 },
+    }),
+    [
+      'providers[1].maxConcurrency must be a whole number from 0 to 4294967295',
+      'unknown field `firstTokenMS` in deadlines',
+      'providers[0].baseUrl must be an http:// or https:// URL with a host',
+      'providers[1].name must be unique: "a" repeats',
+      'providers[1].weight must be > 0',
+      'retry.maxAttempts must be between 1 and 16',
+      'retry.capMs must be at least retry.baseMs',
+      'cache.ttl_ms must be > 0', // written in snake_case: reported so
+    ],
+  );
+  // A rule relating a field the caller did not write names it in camelCase.
+  assert.deepEqual(problems({ providers: [{ name: 'a', baseUrl: 'http://a' }], retry: { capMs: 1 } }), ['retry.capMs must be at least retry.baseMs']);
+});
+
+test('a provider without baseUrl is told to set it, not an Envoy cluster; cluster alone is refused', () => {
+  assert.deepEqual(problems({ providers: [{ name: 'a' }, { name: 'b', baseUrl: 'http://b' }] }), ['providers[0].baseUrl must be set']);
+  assert.deepEqual(problems({ providers: [{ name: 'a', cluster: 'a' }] }), ['providers[0].baseUrl must be set (`cluster` is read only by the Envoy filter)']);
+  for (const p of problems({ providers: [{ name: 'a' }] })) assert.doesNotMatch(p, /cluster/);
+});
+
+test('a configuration of the wrong shape is refused by name, never with a TypeError from inside', () => {
+  assert.deepEqual(problems({ providers: { a: { baseUrl: 'http://a' } } }), ['providers must be an array of providers']);
+  assert.deepEqual(problems({ providers: [7, { name: 'b', baseUrl: 'http://b' }] }), ['providers[0] must be an object']);
+  for (const config of [undefined, null, 'providers', [{ name: 'a', baseUrl: 'http://a' }]]) {
+    assert.deepEqual(problems(config), ['it must be an object'], String(config));
+  }
+  assert.deepEqual(problems({ providers: [{ name: 'a', baseUrl: 'http://a' }], deadlines: { firstTokenMs: 1, first_token_ms: 2 } }), [
+    'deadlines.firstTokenMs and deadlines.first_token_ms are the same field',
+  ]);
 });
 
 test("the wasm module's allocator: bodies of every size round-trip, and memory is reused", async () => {
