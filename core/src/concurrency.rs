@@ -499,6 +499,18 @@ mod tests {
     }
 
     #[test]
+    fn a_learned_limit_learns_whatever_the_settings_say_about_a_configured_quota() {
+        let settings = ConcurrencySettings {
+            bound: true,
+            ..ConcurrencySettings::default()
+        };
+        let mut l = AimdLimit::learned(settings, 8.0);
+        l.acquire();
+        l.release(ms(1), Release::Overload);
+        assert_eq!(l.limit(ms(1)), 6, "a learned limit decreases on a verdict");
+    }
+
+    #[test]
     fn limit_stays_within_bounds() {
         let settings = ConcurrencySettings {
             max: 20.0,
