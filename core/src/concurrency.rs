@@ -230,10 +230,10 @@ impl AimdLimit {
         if self.fixed {
             return;
         }
-        let forgetting = self.bound
-            && self
-                .last_decrease
-                .is_some_and(|t| now.saturating_sub(t) >= FORGET_AFTER);
+        // (Read only while the limit binds: an unbound one learns from its first verdict.)
+        let forgetting = self
+            .last_decrease
+            .is_some_and(|t| now.saturating_sub(t) >= FORGET_AFTER);
         let grown = self.effective(now);
         if grown.is_none() {
             self.bound = false;
@@ -363,6 +363,44 @@ mod tests {
         assert_eq!(l.limit(end), u32::MAX);
         l.release(end, Release::Success(ms(10)));
         assert!(!l.binds(end));
+    }
+
+    #[test]
+    fn a_limit_being_forgotten_stops_binding_at_the_ceiling_or_the_maximum() {
+        let halving = ConcurrencySettings {
+            backoff_ratio: 0.5,
+            ..ConcurrencySettings::default()
+        };
+        let mut l = AimdLimit::learned(halving, 32.0);
+        l.release(0, Release::Overload); // 16
+                                         // 16 * 2^7 = 2048 still binds; 16 * 2^8 = 4096 is the ceiling, where it stops.
+        assert_eq!(l.limit(FORGET_AFTER + 6 * FORGET_STEP), 2048);
+        assert!(!l.binds(FORGET_AFTER + 7 * FORGET_STEP));
+        assert_eq!(l.next_growth(FORGET_AFTER + 7 * FORGET_STEP), None);
+        // A lower maximum ends it sooner, at the maximum.
+        let mut l = AimdLimit::learned(
+            ConcurrencySettings {
+                max: 256.0,
+                ..halving
+            },
+            32.0,
+        );
+        l.release(0, Release::Overload); // 16
+        assert_eq!(l.limit(FORGET_AFTER + 2 * FORGET_STEP), 128);
+        assert!(!l.binds(FORGET_AFTER + 3 * FORGET_STEP), "16 * 2^4 = 256");
+        // A configured quota is never forgotten and never grows.
+        let quota = AimdLimit::new(ConcurrencySettings {
+            bound: true,
+            initial: 3.0,
+            ..ConcurrencySettings::default()
+        });
+        assert_eq!(quota.next_growth(secs(60)), None);
+        assert_eq!(quota.limit(secs(60)), 3);
+        // Nor does one that does not bind.
+        assert_eq!(
+            AimdLimit::new(ConcurrencySettings::default()).next_growth(0),
+            None
+        );
     }
 
     #[test]
