@@ -516,9 +516,13 @@ mod tests {
             "{} after exactly twice the average",
             l.limit
         );
+        // The average is now 105 ms (0.05 of the way from 100 to 200): 205 ms is within twice
+        // it; then 110 ms, and 221 ms is not.
         let before = l.limit;
-        // (The average is now 105 ms: 0.05 of the way from 100 to 200.)
-        l.release(secs(1), Release::Success(ms(211)));
+        l.release(ms(3), Release::Success(ms(205)));
+        assert!(l.limit >= before, "{} after 205 ms against 105", l.limit);
+        let before = l.limit;
+        l.release(secs(1), Release::Success(ms(221)));
         let expected = before * (1.0 + 0.75) / 2.0;
         assert!(
             (l.limit - expected).abs() < 1e-9,
