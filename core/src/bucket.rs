@@ -93,6 +93,12 @@ impl Decision {
     }
 }
 
+/// A bucket's theoretical arrival time once `cost` charged to it is given back (a request
+/// refused by another bucket after this one was charged).
+pub fn gcra_refund(rate: &Rate, tat: Nanos, cost: u64) -> Nanos {
+    tat.saturating_sub(rate.interval(cost))
+}
+
 /// One GCRA step on a bare TAT: returns the decision and the TAT to store if it was allowed.
 /// Hosts that keep the TAT in shared memory apply this in a compare-and-swap loop.
 pub fn gcra(rate: &Rate, tat: Nanos, now: Nanos, cost: u64) -> (Decision, Nanos) {
@@ -141,7 +147,7 @@ impl TokenBucket {
 
     /// Gives back `cost` units (an estimate that turned out too high, a request refused later).
     pub fn refund(&mut self, cost: u64) {
-        self.tat = self.tat.saturating_sub(self.rate.interval(cost));
+        self.tat = gcra_refund(&self.rate, self.tat, cost);
     }
 
     /// Units available now, rounded down.
@@ -296,7 +302,28 @@ mod tests {
     use super::*;
     use crate::time::{ms, secs};
 
+    #[test]
+    fn a_refund_gives_back_exactly_what_a_charge_took() {
+        let rate = Rate::per_minute(6);
+        let (d, tat) = gcra(&rate, 0, secs(100), 1);
+        assert_eq!(d, Decision::Allowed);
+        assert_eq!(gcra_refund(&rate, tat, 1), secs(100));
+        // Six in a burst, then refused; one refunded, one more allowed, and no further.
+        let mut tat = 0;
+        for _ in 0..6 {
+            let (d, next) = gcra(&rate, tat, secs(100), 1);
+            assert_eq!(d, Decision::Allowed);
+            tat = next;
+        }
+        assert!(!gcra(&rate, tat, secs(100), 1).0.is_allowed());
+        tat = gcra_refund(&rate, tat, 1);
+        let (d, next) = gcra(&rate, tat, secs(100), 1);
+        assert_eq!(d, Decision::Allowed);
+        assert!(!gcra(&rate, next, secs(100), 1).0.is_allowed());
+    }
+
     /// The 64-bit fast paths give what 128-bit arithmetic gives, at the edges too.
+
     #[test]
     fn interval_and_availability_match_wide_arithmetic() {
         let mut rng = fastrand::Rng::with_seed(17);

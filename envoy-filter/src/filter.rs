@@ -670,33 +670,55 @@ impl State {
                 estimated_tokens,
             ),
         ];
-        for (rate, key, owner, cost) in &checks {
-            if let Some(rate) = rate {
-                match shared::check(key, *owner, rate, now, *cost) {
-                    Decision::Allowed => {}
-                    Decision::NotUntil(at) => {
-                        self.metrics.rejection(Rejection::RateLimited);
-                        let reply = local_reply(
-                            ReplyKind::RateLimited,
-                            "rate limit reached",
-                            Some(at.saturating_sub(now)),
-                        );
-                        self.flows.remove(&ctx);
-                        return vec![Self::local(ctx, &reply, "limit=rate")];
-                    }
-                    Decision::Never => {
-                        return self.refuse(
-                            ctx,
-                            ReplyKind::TooLarge,
-                            "the request's estimated tokens exceed the configured burst",
-                        );
-                    }
+        // Checked first, so that a request one bucket refuses charges none; then charged, and
+        // the charge decides: another worker may have taken the last unit between the two (a
+        // per-tenant limit of 6 over two workers once let 7 through), and then the buckets
+        // already charged for this request are given back.
+        let mut charged = 0;
+        let mut verdict = Decision::Allowed;
+        for charging in [false, true] {
+            for (rate, key, owner, cost) in &checks {
+                let Some(rate) = rate else { continue };
+                let decision = if charging {
+                    shared::charge(key, *owner, rate, now, *cost)
+                } else {
+                    shared::check(key, *owner, rate, now, *cost)
+                };
+                if decision != Decision::Allowed {
+                    verdict = decision;
+                    break;
+                }
+                charged += usize::from(charging);
+            }
+            if verdict != Decision::Allowed {
+                break;
+            }
+        }
+        if verdict != Decision::Allowed {
+            for (rate, key, owner, cost) in checks.iter().filter(|c| c.0.is_some()).take(charged) {
+                if let Some(rate) = rate {
+                    shared::refund(key, *owner, rate, *cost);
                 }
             }
         }
-        for (rate, key, owner, cost) in &checks {
-            if let Some(rate) = rate {
-                let _ = shared::charge(key, *owner, rate, now, *cost);
+        match verdict {
+            Decision::Allowed => {}
+            Decision::NotUntil(at) => {
+                self.metrics.rejection(Rejection::RateLimited);
+                let reply = local_reply(
+                    ReplyKind::RateLimited,
+                    "rate limit reached",
+                    Some(at.saturating_sub(now)),
+                );
+                self.flows.remove(&ctx);
+                return vec![Self::local(ctx, &reply, "limit=rate")];
+            }
+            Decision::Never => {
+                return self.refuse(
+                    ctx,
+                    ReplyKind::TooLarge,
+                    "the request's estimated tokens exceed the configured burst",
+                );
             }
         }
         // The cache, scoped by tenant.

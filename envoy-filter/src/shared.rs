@@ -7,7 +7,7 @@
 //!   [`CacheBounds`]).
 
 use crate::host;
-use unbusy_core::bucket::{gcra, Decision, Rate};
+use unbusy_core::bucket::{gcra, gcra_refund, Decision, Rate};
 use unbusy_core::cache_key::CacheKey;
 use unbusy_core::config::CacheConfig;
 use unbusy_core::engine::CacheLookup;
@@ -69,6 +69,30 @@ pub fn charge(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Deci
         }
     }
     Decision::Allowed
+}
+
+/// Gives back `cost` charged to `owner`'s bucket `key` (the request was refused by another
+/// bucket after this one was charged). A bucket another tenant has taken since is left alone.
+pub fn refund(key: &str, owner: u64, rate: &Rate, cost: u64) {
+    for _ in 0..CAS_ROUNDS {
+        let (value, cas) = host::shared_get(key);
+        let word = |at: usize| {
+            value
+                .as_deref()
+                .and_then(|v| v.get(at..at + 8))
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        if word(0) != owner {
+            return;
+        }
+        let mut next = [0u8; 16];
+        next[..8].copy_from_slice(&owner.to_le_bytes());
+        next[8..].copy_from_slice(&gcra_refund(rate, word(8), cost).to_le_bytes());
+        if host::shared_set(key, &next, cas) {
+            return;
+        }
+    }
 }
 
 /// Checks `cost` against `owner`'s bucket without charging it.

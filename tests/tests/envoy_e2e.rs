@@ -769,39 +769,64 @@ async fn each_provider_gets_its_own_credentials_and_model_name() {
 async fn rate_limits_hold_across_envoy_workers() {
     let config = json!({"limits": {"per_tenant": {"requests_per_minute": 6, "burst_requests": 6}}});
     let w = world(vec![behaviour("primary", vec![])], test_config(config), 2).await;
-    // Eight connections on each worker, then sixteen requests at once on them.
-    let mut connections = Vec::new();
-    for i in 0..16 {
-        connections.push(connection_on_worker(&w, i % 2).await);
-    }
-    let calls: Vec<_> = connections
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            tokio::spawn(
-                async move { chat_on(c, &chat_body(&format!("n{i}"), false, false)).await },
-            )
-        })
-        .collect();
-    let mut ok = 0;
-    let mut limited = 0;
-    for c in calls {
-        let r = c.await.unwrap();
-        match r.status {
-            200 => ok += 1,
-            429 => {
-                limited += 1;
-                assert!(r.header("retry-after").is_some());
-                assert_eq!(r.json()["error"]["type"], "rate_limit_error");
-            }
-            s => panic!("unexpected {s}: {}", r.text()),
+    // Eight rounds, one tenant each: eight connections on each worker, then sixteen requests
+    // at once on them. Both workers check and charge the tenant's bucket at the same moment,
+    // so every round is a chance for a worker to take a unit the other already took.
+    let (mut ok, mut limited) = (0, 0);
+    for round in 0..8 {
+        let key = format!("Bearer tenant-of-round-{round}");
+        let mut connections = Vec::new();
+        for i in 0..16 {
+            connections.push(connection_on_worker(&w, i % 2).await);
         }
+        let calls: Vec<_> = connections
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let headers = [
+                        ("content-type", "application/json"),
+                        ("authorization", key.as_str()),
+                    ];
+                    let body = chat_body(&format!("r{round} n{i}"), false, false);
+                    request_observed(
+                        c,
+                        std::time::Instant::now(),
+                        "POST",
+                        "/v1/chat/completions",
+                        &headers,
+                        body,
+                        || (),
+                    )
+                    .await
+                    .map(|(r, ())| r)
+                    .unwrap()
+                })
+            })
+            .collect();
+        let (mut round_ok, mut round_limited) = (0, 0);
+        for c in calls {
+            let r = c.await.unwrap();
+            match r.status {
+                200 => round_ok += 1,
+                429 => {
+                    round_limited += 1;
+                    assert!(r.header("retry-after").is_some());
+                    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+                }
+                s => panic!("unexpected {s}: {}", r.text()),
+            }
+        }
+        assert_eq!(
+            (round_ok, round_limited),
+            (6, 10),
+            "round {round}: a per-tenant limit of 6 must hold over two workers"
+        );
+        ok += round_ok;
+        limited += round_limited;
     }
-    assert_eq!(
-        (ok, limited),
-        (6, 10),
-        "a per-tenant limit of 6 must hold over two workers"
-    );
+    assert_eq!((ok, limited), (48, 80));
     let stats = request(
         w.envoy.admin,
         "GET",
@@ -812,7 +837,7 @@ async fn rate_limits_hold_across_envoy_workers() {
     .await
     .unwrap()
     .text();
-    assert!(stats.contains("rate_limited: 10"), "{stats}");
+    assert!(stats.contains("rate_limited: 80"), "{stats}");
     // (connection_on_worker saw each worker take its eight; the others it dropped.)
     assert!(worker_connections(&w).await.iter().all(|&n| n >= 8));
 }
