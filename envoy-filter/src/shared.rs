@@ -33,7 +33,9 @@ const CAS_ROUNDS: usize = 16;
 /// not (two tenants then draw on one bucket; with `limits.tenant_slots` slots, rarely).
 pub const EMPTY_BUCKET: [u8; 16] = [0; 16];
 
-fn bucket(key: &str, owner: u64, now: Nanos) -> (u64, Option<u32>) {
+/// A bucket's value as read: its owner and its TAT (0 and 0 when absent or malformed), and the
+/// compare-and-swap token to write it back with.
+fn bucket_value(key: &str) -> ((u64, u64), Option<u32>) {
     let (value, cas) = host::shared_get(key);
     let word = |at: usize| {
         value
@@ -42,7 +44,19 @@ fn bucket(key: &str, owner: u64, now: Nanos) -> (u64, Option<u32>) {
             .and_then(|b| <[u8; 8]>::try_from(b).ok())
             .map_or(0, u64::from_le_bytes)
     };
-    let (held_by, tat) = (word(0), word(8));
+    ((word(0), word(8)), cas)
+}
+
+/// A bucket's value as written: its owner and its TAT.
+fn bucket_bytes(owner: u64, tat: Nanos) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&owner.to_le_bytes());
+    value[8..].copy_from_slice(&tat.to_le_bytes());
+    value
+}
+
+fn bucket(key: &str, owner: u64, now: Nanos) -> (u64, Option<u32>) {
+    let ((held_by, tat), cas) = bucket_value(key);
     let tat = if held_by == owner || tat > now {
         tat
     } else {
@@ -61,10 +75,7 @@ pub fn charge(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Deci
         if !decision.is_allowed() {
             return decision;
         }
-        let mut value = [0u8; 16];
-        value[..8].copy_from_slice(&owner.to_le_bytes());
-        value[8..].copy_from_slice(&new_tat.to_le_bytes());
-        if host::shared_set(key, &value, cas) {
+        if host::shared_set(key, &bucket_bytes(owner, new_tat), cas) {
             return decision;
         }
     }
@@ -75,21 +86,11 @@ pub fn charge(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Deci
 /// bucket after this one was charged). A bucket another tenant has taken since is left alone.
 pub fn refund(key: &str, owner: u64, rate: &Rate, cost: u64) {
     for _ in 0..CAS_ROUNDS {
-        let (value, cas) = host::shared_get(key);
-        let word = |at: usize| {
-            value
-                .as_deref()
-                .and_then(|v| v.get(at..at + 8))
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_le_bytes)
-        };
-        if word(0) != owner {
+        let ((held_by, tat), cas) = bucket_value(key);
+        if held_by != owner {
             return;
         }
-        let mut next = [0u8; 16];
-        next[..8].copy_from_slice(&owner.to_le_bytes());
-        next[8..].copy_from_slice(&gcra_refund(rate, word(8), cost).to_le_bytes());
-        if host::shared_set(key, &next, cas) {
+        if host::shared_set(key, &bucket_bytes(owner, gcra_refund(rate, tat, cost)), cas) {
             return;
         }
     }
