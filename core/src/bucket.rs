@@ -303,6 +303,61 @@ mod tests {
     use crate::time::{ms, secs};
 
     #[test]
+    fn a_refunded_token_bucket_gives_back_exactly_the_refund() {
+        let mut b = TokenBucket::new(Rate::per_minute(3));
+        for _ in 0..3 {
+            assert!(b.take(secs(10), 1).is_allowed());
+        }
+        assert!(!b.take(secs(10), 1).is_allowed());
+        b.refund(1);
+        assert!(b.take(secs(10), 1).is_allowed());
+        assert!(!b.take(secs(10), 1).is_allowed());
+    }
+
+    #[test]
+    fn keyed_buckets_keep_every_active_key_apart_while_there_is_room() {
+        // Similar keys (consecutive tenant hashes) in a roomy table: each keeps its own bucket,
+        // so once each has spent its burst, every one of them is refused.
+        let mut t = KeyedBuckets::new(Rate::per_minute(3), 1024);
+        for key in 1..=200u64 {
+            for _ in 0..3 {
+                assert!(t.take(key, secs(10), 1).is_allowed(), "key {key}");
+            }
+        }
+        for key in 1..=200u64 {
+            assert!(
+                !t.check(key, secs(10), 1).is_allowed(),
+                "key {key} found a fresh bucket"
+            );
+            assert!(
+                !t.take(key, secs(10), 1).is_allowed(),
+                "key {key} found a fresh bucket"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_keyed_table_gives_up_the_bucket_closest_to_full() {
+        // Eight slots, all probed by every key: keys 1 to 8 spend 1 to 8 of a burst of 10.
+        let mut t = KeyedBuckets::new(Rate::per_minute(10), PROBE);
+        for key in 1..=8u64 {
+            assert!(t.take(key, secs(10), key).is_allowed());
+        }
+        // A ninth key takes the slot of the bucket closest to full: key 1's.
+        assert!(t.take(9, secs(10), 10).is_allowed());
+        for key in 2..=8u64 {
+            assert!(t.check(key, secs(10), 10 - key).is_allowed(), "key {key}");
+            assert!(
+                !t.check(key, secs(10), 11 - key).is_allowed(),
+                "key {key} lost its bucket"
+            );
+        }
+        assert!(!t.check(9, secs(10), 1).is_allowed());
+        // Key 1 comes back to a fresh bucket.
+        assert!(t.check(1, secs(10), 10).is_allowed());
+    }
+
+    #[test]
     fn a_refund_gives_back_exactly_what_a_charge_took() {
         let rate = Rate::per_minute(6);
         let (d, tat) = gcra(&rate, 0, secs(100), 1);

@@ -176,6 +176,22 @@ mod tests {
     }
 
     #[test]
+    fn tried_holds_every_provider_index_and_ignores_the_rest() {
+        let mut t = Tried::default();
+        assert_eq!(t.count(), 0);
+        for index in [0, 1, MAX_PROVIDERS - 1] {
+            t.insert(index);
+            assert!(t.contains(index));
+        }
+        t.insert(1);
+        assert_eq!(t.count(), 3);
+        t.insert(MAX_PROVIDERS);
+        assert!(!t.contains(MAX_PROVIDERS));
+        assert!(!t.contains(2));
+        assert_eq!(t.count(), 3);
+    }
+
+    #[test]
     fn priority_first() {
         let mut rng = Rng::with_seed(1);
         let cands = [c(1, 1, 0), c(0, 1, 50)];
