@@ -228,6 +228,44 @@ mod tests {
         [250000000, 496792975, 1247833656, 389457896, 747760875];
 
     #[test]
+    fn a_hint_is_spread_by_at_most_a_tenth_and_a_base_step_and_the_longest_allowed_is_honoured() {
+        let b = Backoff::DEFAULT
+            .with_base(ms(100))
+            .with_jitter(Jitter::None)
+            .with_max_hint(secs(60));
+        let deadline = secs(1_000);
+        let delay_of = |s: Schedule| match s {
+            Schedule::RetryAt { delay, .. } => delay,
+            other => panic!("{other:?}"),
+        };
+        // A 500 ms hint: waited 500 ms plus up to 50 ms (a tenth of it, under one base step),
+        // and the spread is real.
+        let mut seen = alloc::vec::Vec::new();
+        for seed in 0..200 {
+            let mut rng = Rng::with_seed(seed);
+            let d = delay_of(b.schedule(0, deadline, 2, 0, Some(ms(500)), &mut rng));
+            assert!((ms(500)..=ms(550)).contains(&d), "seed {seed}: {d}");
+            seen.push(d);
+        }
+        assert!(seen.iter().max() > seen.iter().min(), "no spread");
+        // The longest hint allowed is honoured; one past it gives up.
+        let mut rng = Rng::with_seed(1);
+        assert!(matches!(
+            b.schedule(0, deadline, 2, 0, Some(secs(60)), &mut rng),
+            Schedule::RetryAt { .. }
+        ));
+        assert!(matches!(
+            b.schedule(0, deadline, 2, 0, Some(secs(60) + 1), &mut rng),
+            Schedule::GiveUp(GiveUp::HintTooLong(_))
+        ));
+        // A hint shorter than the backoff: the first retry's backoff, one base step.
+        assert_eq!(
+            delay_of(b.schedule(0, deadline, 2, 0, Some(ms(1)), &mut rng)),
+            ms(100)
+        );
+    }
+
+    #[test]
     fn exponential_is_capped_and_never_overflows() {
         let b = Backoff::DEFAULT;
         assert_eq!(b.exponential(1), ms(250));
