@@ -260,6 +260,31 @@ impl Reply {
     }
 }
 
+impl Envoy {
+    /// The text of a `GET` on Envoy's admin interface (`/stats?filter=...`, `/stats/prometheus`).
+    pub async fn admin_text(&self, path: &str) -> Result<String, String> {
+        request(self.admin, "GET", path, &[], "")
+            .await
+            .map(|r| r.text())
+    }
+}
+
+/// Writes `bytes` (a request no HTTP client would send) on a fresh connection and returns the
+/// status of the answer (0 when none came within 10 s).
+pub async fn raw_status(addr: SocketAddr, bytes: &[u8]) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(bytes).await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    Ok(text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
 /// One HTTP/1.1 request on a fresh connection.
 pub async fn request(
     addr: SocketAddr,

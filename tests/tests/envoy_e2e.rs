@@ -13,7 +13,7 @@ use std::time::Duration;
 use unbusy_tests::emulator::Behaviour;
 use unbusy_tests::envoy::{filter_wasm, Upstream};
 use unbusy_tests::harness::{
-    chat, chat_body, request, request_observed, Envoy, EnvoySpec, Reply, CHAT_HEADERS,
+    chat, chat_body, raw_status, request, request_observed, Envoy, EnvoySpec, Reply, CHAT_HEADERS,
 };
 use unbusy_tests::scenario::{FaultWindow, Latency};
 use unbusy_tests::world::{self, healthy, World};
@@ -91,16 +91,11 @@ fn busy() -> FaultWindow {
 /// How many connections each Envoy worker has accepted on the listener (Envoy's per-worker
 /// listener stats, `listener.<address>.worker_<n>.downstream_cx_total`).
 async fn worker_connections(w: &World) -> Vec<u64> {
-    let stats = request(
-        w.envoy.admin,
-        "GET",
-        "/stats?filter=downstream_cx_total",
-        &[],
-        "",
-    )
-    .await
-    .unwrap()
-    .text();
+    let stats = w
+        .envoy
+        .admin_text("/stats?filter=downstream_cx_total")
+        .await
+        .unwrap();
     let mut counts = Vec::new();
     for line in stats
         .lines()
@@ -155,13 +150,22 @@ async fn connection_on_worker(w: &World, worker: usize) -> tokio::net::TcpStream
 
 /// A chat request on an open connection.
 async fn chat_on(stream: tokio::net::TcpStream, body: &str) -> Reply {
+    chat_on_with(stream, body, &CHAT_HEADERS).await
+}
+
+/// [`chat_on`] with these request headers.
+async fn chat_on_with(
+    stream: tokio::net::TcpStream,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
     let started = std::time::Instant::now();
     request_observed(
         stream,
         started,
         "POST",
         "/v1/chat/completions",
-        &CHAT_HEADERS,
+        headers,
         body.to_string(),
         || (),
     )
@@ -270,26 +274,9 @@ async fn a_keepalive_stall_fails_over_before_the_caller_sees_a_byte() {
     assert_eq!(w.providers[0].stats().stalls, 2);
 }
 
-/// Writes `bytes` on a fresh connection and returns the status of the answer.
-async fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
-    let text = String::from_utf8_lossy(&answer);
-    text.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Envoy's count of the router's own retries on a cluster (the native failovers).
 async fn router_retries(w: &World, cluster: &str) -> u64 {
-    let stats = request(w.envoy.admin, "GET", "/stats", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let stats = w.envoy.admin_text("/stats").await.unwrap();
     let name = format!("cluster.{cluster}.upstream_rq_retry: ");
     stats
         .lines()
@@ -451,10 +438,7 @@ async fn many_failovers_at_once(capped: bool) {
         "each reached the backup once"
     );
     let retries = router_retries(&w, "unbusy_primary_failover").await;
-    let stats = request(w.envoy.admin, "GET", "/stats", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let stats = w.envoy.admin_text("/stats").await.unwrap();
     let overflow = stats
         .lines()
         .find_map(|l| {
@@ -567,10 +551,7 @@ async fn the_cache_answers_repeats_and_never_across_tenants() {
 
 /// A gauge's value on Envoy's Prometheus endpoint.
 async fn gauge(w: &World, name: &str) -> Option<u64> {
-    let text = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let text = w.envoy.admin_text("/stats/prometheus").await.unwrap();
     text.lines()
         .find_map(|l| {
             l.strip_prefix(&format!("{name} "))
@@ -661,6 +642,24 @@ async fn an_answer_cached_by_one_worker_is_a_hit_on_the_other() {
     }
 }
 
+/// Requests one after the other until an answer says tier 1. Each takes at least the
+/// provider's 120 ms, so 500 of them span a minute: far more than the 5 s of outcomes the
+/// ladder needs (the bound only keeps a broken ladder from looping forever).
+async fn press_until_tier_1(w: &World) {
+    let mut tier = String::new();
+    for _ in 0..500 {
+        let r = chat(w.envoy.listen, &chat_body("pressure", false, false), &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        tier = r.header("x-unbusy").unwrap_or("").to_string();
+        if tier.contains("tier=1") {
+            break;
+        }
+    }
+    assert!(tier.contains("tier=1"), "never degraded: {tier}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_pressure_tier_1_cuts_features_before_the_provider_sees_them() {
     // A provider failing 40% of attempts: the error rate (over at least 10 outcomes and 5 s)
@@ -679,21 +678,7 @@ async fn under_pressure_tier_1_cuts_features_before_the_provider_sees_them() {
         1,
     )
     .await;
-    // Requests one after the other until an answer says tier 1. Each takes at least the
-    // provider's 120 ms, so 500 of them span a minute: far more than the 5 s of outcomes the
-    // ladder needs (the bound only keeps a broken ladder from looping forever).
-    let mut tier = String::new();
-    for _ in 0..500 {
-        let r = chat(w.envoy.listen, &chat_body("pressure", false, false), &[])
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        tier = r.header("x-unbusy").unwrap_or("").to_string();
-        if tier.contains("tier=1") {
-            break;
-        }
-    }
-    assert!(tier.contains("tier=1"), "never degraded: {tier}");
+    press_until_tier_1(&w).await;
     // Tier 1: an expensive model is mapped to its cheaper fallback, max_tokens is capped.
     let heavy = json!({
         "model": "deepseek-reasoner", "max_tokens": 4000, "stream": false,
@@ -720,10 +705,7 @@ async fn under_pressure_tier_1_cuts_features_before_the_provider_sees_them() {
     assert_eq!(w.providers[0].stats().attempts, before);
     // (The ladder may have moved on since: 40% failures can briefly reach tier 2.)
     assert!(gauge(&w, "unbusy_degradation_tier").await.unwrap_or(0) >= 1);
-    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let metrics = w.envoy.admin_text("/stats/prometheus").await.unwrap();
     assert!(metrics.contains("unbusy_rejections_total{reason=\"shed\"} 1"));
 }
 
@@ -790,18 +772,7 @@ async fn rate_limits_hold_across_envoy_workers() {
                         ("authorization", key.as_str()),
                     ];
                     let body = chat_body(&format!("r{round} n{i}"), false, false);
-                    request_observed(
-                        c,
-                        std::time::Instant::now(),
-                        "POST",
-                        "/v1/chat/completions",
-                        &headers,
-                        body,
-                        || (),
-                    )
-                    .await
-                    .map(|(r, ())| r)
-                    .unwrap()
+                    chat_on_with(c, &body, &headers).await
                 })
             })
             .collect();
@@ -827,16 +798,11 @@ async fn rate_limits_hold_across_envoy_workers() {
         limited += round_limited;
     }
     assert_eq!((ok, limited), (48, 80));
-    let stats = request(
-        w.envoy.admin,
-        "GET",
-        "/stats?filter=unbusy_rejections",
-        &[],
-        "",
-    )
-    .await
-    .unwrap()
-    .text();
+    let stats = w
+        .envoy
+        .admin_text("/stats?filter=unbusy_rejections")
+        .await
+        .unwrap();
     assert!(stats.contains("rate_limited: 80"), "{stats}");
     // (connection_on_worker saw each worker take its eight; the others it dropped.)
     assert!(worker_connections(&w).await.iter().all(|&n| n >= 8));
@@ -855,10 +821,7 @@ async fn metrics_are_on_the_prometheus_endpoint() {
         .unwrap();
         assert_eq!(r.status, 200);
     }
-    let text = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let text = w.envoy.admin_text("/stats/prometheus").await.unwrap();
     for line in [
         "unbusy_requests_total{outcome=\"success\"} 3",
         "unbusy_attempts_total{result=\"busy\",provider=\"primary\"} 3",
@@ -1001,11 +964,12 @@ async fn a_storm_of_bad_input_gets_clear_answers_and_never_a_dead_vm() {
         // Header values with bytes that are not UTF-8 (HTTP allows them): the SDK's header
         // readers would panic on these; the filter reads them lossily. (One in
         // x-unbusy-priority is a 400: requests_e2e.rs.)
-        let status = raw_request(
+        let status = raw_status(
             a,
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer caf\xe9\xff\r\nx-trace: \xfe\r\ncontent-length: 57\r\nconnection: close\r\n\r\n{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
         )
-        .await;
+        .await
+        .unwrap();
         assert_eq!(status, 200, "round {round}: non-UTF-8 headers");
     }
     let good = chat(a, &chat_body("still alive", false, false), &[])
@@ -1127,10 +1091,7 @@ async fn a_providers_concurrency_quota_holds_across_workers() {
     // 429 (a rate_limited attempt that never reached the provider; 20 of them per run before
     // the engine counted the other worker's attempts). Two workers can still both take the
     // last slot's vacancy at once; one of them then backs off.
-    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let metrics = w.envoy.admin_text("/stats/prometheus").await.unwrap();
     let refused = metrics
         .lines()
         .find_map(|l| {
@@ -1470,19 +1431,7 @@ async fn under_degradation_low_priority_is_shed_and_high_priority_still_answered
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.header("x-unbusy").unwrap().contains("tier=0"));
     assert!(attempts() > before);
-    // Until an answer says tier 1 (bounded as in the test above).
-    let mut tier = String::new();
-    for _ in 0..500 {
-        let r = chat(w.envoy.listen, &chat_body("pressure", false, false), &[])
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        tier = r.header("x-unbusy").unwrap_or("").to_string();
-        if tier.contains("tier=1") {
-            break;
-        }
-    }
-    assert!(tier.contains("tier=1"), "never degraded: {tier}");
+    press_until_tier_1(&w).await;
     // Low is shed locally, without an attempt...
     let before = attempts();
     let shed = chat(
@@ -1516,10 +1465,7 @@ async fn under_degradation_low_priority_is_shed_and_high_priority_still_answered
         attempts() > before,
         "high priority never reached the provider"
     );
-    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let metrics = w.envoy.admin_text("/stats/prometheus").await.unwrap();
     assert!(metrics.contains("unbusy_rejections_total{reason=\"shed\"} 1"));
 }
 
@@ -1652,10 +1598,7 @@ async fn a_stream_that_stalls_midway_is_cut_after_stall_ms_and_never_cached() {
             assert_eq!(router_retries(&w, "unbusy_primary_failover").await, 1);
         }
         // The attempt counts as a stall, the request as failed.
-        let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-            .await
-            .unwrap()
-            .text();
+        let metrics = w.envoy.admin_text("/stats/prometheus").await.unwrap();
         assert!(
             metrics.contains(&format!(
                 "unbusy_attempts_total{{result=\"stall\",provider=\"{name}\"}} 1"
@@ -1716,9 +1659,6 @@ async fn a_callers_deadline_cuts_a_stream_already_flowing() {
         r.total,
         r.end
     );
-    let metrics = request(w.envoy.admin, "GET", "/stats/prometheus", &[], "")
-        .await
-        .unwrap()
-        .text();
+    let metrics = w.envoy.admin_text("/stats/prometheus").await.unwrap();
     assert!(metrics.contains("unbusy_requests_total{outcome=\"deadline_exceeded\"} 1"));
 }

@@ -475,16 +475,11 @@ async fn an_unknown_endpoint_is_refused_and_the_provider_sees_nothing() {
         vec![],
         "something reached the provider"
     );
-    let stats = request(
-        w.envoy.admin,
-        "GET",
-        "/stats?filter=unbusy_rejections",
-        &[],
-        "",
-    )
-    .await
-    .unwrap()
-    .text();
+    let stats = w
+        .envoy
+        .admin_text("/stats?filter=unbusy_rejections")
+        .await
+        .unwrap();
     assert!(stats.contains("reason.endpoint_not_allowed: 6"), "{stats}");
 
     // The endpoints unbusy knows still get the provider's key.
