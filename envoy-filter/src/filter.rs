@@ -258,10 +258,8 @@ impl Flow {
 
     /// The bytes of a held answer (`body`: all of it buffered so far) not seen before,
     /// decoded; a decoded answer also keeps them in `plain`.
-    fn take_held(&mut self, body: &[u8]) -> Vec<u8> {
-        let new = self
-            .decode(body.get(self.fed..).unwrap_or(&[]))
-            .into_owned();
+    fn take_held<'a>(&mut self, body: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        let new = self.decode(body.get(self.fed..).unwrap_or(&[]));
         self.fed = body.len();
         if self.decoder.is_some() {
             self.plain.extend_from_slice(&new);
@@ -938,7 +936,8 @@ impl State {
                 (true, Vec::new())
             }
             Phase::Streaming => {
-                let chunk = flow.decode(body).into_owned();
+                // (Borrowed as is unless the answer is being decoded: no copy per chunk.)
+                let chunk = flow.decode(body);
                 let mut effects_before = Vec::new();
                 if flow.decoder.is_some() {
                     if end_of_stream {
@@ -947,7 +946,7 @@ impl State {
                     effects_before.push(Effect::ReplaceResponseBody {
                         ctx: from,
                         size: body.len(),
-                        body: chunk.clone(),
+                        body: chunk.to_vec(),
                     });
                 }
                 flow.done.feed(&chunk);
