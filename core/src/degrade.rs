@@ -205,6 +205,43 @@ mod tests {
     }
 
     #[test]
+    fn each_tier_adds_its_measure_to_those_below() {
+        let measures = |t: Tier| (t.degrades_features(), t.serves_stale(), t.fails_fast());
+        assert_eq!(measures(Tier::Normal), (false, false, false));
+        assert_eq!(measures(Tier::Feature), (true, false, false));
+        assert_eq!(measures(Tier::Data), (true, true, false));
+        assert_eq!(measures(Tier::Service), (true, true, true));
+        assert_eq!(
+            [Tier::Normal, Tier::Feature, Tier::Data, Tier::Service].map(Tier::level),
+            [0, 1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn a_tier_is_entered_at_its_threshold_and_left_only_below_its_exit() {
+        let mut l = Ladder::new(LadderSettings::default());
+        // Exactly at `enter` enters tier 2 (not only above it).
+        assert_eq!(l.update(0, 0.6), Tier::Data);
+        // Exactly at tier 2's `exit` (0.4) stays; just below leaves, one tier at a time.
+        assert_eq!(l.update(secs(10), 0.4), Tier::Data);
+        assert_eq!(l.update(secs(20), 0.39), Tier::Feature);
+        assert_eq!(l.update(secs(30), 0.15), Tier::Feature);
+        assert_eq!(l.update(secs(40), 0.149), Tier::Normal);
+    }
+
+    #[test]
+    fn the_dwell_ends_exactly_min_dwell_after_a_change() {
+        let mut l = Ladder::new(LadderSettings::default());
+        assert_eq!(l.update(secs(3), 0.95), Tier::Service);
+        // One nanosecond short of 10 s after the change: held; at 10 s: one tier down.
+        assert_eq!(l.update(secs(13) - 1, 0.0), Tier::Service);
+        assert_eq!(l.update(secs(13), 0.0), Tier::Data);
+        // The dwell also holds escalation: pressure back up 1 s after a change waits.
+        assert_eq!(l.update(secs(14), 0.95), Tier::Data);
+        assert_eq!(l.update(secs(23), 0.95), Tier::Service);
+    }
+
+    #[test]
     fn pressure_is_bounded() {
         assert_eq!(pressure(2.0, 0.0, false), 1.0);
         assert_eq!(pressure(f64::NAN, f64::NAN, false), 0.0);

@@ -149,6 +149,86 @@ mod tests {
         assert!(!t.should_reject(ms(2000), &mut rng));
     }
 
+    /// Feeds `requests` outcomes, the first `accepts` of them accepted, all at `at`.
+    fn fed(settings: ThrottleSettings, at: Nanos, requests: u32, accepts: u32) -> AdaptiveThrottle {
+        let mut t = AdaptiveThrottle::new(settings);
+        for i in 0..requests {
+            t.on_outcome(at, i < accepts);
+        }
+        t
+    }
+
+    #[test]
+    fn rejection_probability_is_the_books_formula_once_enough_outcomes_are_in() {
+        let now = ms(500);
+        // 40 outcomes, 10 accepted: (40 - 2 * 10) / (40 + 1).
+        let t = fed(ThrottleSettings::default(), now, 40, 10);
+        assert_eq!(t.reject_probability(now), 20.0 / 41.0);
+        // K is the configured multiplier: with K = 1, (40 - 10) / 41.
+        let k1 = ThrottleSettings {
+            k: 1.0,
+            ..ThrottleSettings::default()
+        };
+        assert_eq!(fed(k1, now, 40, 10).reject_probability(now), 30.0 / 41.0);
+        // Outcomes in different buckets of the window all count.
+        let mut spread = AdaptiveThrottle::new(ThrottleSettings::default());
+        for i in 0..40u64 {
+            spread.on_outcome(ms(i * 400), i < 10);
+        }
+        assert_eq!(spread.reject_probability(ms(16_000)), 20.0 / 41.0);
+    }
+
+    #[test]
+    fn the_twentieth_outcome_is_the_first_that_can_reject() {
+        let now = ms(100);
+        let below = fed(ThrottleSettings::default(), now, MIN_OUTCOMES as u32 - 1, 0);
+        assert_eq!(below.reject_probability(now), 0.0);
+        let at = fed(ThrottleSettings::default(), now, MIN_OUTCOMES as u32, 5);
+        // (20 - 10) / 21: rejected with that probability, not held at zero.
+        assert_eq!(at.reject_probability(now), 10.0 / 21.0);
+    }
+
+    #[test]
+    fn rejection_is_capped_at_max_reject_and_never_negative() {
+        let now = ms(100);
+        let dead = fed(ThrottleSettings::default(), now, 100, 0);
+        assert_eq!(dead.reject_probability(now), 0.9);
+        let capped = ThrottleSettings {
+            max_reject: 0.5,
+            ..ThrottleSettings::default()
+        };
+        assert_eq!(fed(capped, now, 100, 0).reject_probability(now), 0.5);
+        // More accepted than 1/K of all: the formula is negative, the probability zero.
+        let healthy = fed(ThrottleSettings::default(), now, 100, 80);
+        assert_eq!(healthy.reject_probability(now), 0.0);
+    }
+
+    #[test]
+    fn attempts_are_rejected_at_the_stated_probability() {
+        // p = 20/41 ~ 0.488: over 4000 draws the rejected share is within 3 points of it.
+        let now = ms(500);
+        let t = fed(ThrottleSettings::default(), now, 40, 10);
+        let mut rng = Rng::with_seed(11);
+        let rejected = (0..4000).filter(|_| t.should_reject(now, &mut rng)).count();
+        let share = rejected as f64 / 4000.0;
+        assert!((share - 20.0 / 41.0).abs() < 0.03, "rejected share {share}");
+    }
+
+    #[test]
+    fn outcomes_leave_the_window_after_it_passes() {
+        let t = fed(ThrottleSettings::default(), ms(0), 100, 0);
+        assert_eq!(
+            t.reject_probability(ms(18_000)),
+            0.9,
+            "still inside the 20 s window"
+        );
+        assert_eq!(
+            t.reject_probability(ms(20_001)),
+            0.0,
+            "the window has passed"
+        );
+    }
+
     #[test]
     fn dead_provider_gets_a_trickle_and_recovers() {
         let mut t = AdaptiveThrottle::new(ThrottleSettings::default());
