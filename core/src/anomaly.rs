@@ -208,6 +208,20 @@ mod tests {
     use crate::time::secs;
 
     #[test]
+    fn a_window_is_empty_until_a_finite_sample_arrives() {
+        let mut s: RollingStats<2> = RollingStats::new();
+        assert!(s.is_empty());
+        s.push(f64::INFINITY);
+        assert!(s.is_empty(), "a non-finite sample is not kept");
+        s.push(1.0);
+        assert!(!s.is_empty());
+        s.push(2.0);
+        s.push(3.0);
+        assert!(!s.is_empty());
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
     fn mean_and_deviation() {
         let mut s: RollingStats<4> = RollingStats::new();
         for x in [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0] {

@@ -303,6 +303,16 @@ mod tests {
     use crate::time::{ms, secs};
 
     #[test]
+    fn the_key_mixer_is_splitmix64s_finaliser() {
+        // splitmix64 seeded with 0 yields mix(k * golden gamma) for k = 1, 2, 3: its published
+        // first outputs. Any weaker mixer still keeps the table correct, only clustered.
+        let gamma: u64 = 0x9e37_79b9_7f4a_7c15;
+        assert_eq!(mix(gamma), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(mix(gamma.wrapping_mul(2)), 0x6e78_9e6a_a1b9_65f4);
+        assert_eq!(mix(gamma.wrapping_mul(3)), 0x06c4_5d18_8009_454f);
+    }
+
+    #[test]
     fn a_refunded_token_bucket_gives_back_exactly_the_refund() {
         let mut b = TokenBucket::new(Rate::per_minute(3));
         for _ in 0..3 {
