@@ -55,6 +55,8 @@ pub mod shared;
 pub mod state;
 pub mod upstream;
 
+pub use contexts::UPSTREAM_ROOT_ID;
+
 proxy_wasm::main! {{
     // (No `proxy_wasm::set_log_level`: the filter logs through `abi::log`, not the `log` crate,
     // and the SDK's logger would only add code.)
