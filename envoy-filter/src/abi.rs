@@ -18,7 +18,7 @@ pub type Status = u32;
 pub const OK: Status = 0;
 
 /// Header maps (proxy-wasm `MapType`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Map {
     /// The request's headers.
@@ -30,7 +30,7 @@ pub enum Map {
 }
 
 /// Buffers (proxy-wasm `BufferType`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Buffer {
     /// The request body received so far.
@@ -44,7 +44,7 @@ pub enum Buffer {
 }
 
 /// Which direction of a stream to resume.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Direction {
     /// The request.
@@ -54,7 +54,7 @@ pub enum Direction {
 }
 
 /// Metric kinds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Metric {
     /// Only goes up.
@@ -66,7 +66,7 @@ pub enum Metric {
 }
 
 /// Log levels.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Level {
     /// Info.

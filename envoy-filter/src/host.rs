@@ -1,38 +1,122 @@
-//! Hostcalls as the filter uses them: every one returns `Option`/`bool` instead of panicking,
-//! because a panic kills the worker's VM and every later request on it. They go through
-//! [`crate::abi`], never the SDK's `hostcalls` (which panic on statuses they did not expect
-//! and on header bytes that are not UTF-8).
+//! What the filter needs from its host, as one trait, so that the same filter code runs on
+//! Envoy ([`crate::proxy::ProxyWasm`], over the raw ABI) and natively in tests
+//! ([`crate::fake::FakeHost`], in-memory shared data with Envoy's compare-and-swap rules, a
+//! clock the test moves, recorded metrics, logs, replies and dispatches).
+//!
+//! Why a trait and not `cfg(test)` stubs: off wasm every hostcall used to fail, so shared
+//! limits, the shared cache, shared breaker verdicts and quotas never engaged natively, and
+//! only real Envoy could test them. With the host passed in, two filter states over one fake
+//! process are two Envoy workers, and what one charges or stores the other sees.
+//!
+//! Every method reports failure as `None`/`false`/an empty value and never panics: a panic
+//! kills the worker's VM and every later request on it.
+//!
+//! Two groups of calls:
+//! - process-wide ones the filter's state makes while it decides (clock, log, shared data,
+//!   metrics, whether the upstream instance runs in this VM);
+//! - stream ones the driver makes after the state decided ([`crate::driver`]): they act on the
+//!   context made current with [`Host::enter`] (proxy-wasm's effective context).
 
-use crate::abi::{self, Direction, Level, Metric, OK};
+use std::num::NonZeroU32;
 use std::time::Duration;
 use unbusy_core::time::Nanos;
 
-pub use crate::abi::{Buffer, Map};
+pub use crate::abi::{Buffer, Direction, Level, Map, Metric as MetricKind};
 
-/// Envoy's wall clock in nanoseconds since the Unix epoch: the same on every worker, so it can
-/// time state shared between workers.
-pub fn now() -> Nanos {
-    abi::now_nanos().unwrap_or(0)
-}
+/// A shared-data compare-and-swap token, as the host hands it out with a value (Envoy's 0,
+/// "no token", is `None` where one is taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cas(pub NonZeroU32);
 
-/// Logs at info level.
-pub fn info(message: &str) {
-    let _ = abi::log(Level::Info, message);
-}
+/// A metric the host defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricId(pub u32);
 
-/// Logs at warn level.
-pub fn warn(message: &str) {
-    let _ = abi::log(Level::Warn, message);
-}
+/// A dispatched HTTP call, named by the token its answer comes back with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CallToken(pub u32);
 
-/// Logs at error level.
-pub fn error(message: &str) {
-    let _ = abi::log(Level::Error, message);
-}
+/// The host, as the filter uses it.
+pub trait Host {
+    /// The wall clock in nanoseconds since the Unix epoch: the same on every worker, so it can
+    /// time state shared between workers (0 if the host cannot tell).
+    fn now(&self) -> Nanos;
 
-/// Asks for the root context's `on_tick` every `period`.
-pub fn set_tick_period(period: Duration) -> bool {
-    abi::set_tick_period(u32::try_from(period.as_millis()).unwrap_or(u32::MAX)) == OK
+    /// Writes a log line.
+    fn log(&self, level: Level, message: &str);
+
+    /// A shared-data value (process-wide per VM id) with its compare-and-swap token.
+    fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<Cas>);
+
+    /// Stores a shared-data value if `cas` still matches; `false` when another worker wrote
+    /// it first. As in Envoy, a token only guards a value that exists: a key that is absent is
+    /// written whatever the token.
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<Cas>) -> bool;
+
+    /// Defines a metric; `None` if the host refused it (it is then skipped).
+    fn define_metric(&self, kind: MetricKind, name: &str) -> Option<MetricId>;
+
+    /// Adds to a counter or gauge.
+    fn increment_metric(&self, id: MetricId, by: i64);
+
+    /// Sets a gauge or records a histogram value.
+    fn record_metric(&self, id: MetricId, value: u64);
+
+    /// Whether the filter's upstream instance (in the router) runs in this VM, which is what
+    /// makes native failover possible.
+    fn upstream_present(&self) -> bool;
+
+    /// Makes `context` the one the stream calls below act on; `false` if it is gone.
+    fn enter(&self, context: u32) -> bool;
+
+    /// Every header of a map of the current context.
+    fn headers(&self, map: Map) -> Vec<(String, String)>;
+
+    /// One header's value.
+    fn header(&self, map: Map, name: &str) -> Option<String>;
+
+    /// Sets (or with `None`, removes) a header; `false` if the host refused (the map is gone).
+    fn set_header(&self, map: Map, name: &str, value: Option<&str>) -> bool;
+
+    /// A buffer's bytes (`max` at most).
+    fn buffer(&self, kind: Buffer, max: usize) -> Option<Vec<u8>>;
+
+    /// Replaces the first `size` bytes of a buffer with `value`.
+    fn set_buffer(&self, kind: Buffer, size: usize, value: &[u8]) -> bool;
+
+    /// Lets a paused direction of the current stream go on.
+    fn resume(&self, direction: Direction) -> bool;
+
+    /// Cuts the current stream's response (the caller sees it end short).
+    fn reset_response(&self) -> bool;
+
+    /// Answers the current stream locally.
+    fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool;
+
+    /// Sends a request to `cluster` outside any stream; its answer comes back with the token.
+    /// `Err` says why the host refused it.
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<CallToken, String>;
+
+    /// Logs at info level.
+    fn info(&self, message: &str) {
+        self.log(Level::Info, message);
+    }
+
+    /// Logs at warn level.
+    fn warn(&self, message: &str) {
+        self.log(Level::Warn, message);
+    }
+
+    /// Logs at error level.
+    fn error(&self, message: &str) {
+        self.log(Level::Error, message);
+    }
 }
 
 /// Borrowed `(name, value)` pairs, the shape hostcalls and the classifier take.
@@ -41,113 +125,4 @@ pub fn pairs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect()
-}
-
-/// A host property (`["plugin_root_id"]`, `["xds", "upstream_host_metadata", ...]`).
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    abi::property(path)
-}
-
-/// Makes `context_id` the one later hostcalls act on.
-pub fn enter(context_id: u32) -> bool {
-    abi::set_effective_context(context_id) == OK
-}
-
-/// A buffer's bytes (`max` at most).
-pub fn buffer(kind: Buffer, max: usize) -> Option<Vec<u8>> {
-    abi::buffer(kind, max)
-}
-
-/// Replaces a whole buffer.
-pub fn set_buffer(kind: Buffer, size: usize, value: &[u8]) -> bool {
-    abi::set_buffer(kind, size, value) == OK
-}
-
-/// A header (or pseudo-header) value (bytes that are not UTF-8 replaced).
-pub fn header(map: Map, name: &str) -> Option<String> {
-    abi::header(map, name)
-}
-
-/// Every header of a map.
-pub fn headers(map: Map) -> Vec<(String, String)> {
-    abi::headers(map)
-}
-
-/// Sets (or with `None`, removes) a header; `false` if the host refused (the map is gone).
-pub fn set_header(map: Map, name: &str, value: Option<&str>) -> bool {
-    abi::set_header(map, name, value) == OK
-}
-
-/// Answers the current stream locally.
-pub fn send_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
-    abi::send_response(status, headers, body) == OK
-}
-
-/// Lets the paused request go on.
-pub fn resume_request() -> bool {
-    abi::resume(Direction::Request) == OK
-}
-
-/// Lets the paused response go on.
-pub fn resume_response() -> bool {
-    abi::resume(Direction::Response) == OK
-}
-
-/// Cuts the current stream's response (the caller sees it end short, with an error).
-pub fn reset_response() -> bool {
-    abi::close(Direction::Response) == OK
-}
-
-/// Sends a request to `cluster` outside the stream; the answer arrives in
-/// `on_http_call_response` with the returned token.
-///
-/// This one goes through the SDK: its dispatcher must record the token to route the answer
-/// back (and fails on an answer whose token it does not know). Envoy answers it only with
-/// success, `BadArgument` (unknown cluster, bad headers) or `InternalFailure`, which the SDK
-/// returns as errors.
-pub fn dispatch(
-    cluster: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-    timeout: Duration,
-) -> Result<u32, proxy_wasm::types::Status> {
-    proxy_wasm::hostcalls::dispatch_http_call(
-        cluster,
-        headers.to_vec(),
-        Some(body),
-        Vec::new(),
-        timeout,
-    )
-}
-
-/// Shared data (process-wide per VM id) with its compare-and-swap token.
-pub fn shared_get(key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-    abi::shared_get(key)
-}
-
-/// Stores shared data if `cas` still matches; `false` when another worker won the race.
-pub fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> bool {
-    abi::shared_set(key, value, cas) == OK
-}
-
-/// Metric kinds.
-pub use crate::abi::Metric as MetricKind;
-
-/// Defines a metric; `None` if the host refused it (metrics are then skipped).
-pub fn metric(kind: Metric, name: &str) -> Option<u32> {
-    abi::define_metric(kind, name)
-}
-
-/// Adds to a counter or gauge.
-pub fn bump(id: Option<u32>, by: i64) {
-    if let Some(id) = id {
-        let _ = abi::increment_metric(id, by);
-    }
-}
-
-/// Sets a gauge or records a histogram value.
-pub fn record(id: Option<u32>, value: u64) {
-    if let Some(id) = id {
-        let _ = abi::record_metric(id, value);
-    }
 }

@@ -2,8 +2,7 @@
 //! `.label.value` segments; `unbusy-up` configures Envoy's tag extraction to turn them into
 //! Prometheus labels (`unbusy_requests_total{outcome="success"}`).
 
-use crate::host;
-use crate::host::MetricKind as MetricType;
+use crate::host::{Host, MetricId, MetricKind as MetricType};
 use unbusy_core::classify::{OutcomeClass, TransportFault};
 use unbusy_core::engine::{Event, RequestOutcome};
 
@@ -48,18 +47,18 @@ fn result_index(class: OutcomeClass) -> usize {
 
 /// Metric ids, defined once per VM at configuration.
 pub struct Metrics {
-    requests: Vec<Option<u32>>,
-    attempts: Vec<Vec<Option<u32>>>,
-    first_token: Vec<Option<u32>>,
-    in_flight: Vec<Option<u32>>,
+    requests: Vec<Option<MetricId>>,
+    attempts: Vec<Vec<Option<MetricId>>>,
+    first_token: Vec<Option<MetricId>>,
+    in_flight: Vec<Option<MetricId>>,
     /// This VM's share of each in-flight gauge.
     in_flight_seen: Vec<u32>,
-    breaker: Vec<Option<u32>>,
-    duration: Option<u32>,
-    tier: Option<u32>,
-    cache: [Option<u32>; 3],
-    cache_bytes: Option<u32>,
-    rejections: [Option<u32>; 5],
+    breaker: Vec<Option<MetricId>>,
+    duration: Option<MetricId>,
+    tier: Option<MetricId>,
+    cache: [Option<MetricId>; 3],
+    cache_bytes: Option<MetricId>,
+    rejections: [Option<MetricId>; 5],
 }
 
 /// Cache lookups, for [`Metrics::cache`].
@@ -90,19 +89,19 @@ pub enum Rejection {
 
 impl Metrics {
     /// Defines every metric for these providers.
-    pub fn define(providers: &[String]) -> Self {
+    pub fn define(host: &impl Host, providers: &[String]) -> Self {
         use MetricType::{Counter, Gauge, Histogram};
         let each = |kind, f: &dyn Fn(&str) -> String| {
             providers
                 .iter()
-                .map(|p| host::metric(kind, &f(p)))
+                .map(|p| host.define_metric(kind, &f(p)))
                 .collect::<Vec<_>>()
         };
         Self {
             requests: OUTCOMES
                 .iter()
                 .map(|o| {
-                    host::metric(
+                    host.define_metric(
                         Counter,
                         &format!("unbusy_requests_total.outcome.{}", o.label()),
                     )
@@ -114,7 +113,7 @@ impl Metrics {
                     RESULTS
                         .iter()
                         .map(|r| {
-                            host::metric(
+                            host.define_metric(
                                 Counter,
                                 &format!("unbusy_attempts_total.provider.{p}.result.{r}"),
                             )
@@ -128,11 +127,11 @@ impl Metrics {
             in_flight: each(Gauge, &|p| format!("unbusy_in_flight.provider.{p}")),
             in_flight_seen: vec![0; providers.len()],
             breaker: each(Gauge, &|p| format!("unbusy_breaker_state.provider.{p}")),
-            duration: host::metric(Histogram, "unbusy_request_duration_ms"),
-            tier: host::metric(Gauge, "unbusy_degradation_tier"),
-            cache_bytes: host::metric(Gauge, "unbusy_cache_bytes"),
+            duration: host.define_metric(Histogram, "unbusy_request_duration_ms"),
+            tier: host.define_metric(Gauge, "unbusy_degradation_tier"),
+            cache_bytes: host.define_metric(Gauge, "unbusy_cache_bytes"),
             cache: ["hit", "miss", "stale"]
-                .map(|r| host::metric(Counter, &format!("unbusy_cache_total.result.{r}"))),
+                .map(|r| host.define_metric(Counter, &format!("unbusy_cache_total.result.{r}"))),
             rejections: [
                 "budget",
                 "throttled",
@@ -140,22 +139,26 @@ impl Metrics {
                 "shed",
                 "endpoint_not_allowed",
             ]
-            .map(|r| host::metric(Counter, &format!("unbusy_rejections_total.reason.{r}"))),
+            .map(|r| host.define_metric(Counter, &format!("unbusy_rejections_total.reason.{r}"))),
         }
     }
 
     /// Records one engine event.
-    pub fn event(&self, event: &Event) {
+    pub fn event(&self, host: &impl Host, event: &Event) {
         let ms = |n: u64| n / 1_000_000;
         match event {
             Event::RequestFinished {
                 outcome, latency, ..
             } => {
                 let i = OUTCOMES.iter().position(|o| o == outcome);
-                host::bump(i.and_then(|i| self.requests.get(i)).copied().flatten(), 1);
-                host::record(self.duration, ms(*latency));
+                bump(
+                    host,
+                    i.and_then(|i| self.requests.get(i)).copied().flatten(),
+                    1,
+                );
+                record(host, self.duration, ms(*latency));
                 if *outcome == RequestOutcome::Shed {
-                    self.rejection(Rejection::Shed);
+                    self.rejection(host, Rejection::Shed);
                 }
             }
             Event::AttemptFinished {
@@ -167,52 +170,72 @@ impl Metrics {
                     .and_then(|r| r.get(result_index(*class)))
                     .copied()
                     .flatten();
-                host::bump(id, 1);
+                bump(host, id, 1);
             }
             Event::FirstToken { provider, latency } => {
-                host::record(
+                record(
+                    host,
                     self.first_token.get(*provider).copied().flatten(),
                     ms(*latency),
                 );
             }
-            Event::BudgetExhausted => self.rejection(Rejection::Budget),
-            Event::Throttled { .. } => self.rejection(Rejection::Throttled),
+            Event::BudgetExhausted => self.rejection(host, Rejection::Budget),
+            Event::Throttled { .. } => self.rejection(host, Rejection::Throttled),
             Event::BreakerChanged { provider, state } => {
-                host::record(
+                record(
+                    host,
                     self.breaker.get(*provider).copied().flatten(),
                     u64::from(*state),
                 );
             }
-            Event::TierChanged { tier } => host::record(self.tier, u64::from(tier.level())),
+            Event::TierChanged { tier } => record(host, self.tier, u64::from(tier.level())),
         }
     }
 
     /// Moves a provider's in-flight gauge to this VM's count. Each worker VM adds the change
     /// in its own count, so the gauge is the sum over workers (setting it would leave only the
     /// last writer's count); no change, no hostcall.
-    pub fn in_flight(&mut self, provider: usize, value: u32) {
+    pub fn in_flight(&mut self, host: &impl Host, provider: usize, value: u32) {
         let Some(last) = self.in_flight_seen.get_mut(provider) else {
             return;
         };
         if *last != value {
             let delta = i64::from(value) - i64::from(*last);
             *last = value;
-            host::bump(self.in_flight.get(provider).copied().flatten(), delta);
+            bump(host, self.in_flight.get(provider).copied().flatten(), delta);
         }
     }
 
     /// Sets the cache's size gauge (the shared ledger: the same for every worker).
-    pub fn cache_bytes(&self, bytes: u64) {
-        host::record(self.cache_bytes, bytes);
+    pub fn cache_bytes(&self, host: &impl Host, bytes: u64) {
+        record(host, self.cache_bytes, bytes);
     }
 
     /// Counts a cache lookup.
-    pub fn cache(&self, result: CacheResult) {
-        host::bump(self.cache.get(result as usize).copied().flatten(), 1);
+    pub fn cache(&self, host: &impl Host, result: CacheResult) {
+        bump(host, self.cache.get(result as usize).copied().flatten(), 1);
     }
 
     /// Counts a refusal.
-    pub fn rejection(&self, why: Rejection) {
-        host::bump(self.rejections.get(why as usize).copied().flatten(), 1);
+    pub fn rejection(&self, host: &impl Host, why: Rejection) {
+        bump(
+            host,
+            self.rejections.get(why as usize).copied().flatten(),
+            1,
+        );
+    }
+}
+
+/// Adds to a counter or gauge the host defined.
+fn bump(host: &impl Host, id: Option<MetricId>, by: i64) {
+    if let Some(id) = id {
+        host.increment_metric(id, by);
+    }
+}
+
+/// Sets a gauge or records a histogram value, if the host defined it.
+fn record(host: &impl Host, id: Option<MetricId>, value: u64) {
+    if let Some(id) = id {
+        host.record_metric(id, value);
     }
 }

@@ -6,7 +6,7 @@
 //!   answer was stored so the engine's fresh/stale rule applies, bounded in bytes (see
 //!   [`CacheBounds`]).
 
-use crate::host;
+use crate::host::{Cas, Host};
 use unbusy_core::bucket::{gcra, gcra_refund, Decision, Rate};
 use unbusy_core::cache_key::CacheKey;
 use unbusy_core::config::CacheConfig;
@@ -15,8 +15,12 @@ use unbusy_core::time::Nanos;
 
 /// A little-endian number stored in shared data (0 when absent or malformed), with its
 /// compare-and-swap token.
-fn read<const N: usize, T: Default>(key: &str, decode: fn([u8; N]) -> T) -> (T, Option<u32>) {
-    let (value, cas) = host::shared_get(key);
+fn read<const N: usize, T: Default>(
+    host: &impl Host,
+    key: &str,
+    decode: fn([u8; N]) -> T,
+) -> (T, Option<Cas>) {
+    let (value, cas) = host.shared_get(key);
     let n = value
         .and_then(|v| <[u8; N]>::try_from(v.as_slice()).ok())
         .map_or_else(T::default, decode);
@@ -35,8 +39,8 @@ pub const EMPTY_BUCKET: [u8; 16] = [0; 16];
 
 /// A bucket's value as read: its owner and its TAT (0 and 0 when absent or malformed), and the
 /// compare-and-swap token to write it back with.
-fn bucket_value(key: &str) -> ((u64, u64), Option<u32>) {
-    let (value, cas) = host::shared_get(key);
+fn bucket_value(host: &impl Host, key: &str) -> ((u64, u64), Option<Cas>) {
+    let (value, cas) = host.shared_get(key);
     let word = |at: usize| {
         value
             .as_deref()
@@ -55,8 +59,8 @@ fn bucket_bytes(owner: u64, tat: Nanos) -> [u8; 16] {
     value
 }
 
-fn bucket(key: &str, owner: u64, now: Nanos) -> (u64, Option<u32>) {
-    let ((held_by, tat), cas) = bucket_value(key);
+fn bucket(host: &impl Host, key: &str, owner: u64, now: Nanos) -> (u64, Option<Cas>) {
+    let ((held_by, tat), cas) = bucket_value(host, key);
     let tat = if held_by == owner || tat > now {
         tat
     } else {
@@ -68,14 +72,21 @@ fn bucket(key: &str, owner: u64, now: Nanos) -> (u64, Option<u32>) {
 /// Charges `cost` to the bucket `key` for `owner` at `rate`: one GCRA step applied atomically
 /// across workers. Contention beyond [`CAS_ROUNDS`] lets the request through (a limit may be
 /// briefly exceeded; a request is never refused for a race it lost).
-pub fn charge(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Decision {
+pub fn charge(
+    host: &impl Host,
+    key: &str,
+    owner: u64,
+    rate: &Rate,
+    now: Nanos,
+    cost: u64,
+) -> Decision {
     for _ in 0..CAS_ROUNDS {
-        let (tat, cas) = bucket(key, owner, now);
+        let (tat, cas) = bucket(host, key, owner, now);
         let (decision, new_tat) = gcra(rate, tat, now, cost);
         if !decision.is_allowed() {
             return decision;
         }
-        if host::shared_set(key, &bucket_bytes(owner, new_tat), cas) {
+        if host.shared_set(key, &bucket_bytes(owner, new_tat), cas) {
             return decision;
         }
     }
@@ -84,21 +95,28 @@ pub fn charge(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Deci
 
 /// Gives back `cost` charged to `owner`'s bucket `key` (the request was refused by another
 /// bucket after this one was charged). A bucket another tenant has taken since is left alone.
-pub fn refund(key: &str, owner: u64, rate: &Rate, cost: u64) {
+pub fn refund(host: &impl Host, key: &str, owner: u64, rate: &Rate, cost: u64) {
     for _ in 0..CAS_ROUNDS {
-        let ((held_by, tat), cas) = bucket_value(key);
+        let ((held_by, tat), cas) = bucket_value(host, key);
         if held_by != owner {
             return;
         }
-        if host::shared_set(key, &bucket_bytes(owner, gcra_refund(rate, tat, cost)), cas) {
+        if host.shared_set(key, &bucket_bytes(owner, gcra_refund(rate, tat, cost)), cas) {
             return;
         }
     }
 }
 
 /// Checks `cost` against `owner`'s bucket without charging it.
-pub fn check(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Decision {
-    gcra(rate, bucket(key, owner, now).0, now, cost).0
+pub fn check(
+    host: &impl Host,
+    key: &str,
+    owner: u64,
+    rate: &Rate,
+    now: Nanos,
+    cost: u64,
+) -> Decision {
+    gcra(rate, bucket(host, key, owner, now).0, now, cost).0
 }
 
 /// Creates a shared value as `zero` unless it exists. Envoy's compare-and-swap only guards a
@@ -106,40 +124,40 @@ pub fn check(key: &str, owner: u64, rate: &Rate, now: Nanos, cost: u64) -> Decis
 /// lost (two workers each taking "the first" of a provider's slots left the count one short for
 /// the whole run, and the provider saw a fourth request on a quota of three). So every fixed
 /// key is created at configuration time, before any request uses it.
-pub fn ensure(key: &str, zero: &[u8]) {
-    if host::shared_get(key).0.is_none() {
-        host::shared_set(key, zero, None);
+pub fn ensure(host: &impl Host, key: &str, zero: &[u8]) {
+    if host.shared_get(key).0.is_none() {
+        host.shared_set(key, zero, None);
     }
 }
 
 /// A shared instant (0 when absent).
-pub fn instant(key: &str) -> Nanos {
-    read(key, u64::from_le_bytes).0
+pub fn instant(host: &impl Host, key: &str) -> Nanos {
+    read(host, key, u64::from_le_bytes).0
 }
 
 /// Raises a shared instant to `at` (never lowers it).
-pub fn raise(key: &str, at: Nanos) {
+pub fn raise(host: &impl Host, key: &str, at: Nanos) {
     for _ in 0..CAS_ROUNDS {
-        let (held, cas) = read(key, u64::from_le_bytes);
-        if held >= at || host::shared_set(key, &at.to_le_bytes(), cas) {
+        let (held, cas) = read(host, key, u64::from_le_bytes);
+        if held >= at || host.shared_set(key, &at.to_le_bytes(), cas) {
             return;
         }
     }
 }
 
 /// How many slots of a shared counter are taken, by every worker together.
-pub fn slots_held(key: &str) -> u32 {
-    read(key, u32::from_le_bytes).0
+pub fn slots_held(host: &impl Host, key: &str) -> u32 {
+    read(host, key, u32::from_le_bytes).0
 }
 
 /// Takes one of `quota` slots of a counter shared by every worker; `false` when all are taken.
-pub fn slot_acquire(key: &str, quota: u32) -> bool {
+pub fn slot_acquire(host: &impl Host, key: &str, quota: u32) -> bool {
     for _ in 0..CAS_ROUNDS {
-        let (held, cas) = read(key, u32::from_le_bytes);
+        let (held, cas) = read(host, key, u32::from_le_bytes);
         if held >= quota {
             return false;
         }
-        if host::shared_set(key, &(held + 1).to_le_bytes(), cas) {
+        if host.shared_set(key, &(held + 1).to_le_bytes(), cas) {
             return true;
         }
     }
@@ -147,10 +165,10 @@ pub fn slot_acquire(key: &str, quota: u32) -> bool {
 }
 
 /// Gives a slot back.
-pub fn slot_release(key: &str) {
+pub fn slot_release(host: &impl Host, key: &str) {
     for _ in 0..CAS_ROUNDS {
-        let (held, cas) = read(key, u32::from_le_bytes);
-        if host::shared_set(key, &held.saturating_sub(1).to_le_bytes(), cas) {
+        let (held, cas) = read(host, key, u32::from_le_bytes);
+        if host.shared_set(key, &held.saturating_sub(1).to_le_bytes(), cas) {
             return;
         }
     }
@@ -189,19 +207,19 @@ impl CacheBounds {
 pub const LEDGER: &str = "unbusy:cache:bytes";
 
 /// The bytes the cache holds now, across workers.
-pub fn cache_bytes() -> u64 {
-    read(LEDGER, u64::from_le_bytes).0
+pub fn cache_bytes(host: &impl Host) -> u64 {
+    read(host, LEDGER, u64::from_le_bytes).0
 }
 
 /// Adds `delta` to the ledger; with `limit`, only if the result stays within it.
-fn ledger_add(delta: i64, limit: Option<u64>) -> bool {
+fn ledger_add(host: &impl Host, delta: i64, limit: Option<u64>) -> bool {
     for _ in 0..CAS_ROUNDS {
-        let (held, cas) = read(LEDGER, u64::from_le_bytes);
+        let (held, cas) = read(host, LEDGER, u64::from_le_bytes);
         let next = held.saturating_add_signed(delta);
         if limit.is_some_and(|l| delta > 0 && next > l) {
             return false;
         }
-        if host::shared_set(LEDGER, &next.to_le_bytes(), cas) {
+        if host.shared_set(LEDGER, &next.to_le_bytes(), cas) {
             return true;
         }
     }
@@ -227,13 +245,14 @@ pub struct Cached {
 /// Looks `key` up: fresh, stale or expired by the core's rule (`CacheLookup::for_age`). An
 /// expired answer found in the key's bucket is emptied.
 pub fn cache_get(
+    host: &impl Host,
     key: CacheKey,
     bounds: &CacheBounds,
     now: Nanos,
     config: &CacheConfig,
 ) -> (CacheLookup, Option<Cached>) {
     let slot = cache_slot(key, bounds);
-    let (Some(v), cas) = host::shared_get(&slot) else {
+    let (Some(v), cas) = host.shared_get(&slot) else {
         return (CacheLookup::Miss, None);
     };
     let (Some(stamp), Some(&stream), Some(stored_key), Some(body)) =
@@ -245,8 +264,8 @@ pub fn cache_get(
     let lookup = CacheLookup::for_age(now.saturating_sub(stored), config);
     if lookup == CacheLookup::Miss {
         // Expired (whoever's it was): free its bytes.
-        if host::shared_set(&slot, &[], cas) {
-            ledger_add(-(v.len() as i64), None);
+        if host.shared_set(&slot, &[], cas) {
+            ledger_add(host, -(v.len() as i64), None);
         }
         return (CacheLookup::Miss, None);
     }
@@ -266,6 +285,7 @@ pub fn cache_get(
 /// interchangeable). Returns `false` when it was not stored: the cache is full, or another
 /// worker wrote the bucket at the same moment.
 pub fn cache_put(
+    host: &impl Host,
     key: CacheKey,
     bounds: &CacheBounds,
     now: Nanos,
@@ -278,20 +298,20 @@ pub fn cache_put(
     v.extend_from_slice(&key.0.to_le_bytes());
     v.extend_from_slice(body);
     let slot = cache_slot(key, bounds);
-    let (old, cas) = host::shared_get(&slot);
+    let (old, cas) = host.shared_get(&slot);
     let delta = v.len() as i64 - old.map_or(0, |o| o.len() as i64);
     // Growth is reserved in the ledger first, so concurrent writers cannot overshoot together.
-    if delta > 0 && !ledger_add(delta, Some(bounds.max_bytes)) {
+    if delta > 0 && !ledger_add(host, delta, Some(bounds.max_bytes)) {
         return false;
     }
-    if !host::shared_set(&slot, &v, cas) {
+    if !host.shared_set(&slot, &v, cas) {
         if delta > 0 {
-            ledger_add(-delta, None);
+            ledger_add(host, -delta, None);
         }
         return false;
     }
     if delta < 0 {
-        ledger_add(delta, None);
+        ledger_add(host, delta, None);
     }
     true
 }

@@ -1,4 +1,4 @@
-//! The filter's state machine driven natively (hostcalls fail cleanly off wasm) through random
+//! The filter's state machine driven natively (over the fake host) through random
 //! sequences of Envoy callbacks: caller-side and upstream-instance callbacks in any order,
 //! attempts that end, break or never answer, ticks, callers going away. Nothing may panic (a
 //! panic kills the worker's VM), effects only name contexts that exist, and every stream that
@@ -17,7 +17,9 @@
 use std::collections::BTreeSet;
 use unbusy_core::config::Config;
 use unbusy_core::Rng;
-use unbusy_envoy::filter::{Effect, State};
+use unbusy_envoy::effect::Effect;
+use unbusy_envoy::fake::{FakeHost, FakeProcess};
+use unbusy_envoy::state::State;
 
 /// A context a response callback runs in, and its stream: an upstream attempt's, or a caller's
 /// own (0 when there is none).
@@ -70,10 +72,11 @@ fn random_callback_sequences_never_panic() {
     let mut answered_late = 0;
     for seed in 0..300u64 {
         let mut rng = Rng::with_seed(seed);
-        let mut s = State::new(config.clone(), seed).unwrap();
+        let host = FakeHost::worker(&FakeProcess::new(0));
+        let mut s = State::new(host.clone(), config.clone(), seed).unwrap();
         // Half the runs with the upstream instance present (native failover on).
         if seed % 2 == 0 {
-            unbusy_envoy::registry::set_upstream_present();
+            host.set_upstream_present(true);
             s.registry_index = Some(0);
         }
 
@@ -252,7 +255,7 @@ fn note_answers(
 
 /// The promise between events: a stream begun and not answered is still managed (its
 /// request or attempt is held, or an answer is awaited).
-fn still_handled(seed: u64, s: &State, live: &BTreeSet<u32>, answered: &BTreeSet<u32>) {
+fn still_handled(seed: u64, s: &State<FakeHost>, live: &BTreeSet<u32>, answered: &BTreeSet<u32>) {
     for ctx in live.difference(answered) {
         assert!(
             s.manages(*ctx),

@@ -243,7 +243,7 @@ static_resources:
                         "@type": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
                         update_frequency: 1
 "#,
-                status = unbusy_envoy::filter::NATIVE_RETRY_STATUS,
+                status = unbusy_envoy::failover::NATIVE_RETRY_STATUS,
                 retries = r.upstreams.len() - 1,
             );
         }

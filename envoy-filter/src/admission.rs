@@ -1,0 +1,113 @@
+//! Admission's shared rate limits: per tenant and global, requests and tokens, charged in
+//! shared data so they hold across every worker (the per-worker engine gets none of them).
+//!
+//! Kept apart from the state machine because it is the one rule here about races between
+//! workers: a request is checked against every bucket first, so one bucket's refusal charges
+//! none; then charged, and the charge decides, since another worker may have taken the last
+//! unit between the check and the charge (a per-tenant limit of 6 over two workers once let 7
+//! through); the loser gives back what it already charged.
+
+use crate::host::Host;
+use crate::shared;
+use unbusy_core::bucket::{Decision, Rate};
+use unbusy_core::config::LimitsConfig;
+use unbusy_core::time::Nanos;
+
+/// Shared-data keys of the global rate limits (see [`shared::EMPTY_BUCKET`]).
+pub const GLOBAL_REQUESTS: &str = "unbusy:limit:global:r";
+/// The global token bucket's key.
+pub const GLOBAL_TOKENS: &str = "unbusy:limit:global:t";
+
+/// The shared-data key of a tenant slot's bucket: `r` requests, `t` tokens.
+pub fn tenant_key(slot: u64, kind: char) -> String {
+    format!("unbusy:limit:tenant:{slot}:{kind}")
+}
+
+/// The configured limits, as the filter applies them.
+#[derive(Debug, Clone)]
+pub struct SharedLimits {
+    global_requests: Option<Rate>,
+    global_tokens: Option<Rate>,
+    tenant_requests: Option<Rate>,
+    tenant_tokens: Option<Rate>,
+    tenant_slots: u64,
+}
+
+/// One bucket a request is charged to: its rate, key, owner and cost.
+type Charge<'a> = (&'a Rate, String, u64, u64);
+
+impl SharedLimits {
+    /// The limits of a configuration.
+    pub fn new(limits: &LimitsConfig) -> Self {
+        Self {
+            global_requests: limits.global.request_rate(),
+            global_tokens: limits.global.token_rate(),
+            tenant_requests: limits.per_tenant.request_rate(),
+            tenant_tokens: limits.per_tenant.token_rate(),
+            tenant_slots: u64::from(limits.tenant_slots.max(1)),
+        }
+    }
+
+    /// Creates every bucket's key (see [`shared::ensure`]: compare-and-swap only guards a key
+    /// that exists), at configuration time.
+    pub fn ensure_keys(&self, host: &impl Host, limits: &LimitsConfig) {
+        for key in [GLOBAL_REQUESTS, GLOBAL_TOKENS] {
+            shared::ensure(host, key, &shared::EMPTY_BUCKET);
+        }
+        for slot in 0..u64::from(limits.tenant_slots) {
+            if self.tenant_requests.is_some() {
+                shared::ensure(host, &tenant_key(slot, 'r'), &shared::EMPTY_BUCKET);
+            }
+            if self.tenant_tokens.is_some() {
+                shared::ensure(host, &tenant_key(slot, 't'), &shared::EMPTY_BUCKET);
+            }
+        }
+    }
+
+    /// The buckets a request of `tenant` estimated at `tokens` is charged to, in order.
+    fn charges(&self, tenant: u64, tokens: u64) -> Vec<Charge<'_>> {
+        let slot = tenant % self.tenant_slots;
+        [
+            (
+                self.tenant_requests.as_ref(),
+                tenant_key(slot, 'r'),
+                tenant,
+                1,
+            ),
+            (
+                self.tenant_tokens.as_ref(),
+                tenant_key(slot, 't'),
+                tenant,
+                tokens,
+            ),
+            (self.global_requests.as_ref(), GLOBAL_REQUESTS.into(), 0, 1),
+            (self.global_tokens.as_ref(), GLOBAL_TOKENS.into(), 0, tokens),
+        ]
+        .into_iter()
+        .filter_map(|(rate, key, owner, cost)| Some((rate?, key, owner, cost)))
+        .collect()
+    }
+
+    /// Admits a request of `tenant` estimated at `tokens` against every limit, across workers:
+    /// checked first, then charged; a bucket refusing at the charge (another worker took the
+    /// last unit since the check) refunds the buckets already charged.
+    pub fn admit(&self, host: &impl Host, tenant: u64, tokens: u64, now: Nanos) -> Decision {
+        let charges = self.charges(tenant, tokens);
+        for (rate, key, owner, cost) in &charges {
+            let decision = shared::check(host, key, *owner, rate, now, *cost);
+            if decision != Decision::Allowed {
+                return decision;
+            }
+        }
+        for (charged, (rate, key, owner, cost)) in charges.iter().enumerate() {
+            let decision = shared::charge(host, key, *owner, rate, now, *cost);
+            if decision != Decision::Allowed {
+                for (rate, key, owner, cost) in charges.iter().take(charged) {
+                    shared::refund(host, key, *owner, rate, *cost);
+                }
+                return decision;
+            }
+        }
+        Decision::Allowed
+    }
+}

@@ -1,0 +1,164 @@
+//! The proxy-wasm face of the caller-side filter: the root context (configuration, the tick,
+//! dispatched answers) and each stream's context, forwarding Envoy's callbacks to
+//! [`crate::driver`] on the [`ProxyWasm`] host. Nothing here decides anything; it is the only
+//! place that names the real host.
+
+use crate::configure::resolve_keys;
+use crate::driver::{self, Shared};
+use crate::host::{Buffer, Host};
+use crate::proxy::{self, ProxyWasm};
+use crate::registry;
+use crate::state::State;
+use crate::upstream;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+use unbusy_core::config::Config;
+
+/// How often the engine's timers are checked (first-token deadlines, backoff waits).
+const TICK: Duration = Duration::from_millis(20);
+
+/// The root id that makes an instance of this module the upstream filter in the router.
+pub const UPSTREAM_ROOT_ID: &str = "unbusy_upstream";
+
+/// A plugin configuration's root context.
+pub struct Root {
+    state: Option<Shared<ProxyWasm>>,
+    /// This root is the upstream instance.
+    upstream: bool,
+}
+
+impl Root {
+    /// A root not configured yet.
+    pub fn new() -> Self {
+        Self {
+            state: None,
+            upstream: false,
+        }
+    }
+}
+
+impl Default for Root {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        if let Some(state) = &self.state {
+            driver::call_response(&ProxyWasm, state, token, body_size);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let host = ProxyWasm;
+        if host.property(&["plugin_root_id"]).as_deref() == Some(UPSTREAM_ROOT_ID.as_bytes()) {
+            self.upstream = true;
+            proxy::set_upstream_present();
+            host.info("unbusy: upstream instance configured (native failover)");
+            return true;
+        }
+        let bytes = host
+            .buffer(Buffer::PluginConfiguration, size.max(1))
+            .unwrap_or_default();
+        let mut config = match Config::from_json(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                host.error(&format!("unbusy: invalid plugin configuration: {e}"));
+                return false;
+            }
+        };
+        // Keys named by `api_key_env`, from the variables Envoy passes to the VM
+        // (`vm_config.environment_variables`), read through WASI's `environ_get`.
+        if let Err(e) = resolve_keys(&mut config, |name| std::env::var(name).ok()) {
+            host.error(&format!("unbusy: invalid plugin configuration: {e}"));
+            return false;
+        }
+        let seed = host.now() ^ 0x756e_6275_7379;
+        match State::new(host, config, seed) {
+            Ok(state) => {
+                let shared = Rc::new(RefCell::new(state));
+                let index = registry::register(&shared);
+                if let Ok(mut s) = shared.try_borrow_mut() {
+                    s.registry_index = Some(index);
+                }
+                self.state = Some(shared);
+                let _ = host.set_tick_period(TICK);
+                host.info("unbusy: configured");
+                true
+            }
+            Err(e) => {
+                host.error(&format!("unbusy: invalid plugin configuration: {e}"));
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(state) = &self.state {
+            driver::tick(&ProxyWasm, state);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.upstream {
+            return Some(Box::new(upstream::Attempt::new(context_id)));
+        }
+        let state = self.state.clone()?;
+        Some(Box::new(Stream {
+            id: context_id,
+            state,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// A caller's stream.
+struct Stream {
+    id: u32,
+    state: Shared<ProxyWasm>,
+}
+
+impl Context for Stream {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        driver::call_response(&ProxyWasm, &self.state, token, body_size);
+    }
+
+    fn on_done(&mut self) -> bool {
+        driver::stream_done(&ProxyWasm, &self.state, self.id);
+        true
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        driver::request_headers(&ProxyWasm, &self.state, self.id, end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        driver::request_body(&ProxyWasm, &self.state, self.id, size, end_of_stream)
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        driver::response_headers(&ProxyWasm, &self.state, self.id, self.id, end_of_stream)
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        driver::response_body(
+            &ProxyWasm,
+            &self.state,
+            self.id,
+            self.id,
+            size,
+            end_of_stream,
+        )
+    }
+}
