@@ -59,7 +59,8 @@ fmt-check: setup
 	$(CARGO) fmt --all -- --check
 	cd fuzz && $(CARGO) fmt -- --check
 
-## clippy: every crate and target, warnings denied; the wasm builds too.
+## clippy: every crate and target, warnings denied; the wasm builds too; and the API docs
+## (broken or private intra-doc links are errors).
 clippy: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	for t in $(WASM_TARGETS); do \
@@ -67,6 +68,7 @@ clippy: setup
 	done
 	$(CARGO) clippy -p unbusy-envoy --target wasm32-wasip1 -- -D warnings
 	$(CARGO) clippy -p unbusy-js --target wasm32-unknown-unknown -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 
 ## filter: the Envoy filter, size-optimised: opt-level z and LTO, then binaryen's wasm-opt.
 ## (wasm-opt reads cargo's own copy in deps/ and the result replaces the hard link cargo made

@@ -230,7 +230,7 @@ impl CircuitBreaker {
     /// got 620 in flight when a 30 s outage ended, and answered those with 429s until the
     /// callers' deadlines passed). So the half-open episode's probe ramp goes on for retries
     /// after the breaker closed, doubling every quarter of `open_for`, until
-    /// [`RECOVERY_DOUBLINGS`] doublings from the episode's start: a provider without a quota
+    /// `RECOVERY_DOUBLINGS` doublings from the episode's start: a provider without a quota
     /// gets its waiting requests back within about a second, and one with a quota refuses the
     /// excess while it is at most twice what it can take, which is when a learned
     /// concurrency limit binds (see `concurrency`). First attempts are never bounded by it: a

@@ -70,7 +70,7 @@ fn bucket(host: &impl Host, key: &str, owner: u64, now: Nanos) -> (u64, Option<C
 }
 
 /// Charges `cost` to the bucket `key` for `owner` at `rate`: one GCRA step applied atomically
-/// across workers. Contention beyond [`CAS_ROUNDS`] lets the request through (a limit may be
+/// across workers. Contention beyond `CAS_ROUNDS` lets the request through (a limit may be
 /// briefly exceeded; a request is never refused for a race it lost).
 pub fn charge(
     host: &impl Host,

@@ -29,9 +29,9 @@
 //!   `docs/envoy-filter.md`.
 //!
 //! The methods are grouped by the phase of a request they serve, one submodule each:
-//! [`request`] (the request phase: reading, limits, cache, admission), [`attempt`] (sending
-//! an attempt: on the stream, natively, or dispatched), [`response`] (reading and judging an
-//! attempt's answer), [`actions`] (the engine's actions: deliver, serve the cache, reply,
+//! `request` (the request phase: reading, limits, cache, admission), `attempt` (sending
+//! an attempt: on the stream, natively, or dispatched), `response` (reading and judging an
+//! attempt's answer), `actions` (the engine's actions: deliver, serve the cache, reply,
 //! abort). This module holds what they share and the callbacks that are not tied to a phase
 //! (a stream's end, the tick, what workers share about providers).
 
