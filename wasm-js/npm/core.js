@@ -117,6 +117,25 @@ function engineFor(wasm, config) {
   return { engine, snakeConfig };
 }
 
+/**
+ * What `init(input)` was given: `{ module }` (the module's bytes, a WebAssembly.Module, a
+ * Response or a promise of one, or its URL), or one of those alone (the older form); `given`:
+ * whether the caller named a module at all.
+ */
+export function moduleSource(input) {
+  if (input === undefined || input === null) return { source: undefined, given: false };
+  if (typeof input === 'object' && Object.getPrototypeOf(input) === Object.prototype) {
+    if (input.module === undefined || input.module === null) {
+      throw new TypeError(
+        'unbusy: init({ module }) needs the module: its bytes, its URL, a Response or a WebAssembly.Module ' +
+          "(`import wasm from 'unbusy/wasm'` gives its bytes); it was " + String(input.module),
+      );
+    }
+    return { source: input.module, given: true };
+  }
+  return { source: input, given: true };
+}
+
 /** An in-memory LRU cache, bounded in bytes, implementing the store interface. */
 export class MemoryCache {
   constructor({ maxBytes = 64 << 20 } = {}) {
