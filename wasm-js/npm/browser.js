@@ -38,7 +38,10 @@ export function createFetch(config, options) {
     if (failure) {
       throw new Error(`unbusy: init() failed, so there is no engine for createFetch: ${failure?.message ?? failure}`, { cause: failure });
     }
-    throw new Error('unbusy: call `await init()` before createFetch in a browser');
+    throw new Error(
+      'unbusy: call `await init()` before createFetch in a browser (in a worker, this is the browser build: ' +
+        "bundle with the `workerd` condition, README \"Workers\")",
+    );
   }
   return create(config, options);
 }

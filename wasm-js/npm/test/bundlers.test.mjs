@@ -9,7 +9,7 @@ import { createServer } from 'node:http';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, extname } from 'node:path';
+import { dirname, join, extname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import * as esbuild from 'esbuild';
@@ -18,6 +18,7 @@ import { rollup } from 'rollup';
 import { nodeResolve } from '@rollup/plugin-node-resolve';
 import { build as viteBuild } from 'vite';
 import { chromium } from 'playwright-core';
+import { Miniflare } from 'miniflare';
 import { provider } from '../test-support/busy-provider.mjs';
 
 const run = promisify(execFile);
@@ -26,13 +27,17 @@ const CHROMIUM = process.env.UNBUSY_CHROMIUM ?? '/usr/bin/chromium';
 const scratch = mkdtempSync(join(tmpdir(), 'unbusy-bundlers-'));
 const app = join(scratch, 'app');
 const servers = [];
+const miniflares = [];
 let browser;
 let primary;
 let backup;
 
 after(async () => {
   for (const s of servers) s.close();
-  await browser?.close();
+  // Everything is stopped even when a test left something broken.
+  for (const mf of miniflares) await mf.dispose().catch(() => {});
+  await browser?.close().catch(() => {});
+  await esbuild.stop();
   rmSync(scratch, { recursive: true, force: true });
 });
 
@@ -219,4 +224,67 @@ test('no bundler: <script type=module> with an import map', async () => {
 <script type="module" src="/plain/main.js"></script>`,
   );
   assertAnswer(await runPage(await serve(app), '/plain/'), 'a page without a bundler');
+});
+
+// Workers: the package's examples/worker/worker.js bundled by esbuild the way the README says,
+// then run in workerd through miniflare.
+
+async function bundleWorker(name, conditions) {
+  const dir = join(app, name);
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, 'worker.js'), readFileSync(join(app, 'node_modules/unbusy/examples/worker/worker.js')));
+  await esbuild.build({ entryPoints: [join(dir, 'worker.js')], bundle: true, format: 'esm', conditions, loader: { '.wasm': 'copy' }, outdir: join(dir, 'out'), logLevel: 'silent' });
+  return join(dir, 'out/worker.js');
+}
+
+function workerOf(name, scriptPath, extra = {}) {
+  return {
+    name,
+    modules: true,
+    scriptPath,
+    modulesRoot: dirname(scriptPath),
+    modulesRules: [{ type: 'CompiledWasm', include: ['**/*.wasm'] }],
+    compatibilityDate: '2025-07-01',
+    bindings: { PRIMARY: primary, BACKUP: backup },
+    ...extra,
+  };
+}
+
+async function ask(fetchOf, content, stream) {
+  const r = await fetchOf('http://worker/', {
+    method: 'POST',
+    headers: { authorization: 'Bearer worker-cache' },
+    body: JSON.stringify({ model: 'deepseek-chat', temperature: 0, stream, messages: [{ role: 'user', content }] }),
+  });
+  return { status: r.status, note: r.headers.get('x-unbusy'), text: await r.text() };
+}
+
+test('a worker bundled with the workerd condition: a second identical request is served from KV and from the Cache API', async () => {
+  const script = await bundleWorker('worker', ['workerd', 'worker', 'browser']);
+  const mf = new Miniflare({ workers: [workerOf('kv', script, { kvNamespaces: ['ANSWERS'] }), workerOf('cacheapi', script)] });
+  miniflares.push(mf);
+  for (const name of ['kv', 'cacheapi']) {
+    const worker = await mf.getWorker(name);
+    for (const stream of [false, true]) {
+      const q = `${name} ${stream ? 'streamed' : 'whole'}`;
+      const first = await ask((...a) => worker.fetch(...a), q, stream);
+      assert.equal(first.status, 200, first.text);
+      assert.match(first.note, /^provider=backup; attempts=2; cache=miss; /, q);
+      // The store's write was kept alive past the first answer (options.waitUntil).
+      const second = await ask((...a) => worker.fetch(...a), q, stream);
+      assert.equal(second.status, 200, second.text);
+      assert.match(second.note, /^provider=none; attempts=0; cache=hit; /, `${q}: the second request was not served from the ${name} store`);
+      assert.equal(second.text, first.text, q);
+      assert.match(second.text, new RegExp(`\\[backup\\] |An answer to: ${q}`));
+    }
+  }
+});
+
+test('a worker bundled without the workerd condition gets the browser build, and says so', async () => {
+  const script = await bundleWorker('worker-browser', []);
+  const mf = new Miniflare(workerOf('browser-build', script));
+  miniflares.push(mf);
+  const r = await ask((...a) => mf.dispatchFetch(...a), 'no condition', false);
+  assert.equal(r.status, 500);
+  assert.match(r.text, /call `await init\(\)`.*bundle with the `workerd` condition/);
 });
