@@ -52,12 +52,27 @@ before(async () => {
   backup = (await provider('backup')).url;
 });
 
-/** The app: `load` is how it gets the engine; `where` gives the two providers' base URLs. */
-function appSource(load, where) {
-  return `import { init, createFetch } from 'unbusy';
-${load.imports ?? ''}
+// How an app gets the engine: the README's "Bundlers" blocks, verbatim (test/readme.test.mjs
+// checks that each of them is here).
+const BYTES = `import { init, createFetch } from 'unbusy';
+import wasm from 'unbusy/wasm';
+
+await init({ module: wasm });
+`;
+const DEFAULT = `import { init, createFetch } from 'unbusy';
+
+await init();
+`;
+const FILE = `import { init, createFetch } from 'unbusy';
+import wasmUrl from 'unbusy/unbusy.wasm'; // esbuild: loader { '.wasm': 'file' }
+
+await init({ module: new URL(wasmUrl, import.meta.url) });
+`;
+
+/** The app: `head` gets the engine; `where` gives the two providers' base URLs. */
+function appSource(head, where) {
+  return `${head}
 async function main() {
-  await init(${load.init ?? ''});
   const [primary, backup] = ${where};
   const unbusyFetch = createFetch({ providers: [{ name: 'primary', baseUrl: primary }, { name: 'backup', baseUrl: backup }] });
   const r = await unbusyFetch(primary + '/v1/chat/completions', {
@@ -73,8 +88,6 @@ const NODE_MAIN = `main().then((a) => console.log(JSON.stringify(a)), (e) => { c
 const BROWSER_MAIN = `main().then((a) => { window.answer = a; }, (e) => { window.answer = { error: String(e?.message ?? e) }; });\n`;
 const NODE_WHERE = 'process.argv.slice(2)';
 const BROWSER_WHERE = "['primary', 'backup'].map((k) => new URLSearchParams(location.search).get(k))";
-const BYTES = { imports: "import wasm from 'unbusy/wasm';", init: '{ module: wasm }' };
-const DEFAULT = {};
 const HTML = (script) => `<!doctype html><meta charset="utf-8"><body><script type="module" src="${script}"></script></body>`;
 
 function writeApp(name, source) {
@@ -186,8 +199,7 @@ test('esbuild, browser: unbusy/wasm and init({ module })', async () => {
 });
 
 test("esbuild, browser: the .wasm as a file (loader 'file') and init({ module: its URL })", async () => {
-  const load = { imports: "import wasmUrl from 'unbusy/unbusy.wasm';", init: '{ module: new URL(wasmUrl, import.meta.url) }' };
-  const dir = writeApp('esbuild-web-file', appSource(load, BROWSER_WHERE) + BROWSER_MAIN);
+  const dir = writeApp('esbuild-web-file', appSource(FILE, BROWSER_WHERE) + BROWSER_MAIN);
   await esbuild.build({ entryPoints: [join(dir, 'main.js')], bundle: true, platform: 'browser', format: 'esm', loader: { '.wasm': 'file' }, outdir: join(dir, 'out'), logLevel: 'silent' });
   writeFileSync(join(dir, 'out/index.html'), HTML('main.js'));
   assertAnswer(await runPage(await serve(join(dir, 'out'))), 'esbuild browser bundle with the .wasm file');
