@@ -23,7 +23,8 @@ NPM_DIR := wasm-js/npm
 setup: setup-rust setup-python setup-js
 
 ## setup-js: wasm-bindgen-cli at the crate's exact version, the npm package's dev tools from
-## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core),
+## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core,
+## the bundlers its tests use, typescript),
 ## and Debian's chromium for the browser test.
 setup-js:
 	@wasm-bindgen --version 2>/dev/null | grep -qx 'wasm-bindgen $(WASM_BINDGEN_VERSION)' \
