@@ -23,7 +23,8 @@ NPM_DIR := wasm-js/npm
 setup: setup-rust setup-python setup-js
 
 ## setup-js: wasm-bindgen-cli at the crate's exact version, the npm package's dev tools from
-## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core),
+## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core,
+## the bundlers its tests use, typescript),
 ## and Debian's chromium for the browser test.
 setup-js:
 	@wasm-bindgen --version 2>/dev/null | grep -qx 'wasm-bindgen $(WASM_BINDGEN_VERSION)' \
@@ -82,7 +83,7 @@ filter: setup-rust setup-js
 	@ls -l $(FILTER_WASM) | awk '{ printf "filter: %s, %d bytes\n", $$9, $$5 }'
 
 ## js: the npm package in wasm-js/npm: the engine for wasm32-unknown-unknown, its JS glue,
-## then wasm-opt with the features rustc emits.
+## then wasm-opt with the features rustc emits, and its bytes as an ES module (`unbusy/wasm`).
 js: setup-rust setup-js
 	$(CARGO) build -p unbusy-js --target wasm32-unknown-unknown --profile wasm-filter
 	wasm-bindgen --target web --no-typescript --out-dir $(NPM_DIR)/pkg \
@@ -90,6 +91,7 @@ js: setup-rust setup-js
 	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
 	  --enable-sign-ext --enable-reference-types --enable-multivalue --enable-mutable-globals \
 	  $(NPM_DIR)/pkg/unbusy_js_bg.wasm -o $(NPM_DIR)/pkg/unbusy_js_bg.wasm
+	node $(NPM_DIR)/scripts/inline-wasm.mjs
 	@ls -l $(NPM_DIR)/pkg/unbusy_js_bg.wasm | awk '{ printf "js: %s, %d bytes\n", $$9, $$5 }'
 
 ## test-rust: unit, property, doc and end-to-end tests (real Envoy), counted into the total.

@@ -117,6 +117,25 @@ function engineFor(wasm, config) {
   return { engine, snakeConfig };
 }
 
+/**
+ * What `init(input)` was given: `{ module }` (the module's bytes, a WebAssembly.Module, a
+ * Response or a promise of one, or its URL), or one of those alone (the older form); `given`:
+ * whether the caller named a module at all.
+ */
+export function moduleSource(input) {
+  if (input === undefined || input === null) return { source: undefined, given: false };
+  if (typeof input === 'object' && Object.getPrototypeOf(input) === Object.prototype) {
+    if (input.module === undefined || input.module === null) {
+      throw new TypeError(
+        'unbusy: init({ module }) needs the module: its bytes, its URL, a Response or a WebAssembly.Module ' +
+          "(`import wasm from 'unbusy/wasm'` gives its bytes); it was " + String(input.module),
+      );
+    }
+    return { source: input.module, given: true };
+  }
+  return { source: input, given: true };
+}
+
 /** An in-memory LRU cache, bounded in bytes, implementing the store interface. */
 export class MemoryCache {
   constructor({ maxBytes = 64 << 20 } = {}) {
@@ -333,9 +352,32 @@ export function makeCreateFetch(wasm, host = {}) {
       name: p.name,
       baseUrl: String(p.base_url ?? '').replace(/\/+$/, ''),
     }));
+    const waitUntil = options.waitUntil;
+    if (waitUntil !== undefined && typeof waitUntil !== 'function') {
+      throw new TypeError('unbusy: options.waitUntil must be a function that keeps the runtime alive for a promise, e.g. (p) => ctx.waitUntil(p)');
+    }
     const cache = options.cache ?? new MemoryCache({ maxBytes: snakeConfig.cache?.max_bytes });
     const cacheTtl = snakeConfig.cache?.ttl_ms ?? 300000;
     const staleTtl = snakeConfig.cache?.stale_ttl_ms ?? 3600000;
+
+    /** Stores an answer. The store's write goes on after the answer was handed over: a worker
+     * must be kept alive for it (`options.waitUntil`, e.g. `ctx.waitUntil`), or the runtime may
+     * cancel it when the response is done. A store that fails loses the entry, nothing else. */
+    function store(key, value) {
+      let write;
+      try {
+        write = Promise.resolve(cache.set(key, value, cacheTtl + staleTtl)).catch(() => {});
+      } catch {
+        return;
+      }
+      if (waitUntil) {
+        try {
+          waitUntil(write);
+        } catch {
+          /* the runtime's own refusal: the write goes on unattended */
+        }
+      }
+    }
     // The request headers the core reads (`request::read`): only these cross into the module.
     const readHeaders = engine.headerNames().toLowerCase().split(',').filter(Boolean);
     const requests = new Map();
@@ -518,7 +560,7 @@ export function makeCreateFetch(wasm, host = {}) {
           // Only a complete, valid, readable answer (`answer::assess`), with its own framing: an
           // SSE body is replayed as SSE whatever the request's `stream` said.
           if (storeInCache && r.cacheKey && ans?.cacheable) {
-            cache.set(r.cacheKey, { body: ans.body, stream: ans.sse, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
+            store(r.cacheKey, { body: ans.body, stream: ans.sse, status: 200, storedAt: Date.now() });
           }
           r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r, undefined, a3)]], ans?.bytes));
           finish(r);
@@ -723,7 +765,7 @@ export function makeCreateFetch(wasm, host = {}) {
         engine.onStreamEnd(now(), r.id, attempt, complete);
         drain();
         if (complete && !unreadable && r.storeStream && r.cacheKey) {
-          cache.set(r.cacheKey, { body: decoder.decode(concat(copy)), stream: true, status: 200, storedAt: Date.now() }, cacheTtl + staleTtl);
+          store(r.cacheKey, { body: decoder.decode(concat(copy)), stream: true, status: 200, storedAt: Date.now() });
         }
         finish(r);
         return true;

@@ -1,31 +1,167 @@
-/** A provider: an OpenAI-compatible base URL, optionally with its own key and model names. */
+/**
+ * A provider: an OpenAI-compatible base URL, optionally with its own key and model names.
+ * (The Envoy filter's `cluster`, `failoverCluster` and `apiKeyEnv` are refused here.)
+ */
 export interface ProviderConfig {
+  /** Unique; used in events and the `x-unbusy` header. */
   name: string;
+  /** `http://` or `https://` URL of the provider. */
   baseUrl: string;
-  /** Replaces the caller's Authorization for this provider (never logged). */
-  apiKey?: string;
-  /** Caller's model name -> this provider's. */
+  /** Replaces the caller's Authorization for this provider (never logged). Default: the caller's. */
+  apiKey?: string | null;
+  /** Caller's model name -> this provider's. Default: none. */
   models?: Record<string, string>;
+  /** Share of load within the priority tier; > 0. Default 1. */
   weight?: number;
   /** Lower is preferred. Default: the provider's position in the list. */
   priority?: number;
-  /** The provider's concurrency quota, if known. */
-  maxConcurrency?: number;
+  /** The provider's concurrency quota, if known. Default: none (learned). */
+  maxConcurrency?: number | null;
 }
 
-/** The engine's configuration (docs/config.md), camelCase. Every field but providers is optional. */
+/** A rate: requests and/or estimated LLM tokens per minute (`docs/config.md`, `limits`). */
+export interface RateConfig {
+  /** > 0 when set. Default: unlimited. */
+  requestsPerMinute?: number | null;
+  /** Estimated prompt tokens + `max_tokens`; > 0 when set. Default: unlimited. */
+  tokensPerMinute?: number | null;
+  /** Requests accepted at once from a full bucket. Default: `requestsPerMinute`. */
+  burstRequests?: number | null;
+  /** Tokens accepted at once from a full bucket. Default: `tokensPerMinute`. */
+  burstTokens?: number | null;
+}
+
+/** Three pressures, one per degradation tier (1 feature, 2 data, 3 service). */
+export type TierThresholds = [number, number, number];
+
+/**
+ * The engine's configuration (`docs/config.md`, in the Envoy filter's snake_case there), in
+ * camelCase. Every field but `providers` is optional and has the default named; whole
+ * milliseconds in fields ending in `Ms`. Unknown fields are refused at run time too.
+ */
 export interface Config {
   providers: ProviderConfig[];
-  retry?: { maxAttempts?: number; baseMs?: number; capMs?: number; jitter?: 'full' | 'equal' | 'decorrelated' | 'none'; maxHintMs?: number };
-  budget?: { windowMs?: number; ratio?: number; minPerSecond?: number };
-  limits?: Record<string, unknown>;
-  concurrency?: Record<string, unknown>;
-  throttle?: Record<string, unknown>;
-  breaker?: Record<string, unknown>;
-  deadlines?: { totalMs?: number; firstTokenMs?: number; responseMs?: number; stallMs?: number };
-  cache?: { enabled?: boolean; ttlMs?: number; staleTtlMs?: number; maxBytes?: number; maxEntryBytes?: number };
-  degradation?: Record<string, unknown>;
-  tenancy?: { header?: string; headerTrusted?: boolean; defaultTenant?: string };
+  retry?: {
+    /** Attempts per request, the first included; 1 to 16. Default 8. */
+    maxAttempts?: number;
+    /** First retry's delay before jitter; > 0. Default 250. */
+    baseMs?: number;
+    /** Largest delay; at least `baseMs`. Default 8000. */
+    capMs?: number;
+    /** Default `'full'`. */
+    jitter?: 'full' | 'equal' | 'decorrelated' | 'none';
+    /** Longest server hint honoured. Default 60000. */
+    maxHintMs?: number;
+  };
+  budget?: {
+    /** How long first attempts and retries count; > 0. Default 10000. */
+    windowMs?: number;
+    /** Failed retries allowed per first attempt; 0 to 10. Default 1. */
+    ratio?: number;
+    /** Retries per second always allowed. Default 1. */
+    minPerSecond?: number;
+  };
+  limits?: {
+    /** Across all tenants. Default: unlimited. */
+    global?: RateConfig;
+    /** Per tenant. Default: unlimited. */
+    perTenant?: RateConfig;
+    /** Tenants tracked at once; 8 to 1048576. Default 4096. */
+    tenantSlots?: number;
+  };
+  concurrency?: {
+    /** Lowest learned limit; > 0. Default 1. */
+    min?: number;
+    /** Highest learned limit; at least `min`. Default 100000. */
+    max?: number;
+    /** Multiplier on overload; between 0 and 1 exclusive. Default 0.75. */
+    backoffRatio?: number;
+    /** Least time between two decreases. Default 500. */
+    decreaseCooldownMs?: number;
+    /** A success slower than this multiple of the average is mild overload; 0 disables. Default 0. */
+    latencyTolerance?: number;
+    /** How long a request may wait for a slot or a provider. Default 60000. */
+    queueTimeoutMs?: number;
+  };
+  throttle?: {
+    /** Adaptive client-side throttling per provider. Default true. */
+    enabled?: boolean;
+    /** How long outcomes count; > 0. Default 20000. */
+    windowMs?: number;
+    /** The SRE multiplier; 1 to 100. Default 2. */
+    k?: number;
+    /** Highest rejection probability; 0 to 0.999. Default 0.9. */
+    maxReject?: number;
+  };
+  breaker?: {
+    /** > 0. Default 10000. */
+    windowMs?: number;
+    /** Outcomes needed before the success rate is judged. Default 10. */
+    minVolume?: number;
+    /** Open below this success rate; 0 to 1. Default 0.05. */
+    minSuccessRate?: number;
+    /** Open after this many failures in a row; 0 disables. Default 10. */
+    consecutiveFailures?: number;
+    /** First open period; > 0. Default 500. */
+    openMs?: number;
+    /** Longest open period; at least `openMs`. Default 1000. */
+    maxOpenMs?: number;
+    /** Probes in flight when half-open; > 0. Default 1. */
+    halfOpenProbes?: number;
+    /** Successful probes that close the breaker; > 0. Default 1. */
+    probeSuccesses?: number;
+    /** The probes allowed double every quarter of `openMs` while none fails. Default true. */
+    probeRamp?: boolean;
+  };
+  deadlines?: {
+    /** The whole request, retries and waits included. Default 60000. */
+    totalMs?: number;
+    /** Each streaming attempt's first real SSE event, at most. Default 15000. */
+    firstTokenMs?: number;
+    /** Each non-streaming attempt's first real byte, at most. Default 25000. */
+    responseMs?: number;
+    /** The longest pause between real events once progress started. Default 30000. */
+    stallMs?: number;
+  };
+  cache?: {
+    /** Default true (only cacheable requests are cached). */
+    enabled?: boolean;
+    /** How long an answer is fresh; > 0. Default 300000. */
+    ttlMs?: number;
+    /** How long past freshness it may be served when degraded or nothing answers. Default 3600000. */
+    staleTtlMs?: number;
+    /** The in-memory store's bound; at least `maxEntryBytes`. Default 67108864. */
+    maxBytes?: number;
+    /** Larger answers are not cached; > 0. Default 1048576. */
+    maxEntryBytes?: number;
+  };
+  degradation?: {
+    /** The three-tier ladder. Default true. */
+    enabled?: boolean;
+    /** Pressure entering tiers 1, 2, 3; increasing, in (0, 1]. Default [0.3, 0.6, 0.9]. */
+    enter?: TierThresholds;
+    /** Pressure below which each tier is left; each below its `enter`. Default [0.15, 0.4, 0.7]. */
+    exit?: TierThresholds;
+    /** Least time between two tier changes. Default 10000. */
+    minDwellMs?: number;
+    /** Tier 1+: `max_tokens` capped at this; 0 disables. Default 1024. */
+    maxTokensCap?: number;
+    /** Tier 1+: expensive model -> cheaper model. Default: none. */
+    modelFallbacks?: Record<string, string>;
+  };
+  tenancy?: {
+    /** A request header whose value names the tenant. Default: none (a hash of Authorization). */
+    header?: string | null;
+    /** Whether `header` alone names the tenant. Default false. */
+    headerTrusted?: boolean;
+    /** The tenant of requests with neither. Default `'anonymous'`. */
+    defaultTenant?: string;
+  };
+  /** The Envoy filter's: accepted, but the package leaves unmanaged requests untouched whatever it says. */
+  endpoints?: {
+    /** Default `'refuse'`. */
+    passthrough?: 'refuse' | 'caller_key';
+  };
 }
 
 /** A cached answer. */
@@ -43,14 +179,35 @@ export interface CacheStore {
   set(key: string, value: CachedAnswer, ttlMs: number): Promise<void>;
 }
 
-/** An engine event, for metrics. */
+/** How a request ended (`requestFinished`). */
+export type RequestOutcome =
+  | 'success'
+  | 'caller_error'
+  | 'cached'
+  | 'stale'
+  | 'rate_limited'
+  | 'shed'
+  | 'failed'
+  | 'deadline_exceeded'
+  | 'cancelled';
+
+/** What an attempt's outcome meant (`attemptFinished`). */
+export type AttemptResult = 'success' | 'busy' | 'rate_limited' | 'server_error' | 'reset' | 'refused' | 'timeout' | 'stall' | 'caller_error';
+
+/** A circuit breaker's state: 0 closed, 1 half-open, 2 open. */
+export type BreakerState = 0 | 1 | 2;
+
+/** A degradation tier: 0 normal, 1 feature, 2 data, 3 service. */
+export type Tier = 0 | 1 | 2 | 3;
+
+/** An engine event, for metrics. `provider` is the provider's index in `config.providers`. */
 export type UnbusyEvent =
-  | { type: 'requestFinished'; outcome: string; attempts: number; latencyMs: number }
-  | { type: 'attemptFinished'; provider: number; result: string; latencyMs: number }
+  | { type: 'requestFinished'; outcome: RequestOutcome; attempts: number; latencyMs: number }
+  | { type: 'attemptFinished'; provider: number; result: AttemptResult; latencyMs: number }
   | { type: 'firstToken'; provider: number; latencyMs: number }
   | { type: 'budgetExhausted' }
-  | { type: 'breakerChanged'; provider: number; state: number }
-  | { type: 'tierChanged'; tier: number }
+  | { type: 'breakerChanged'; provider: number; state: BreakerState }
+  | { type: 'tierChanged'; tier: Tier }
   | { type: 'throttled'; provider: number };
 
 export interface Options {
@@ -65,16 +222,27 @@ export interface Options {
    * default), or refused with a rejected `TypeError` before anything is sent (`'error'`).
    */
   unmatched?: 'passthrough' | 'error';
+  /**
+   * Keeps the runtime alive for work that goes on after an answer was handed over (a cache
+   * store's write): in a worker, `(p) => ctx.waitUntil(p)`.
+   */
+  waitUntil?: (promise: Promise<unknown>) => void;
 }
 
 /** Builds a fetch that manages requests to the configured providers. Throws on invalid config. */
 export function createFetch(config: Config, options?: Options): typeof fetch;
 
+/** Where the engine's WebAssembly module comes from. */
+export type ModuleSource = BufferSource | WebAssembly.Module | Response | URL | string;
+
 /**
- * Loads the wasm module (browsers: required once before createFetch; elsewhere a no-op).
- * Rejects when the module cannot be loaded; createFetch then throws that error as its `cause`.
+ * Loads the engine's module. Browsers: required once before createFetch; with no argument it
+ * fetches the `.wasm` next to the package's file. In a bundle that left the `.wasm` behind,
+ * pass it: `import wasm from 'unbusy/wasm'; await init({ module: wasm })`. Node and workers
+ * load it at import (then this does nothing). Rejects when the module cannot be loaded;
+ * createFetch then throws that error as its `cause`.
  */
-export function init(url?: string | URL | Response | BufferSource): Promise<void>;
+export function init(input?: { module: ModuleSource | Promise<ModuleSource> } | ModuleSource): Promise<void>;
 
 /** The default in-memory LRU store. */
 export class MemoryCache implements CacheStore {

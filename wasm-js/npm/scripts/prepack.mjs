@@ -14,10 +14,10 @@ import { fileURLToPath } from 'node:url';
 
 const pkgDir = fileURLToPath(new URL('..', import.meta.url));
 const root = join(pkgDir, '..', '..');
-const BUILT = ['pkg/unbusy_js.js', 'pkg/unbusy_js_bg.wasm'];
+const BUILT = ['pkg/unbusy_js.js', 'pkg/unbusy_js_bg.wasm', 'pkg/unbusy_js_bg_bytes.js'];
 const COPIED = ['docs/config.md', 'docs/requests.md', 'examples/worker/worker.js', 'examples/browser/index.html'];
 // Everything the wasm build reads: when one of these is newer than pkg/, pkg/ is stale.
-const SOURCES = ['Makefile', 'Cargo.toml', 'Cargo.lock', 'core/Cargo.toml', 'core/src', 'wasm-js/Cargo.toml', 'wasm-js/src'];
+const SOURCES = ['Makefile', 'Cargo.toml', 'Cargo.lock', 'core/Cargo.toml', 'core/src', 'wasm-js/Cargo.toml', 'wasm-js/src', 'wasm-js/npm/scripts/inline-wasm.mjs'];
 
 function refuse(why) {
   console.error(`unbusy prepack: ${why}\n` + 'Pack or publish the package from wasm-js/npm in the unbusy repository, with the Rust toolchain and wasm-bindgen that `make js` installs (`make setup`).');

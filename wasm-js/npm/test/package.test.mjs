@@ -31,7 +31,9 @@ test('npm pack ships the LICENSE, the built pkg/ and every file the README point
   // Every file an export names is shipped, the package.json included.
   const { exports } = JSON.parse(readFileSync(join(pkgDir, 'package.json'), 'utf8'));
   assert.equal(exports['./package.json'], './package.json');
-  for (const target of Object.values(exports['.'])) assert.ok(files.includes(target.replace(/^\.\//, '')), target);
+  const targets = Object.values(exports).flatMap((t) => (typeof t === 'string' ? [t] : Object.values(t)));
+  assert.ok(targets.includes('./pkg/unbusy_js_bg_bytes.js') && targets.includes('./wasm.d.ts'), String(targets));
+  for (const target of targets) assert.ok(files.includes(target.replace(/^\.\//, '')), target);
 });
 
 test('a checkout that cannot build pkg/ refuses to pack, saying why', async () => {
