@@ -471,33 +471,74 @@ async fn installed_and_run_outside_the_checkout_it_finds_envoy_on_path_and_its_f
     let x_unbusy = r.header("x-unbusy").unwrap_or_default();
     assert!(x_unbusy.contains("provider=primary"), "{x_unbusy}");
     assert_eq!(emu.stats().attempts, 1, "not answered through the emulator");
-    // Envoy ran the filter built into the binary, written into the private directory.
+    // The Envoy running is the one on PATH...
+    let envoys = children(up.child.id());
+    assert_eq!(envoys.len(), 1, "{envoys:?}");
+    let on_path = envoy_dir.join("envoy").display().to_string();
+    assert!(envoys[0].contains(&on_path), "not {on_path}: {envoys:?}");
+    // ...and it runs the filter built into the binary, written into the private directory.
     let dirs = entries(&tmpdir);
     assert_eq!(dirs.len(), 1, "{dirs:?}");
-    let wasm = std::fs::read(dirs[0].join("unbusy_envoy.wasm")).unwrap();
-    assert!(wasm.starts_with(b"\0asm"));
+    let wasm = dirs[0].join("unbusy_envoy.wasm");
+    assert!(std::fs::read(&wasm).unwrap().starts_with(b"\0asm"));
+    let yaml = std::fs::read_to_string(dirs[0].join("envoy.yaml")).unwrap();
+    let code = format!("filename: \"{}\"", wasm.display());
+    assert!(yaml.contains(&code), "not {code}:\n{yaml}");
     assert!(entries(&cwd).is_empty(), "wrote into its working directory");
     drop(up);
     assert!(entries(&tmpdir).is_empty(), "{:?}", entries(&tmpdir));
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// The command lines of `pid`'s children (arguments joined by spaces).
+fn children(pid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`, where comm may hold spaces and parentheses.
+        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+        if after.split_whitespace().nth(1) == Some(pid.to_string().as_str()) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    found
+}
+
 #[test]
 fn without_envoy_on_path_it_says_how_to_get_it() {
     let tmp = scratch("no-envoy");
-    let out = Command::new(env!("CARGO_BIN_EXE_unbusy"))
+    let err = tmp.join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_unbusy"))
         .args(["up", "--provider", "primary=http://127.0.0.1:9"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .env("PATH", &tmp)
         .env("TMPDIR", &tmp)
         .env_remove("UNBUSY_ENVOY")
-        .output()
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let until = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running without Envoy on PATH (it found one elsewhere)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    let err = std::fs::read_to_string(&err).unwrap();
     assert!(
         err.contains("Envoy is not on PATH") && err.contains("--envoy PATH"),
         "{err}"
     );
-    assert!(entries(&tmp).is_empty(), "{:?}", entries(&tmp));
+    assert_eq!(entries(&tmp), [tmp.join("stderr")], "left something behind");
     let _ = std::fs::remove_dir_all(&tmp);
 }
