@@ -6,7 +6,8 @@
 //! build (`cargo install --path cli`) fails and says to run `make filter` first; a debug build
 //! (the workspace's `cargo build`, `cargo clippy`, `cargo test`) warns and makes an `unbusy`
 //! that runs only with `--filter PATH`. Either way the build script runs again once the file
-//! appears or changes.
+//! appears or changes (by its modification time: a filter put back with an older one, as
+//! `mv` or `cp -p` can, is not noticed until it is touched; `make filter` always writes anew).
 
 use std::path::PathBuf;
 
