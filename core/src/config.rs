@@ -61,7 +61,7 @@ pub struct Config {
 pub struct ProviderConfig {
     /// A unique name, used in metrics, logs and the `x-unbusy` header. Required.
     pub name: String,
-    /// The provider's base URL, e.g. `https://api.deepseek.com` (JS package, `unbusy-up`).
+    /// The provider's base URL, e.g. `https://api.deepseek.com` (JS package, `unbusy up`).
     /// One of `base_url` or `cluster` is required.
     pub base_url: Option<String>,
     /// The Envoy cluster that reaches the provider (Envoy filter).

@@ -133,7 +133,7 @@ pub struct RequestMeta {
 pub struct Rewrite {
     /// Where the attempt goes: the provider's Envoy cluster (Envoy filter)...
     pub cluster: Option<String>,
-    /// ...or its base URL (the npm package, `unbusy-up`).
+    /// ...or its base URL (the npm package, `unbusy up`).
     pub base_url: Option<String>,
     /// Replace the caller's `Authorization` header with this value (`Bearer <api_key>` from
     /// the provider's configuration); `None` passes the caller's through. Hosts never log it.

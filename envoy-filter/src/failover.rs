@@ -18,7 +18,7 @@ use unbusy_core::engine::SendAttempt;
 pub const NATIVE_RETRY_STATUS: u16 = 591;
 
 /// The providers after `first` in an aggregate failover cluster starting with it: the others
-/// in preference order (priority, then listing order), as `unbusy-up` renders it.
+/// in preference order (priority, then listing order), as `unbusy up` renders it.
 pub fn failover_order(providers: &[ProviderConfig], first: usize) -> Vec<usize> {
     let mut rest: Vec<usize> = (0..providers.len()).filter(|&i| i != first).collect();
     rest.sort_by_key(|&i| (providers.get(i).map_or(u32::MAX, |p| p.priority), i));

@@ -1,5 +1,5 @@
 //! Engine events as Envoy metrics (`/stats/prometheus`). Names carry their labels as
-//! `.label.value` segments; `unbusy-up` configures Envoy's tag extraction to turn them into
+//! `.label.value` segments; `unbusy up` configures Envoy's tag extraction to turn them into
 //! Prometheus labels (`unbusy_requests_total{outcome="success"}`).
 
 use crate::host::{Host, MetricId, MetricKind as MetricType};

@@ -5,7 +5,7 @@
 //!
 //! Per attempt: the request names its managed request in [`crate::routing::FLOW_HEADER`]
 //! (removed here); the provider is read from the chosen host's metadata
-//! (`filter_metadata.unbusy.provider`, which `unbusy-up` renders on every endpoint); the
+//! (`filter_metadata.unbusy.provider`, which `unbusy up` renders on every endpoint); the
 //! request is rewritten for that provider (host, path prefix, credentials, model mapping). Its
 //! answer is judged here exactly as the caller-side filter judges one (held until real
 //! progress, errors buffered and classified), and the engine's verdict either lets it go on, or

