@@ -275,6 +275,47 @@ mod tests {
     }
 
     #[test]
+    fn equal_idle_providers_share_the_load_evenly() {
+        // Equal weights, nobody outstanding: a uniform draw over the three.
+        let mut rng = Rng::with_seed(5);
+        let cands = [c(0, 1, 0), c(0, 1, 0), c(0, 1, 0)];
+        let mut counts = [0u32; 3];
+        for _ in 0..3000 {
+            match choose(&cands, Tried::default(), &mut rng) {
+                Choice::Provider(i) => counts[i] += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        for (i, n) in counts.iter().enumerate() {
+            assert!(
+                (900..1100).contains(n),
+                "provider {i} got {n} of 3000: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn providers_past_the_tracked_maximum_are_never_chosen() {
+        let mut rng = Rng::with_seed(2);
+        // Only the provider at index MAX_PROVIDERS could take it: nothing is available.
+        let mut cands = [Candidate {
+            breaker_allows: false,
+            ..c(0, 1, 0)
+        }; MAX_PROVIDERS + 1];
+        cands[MAX_PROVIDERS].breaker_allows = true;
+        assert_eq!(
+            choose(&cands, Tried::default(), &mut rng),
+            Choice::NoneAvailable
+        );
+        // The last one tracked still is.
+        cands[MAX_PROVIDERS - 1].breaker_allows = true;
+        assert_eq!(
+            choose(&cands, Tried::default(), &mut rng),
+            Choice::Provider(MAX_PROVIDERS - 1)
+        );
+    }
+
+    #[test]
     fn single_provider_is_retried_after_it_was_tried() {
         let mut rng = Rng::with_seed(1);
         let mut tried = Tried::default();
