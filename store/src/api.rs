@@ -225,18 +225,34 @@ where
                 store.health.succeeded();
                 return Err(ApiError::Full);
             }
-            let unavailable = e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_refusal()
-                || e.is_connection_dropped()
-                || e.is_cluster_error()
-                || e.code().is_none()
-                || matches!(
-                    e.code(),
-                    Some(
-                        "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY"
-                    )
-                );
+            // A reply this store cannot read is its own bug (500), not an outage; a Redis
+            // that is down, loading, failing over or refusing our credentials is an outage.
+            let ours = matches!(
+                e.kind(),
+                redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+            );
+            let outage_code = matches!(
+                e.code(),
+                None | Some(
+                    "LOADING"
+                        | "BUSY"
+                        | "TRYAGAIN"
+                        | "CLUSTERDOWN"
+                        | "MASTERDOWN"
+                        | "READONLY"
+                        | "NOAUTH"
+                        | "WRONGPASS"
+                        | "MOVED"
+                        | "ASK"
+                )
+            );
+            let unavailable = !ours
+                && (e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_cluster_error()
+                    || outage_code);
             if unavailable {
                 store.health.failed(e.category());
                 Err(ApiError::Unavailable(format!(
@@ -247,7 +263,7 @@ where
                 store.health.succeeded();
                 Err(ApiError::Internal(format!(
                     "redis refused the operation: {}",
-                    e.code().unwrap_or("error")
+                    e.code().unwrap_or(e.category())
                 )))
             }
         }

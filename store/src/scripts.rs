@@ -129,7 +129,7 @@ if held < want then
   local first = redis.call('ZRANGE', KEYS[1], 0, 1, 'WITHSCORES')
   for j = 1, #first, 2 do
     if first[j] ~= holder then
-      wait = tonumber(first[j + 1]) - now
+      wait = math.max(0, tonumber(first[j + 1]) - now)
       break
     end
   end
