@@ -460,7 +460,7 @@ pub fn read(
             }
         },
     };
-    let v = match json::parse(body) {
+    let v = match json::parse_shallow(body) {
         Ok(v @ json::Value::Object(_)) => v,
         Ok(_) => return Err(bad("the request body must be a JSON object".into())),
         Err(e) => {
