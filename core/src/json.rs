@@ -349,14 +349,27 @@ impl<'a> Parser<'a> {
         JsonError { what, at: self.at }
     }
 
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.at).copied()
     }
 
+    #[inline(always)]
     fn skip_ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.at += 1;
         }
+    }
+
+    /// Where the run of plain string bytes starting at `from` ends (at a quote, a backslash, a
+    /// control byte or the end).
+    #[inline(always)]
+    fn run_end(&self, from: usize) -> usize {
+        let rest = self.bytes.get(from..).unwrap_or(&[]);
+        from + rest
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            .unwrap_or(rest.len())
     }
 
     fn literal(&mut self, word: &'static [u8], v: Value) -> Result<Value, JsonError> {
@@ -496,10 +509,7 @@ impl<'a> Parser<'a> {
     fn key(&mut self) -> Result<Key<'a>, JsonError> {
         let quote = self.at;
         let start = quote + 1;
-        let mut end = start;
-        while matches!(self.bytes.get(end), Some(&c) if c != b'"' && c != b'\\' && c >= 0x20) {
-            end += 1;
-        }
+        let end = self.run_end(start);
         let bytes = self.bytes;
         if bytes.get(end) == Some(&b'"') {
             if let Some(run) = bytes.get(start..end) {
@@ -661,9 +671,7 @@ impl<'a> Parser<'a> {
         loop {
             // Copy the run up to the next quote, backslash or control byte at once.
             let start = self.at;
-            while matches!(self.peek(), Some(c) if c != b'"' && c != b'\\' && c >= 0x20) {
-                self.at += 1;
-            }
+            self.at = self.run_end(start);
             let run = self.bytes.get(start..self.at).unwrap_or(&[]);
             match core::str::from_utf8(run) {
                 Ok(s) => out.push_str(s),
