@@ -162,10 +162,12 @@ test: fmt-check clippy wasm filter fuzz
 ## bench: every benchmark (numbers for BENCHMARKS.md; nothing is asserted).
 bench: bench-core simulate bench-envoy
 
-## bench-envoy: Envoy + filter vs bare Envoy vs Envoy's native filters, one worker.
+## bench-envoy: Envoy + filter vs bare Envoy vs a trivial body-reading filter (the floor, built
+## here from bench/floor-filter), one worker, interleaved rounds; then the failover path.
 bench-envoy: setup filter
+	$(CARGO) build -p unbusy-bench-floor --target wasm32-wasip1 --profile wasm-filter
 	$(CARGO) build --release -p unbusy-tests --bin bench-envoy
-	./target/release/bench-envoy --seconds 8 --connections 16
+	./target/release/bench-envoy --seconds 5 --connections 16 --rounds 3
 
 bench-core: setup
 	$(CARGO) bench -p unbusy-core --bench hot_paths

@@ -137,7 +137,7 @@ pub fn judge(content_type: Option<&str>, content_encoding: Option<&str>, body: &
 }
 
 fn judge_json(body: &[u8]) -> Verdict {
-    let Ok(value) = json::parse(body) else {
+    let Ok(value) = json::parse_shallow(body) else {
         return Verdict::Invalid(InvalidReason::NotJson);
     };
     if !matches!(value, Value::Object(_)) {
@@ -177,7 +177,7 @@ fn judge_stream(body: &[u8]) -> Verdict {
         }
         if first {
             first = false;
-            if let Ok(v) = json::parse(payload) {
+            if let Ok(v) = json::parse_shallow(payload) {
                 if v.get("error").is_some_and(|e| !matches!(e, Value::Null)) {
                     return Verdict::ErrorObject;
                 }

@@ -703,6 +703,13 @@ const MIN_POINT: i64 = -400;
 
 /// Reads a validated JSON number exactly. `None` when its exponent is out of [`MIN_POINT`,
 /// `MAX_POINT`].
+/// Whether a JSON number, as written, is zero the way the determinism rule reads a top-level
+/// `temperature` (so a host that already read the request can tell a sampled request has no
+/// key without canonicalising it: see `request::read`).
+pub(crate) fn is_zero(raw: &[u8]) -> bool {
+    decimal(raw).is_some_and(|d| d.digits.is_empty())
+}
+
 fn decimal(raw: &[u8]) -> Option<Decimal> {
     let d = Decimal::read(raw);
     (d.digits.is_empty() || (MIN_POINT..=MAX_POINT).contains(&d.point)).then_some(d)

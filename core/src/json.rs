@@ -290,24 +290,86 @@ pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     Ok(v)
 }
 
+/// Parses a whole document as [`parse`] does, accepting and refusing exactly the same bytes
+/// with the same error, but keeps only the top level: a top-level object's (or array's) members
+/// keep their scalar values (strings, numbers, booleans, null), and containers nested in it are
+/// checked whole and come back empty (`[]`, `{}`), so their kind is still known.
+///
+/// Why: a host reads a few top-level fields of every request and answer (`model`, `stream`,
+/// `max_tokens`; `choices`, `error`), and building the tree of a whole conversation only to drop
+/// it was most of a pass-through request's work in the Envoy filter (allocations and frees).
+///
+/// ```rust
+/// use unbusy_core::json::{parse_shallow, Value};
+///
+/// let v = parse_shallow(br#"{"model":"m","choices":[{"index":0}],"usage":{"n":1}}"#).unwrap();
+/// assert_eq!(v.get("model").and_then(Value::as_str), Some("m"));
+/// assert_eq!(v.get("choices"), Some(&Value::Array(Vec::new())));
+/// assert_eq!(v.get("usage"), Some(&Value::Object(Vec::new())));
+/// assert!(parse_shallow(br#"{"a":[{"k":1,"k":2}]}"#).is_err()); // checked all the way down
+/// ```
+pub fn parse_shallow(bytes: &[u8]) -> Result<Value, JsonError> {
+    let mut p = Parser { bytes, at: 0 };
+    p.skip_ws();
+    let v = match p.peek() {
+        Some(b'[') => p.array_with(1, Parser::shallow)?,
+        Some(b'{') => p.object_with(1, Parser::shallow)?,
+        _ => p.value(0)?,
+    };
+    p.skip_ws();
+    if p.at < bytes.len() {
+        return Err(p.fail("trailing characters after the value"));
+    }
+    Ok(v)
+}
+
 struct Parser<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
-impl Parser<'_> {
+/// A string as checked by [`Parser::key`]: borrowed when it has no escape (its bytes are then
+/// its value), decoded otherwise.
+enum Key<'a> {
+    Raw(&'a [u8]),
+    Decoded(String),
+}
+
+impl Key<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Key::Raw(b) => b,
+            Key::Decoded(s) => s.as_bytes(),
+        }
+    }
+}
+
+impl<'a> Parser<'a> {
     fn fail(&self, what: &'static str) -> JsonError {
         JsonError { what, at: self.at }
     }
 
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.at).copied()
     }
 
+    #[inline(always)]
     fn skip_ws(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.at += 1;
         }
+    }
+
+    /// Where the run of plain string bytes starting at `from` ends (at a quote, a backslash, a
+    /// control byte or the end).
+    #[inline(always)]
+    fn run_end(&self, from: usize) -> usize {
+        let rest = self.bytes.get(from..).unwrap_or(&[]);
+        from + rest
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            .unwrap_or(rest.len())
     }
 
     fn literal(&mut self, word: &'static [u8], v: Value) -> Result<Value, JsonError> {
@@ -334,6 +396,138 @@ impl Parser<'_> {
     }
 
     fn array(&mut self, depth: usize) -> Result<Value, JsonError> {
+        self.array_with(depth, Self::value)
+    }
+
+    fn object(&mut self, depth: usize) -> Result<Value, JsonError> {
+        self.object_with(depth, Self::value)
+    }
+
+    /// A member of a shallow parse: a scalar as [`Parser::value`] reads it, a container checked
+    /// by [`Parser::skip`] and left empty.
+    fn shallow(&mut self, depth: usize) -> Result<Value, JsonError> {
+        match self.peek() {
+            Some(b'[') => {
+                self.skip(depth)?;
+                Ok(Value::Array(Vec::new()))
+            }
+            Some(b'{') => {
+                self.skip(depth)?;
+                Ok(Value::Object(Vec::new()))
+            }
+            _ => self.value(depth),
+        }
+    }
+
+    /// Checks a value exactly as [`Parser::value`] does (the same bytes accepted, the same
+    /// errors at the same places) without building it: nothing is allocated for strings without
+    /// escapes, numbers or arrays, only a list of borrowed keys per object.
+    fn skip(&mut self, depth: usize) -> Result<(), JsonError> {
+        match self.peek() {
+            None => Err(self.fail("unexpected end of input")),
+            Some(b'n') => self.literal(b"null", Value::Null).map(drop),
+            Some(b't') => self.literal(b"true", Value::Null).map(drop),
+            Some(b'f') => self.literal(b"false", Value::Null).map(drop),
+            Some(b'"') => self.key().map(drop),
+            Some(b'-' | b'0'..=b'9') => self.number_span().map(drop),
+            Some(b'[') => {
+                let depth = depth + 1;
+                if depth > MAX_DEPTH {
+                    return Err(self.fail("nested too deeply"));
+                }
+                self.at += 1; // '['
+                self.skip_ws();
+                if self.peek() == Some(b']') {
+                    self.at += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.skip_ws();
+                    self.skip(depth)?;
+                    self.skip_ws();
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b']') => {
+                            self.at += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.fail("expected `,` or `]`")),
+                    }
+                }
+            }
+            Some(b'{') => {
+                let depth = depth + 1;
+                if depth > MAX_DEPTH {
+                    return Err(self.fail("nested too deeply"));
+                }
+                self.at += 1; // '{'
+                let mut keys: Vec<Key<'a>> = Vec::new();
+                self.skip_ws();
+                if self.peek() == Some(b'}') {
+                    self.at += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.skip_ws();
+                    if self.peek() != Some(b'"') {
+                        return Err(self.fail("expected a string key"));
+                    }
+                    let key_at = self.at;
+                    let key = self.key()?;
+                    if keys.iter().any(|k| k.bytes() == key.bytes()) {
+                        return Err(JsonError {
+                            what: "duplicate key",
+                            at: key_at,
+                        });
+                    }
+                    self.skip_ws();
+                    if self.peek() != Some(b':') {
+                        return Err(self.fail("expected `:`"));
+                    }
+                    self.at += 1;
+                    self.skip_ws();
+                    self.skip(depth)?;
+                    keys.push(key);
+                    self.skip_ws();
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b'}') => {
+                            self.at += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.fail("expected `,` or `}`")),
+                    }
+                }
+            }
+            Some(_) => Err(self.fail("expected a value")),
+        }
+    }
+
+    /// A string, checked as [`Parser::string`] checks it: borrowed when it is one run of valid
+    /// UTF-8 without escapes (the common case), else read again by [`Parser::string`] from its
+    /// quote, which decodes it or fails exactly as a full parse would.
+    fn key(&mut self) -> Result<Key<'a>, JsonError> {
+        let quote = self.at;
+        let start = quote + 1;
+        let end = self.run_end(start);
+        let bytes = self.bytes;
+        if bytes.get(end) == Some(&b'"') {
+            if let Some(run) = bytes.get(start..end) {
+                if core::str::from_utf8(run).is_ok() {
+                    self.at = end + 1;
+                    return Ok(Key::Raw(run));
+                }
+            }
+        }
+        self.at = quote;
+        self.string().map(Key::Decoded)
+    }
+
+    fn array_with(
+        &mut self,
+        depth: usize,
+        member: fn(&mut Self, usize) -> Result<Value, JsonError>,
+    ) -> Result<Value, JsonError> {
         if depth > MAX_DEPTH {
             return Err(self.fail("nested too deeply"));
         }
@@ -346,7 +540,7 @@ impl Parser<'_> {
         }
         loop {
             self.skip_ws();
-            items.push(self.value(depth)?);
+            items.push(member(self, depth)?);
             self.skip_ws();
             match self.peek() {
                 Some(b',') => self.at += 1,
@@ -359,7 +553,11 @@ impl Parser<'_> {
         }
     }
 
-    fn object(&mut self, depth: usize) -> Result<Value, JsonError> {
+    fn object_with(
+        &mut self,
+        depth: usize,
+        member: fn(&mut Self, usize) -> Result<Value, JsonError>,
+    ) -> Result<Value, JsonError> {
         if depth > MAX_DEPTH {
             return Err(self.fail("nested too deeply"));
         }
@@ -389,7 +587,7 @@ impl Parser<'_> {
             }
             self.at += 1;
             self.skip_ws();
-            let v = self.value(depth)?;
+            let v = member(self, depth)?;
             members.push((key, v));
             self.skip_ws();
             match self.peek() {
@@ -412,6 +610,17 @@ impl Parser<'_> {
     }
 
     fn number(&mut self) -> Result<Value, JsonError> {
+        let start = self.number_span()?;
+        let text = self
+            .bytes
+            .get(start..self.at)
+            .and_then(|b| core::str::from_utf8(b).ok())
+            .unwrap_or("0");
+        Ok(Value::Number(Number(text.into())))
+    }
+
+    /// Reads a number's bytes, returning where it started.
+    fn number_span(&mut self) -> Result<usize, JsonError> {
         let start = self.at;
         if self.peek() == Some(b'-') {
             self.at += 1;
@@ -438,12 +647,7 @@ impl Parser<'_> {
                 return Err(self.fail("invalid number"));
             }
         }
-        let text = self
-            .bytes
-            .get(start..self.at)
-            .and_then(|b| core::str::from_utf8(b).ok())
-            .unwrap_or("0");
-        Ok(Value::Number(Number(text.into())))
+        Ok(start)
     }
 
     fn hex4(&mut self) -> Result<u32, JsonError> {
@@ -467,9 +671,7 @@ impl Parser<'_> {
         loop {
             // Copy the run up to the next quote, backslash or control byte at once.
             let start = self.at;
-            while matches!(self.peek(), Some(c) if c != b'"' && c != b'\\' && c >= 0x20) {
-                self.at += 1;
-            }
+            self.at = self.run_end(start);
             let run = self.bytes.get(start..self.at).unwrap_or(&[]);
             match core::str::from_utf8(run) {
                 Ok(s) => out.push_str(s),
@@ -704,6 +906,61 @@ mod tests {
         assert_eq!(s, u64::MAX.to_string());
     }
 
+    /// What [`parse_shallow`] must give for a document [`parse`] reads as `v`.
+    fn shallowed(v: &Value) -> Value {
+        let empty = |v: &Value| match v {
+            Value::Array(_) => Value::Array(Vec::new()),
+            Value::Object(_) => Value::Object(Vec::new()),
+            other => other.clone(),
+        };
+        match v {
+            Value::Array(items) => Value::Array(items.iter().map(empty).collect()),
+            Value::Object(members) => {
+                Value::Object(members.iter().map(|(k, v)| (k.clone(), empty(v))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// The shallow parse accepts and refuses exactly what the full one does, with the same
+    /// error at the same place, on documents built to hit every rule below the top level.
+    #[test]
+    fn the_shallow_parse_agrees_with_the_full_one() {
+        let docs: [&[u8]; 22] = [
+            br#"{"model":"m","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+            br#"{"a":[{"k":1,"k":2}]}"#,
+            br#"{"a":[{"k":1,"\u006b":2}]}"#,
+            br#"{"a":{"x":"\ud800"}}"#,
+            br#"{"a":{"x":"\ud83d\ude00","y":"\u00e9"}}"#,
+            br#"{"a":[1,2,]}"#,
+            br#"{"a":[01]}"#,
+            br#"{"a":[1.]}"#,
+            br#"{"a":[-1.5e+3, 0, true, false, null, "s"]}"#,
+            br#"{"a":{"b":{"c":[]}}} x"#,
+            br#"{"a":["\q"]}"#,
+            b"{\"a\":[\"\x01\"]}",
+            b"{\"a\":[\"\xff\"]}",
+            b"{\"a\":[\"\xc3\xa9\"]}",
+            br#"{"a":{"b" 1}}"#,
+            br#"{"a":{1:2}}"#,
+            br#"{"a":[nul]}"#,
+            br#"{"a":[}"#,
+            br#"[[1],{"a":2},3]"#,
+            br#""top""#,
+            br#"{"a":{},"a":[]}"#,
+            br#"{"error":null,"choices":[{"message":{"content":"\"quoted\""}}]}"#,
+        ];
+        for d in docs {
+            assert_eq!(parse_shallow(d), parse(d).map(|v| shallowed(&v)), "{d:?}");
+        }
+        let deep = [b'['; 200];
+        let mut nested = b"{\"a\":".to_vec();
+        nested.extend_from_slice(&deep);
+        for d in [&deep[..], &nested[..]] {
+            assert_eq!(parse_shallow(d), parse(d).map(|v| shallowed(&v)));
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic() {
         let mut rng = crate::Rng::with_seed(7);
@@ -716,6 +973,7 @@ mod tests {
             if let Ok(v) = parse(&bytes) {
                 assert_eq!(parse(v.to_text().as_bytes()).unwrap(), v);
             }
+            assert_eq!(parse_shallow(&bytes), parse(&bytes).map(|v| shallowed(&v)));
         }
         let _ = vec![0u8];
     }

@@ -460,7 +460,7 @@ pub fn read(
             }
         },
     };
-    let v = match json::parse(body) {
+    let v = match json::parse_shallow(body) {
         Ok(v @ json::Value::Object(_)) => v,
         Ok(_) => return Err(bad("the request body must be a JSON object".into())),
         Err(e) => {
@@ -473,7 +473,13 @@ pub fn read(
     };
     let max_tokens = v.get("max_tokens").and_then(json::Value::as_u64);
     let identity = tenant_of(&config.tenancy, header);
-    let cache_key = if config.cache.enabled {
+    // Without an opt-in, only a request whose top-level `temperature` is a zero number can
+    // have a key (`cache_key`'s determinism rule): any other is told apart here, from the
+    // fields already read, without canonicalising the whole conversation for nothing.
+    let sampled = cache == OptIn::Default
+        && !matches!(v.get("temperature"), Some(json::Value::Number(t))
+            if crate::cache_key::is_zero(t.as_str().as_bytes()));
+    let cache_key = if config.cache.enabled && !sampled {
         cache_key(&KeyRequest {
             tenant: &identity,
             endpoint: "/v1/chat/completions",
@@ -645,6 +651,49 @@ pub fn rewrite_body(body: &[u8], rewrite: &Rewrite) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use alloc::format;
+
+    /// `read` tells a sampled request apart before canonicalising it: for every spelling of
+    /// `temperature` (and `n`, and the opt-in header), it has a key exactly when `cache_key`
+    /// gives one.
+    #[test]
+    fn the_sampled_shortcut_agrees_with_the_cache_key() {
+        let config =
+            Config::from_json(br#"{"providers":[{"name":"p","base_url":"http://p"}]}"#).unwrap();
+        let temperatures = [
+            "", "0", "0.0", "-0", "0e5", "0E-3", "0.000", "0.7", "1", "1e-400", "null", "\"0\"",
+            "true", "[]", "{}",
+        ];
+        for t in temperatures {
+            for n in ["", ",\"n\":1", ",\"n\":2", ",\"n\":null", ",\"n\":1.0"] {
+                for opt_in in [None, Some("always"), Some("never"), Some("default")] {
+                    let body = if t.is_empty() {
+                        format!(r#"{{"model":"m","messages":[]{n}}}"#)
+                    } else {
+                        format!(r#"{{"model":"m","temperature":{t},"messages":[]{n}}}"#)
+                    };
+                    let mut headers = alloc::vec![("authorization", "Bearer k")];
+                    if let Some(o) = opt_in {
+                        headers.push((CACHE_HEADER, o));
+                    }
+                    let info = read(&headers, body.as_bytes(), &config).unwrap();
+                    let identity = tenant_of(&config.tenancy, |name: &str| {
+                        headers
+                            .iter()
+                            .find(|(h, _)| h.eq_ignore_ascii_case(name))
+                            .map(|(_, v)| *v)
+                    });
+                    let expected = cache_key(&KeyRequest {
+                        tenant: &identity,
+                        endpoint: "/v1/chat/completions",
+                        body: body.as_bytes(),
+                        opt_in: info.cache,
+                    })
+                    .ok();
+                    assert_eq!(info.cache_key, expected, "{body} {opt_in:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_base_url_shape_gets_the_endpoint_once() {

@@ -20,7 +20,7 @@
 
 use crate::host::{Buffer, CallToken, Cas, Direction, Host, Level, Map, MetricId, MetricKind};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::rc::Rc;
 use std::time::Duration;
@@ -42,6 +42,7 @@ pub struct FakeProcess {
     logs: RefCell<Vec<(Level, String)>>,
     before_set: RefCell<Option<Interleaved>>,
     writes: Cell<u64>,
+    hostcalls: RefCell<BTreeMap<&'static str, u64>>,
 }
 
 impl FakeProcess {
@@ -56,6 +57,7 @@ impl FakeProcess {
             logs: RefCell::new(Vec::new()),
             before_set: RefCell::new(None),
             writes: Cell::new(0),
+            hostcalls: RefCell::new(BTreeMap::new()),
         })
     }
 
@@ -137,6 +139,23 @@ impl FakeProcess {
             .get(id as usize)
             .map(|(_, values)| values.clone())
             .unwrap_or_default()
+    }
+
+    /// How many times each [`Host`] method was called, by any worker, since the process began
+    /// or [`FakeProcess::clear_hostcalls`]: on Envoy each is one hostcall (a crossing of the
+    /// wasm boundary), so this is what the filter costs the host per request.
+    /// (`upstream_present` is not counted: on Envoy it reads a thread-local, not the host.)
+    pub fn hostcalls(&self) -> BTreeMap<&'static str, u64> {
+        self.hostcalls.borrow().clone()
+    }
+
+    /// Starts counting [`FakeProcess::hostcalls`] from zero.
+    pub fn clear_hostcalls(&self) {
+        self.hostcalls.borrow_mut().clear();
+    }
+
+    fn count(&self, call: &'static str) {
+        *self.hostcalls.borrow_mut().entry(call).or_insert(0) += 1;
     }
 
     /// Every log line so far.
@@ -316,10 +335,12 @@ fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 impl Host for FakeHost {
     fn now(&self) -> Nanos {
+        self.process.count("now");
         self.process.now()
     }
 
     fn log(&self, level: Level, message: &str) {
+        self.process.count("log");
         self.process
             .logs
             .borrow_mut()
@@ -327,16 +348,19 @@ impl Host for FakeHost {
     }
 
     fn shared_get(&self, key: &str) -> (Option<Vec<u8>>, Option<Cas>) {
+        self.process.count("shared_get");
         self.process.get(key)
     }
 
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<Cas>) -> bool {
+        self.process.count("shared_set");
         self.process.set(key, value, cas)
     }
 
     /// Stats are process-wide by name, as Envoy's are: every worker defining a name gets the
     /// same metric.
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<MetricId> {
+        self.process.count("define_metric");
         let mut ids = self.process.metric_ids.borrow_mut();
         if let Some((held, id)) = ids.get(name) {
             return (*held == kind).then_some(MetricId(*id));
@@ -349,6 +373,7 @@ impl Host for FakeHost {
     }
 
     fn increment_metric(&self, id: MetricId, by: i64) {
+        self.process.count("increment_metric");
         if let Some((value, _)) = self
             .process
             .metric_values
@@ -360,6 +385,7 @@ impl Host for FakeHost {
     }
 
     fn record_metric(&self, id: MetricId, value: u64) {
+        self.process.count("record_metric");
         if let Some((held, values)) = self
             .process
             .metric_values
@@ -376,6 +402,7 @@ impl Host for FakeHost {
     }
 
     fn enter(&self, context: u32) -> bool {
+        self.process.count("enter");
         let live = self
             .worker
             .streams
@@ -389,6 +416,7 @@ impl Host for FakeHost {
     }
 
     fn headers(&self, map: Map) -> Vec<(String, String)> {
+        self.process.count("headers");
         match map {
             Map::CallResponseHeaders => self.worker.call_answer.borrow().0.clone(),
             Map::RequestHeaders => self.with_current(|s| s.request_headers.clone()),
@@ -397,10 +425,17 @@ impl Host for FakeHost {
     }
 
     fn header(&self, map: Map, name: &str) -> Option<String> {
-        find(&self.headers(map), name).map(str::to_string)
+        self.process.count("header");
+        let headers = match map {
+            Map::CallResponseHeaders => self.worker.call_answer.borrow().0.clone(),
+            Map::RequestHeaders => self.with_current(|s| s.request_headers.clone()),
+            Map::ResponseHeaders => self.with_current(|s| s.response_headers.clone()),
+        };
+        find(&headers, name).map(str::to_string)
     }
 
     fn set_header(&self, map: Map, name: &str, value: Option<&str>) -> bool {
+        self.process.count("set_header");
         self.with_current(|s| {
             let headers = match map {
                 Map::RequestHeaders => &mut s.request_headers,
@@ -416,6 +451,7 @@ impl Host for FakeHost {
     }
 
     fn buffer(&self, kind: Buffer, max: usize) -> Option<Vec<u8>> {
+        self.process.count("buffer");
         let bytes = match kind {
             Buffer::CallResponseBody => Some(self.worker.call_answer.borrow().1.clone()),
             Buffer::RequestBody => self.with_current(|s| Some(s.request_body.clone())),
@@ -426,6 +462,7 @@ impl Host for FakeHost {
     }
 
     fn set_buffer(&self, kind: Buffer, size: usize, value: &[u8]) -> bool {
+        self.process.count("set_buffer");
         self.with_current(|s| {
             let buffer = match kind {
                 Buffer::RequestBody => &mut s.request_body,
@@ -440,6 +477,7 @@ impl Host for FakeHost {
     }
 
     fn resume(&self, direction: Direction) -> bool {
+        self.process.count("resume");
         self.with_current(|s| {
             match direction {
                 Direction::Request => s.request_resumed += 1,
@@ -450,6 +488,7 @@ impl Host for FakeHost {
     }
 
     fn reset_response(&self) -> bool {
+        self.process.count("reset_response");
         self.with_current(|s| {
             s.reset = true;
             true
@@ -457,6 +496,7 @@ impl Host for FakeHost {
     }
 
     fn send_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) -> bool {
+        self.process.count("send_response");
         self.with_current(|s| {
             s.reply = Some((status, owned(headers), body.to_vec()));
             true
@@ -470,6 +510,7 @@ impl Host for FakeHost {
         body: &[u8],
         timeout: Duration,
     ) -> Result<CallToken, String> {
+        self.process.count("dispatch");
         if self.worker.refuse_dispatch.get() {
             return Err("BadArgument".into());
         }

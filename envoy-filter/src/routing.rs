@@ -159,15 +159,28 @@ pub fn first_attempt(
     // (A caller's own flow header would tie its request to another's attempts.)
     // Answers are asked for unencoded: the judge, the progress detector and the cache must read
     // them (the caller then gets identity, which every client accepts).
-    let mut headers = vec![
-        (CLUSTER_HEADER.to_string(), Some(cluster)),
-        (FLOW_HEADER.to_string(), None),
-        (
+    // Each edit is a hostcall: a header the caller did not send needs no removal, and an
+    // `accept-encoding` that already says exactly what is asked for needs no rewrite.
+    let mut headers = vec![(CLUSTER_HEADER.to_string(), Some(cluster))];
+    for name in [FLOW_HEADER, DEADLINE_HEADER] {
+        if request.header(name).is_some() {
+            headers.push((name.to_string(), None));
+        }
+    }
+    let mut encodings = request
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("accept-encoding"));
+    let asked = encodings
+        .next()
+        .is_some_and(|(_, v)| v == MANAGED_ACCEPT_ENCODING)
+        && encodings.next().is_none();
+    if !asked {
+        headers.push((
             "accept-encoding".to_string(),
             Some(MANAGED_ACCEPT_ENCODING.to_string()),
-        ),
-        (DEADLINE_HEADER.to_string(), None),
-    ];
+        ));
+    }
     if let Some(auth) = &send.rewrite.authorization {
         headers.push(("authorization".into(), Some(auth.clone())));
     }

@@ -136,11 +136,17 @@ impl<H: Host> State<H> {
         while let Some(event) = self.engine.poll_event() {
             self.metrics.event(&self.host, &event);
         }
+        effects
+    }
+
+    /// Moves each provider's in-flight gauge to the engine's count. Called at every tick (20
+    /// ms), not after every action: a request that is sent and answered between two ticks would
+    /// otherwise cost two hostcalls that cancel out, and a gauge is only ever read by a scrape.
+    pub(super) fn publish_in_flight(&mut self) {
         for i in 0..self.config.providers.len() {
             self.metrics
                 .in_flight(&self.host, i, self.engine.in_flight(i));
         }
-        effects
     }
 
     /// Stores the stream's current answer in the shared cache if it is a complete, valid one

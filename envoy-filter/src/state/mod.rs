@@ -200,7 +200,9 @@ impl<H: Host> State<H> {
         {
             self.engine.on_tick(now);
         }
-        self.drain(now)
+        let effects = self.drain(now);
+        self.publish_in_flight();
+        effects
     }
 
     /// What the workers share about each provider, both ways, at every tick and admission:
