@@ -252,4 +252,33 @@ mod tests {
         e.observe(secs(10), 1.0);
         assert!((e.value().unwrap_or(0.0) - 0.5).abs() < 1e-9);
     }
+
+    #[test]
+    fn ewma_moves_toward_each_sample_by_the_weight_its_age_gives() {
+        let mut e = Ewma::with_half_life(secs(10));
+        e.observe(0, 2.0);
+        assert_eq!(e.value(), Some(2.0), "the first sample is the average");
+        // One half-life later, halfway from 2 to 6.
+        e.observe(secs(10), 6.0);
+        assert!(
+            (e.value().unwrap_or(0.0) - 4.0).abs() < 1e-9,
+            "{:?}",
+            e.value()
+        );
+        // Two half-lives later, three quarters of the way from 4 down to 0.
+        e.observe(secs(30), 0.0);
+        assert!(
+            (e.value().unwrap_or(0.0) - 1.0).abs() < 1e-9,
+            "{:?}",
+            e.value()
+        );
+        // A sample at the same instant moves nothing; a non-finite one is ignored.
+        e.observe(secs(30), 100.0);
+        e.observe(secs(40), f64::NAN);
+        assert!(
+            (e.value().unwrap_or(0.0) - 1.0).abs() < 1e-9,
+            "{:?}",
+            e.value()
+        );
+    }
 }
