@@ -246,6 +246,38 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_exactly_at_the_threshold_is_not_an_anomaly() {
+        // Window {0, 2}: mean 1, population deviation 1. 4 is exactly 3 deviations above.
+        let fed = || {
+            let mut d: AnomalyDetector<8> = AnomalyDetector::new(3.0, 2, secs(10));
+            d.observe(0, 0.0);
+            d.observe(secs(1), 2.0);
+            d
+        };
+        let at = fed().observe(secs(2), 4.0);
+        assert_eq!(at.z_score, 3.0);
+        assert!(
+            !at.anomalous,
+            "more than 3 sigmas is anomalous, 3 itself is not"
+        );
+        assert!(fed().observe(secs(2), 4.001).anomalous);
+    }
+
+    #[test]
+    fn the_detector_keeps_an_ewma_of_what_it_saw() {
+        let mut d: AnomalyDetector<8> = AnomalyDetector::new(3.0, 2, secs(10));
+        assert_eq!(d.ewma(), None);
+        d.observe(0, 2.0);
+        assert_eq!(d.ewma(), Some(2.0));
+        d.observe(secs(10), 6.0);
+        assert!(
+            (d.ewma().unwrap_or(0.0) - 4.0).abs() < 1e-9,
+            "{:?}",
+            d.ewma()
+        );
+    }
+
+    #[test]
     fn ewma_half_life() {
         let mut e = Ewma::with_half_life(secs(10));
         e.observe(0, 0.0);

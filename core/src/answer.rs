@@ -58,18 +58,6 @@ pub enum InvalidReason {
     WrongContentType,
 }
 
-impl InvalidReason {
-    /// A short name, for logs, metrics and the `x-unbusy` note.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::NotJson => "not_json",
-            Self::NotAnAnswer => "not_an_answer",
-            Self::StreamIncomplete => "stream_incomplete",
-            Self::WrongContentType => "wrong_content_type",
-        }
-    }
-}
-
 /// Whether a `content-encoding` value leaves the body readable as is (absent or `identity`).
 pub fn is_readable_encoding(content_encoding: Option<&str>) -> bool {
     content_encoding.is_none_or(|e| {
