@@ -316,8 +316,6 @@ impl DoneTracker {
             if self.long || !payload.is_empty() {
                 self.done = !self.long && payload == b"[DONE]";
             }
-        } else if self.long && line.starts_with(b"data:") {
-            self.done = false;
         }
         self.len = 0;
         self.long = false;
@@ -333,6 +331,31 @@ impl DoneTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_2xx_error_object_that_is_not_busy_is_a_server_error_keeping_its_hint() {
+        let body = br#"{"error":{"message":"internal failure","type":"server_error"}}"#;
+        let plain = assess(200, &[], body, None);
+        assert_eq!(plain.classification.class, OutcomeClass::ServerError);
+        assert!(!plain.cacheable);
+        let hinted = assess(200, &[("retry-after", "7")], body, None);
+        assert_eq!(hinted.classification.class, OutcomeClass::ServerError);
+        assert_eq!(hinted.classification.retry_after, Some(7_000_000_000));
+    }
+
+    #[test]
+    fn a_long_comment_after_done_leaves_the_stream_complete() {
+        let mut t = DoneTracker::new();
+        t.feed(b"data: {\"x\":1}\n\ndata: [DONE]\n\n");
+        assert!(t.complete());
+        t.feed(b": a keep-alive comment far longer than the tracker's line buffer\n\n");
+        assert!(t.complete(), "a comment is not a data event");
+        t.feed(b"data: {\"a long data line after done, longer than the buffer\":1}\n");
+        assert!(
+            !t.complete(),
+            "a data event after [DONE] reopens the stream"
+        );
+    }
 
     const CHAT: &[u8] = br#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}],"usage":{"total_tokens":3}}"#;
 
