@@ -186,15 +186,18 @@ demo: setup filter
 
 ## mutants: mutation testing of the core with cargo-mutants (not in `make test`: it takes tens of
 ## minutes). Every mutant the core's tests do not catch is listed in target/mutants/mutants.out/
-## missed.txt. MUTANTS_FILES narrows it, e.g. MUTANTS_FILES="core/src/breaker.rs".
+## missed.txt. MUTANTS_FILES narrows it, e.g. MUTANTS_FILES="core/src/breaker.rs"; MUTANTS_JOBS
+## runs that many builds at once (each in its own copy of the tree). Settings and the equivalent
+## mutants excluded, each with why: .cargo/mutants.toml.
 CARGO_MUTANTS_VERSION := 27.1.0
 MUTANTS_FILES ?=
+MUTANTS_JOBS ?= 2
 mutants: setup-rust
 	@cargo mutants --version 2>/dev/null | grep -qx 'cargo-mutants $(CARGO_MUTANTS_VERSION)' \
 	  || $(CARGO) install cargo-mutants --version $(CARGO_MUTANTS_VERSION) --locked
 	@# cargo-mutants exits 2 when mutants survive and 3 when some timed out: both are this
 	@# target's report, not its failure; anything else (a failing baseline) is.
-	status=0; $(CARGO) mutants -p unbusy-core --test-workspace=false \
+	status=0; $(CARGO) mutants -p unbusy-core --test-workspace=false -j $(MUTANTS_JOBS) \
 	  $(addprefix -f ,$(MUTANTS_FILES)) -o target/mutants || status=$$?; \
 	  [ $$status -le 3 ] && [ $$status -ne 1 ] || exit $$status
 	@for f in caught missed timeout unviable; do \
