@@ -1035,7 +1035,7 @@ impl Engine {
             self.timers.pop();
             ids.push(id);
         }
-        ids.sort_unstable();
+        crate::sorted_map::sort_by(&mut ids, |a, b| a < b);
         ids.dedup();
         for id in ids {
             let Some(r) = self.requests.get(&id) else {
