@@ -1124,6 +1124,9 @@ impl FromJson for Jitter {
     }
 }
 
+/// Stores a struct's member: its index in the struct's list of names, its value, its path.
+type ReadField<'a> = dyn FnMut(usize, &Value, &str, &mut Vec<ConfigError>) + 'a;
+
 /// Reads the members of a struct's object: each member the struct has (`names`) goes to
 /// `field` with its index and its path, each it does not have is an unknown field (a typo must
 /// not become a default). `None` when `v` is not an object.
@@ -1135,7 +1138,7 @@ fn read_members(
     path: &str,
     errors: &mut Vec<ConfigError>,
     names: &[&str],
-    field: &mut dyn FnMut(usize, &Value, &str, &mut Vec<ConfigError>),
+    field: &mut ReadField<'_>,
 ) -> Option<()> {
     let Value::Object(members) = v else {
         wrong(path, errors, "an object");
