@@ -79,7 +79,9 @@ impl Rate {
 
 /// `n / d` (`d` > 0) and its remainder, or `None` when the quotient does not fit in 64 bits: a
 /// shift-and-subtract division rather than `u128`'s, which is a 1 KB software routine on wasm
-/// (only products that overflow 64 bits come here).
+/// (only products that overflow 64 bits come here). Never inlined: where rustc inlined it, the
+/// Envoy filter came out 18 KB larger (293,962 bytes rather than 275,455).
+#[inline(never)]
 fn div_wide(n: u128, d: u64) -> Option<(u64, u64)> {
     let (mut rem, mut low) = ((n >> 64) as u64, n as u64);
     if rem >= d {
