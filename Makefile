@@ -100,11 +100,13 @@ install: filter
 
 ## js: the npm package in wasm-js/npm: the engine for wasm32-unknown-unknown, its JS glue,
 ## then wasm-opt with the features rustc emits, and its bytes as an ES module (`unbusy/wasm`).
+## (`--converge` repeats -Oz while it still shrinks the module; the producers section only
+## names the toolchain.)
 js: setup-rust setup-js
 	$(CARGO) build -p unbusy-js --target wasm32-unknown-unknown --profile wasm-filter
 	wasm-bindgen --target web --no-typescript --out-dir $(NPM_DIR)/pkg \
 	  target/wasm32-unknown-unknown/wasm-filter/unbusy_js.wasm
-	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
+	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --converge --strip-producers --enable-bulk-memory --enable-nontrapping-float-to-int \
 	  --enable-sign-ext --enable-reference-types --enable-multivalue --enable-mutable-globals \
 	  $(NPM_DIR)/pkg/unbusy_js_bg.wasm -o $(NPM_DIR)/pkg/unbusy_js_bg.wasm
 	node $(NPM_DIR)/scripts/inline-wasm.mjs

@@ -10,7 +10,10 @@
 //!   the previous sample (`alpha = 1 - 2^(-dt / half_life)`), so irregular traffic is averaged
 //!   over time rather than over sample counts.
 //!
-//! [`AnomalyDetector`] combines them over one signal (latency in ms, or a 0/1 error indicator).
+//! [`SigmaDetector`] judges one signal (latency in ms, or a 0/1 error indicator) against its
+//! rolling window; [`AnomalyDetector`] is that with an EWMA beside it. The engine uses the first:
+//! it reads only the verdicts, and an EWMA nobody reads would cost the wasm builds `libm`'s
+//! `exp2` and its 4 KB table.
 
 use crate::time::Nanos;
 
@@ -158,33 +161,31 @@ pub struct Verdict {
     pub anomalous: bool,
 }
 
-/// A 3-sigma detector with an EWMA beside it, over one signal.
+/// A 3-sigma detector over one signal: each sample is judged against the rolling window of the
+/// ones before it.
 #[derive(Debug, Clone)]
-pub struct AnomalyDetector<const N: usize> {
+pub struct SigmaDetector<const N: usize> {
     stats: RollingStats<N>,
-    ewma: Ewma,
     sigmas: f64,
     min_samples: usize,
 }
 
-impl<const N: usize> AnomalyDetector<N> {
+impl<const N: usize> SigmaDetector<N> {
     /// A detector flagging samples more than `sigmas` deviations above the mean once it has
-    /// `min_samples` samples, with an EWMA of the given half-life.
-    pub const fn new(sigmas: f64, min_samples: usize, half_life: Nanos) -> Self {
+    /// `min_samples` samples.
+    pub const fn new(sigmas: f64, min_samples: usize) -> Self {
         Self {
             stats: RollingStats::new(),
-            ewma: Ewma::with_half_life(half_life),
             sigmas,
             min_samples,
         }
     }
 
     /// Judges `x` against the window, then adds it.
-    pub fn observe(&mut self, now: Nanos, x: f64) -> Verdict {
+    pub fn observe(&mut self, x: f64) -> Verdict {
         let z = self.stats.z_score(x);
         let anomalous = self.stats.len() >= self.min_samples && z > self.sigmas;
         self.stats.push(x);
-        self.ewma.observe(now, x);
         Verdict {
             z_score: z,
             anomalous,
@@ -194,6 +195,36 @@ impl<const N: usize> AnomalyDetector<N> {
     /// The rolling window.
     pub const fn stats(&self) -> &RollingStats<N> {
         &self.stats
+    }
+}
+
+/// A 3-sigma detector with an EWMA beside it, over one signal.
+#[derive(Debug, Clone)]
+pub struct AnomalyDetector<const N: usize> {
+    sigma: SigmaDetector<N>,
+    ewma: Ewma,
+}
+
+impl<const N: usize> AnomalyDetector<N> {
+    /// A detector flagging samples more than `sigmas` deviations above the mean once it has
+    /// `min_samples` samples, with an EWMA of the given half-life.
+    pub const fn new(sigmas: f64, min_samples: usize, half_life: Nanos) -> Self {
+        Self {
+            sigma: SigmaDetector::new(sigmas, min_samples),
+            ewma: Ewma::with_half_life(half_life),
+        }
+    }
+
+    /// Judges `x` against the window, then adds it.
+    pub fn observe(&mut self, now: Nanos, x: f64) -> Verdict {
+        let verdict = self.sigma.observe(x);
+        self.ewma.observe(now, x);
+        verdict
+    }
+
+    /// The rolling window.
+    pub const fn stats(&self) -> &RollingStats<N> {
+        self.sigma.stats()
     }
 
     /// The EWMA.

@@ -350,7 +350,7 @@ impl Canonicalizer {
                     compare_keys(src, escaped, lookup(x), lookup(y))
                 };
                 let tail = self.members.get_mut(base..).unwrap_or_default();
-                tail.sort_unstable_by(|x, y| order(x.0, y.0));
+                crate::sorted_map::sort_by(tail, |x, y| order(x.0, y.0) == Ordering::Less);
                 let duplicate = tail
                     .windows(2)
                     .any(|w| matches!(w, [x, y] if order(x.0, y.0) == Ordering::Equal));

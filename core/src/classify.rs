@@ -454,12 +454,12 @@ pub fn parse_go_duration(value: &str) -> Option<Nanos> {
             .bytes()
             .position(|b| !(b.is_ascii_digit() || b == b'.'))
             .unwrap_or(rest.len());
-        let (number, tail) = rest.split_at(number_len);
+        let (number, tail) = rest.split_at_checked(number_len)?;
         let unit_len = tail
             .bytes()
             .position(|b| b.is_ascii_digit() || b == b'.')
             .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
+        let (unit, tail) = tail.split_at_checked(unit_len)?;
         let unit_ns = match unit {
             "h" => 3600 * SECOND,
             "m" => 60 * SECOND,

@@ -45,6 +45,12 @@
 //!
 //! Fixed-size state, `now` passed in.
 
+/// 2 to the power `n` (0 to 1023), exactly: what `libm::exp2` gives for a whole number, without
+/// its 4 KB table in the wasm builds.
+fn pow2(n: u64) -> f64 {
+    f64::from_bits((1023 + n.min(1023)) << 52)
+}
+
 #[cfg(test)]
 use crate::time::secs;
 use crate::time::{ms, Nanos};
@@ -169,7 +175,7 @@ impl AimdLimit {
             return Some(self.limit);
         }
         let doublings = (now - quiet_from) / FORGET_STEP + 1;
-        let grown = self.limit * libm::exp2(doublings.min(64) as f64);
+        let grown = self.limit * pow2(doublings.min(64));
         (grown < FORGET_CEILING && grown < self.settings.max).then_some(grown)
     }
 
@@ -296,6 +302,13 @@ impl AimdLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pow2_is_exp2_for_the_doublings() {
+        for n in 0..=64 {
+            assert_eq!(pow2(n), libm::exp2(n as f64), "2^{n}");
+        }
+    }
 
     #[test]
     fn slots_are_bounded() {

@@ -30,7 +30,7 @@
 //! - **concurrency limits only where a quota is configured or shown**;
 //! - **a retry hint answers its own request**; the retry budget bounds failed retries.
 
-use crate::anomaly::AnomalyDetector;
+use crate::anomaly::SigmaDetector;
 use crate::backoff::{Backoff, GiveUp, Schedule};
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::bucket::{combine, Decision, KeyedBuckets, RequestAndTokenBuckets, TokenBucket};
@@ -539,8 +539,8 @@ pub struct Engine {
     health: Ring<Health, 10>,
     /// When the outcomes now in the health window started arriving.
     health_since: Nanos,
-    first_token_latency: AnomalyDetector<64>,
-    response_latency: AnomalyDetector<64>,
+    first_token_latency: SigmaDetector<64>,
+    response_latency: SigmaDetector<64>,
     stall: Nanos,
     requests: SortedMap<RequestId, Box<RequestState>>,
     /// When each request next has something due (its deadline, a wait's end, an attempt's
@@ -601,8 +601,8 @@ impl Engine {
             ladder: Ladder::new(config.degradation.settings()),
             health: Ring::new(10 * SECOND),
             health_since: 0,
-            first_token_latency: AnomalyDetector::new(3.0, 20, 30 * SECOND),
-            response_latency: AnomalyDetector::new(3.0, 20, 30 * SECOND),
+            first_token_latency: SigmaDetector::new(3.0, 20),
+            response_latency: SigmaDetector::new(3.0, 20),
             stall: ms(config.deadlines.stall_ms),
             providers,
             requests: SortedMap::new(),
@@ -885,7 +885,7 @@ impl Engine {
                 } else {
                     &mut self.response_latency
                 };
-                let verdict = detector.observe(now, latency as f64 / 1e6);
+                let verdict = detector.observe(latency as f64 / 1e6);
                 if verdict.anomalous {
                     let h = self.health.current(now);
                     h.slow = h.slow.saturating_add(1);
@@ -1035,7 +1035,7 @@ impl Engine {
             self.timers.pop();
             ids.push(id);
         }
-        ids.sort_unstable();
+        crate::sorted_map::sort_by(&mut ids, |a, b| a < b);
         ids.dedup();
         for id in ids {
             let Some(r) = self.requests.get(&id) else {

@@ -5,6 +5,9 @@
 //! a handful of names, and the engine's requests are inserted in key order (request ids only
 //! rise), so an insert is a push and a lookup a binary search; a removal moves the entries after
 //! it, which is why the engine boxes its request states (16 bytes an entry to move).
+//!
+//! [`sort_by`] is the crate's one sort, for the same reason: `slice::sort_unstable` (ipnsort) is
+//! about 3 KB of wasm for every element type it sorts.
 
 use alloc::vec::Vec;
 use core::borrow::Borrow;
@@ -110,6 +113,40 @@ impl<K: Ord, V> SortedMap<K, V> {
     }
 }
 
+/// Sorts `v` by `less` (a strict order), unstably: a heapsort, O(n log n) without allocating, in
+/// a fraction of `slice::sort_unstable`'s code. Only the order of equal elements can differ from
+/// `sort_unstable_by`'s, and no caller keeps equal elements apart: the engine sorts request ids
+/// and then dedups them, the cache key refuses an object with a repeated member.
+pub fn sort_by<T>(v: &mut [T], mut less: impl FnMut(&T, &T) -> bool) {
+    let mut lt = |v: &[T], a: usize, b: usize| match (v.get(a), v.get(b)) {
+        (Some(x), Some(y)) => less(x, y),
+        _ => false,
+    };
+    // Moves the element at `node` down the max-heap in `v[..end]` to its place.
+    let mut sift_down = |v: &mut [T], mut node: usize, end: usize| loop {
+        let mut child = 2 * node + 1;
+        if child >= end {
+            break;
+        }
+        if child + 1 < end && lt(v, child, child + 1) {
+            child += 1;
+        }
+        if !lt(v, node, child) {
+            break;
+        }
+        v.swap(node, child);
+        node = child;
+    };
+    let len = v.len();
+    for node in (0..len / 2).rev() {
+        sift_down(v, node, len);
+    }
+    for end in (1..len).rev() {
+        v.swap(0, end);
+        sift_down(v, 0, end);
+    }
+}
+
 impl<K: Ord, V> FromIterator<(K, V)> for SortedMap<K, V> {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(items: I) -> Self {
         let mut map = Self::new();
@@ -154,6 +191,26 @@ mod tests {
             let theirs: Vec<_> = theirs.into_iter().collect();
             assert_eq!(ours, theirs);
         }
+    }
+
+    /// Sorts every length from 0 to 40, with and without repeats, as `sort_unstable` does.
+    #[test]
+    fn sort_by_sorts_like_the_standard_sort() {
+        let mut rng = fastrand::Rng::with_seed(13);
+        for len in 0..=40 {
+            for range in [2, 8, u32::MAX] {
+                for _ in 0..20 {
+                    let mut ours: Vec<u32> = (0..len).map(|_| rng.u32(..range)).collect();
+                    let mut theirs = ours.clone();
+                    sort_by(&mut ours, |a, b| a < b);
+                    theirs.sort_unstable();
+                    assert_eq!(ours, theirs);
+                }
+            }
+        }
+        let mut descending: Vec<u64> = (0..1000).collect();
+        sort_by(&mut descending, |a, b| a > b);
+        assert!(descending.windows(2).all(|w| w[0] > w[1]));
     }
 
     #[test]
