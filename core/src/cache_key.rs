@@ -938,6 +938,32 @@ mod tests {
     }
 
     #[test]
+    fn only_temperature_and_n_decide_determinism() {
+        let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+        // Other numbers beside temperature 0 (max_tokens, top_p, seed) leave it cacheable.
+        let with_numbers = format!(
+            r#"{{"model":"m","temperature":0,"max_tokens":100,"top_p":0.5,"seed":7,{msgs}}}"#
+        );
+        assert!(key("t", &with_numbers).is_ok());
+        // `n: null` is the default (one choice); `n: 1` too; anything else is not.
+        for n in ["null", "1", "1.0"] {
+            let body = format!(r#"{{"model":"m","temperature":0,"n":{n},{msgs}}}"#);
+            assert!(key("t", &body).is_ok(), "n: {n}");
+        }
+        for n in ["2", "-1", "\"1\"", "true", "[1]"] {
+            let body = format!(r#"{{"model":"m","temperature":0,"n":{n},{msgs}}}"#);
+            assert_eq!(
+                key("t", &body),
+                Err(NotCacheable::NonDeterministic),
+                "n: {n}"
+            );
+        }
+        // A temperature that is not a number is not 0.
+        let text = format!(r#"{{"model":"m","temperature":"0",{msgs}}}"#);
+        assert_eq!(key("t", &text), Err(NotCacheable::NonDeterministic));
+    }
+
+    #[test]
     fn swar_scan_finds_the_first_special_byte() {
         for len in 0..20 {
             for at in 0..len {
