@@ -1134,6 +1134,15 @@ mod tests {
     }
 
     #[test]
+    fn nesting_is_refused_one_level_past_max_depth() {
+        // The outermost value is at depth 0: MAX_DEPTH + 1 nested arrays reach depth MAX_DEPTH.
+        let nested = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        assert!(canon(&nested(MAX_DEPTH + 1)).is_ok());
+        assert_eq!(canon(&nested(MAX_DEPTH + 2)), Err(NotCacheable::TooDeep));
+        assert!(canon(&nested(1)).is_ok());
+    }
+
+    #[test]
     fn equivalent_requests_share_a_key() {
         let a = key(
             "t1",
