@@ -417,13 +417,38 @@ async fn several_providers_the_first_unhealthy_one_decides() {
         AnswerShape::Normal,
     )
     .await;
+    let limited = emulated(
+        always(FaultWindow {
+            rate_limit_429: 1.0,
+            retry_after_s: 1.0,
+            ..FaultWindow::default()
+        }),
+        AnswerShape::Normal,
+    )
+    .await;
     let a = format!("emu={healthy}");
     let b = format!("busy={busy}");
-    let run = diagnose(&["--provider", &a, "--provider", &b, "--json"], &key()).await;
-    assert_eq!(run.code, 8, "{}", run.stdout);
+    let c = format!("limited={limited}");
+    let run = diagnose(
+        &[
+            "--provider",
+            &a,
+            "--provider",
+            &c,
+            "--provider",
+            &b,
+            "--json",
+        ],
+        &key(),
+    )
+    .await;
+    // 7 (rate limited, the second), not 8 (overloaded: the last, and the highest).
+    assert_eq!(run.code, 7, "{}", run.stdout);
     let doc: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(doc["providers"][0]["verdict"], "healthy");
-    assert_eq!(doc["providers"][1]["verdict"], "overloaded");
-    // The second provider's key comes from its own variable, which is not set.
+    assert_eq!(doc["providers"][1]["verdict"], "rate_limited");
+    assert_eq!(doc["providers"][2]["verdict"], "overloaded");
+    // The other providers' keys come from their own variables, which are not set.
+    assert_eq!(doc["providers"][0]["key_given"], true);
     assert_eq!(doc["providers"][1]["key_given"], false);
 }
