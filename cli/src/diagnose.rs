@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! unbusy diagnose [--provider NAME=URL ...] [URL ...] [--key-env VAR] [--model MODEL] [--json]
-//!                 [--dns-timeout D] [--connect-timeout D] [--tls-timeout D]
+//!                 [--cacert FILE] [--dns-timeout D] [--connect-timeout D] [--tls-timeout D]
 //!                 [--headers-timeout D] [--token-timeout D]
 //! ```
 //! For each provider, like `curl -v -w` would: DNS resolution (addresses, time), TCP connect,
@@ -16,11 +16,16 @@
 //! The key is read from `--key-env VAR`, else `UNBUSY_KEY_<NAME>` (as `unbusy up` reads it), and
 //! is sent only in the `authorization` header: it is never printed, in any output or error.
 //! Every phase has its own timeout, so an endpoint that never answers gives a verdict too.
+//!
+//! Certificates are checked against the Mozilla roots built in (`webpki-roots`), plus the PEM
+//! certificates of `--cacert FILE` (a company proxy's own CA, a self-hosted gateway).
 
 use crate::Failure;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -181,6 +186,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
     let mut model = "deepseek-chat".to_string();
     let mut as_json = false;
     let mut t = Timeouts::default();
+    let mut extra_roots: Vec<CertificateDer<'static>> = Vec::new();
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -191,6 +197,17 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             "--key-env" => key_env = Some(value()?),
             "--model" => model = value()?,
             "--json" => as_json = true,
+            "--cacert" => {
+                let path = value()?;
+                let pem = std::fs::read(&path).map_err(|e| format!("--cacert {path}: {e}"))?;
+                let before = extra_roots.len();
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    extra_roots.push(cert.map_err(|e| format!("--cacert {path}: {e}"))?);
+                }
+                if extra_roots.len() == before {
+                    return Err(format!("--cacert {path}: no PEM certificate in it").into());
+                }
+            }
             "--dns-timeout" => t.dns = parse_duration(&arg, &value()?)?,
             "--connect-timeout" => t.connect = parse_duration(&arg, &value()?)?,
             "--tls-timeout" => t.tls = parse_duration(&arg, &value()?)?,
@@ -225,7 +242,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
         let key = std::env::var(&target.key_env)
             .ok()
             .filter(|k| !k.is_empty());
-        let report = runtime.block_on(probe(target, key.as_deref(), &model, t));
+        let report = runtime.block_on(probe(target, key.as_deref(), &model, t, &extra_roots));
         if !as_json {
             out(&report.human());
         }
@@ -516,14 +533,26 @@ fn scrub(text: String, key: Option<&str>) -> String {
     }
 }
 
-async fn probe(target: &Target, key: Option<&str>, model: &str, t: Timeouts) -> Report {
-    let mut report = probe_inner(target, key, model, t).await;
+async fn probe(
+    target: &Target,
+    key: Option<&str>,
+    model: &str,
+    t: Timeouts,
+    roots: &[CertificateDer<'static>],
+) -> Report {
+    let mut report = probe_inner(target, key, model, t, roots).await;
     report.detail = scrub(std::mem::take(&mut report.detail), key);
     report.body_excerpt = scrub(std::mem::take(&mut report.body_excerpt), key);
     report
 }
 
-async fn probe_inner(target: &Target, key: Option<&str>, model: &str, t: Timeouts) -> Report {
+async fn probe_inner(
+    target: &Target,
+    key: Option<&str>,
+    model: &str,
+    t: Timeouts,
+    extra_roots: &[CertificateDer<'static>],
+) -> Report {
     let up = &target.upstream;
     let start = Instant::now();
     let mut r = Report::new(target, key.is_some(), chat_path(&up.url));
@@ -615,7 +644,7 @@ async fn probe_inner(target: &Target, key: Option<&str>, model: &str, t: Timeout
     // TLS.
     let io: Box<dyn Io> = if up.tls {
         let t0 = Instant::now();
-        match tls_handshake(tcp, &host, t.tls).await {
+        match tls_handshake(tcp, &host, t.tls, extra_roots).await {
             Ok((stream, mut info)) => {
                 info.timing = Timing {
                     took_ms: ms(t0.elapsed()),
@@ -925,9 +954,15 @@ async fn tls_handshake(
     tcp: TcpStream,
     host: &str,
     timeout: Duration,
+    extra_roots: &[CertificateDer<'static>],
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, TlsInfo), String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("a --cacert certificate is not usable as a root: {e}"))?;
+    }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

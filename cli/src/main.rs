@@ -20,7 +20,7 @@ const USAGE: &str =
     "usage: unbusy up --provider NAME=URL [--provider NAME=URL ...] [--listen ADDR] \
 [--admin ADDR] [--config FILE] [--concurrency N] [--envoy PATH] [--filter PATH] [--print-config]
        unbusy filter > unbusy_envoy.wasm
-       unbusy diagnose [URL ...] [--provider NAME=URL ...] [--key-env VAR] [--model MODEL] [--json]
+       unbusy diagnose [URL ...] [--provider NAME=URL ...] [--key-env VAR] [--model MODEL] [--json] [--cacert FILE]
                        [--dns-timeout D] [--connect-timeout D] [--tls-timeout D]
                        [--headers-timeout D] [--token-timeout D]
          exit: 0 healthy, 3 network/DNS, 4 TLS, 5 proxy, 6 key/balance, 7 rate limited,

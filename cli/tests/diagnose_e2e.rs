@@ -15,9 +15,10 @@
 
 use serde_json::Value;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use unbusy_tests::emulator::{start, AnswerShape, Behaviour};
 use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
@@ -249,45 +250,44 @@ async fn an_endless_stall_is_cut_by_the_token_timeout() {
     assert_eq!(doc["providers"][0]["class"], "stall");
 }
 
+/// Reads one request (head and `content-length` body), answers `response`, and closes.
+async fn answer_once<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, response: &str) {
+    let mut buf = vec![0u8; 16384];
+    let mut got = Vec::new();
+    loop {
+        let Ok(n) = s.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                break;
+            }
+        }
+    }
+    let _ = s.write_all(response.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
 /// A raw HTTP/1.1 server that answers every request with `response` (then closes).
 async fn raw_server(response: &'static str) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16384];
-                let mut got = Vec::new();
-                // Read the head and the body (content-length) before answering.
-                loop {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&got).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if got.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                let _ = s.write_all(response.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(answer_once(s, response));
         }
     });
     format!("http://{addr}")
@@ -362,12 +362,21 @@ async fn a_listener_that_never_answers_gets_a_verdict_in_time() {
     drop(listener);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_self_signed_certificate_is_a_tls_problem() {
+/// A streamed answer with one token, as a whole HTTP/1.1 response.
+const STREAMED_OK: &str = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+connection: close\r\n\r\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"OK\"}}]}\n\n\
+data: [DONE]\n\n";
+
+/// A TLS server on 127.0.0.1 with a fresh self-signed certificate (for `localhost` and
+/// 127.0.0.1), offering ALPN `http/1.1` and answering every request with one streamed token.
+/// Returns its port, the certificate as PEM, and a count of the connections it accepted.
+async fn tls_server() -> (u16, String, Arc<AtomicU32>) {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     let rcgen::CertifiedKey { cert, key_pair } =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -378,32 +387,65 @@ async fn a_self_signed_certificate_is_a_tls_problem() {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der())),
     )
     .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let handshakes = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let seen = handshakes.clone();
+    let accepted = Arc::new(AtomicU32::new(0));
+    let seen = accepted.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
-            let seen = seen.clone();
+            seen.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if let Ok(mut tls) = acceptor.accept(s).await {
-                    let _ = tls.write_all(unauthorized().as_bytes()).await;
+                if let Ok(tls) = acceptor.accept(s).await {
+                    answer_once(tls, STREAMED_OK).await;
                 }
             });
         }
     });
-    // 127.0.0.1, not localhost: localhost may resolve to ::1 first, where nothing listens.
+    (port, cert.pem(), accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_certificate_is_a_tls_problem() {
+    let (port, _, accepted) = tls_server().await;
     let url = format!("https://127.0.0.1:{port}");
     let (code, r, text) = verdict_of(&url, &[], &key()).await;
     assert_eq!(code, 4, "{text}");
     assert_eq!(r["verdict"], "tls");
     assert!(!r["connect"].is_null());
     assert!(r["status"].is_null());
-    assert!(handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 2);
-    assert!(text.contains("TLS problem"), "{text}");
+    assert!(accepted.load(Ordering::SeqCst) >= 2);
+    assert!(r["detail"].as_str().unwrap().contains("certificate"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_server_trusted_with_cacert_is_healthy_and_its_certificate_shown() {
+    let (port, pem, _) = tls_server().await;
+    let dir = std::env::temp_dir().join(format!("unbusy-diagnose-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let (code, r, text) = verdict_of(&url, &["--cacert", ca.to_str().unwrap()], &key()).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(r["verdict"], "healthy");
+    assert_eq!(r["tls"]["version"], "TLSv1.3");
+    assert_eq!(r["tls"]["alpn"], "http/1.1");
+    // rcgen's default validity: 1975-01-01 to 4096-01-01.
+    assert_eq!(
+        r["tls"]["certificate"]["not_before"],
+        "1975-01-01 00:00:00 UTC"
+    );
+    assert_eq!(
+        r["tls"]["certificate"]["not_after"],
+        "4096-01-01 00:00:00 UTC"
+    );
+    assert!(r["tls"]["certificate"]["days_left"].as_i64().unwrap() > 700_000);
+    assert!(r["first_token_ms"].as_f64().unwrap() >= r["tls"]["timing"]["at_ms"].as_f64().unwrap());
+    assert!(text.contains("TLSv1.3, ALPN http/1.1"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
