@@ -802,7 +802,11 @@ async fn probe_inner(
                         k.first_ms.get_or_insert(now_ms);
                         k.last_ms = Some(now_ms);
                     }
-                    Feed::FirstProgress => r.first_token_ms = Some(now_ms),
+                    // An error body is real bytes, not a token.
+                    Feed::FirstProgress if (200..=299).contains(&status) => {
+                        r.first_token_ms = Some(now_ms);
+                    }
+                    Feed::FirstProgress => {}
                     Feed::Progress => {}
                 }
                 let room = BODY_KEEP.saturating_sub(kept.len());
@@ -838,7 +842,10 @@ async fn probe_inner(
     };
     r.class = Some(classification.class.label());
     r.retry_after_s = classification.retry_after.map(|n| n as f64 / 1e9);
-    let shown = if (200..=299).contains(&status) && classification.class == OutcomeClass::Success {
+    let shown = if classification.class == OutcomeClass::Success
+        || classification.class == OutcomeClass::Transport(TransportFault::Stall)
+    {
+        // An answer, or keep-alive bytes only: nothing worth showing.
         Vec::new()
     } else {
         kept.clone()

@@ -171,6 +171,8 @@ async fn rate_limited_with_its_hint() {
     assert_eq!(r["verdict"], "rate_limited");
     assert_eq!(r["status"], 429);
     assert_eq!(r["retry_after_s"], 7.0);
+    // The error body is not a token.
+    assert!(r["first_token_ms"].is_null(), "{r}");
     assert!(text.contains("wait 7.0 s"), "{text}");
 }
 
