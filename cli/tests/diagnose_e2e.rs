@@ -315,6 +315,63 @@ async fn a_refused_key_is_a_key_problem() {
     assert!(text.contains("UNBUSY_KEY_EMU was refused"), "{text}");
 }
 
+/// A whole HTTP/1.1 response with a JSON (or given) body.
+fn response(status: &str, content_type: &str, body: &str) -> &'static str {
+    let r = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    Box::leak(r.into_boxed_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_balance_is_a_key_problem() {
+    let url = raw_server(response(
+        "402 Payment Required",
+        "application/json",
+        r#"{"error":{"message":"Insufficient Balance","type":"unknown_error"}}"#,
+    ))
+    .await;
+    let (code, r, text) = verdict_of(&url, &[], &key()).await;
+    assert_eq!(code, 6, "{text}");
+    assert_eq!(r["status"], 402);
+    assert!(text.contains("no balance"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_407_or_an_html_page_is_a_proxy() {
+    let url = raw_server(response(
+        "407 Proxy Authentication Required",
+        "text/plain",
+        "proxy auth required",
+    ))
+    .await;
+    let (code, r, text) = verdict_of(&url, &[], &key()).await;
+    assert_eq!(code, 5, "{text}");
+    assert_eq!(r["verdict"], "proxy");
+    // A gateway's page passed on as a 200 (the emulator's html_200 shape).
+    let url = emulated(vec![], AnswerShape::Html200).await;
+    let (code, r, text) = verdict_of(&url, &[], &key()).await;
+    assert_eq!(code, 5, "{text}");
+    assert_eq!(r["status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_is_a_provider_error() {
+    let url = emulated(
+        always(FaultWindow {
+            error_500: 1.0,
+            ..FaultWindow::default()
+        }),
+        AnswerShape::Normal,
+    )
+    .await;
+    let (code, r, text) = verdict_of(&url, &[], &key()).await;
+    assert_eq!(code, 9, "{text}");
+    assert_eq!(r["verdict"], "provider_error");
+    assert_eq!(r["status"], 500);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unresolvable_name_is_a_network_problem() {
     let (code, r, text) = verdict_of(
