@@ -1032,7 +1032,7 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 }
 
 /// A certificate's validity (`notBefore`, `notAfter`), each as text and Unix seconds, read
-/// from its DER without a parser crate: Certificate → tbsCertificate → [version], serial,
+/// from its DER without a parser crate: Certificate → tbsCertificate → the optional version, serial,
 /// signature, issuer, validity.
 fn cert_validity(cert: &[u8]) -> Option<((String, i64), (String, i64))> {
     let (_, cert, _) = der(cert)?;
