@@ -3,11 +3,13 @@
 //! ```text
 //! unbusy up --provider NAME=URL [--provider NAME=URL ...] [options]   Envoy with unbusy in front
 //! unbusy filter > unbusy_envoy.wasm                                   the built-in filter
+//! unbusy diagnose URL | --provider NAME=URL ... [--json] [options]     what is wrong, phase by phase
 //! ```
-//! See [`up`] for `unbusy up`. The Envoy filter's `.wasm` is built into the binary (`build.rs`),
+//! See [`up`] for `unbusy up` and [`diagnose`] for `unbusy diagnose`. The Envoy filter's `.wasm` is built into the binary (`build.rs`),
 //! so `cargo install --path cli` gives a command that works from any directory; Envoy itself
 //! comes from `PATH` or `--envoy`.
 
+mod diagnose;
 mod private;
 mod up;
 
@@ -18,6 +20,11 @@ const USAGE: &str =
     "usage: unbusy up --provider NAME=URL [--provider NAME=URL ...] [--listen ADDR] \
 [--admin ADDR] [--config FILE] [--concurrency N] [--envoy PATH] [--filter PATH] [--print-config]
        unbusy filter > unbusy_envoy.wasm
+       unbusy diagnose [URL ...] [--provider NAME=URL ...] [--key-env VAR] [--model MODEL] [--json] [--cacert FILE]
+                       [--dns-timeout D] [--connect-timeout D] [--tls-timeout D]
+                       [--headers-timeout D] [--token-timeout D]
+         exit: 0 healthy, 3 network/DNS, 4 TLS, 5 proxy, 6 key/balance, 7 rate limited,
+               8 overloaded, 9 provider error
        unbusy --version";
 
 /// Why a command failed.
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
     let result = match args.next().as_deref() {
         Some("up") => up::run(args),
         Some("filter") => filter(args),
+        Some("diagnose") => diagnose::run(args),
         Some("--version" | "-V") => {
             println!("unbusy {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
