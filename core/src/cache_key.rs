@@ -1117,6 +1117,10 @@ mod tests {
             "{\"a\":1}x",
             "{'a':1}",
             "NaN",
+            "{\"a\":1]",
+            "[1}",
+            "[1 2]",
+            "{\"a\":[1}}",
         ] {
             assert!(
                 matches!(canon(bad), Err(NotCacheable::Malformed { .. })),
