@@ -182,7 +182,8 @@ impl Store {
 }
 
 /// The provider answers a request on proxy `p`'s stream `ctx` after its L2 lookup missed.
-fn miss_then_provider(p: &mut Proxy, store: &Store, ctx: u32, key: &str) {
+/// Returns the lookup's path.
+fn miss_then_provider(p: &mut Proxy, store: &Store, ctx: u32, key: &str) -> String {
     assert_eq!(
         p.request(ctx, key, CHAT),
         Action::Pause,
@@ -202,6 +203,12 @@ fn miss_then_provider(p: &mut Proxy, store: &Store, ctx: u32, key: &str) {
         .to_string();
     assert!(note.contains("cache=miss"), "{note}");
     p.end(ctx);
+    calls[0].header(":path").unwrap().to_string()
+}
+
+/// The tenant segment of a lookup's path.
+fn tenant_of(path: &str) -> &str {
+    path.split('/').nth(3).unwrap()
 }
 
 /// Proxy A's answer, written back, is a hit on proxy B (served whole, nothing upstream, noted
@@ -212,7 +219,7 @@ fn an_answer_written_back_by_one_proxy_is_an_l2_hit_on_another_for_its_tenant_on
     let mut store = Store::default();
     let mut a = Proxy::new(CONFIG);
     let mut b = Proxy::new(CONFIG);
-    miss_then_provider(&mut a, &store, 10, "k1");
+    let k1 = miss_then_provider(&mut a, &store, 10, "k1");
     assert!(a.new_calls().is_empty(), "write-backs wait for the tick");
     a.tick();
     let puts = a.new_calls();
@@ -258,8 +265,10 @@ fn an_answer_written_back_by_one_proxy_is_an_l2_hit_on_another_for_its_tenant_on
         .contains("cache=hit;"));
     b.end(21);
 
-    // Another tenant: its own path, a miss.
-    miss_then_provider(&mut b, &store, 22, "k2");
+    // Another tenant: its own path (its key differs, and so does the tenant in it), a miss.
+    let k2 = miss_then_provider(&mut b, &store, 22, "k2");
+    assert_ne!(tenant_of(&k1), tenant_of(&k2), "{k1} {k2}");
+    assert_eq!(tenant_of(&k1).len(), 16, "{k1}");
     assert_eq!(b.metric("unbusy_l2_cache_total.result.miss"), 1);
 }
 
@@ -360,7 +369,7 @@ fn only_a_valid_answer_is_written_back() {
         p.tick();
         assert!(p.new_calls().is_empty(), "no write-back of {body}");
     }
-    miss_then_provider(&mut p, &store, 12, "k1");
+    let _ = miss_then_provider(&mut p, &store, 12, "k1");
     p.tick();
     assert_eq!(p.new_calls().len(), 1, "a valid answer is written back");
 }
