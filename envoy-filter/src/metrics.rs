@@ -147,8 +147,14 @@ impl Metrics {
             cache_bytes: host.define_metric(Gauge, "unbusy_cache_bytes"),
             cache: ["hit", "miss", "stale"]
                 .map(|r| host.define_metric(Counter, &format!("unbusy_cache_total.result.{r}"))),
-            l2: ["hit", "stale", "miss", "error"]
-                .map(|r| host.define_metric(Counter, &format!("unbusy_l2_cache_total.result.{r}"))),
+            // (Whole names, not `format!`: every byte counts in the filter's size.)
+            l2: [
+                "unbusy_l2_cache_total.result.hit",
+                "unbusy_l2_cache_total.result.stale",
+                "unbusy_l2_cache_total.result.miss",
+                "unbusy_l2_cache_total.result.error",
+            ]
+            .map(|name| host.define_metric(Counter, name)),
             rejections: [
                 "budget",
                 "throttled",

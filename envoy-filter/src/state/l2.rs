@@ -28,8 +28,9 @@ const MAX_QUEUED_WRITES: usize = 64;
 /// This worker's view of the store.
 #[derive(Default)]
 pub struct L2 {
-    /// Lookups in flight: the stream each belongs to.
-    calls: std::collections::HashMap<CallToken, u32>,
+    /// Lookups in flight: the stream each belongs to (a few at a time: a `Vec` is smaller in
+    /// wasm than another `HashMap` instance).
+    calls: Vec<(CallToken, u32)>,
     /// Write-backs waiting for the tick.
     writes: Vec<Call>,
     /// The store failed last time (its outage was logged once).
@@ -72,7 +73,7 @@ impl<H: Host> State<H> {
 
     /// A lookup was dispatched for stream `ctx`.
     pub fn l2_dispatched(&mut self, token: CallToken, ctx: u32) {
-        self.l2.calls.insert(token, ctx);
+        self.l2.calls.push((token, ctx));
     }
 
     /// The host refused a call to the store (its cluster is unknown, say): the stream `ctx`
@@ -90,7 +91,7 @@ impl<H: Host> State<H> {
 
     /// Whether `token` is one of this worker's lookups.
     pub(super) fn l2_owns(&self, token: CallToken) -> bool {
-        self.l2.calls.contains_key(&token)
+        self.l2.calls.iter().any(|(t, _)| *t == token)
     }
 
     /// The store answered a lookup (or Envoy did for it: a timeout, a reset, no host).
@@ -101,20 +102,19 @@ impl<H: Host> State<H> {
         headers: &[(String, String)],
         body: Vec<u8>,
     ) -> Vec<Effect> {
-        let Some(ctx) = self.l2.calls.remove(&token) else {
+        let Some(i) = self.l2.calls.iter().position(|(t, _)| *t == token) else {
             return Vec::new();
         };
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let (_, ctx) = self.l2.calls.swap_remove(i);
+        let status = store::status(headers);
         let answered = matches!(status, Some(200 | 404));
         if !answered {
-            let why = status.map_or_else(
-                || "no answer within store.timeout_ms".to_string(),
-                |s| format!("status {s}"),
-            );
-            self.l2_outage(now, &why);
+            let why = if status.is_some() {
+                "an error status"
+            } else {
+                "no answer within store.timeout_ms"
+            };
+            self.l2_outage(now, why);
         } else if self.l2.down {
             self.l2.down = false;
             self.host.info("unbusy: the store answers again");
@@ -186,11 +186,10 @@ impl<H: Host> State<H> {
         self.l2.skip_until = now.saturating_add(BACK_OFF);
         if !self.l2.down {
             self.l2.down = true;
-            self.host.warn(&format!(
-                "unbusy: the store (cluster {:?}) is unavailable ({why}); the L2 cache is \
-                 skipped until it answers again",
-                self.config.store.cluster.as_deref().unwrap_or("")
-            ));
+            let mut line = String::from("unbusy: the store is unavailable (");
+            line.push_str(why);
+            line.push_str("); the L2 cache is skipped until it answers again");
+            self.host.warn(&line);
         }
     }
 
