@@ -42,32 +42,34 @@ impl Drop for Proc {
 fn redis(dir: &std::path::Path) -> (Proc, PathBuf) {
     let socket = dir.join("redis.sock");
     let bin = std::env::var_os("UNBUSY_REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
-    let child = Command::new(&bin)
-        .args(["--port", "0", "--unixsocket"])
-        .arg(&socket)
-        .args([
-            "--unixsocketperm",
-            "700",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("{bin:?}: {e} (make setup installs redis-server; UNBUSY_REDIS_SERVER)")
-        });
+    let redis = Proc(
+        Command::new(&bin)
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{bin:?}: {e} (make setup installs redis-server; UNBUSY_REDIS_SERVER)")
+            }),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let mut buf = [0u8; 5];
             if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok() && &buf == b"+PONG" {
-                return (Proc(child), socket);
+                return (redis, socket);
             }
         }
         std::thread::sleep(Duration::from_millis(10));
