@@ -191,7 +191,18 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     let again = chat(b.listen, &body, &[]).await.unwrap();
     let l1_latency = started.elapsed();
     assert!(note(&again).contains("cache=hit;"), "{}", note(&again));
-    eprintln!("B: L2 hit {l2_latency:?}, then L1 hit {l1_latency:?}");
+    // A second answer through A, then B: an L2 hit on B's warm connection to the store.
+    let body2 = chat_body("fleet cache 2", false, true);
+    assert_eq!(chat(a.listen, &body2, &[]).await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let hit2 = chat(b.listen, &body2, &[]).await.unwrap();
+    let warm = started.elapsed();
+    assert!(note(&hit2).contains("cache=hit-l2"), "{}", note(&hit2));
+    assert_eq!(emu.stats().attempts, 2);
+    eprintln!(
+        "B: L2 hit {l2_latency:?} (first, new connection), {warm:?} (warm), L1 hit {l1_latency:?}"
+    );
 
     // Another tenant: not served the first tenant's answer.
     let other = chat(
@@ -203,7 +214,7 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     .unwrap();
     assert_eq!(other.status, 200);
     assert!(note(&other).contains("cache=miss"), "{}", note(&other));
-    assert_eq!(emu.stats().attempts, 2);
+    assert_eq!(emu.stats().attempts, 3);
 
     // The store killed: both proxies answer from the provider, without waiting on it.
     drop(store_proc.take());
@@ -219,7 +230,7 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
             started.elapsed()
         );
     }
-    assert_eq!(emu.stats().attempts, 6);
+    assert_eq!(emu.stats().attempts, 7);
     let log = a.log_text();
     assert_eq!(
         log.matches("the store is unavailable").count(),
