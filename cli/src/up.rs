@@ -3,12 +3,16 @@
 //! ```text
 //! unbusy up --provider NAME=URL [--provider NAME=URL ...] [--listen ADDR] [--admin ADDR]
 //!           [--config FILE] [--concurrency N] [--envoy PATH] [--filter PATH] [--print-config]
+//!           [--store http://HOST:PORT]
 //! ```
 //! The order of `--provider` flags is the order of preference. `--config` is the engine's JSON
 //! configuration (`docs/config.md`) for everything else. An API key for provider NAME is read
 //! from `UNBUSY_KEY_<NAME>` and never written anywhere: the rendered configuration names the
 //! variable (`api_key_env`, and `host_env_keys` in the VM's configuration), Envoy inherits it,
 //! and the filter reads it from there, so it is in no file and not in Envoy's `/config_dump`.
+//!
+//! `--store` points the filter at `unbusy-store` (`docs/store.md`): a cluster `unbusy_store`
+//! is rendered and the filter's `store.cluster` names it (the fleet's L2 cache).
 //!
 //! Envoy is `--envoy PATH`, else `UNBUSY_ENVOY`, else `envoy` on `PATH`. The filter is the
 //! `.wasm` built into this binary, or `--filter PATH`.
@@ -35,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use unbusy_envoy_config::{filter_config, render, Render, Upstream};
+use unbusy_envoy_config::{filter_config, render, store_upstream, use_store, Render, Upstream};
 
 /// The listener's name in the rendered configuration (as [`render`] names it).
 const LISTENER: &str = "unbusy";
@@ -79,6 +83,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
     let mut concurrency: Option<u32> = None;
     let mut envoy: Option<PathBuf> = None;
     let mut filter_file: Option<PathBuf> = None;
+    let mut store = None;
     while let Some(flag) = args.next() {
         let mut value = || {
             args.next()
@@ -91,6 +96,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             "--config" => config_file = Some(PathBuf::from(value()?)),
             "--envoy" => envoy = Some(PathBuf::from(value()?)),
             "--filter" => filter_file = Some(PathBuf::from(value()?)),
+            "--store" => store = Some(store_upstream(&value()?).map_err(Failure::Usage)?),
             "--concurrency" => {
                 let v = value()?;
                 concurrency =
@@ -117,6 +123,9 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
     };
     let has_key = |name: &str| std::env::var_os(name).is_some_and(|k| !k.is_empty());
     let mut filter = filter_config(&base, &upstreams, &has_key)?;
+    if store.is_some() {
+        use_store(&mut filter);
+    }
     let inline_keys = filter
         .get("providers")
         .and_then(|p| p.as_array())
@@ -159,6 +168,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             filter: Some(&filter),
             wasm,
             native: None,
+            store: store.as_ref(),
         })
     };
     if print {

@@ -54,6 +54,8 @@ pub struct Config {
     pub tenancy: TenancyConfig,
     /// What happens to requests for endpoints unbusy does not know.
     pub endpoints: EndpointsConfig,
+    /// The fleet store (`unbusy-store`): the L2 cache shared by every proxy (Envoy filter).
+    pub store: StoreConfig,
 }
 
 /// One upstream LLM provider.
@@ -444,6 +446,35 @@ impl Default for CacheConfig {
             max_bytes: 64 << 20,
             max_entry_bytes: 1 << 20,
         }
+    }
+}
+
+/// The fleet store, `unbusy-store` (`docs/store.md`), as the Envoy filter reaches it. The
+/// npm package ignores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// The Envoy cluster that reaches the store. Default none: no store.
+    pub cluster: Option<String>,
+    /// How long a cache lookup may take before it counts as a miss. Default 20, at most 10000.
+    pub timeout_ms: u64,
+    /// L2 lookups on an L1 miss and write-back of valid answers. Default true.
+    pub cache: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cluster: None,
+            timeout_ms: 20,
+            cache: true,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The cluster to look answers up in, when the L2 cache is on.
+    pub fn cache_cluster(&self) -> Option<&str> {
+        self.cluster.as_deref().filter(|_| self.cache)
     }
 }
 
@@ -908,6 +939,20 @@ impl Config {
             );
         }
 
+        let st = &self.store;
+        if st.cluster.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            c.fail("store.cluster", Problem::Empty);
+        }
+        if !(1..=10_000).contains(&st.timeout_ms) {
+            c.fail(
+                "store.timeout_ms",
+                Problem::OutOfRange {
+                    min: 1.0,
+                    max: 10_000.0,
+                },
+            );
+        }
+
         let g = &self.degradation;
         for i in 0..3 {
             let (enter, exit) = (
@@ -1195,6 +1240,12 @@ read_struct!(Config {
     degradation,
     tenancy,
     endpoints,
+    store,
+});
+read_struct!(StoreConfig {
+    cluster,
+    timeout_ms,
+    cache,
 });
 read_struct!(ProviderConfig {
     name,
@@ -1469,5 +1520,35 @@ mod tests {
         c.throttle.k = f64::NAN;
         let e = c.validate().unwrap_err().to_string();
         assert_eq!(e, "throttle.k must be between 1 and 100");
+    }
+
+    #[test]
+    fn the_store_section_defaults_to_no_store_and_names_bad_fields() {
+        let c = Config::from_json(br#"{"providers":[{"name":"a","cluster":"c"}]}"#).unwrap();
+        assert_eq!(c.store, StoreConfig::default());
+        assert_eq!(c.store.timeout_ms, 20);
+        assert_eq!(c.store.cache_cluster(), None);
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cluster":"unbusy_store","timeout_ms":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.store.cache_cluster(), Some("unbusy_store"));
+        assert_eq!(c.store.timeout_ms, 5);
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cluster":"s","cache":false}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.store.cache_cluster(), None);
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cluster":" ","timeout_ms":0,"poll_ms":1}}"#
+            ),
+            "unknown field `poll_ms` in store; store.cluster must not be empty; \
+             store.timeout_ms must be between 1 and 10000"
+        );
+        assert_eq!(
+            errors(r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cache":"yes"}}"#),
+            "store.cache must be true or false"
+        );
     }
 }

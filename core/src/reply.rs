@@ -129,6 +129,11 @@ pub enum CacheNote {
     Hit,
     /// It was answered from the cache past its freshness (degraded, or no provider could).
     Stale,
+    /// It was answered from the fleet's L2 cache (`unbusy-store`), fresh: the proxy's own
+    /// cache missed (Envoy filter with a `store`).
+    HitL2,
+    /// It was answered from the fleet's L2 cache past its freshness.
+    StaleL2,
 }
 
 impl CacheNote {
@@ -139,12 +144,14 @@ impl CacheNote {
             Self::Miss => "miss",
             Self::Hit => "hit",
             Self::Stale => "stale",
+            Self::HitL2 => "hit-l2",
+            Self::StaleL2 => "stale-l2",
         }
     }
 }
 
 /// The `x-unbusy` header every managed answer carries, from every host:
-/// `provider=<name>; attempts=<n>; cache=<none|miss|hit|stale>; tier=<0-3>`. `provider` is the
+/// `provider=<name>; attempts=<n>; cache=<none|miss|hit|stale|hit-l2|stale-l2>; tier=<0-3>`. `provider` is the
 /// provider of the last attempt (`none` when no attempt was made), `tier` the degradation tier.
 ///
 /// ```rust
@@ -253,5 +260,7 @@ mod tests {
             "provider=none; attempts=1; cache=none; tier=1"
         );
         assert_eq!(CacheNote::Hit.label(), "hit");
+        assert_eq!(CacheNote::HitL2.label(), "hit-l2");
+        assert_eq!(CacheNote::StaleL2.label(), "stale-l2");
     }
 }

@@ -143,6 +143,34 @@ pub fn filter_config(
     Ok(config)
 }
 
+/// The Envoy cluster that reaches `unbusy-store` (the filter's `store.cluster`).
+pub const STORE_CLUSTER: &str = "unbusy_store";
+
+/// The store's address as given on the command line (`--store http://HOST:PORT`): plain HTTP,
+/// a sidecar on loopback or the pod's own address.
+pub fn store_upstream(url: &str) -> Result<Upstream, String> {
+    if !url.starts_with("http://") {
+        return Err(format!("--store {url:?}: the URL must start with http://"));
+    }
+    let mut u = Upstream::parse(&format!("store={url}"))
+        .map_err(|e| e.replace("--provider \"store=", "--store \""))?;
+    u.name = "store".into();
+    Ok(u)
+}
+
+/// Points the filter's configuration at the store rendered as [`STORE_CLUSTER`] (`store.cluster`;
+/// the section's other settings are kept).
+pub fn use_store(filter: &mut Value) {
+    if let Value::Object(config) = filter {
+        let store = config
+            .entry("store")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(store) = store {
+            store.insert("cluster".into(), Value::from(STORE_CLUSTER));
+        }
+    }
+}
+
 /// What the rendered Envoy runs.
 pub struct Render<'a> {
     /// Listener address.
@@ -158,6 +186,8 @@ pub struct Render<'a> {
     /// Envoy's native `local_ratelimit` and route `retry_policy` instead of the filter, with
     /// this many requests per second (the benchmark's comparison).
     pub native: Option<u32>,
+    /// `unbusy-store`, rendered as the cluster [`STORE_CLUSTER`] (see [`use_store`]).
+    pub store: Option<&'a Upstream>,
 }
 
 fn yaml_str(s: &str) -> String {
@@ -193,6 +223,7 @@ stats_config:
   - {{ tag_name: provider, regex: '^wasmcustom\.unbusy_[a-z_]+(\.provider\.([^.]+))' }}
   - {{ tag_name: reason, regex: '^wasmcustom\.unbusy_rejections_total(\.reason\.([^.]+))$' }}
   - {{ tag_name: result, regex: '^wasmcustom\.unbusy_cache_total(\.result\.([^.]+))$' }}
+  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_l2_cache_total(\.result\.([^.]+))$' }}
 static_resources:
   listeners:
   - name: unbusy
@@ -377,6 +408,30 @@ static_resources:
             );
         }
     }
+    if let Some(store) = r.store {
+        // Short connect timeout: a lookup that cannot connect is a miss within the filter's
+        // `store.timeout_ms` anyway.
+        let address = if store.host.parse::<std::net::IpAddr>().is_ok() {
+            "STATIC"
+        } else {
+            "STRICT_DNS"
+        };
+        let _ = write!(
+            y,
+            r#"  - name: {STORE_CLUSTER}
+    type: {address}
+    connect_timeout: 0.25s
+    dns_lookup_family: V4_PREFERRED
+{breakers}    load_assignment:
+      cluster_name: {STORE_CLUSTER}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {host}, port_value: {port} }} }} }}
+"#,
+            host = yaml_str(&store.host),
+            port = store.port,
+        );
+    }
     for u in r.upstreams {
         let address = if u.host.parse::<std::net::IpAddr>().is_ok() {
             "STATIC"
@@ -422,4 +477,40 @@ static_resources:
         }
     }
     y
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_store_is_rendered_as_its_cluster_and_named_in_the_filter_configuration() {
+        let upstreams = [Upstream::parse("a=http://127.0.0.1:1").unwrap()];
+        let mut filter = filter_config(&Value::Null, &upstreams, &|_| false).unwrap();
+        use_store(&mut filter);
+        assert_eq!(filter["store"]["cluster"], STORE_CLUSTER);
+        let text = serde_json::to_vec(&filter).unwrap();
+        let config = unbusy_core::config::Config::from_json(&text).unwrap();
+        assert_eq!(config.store.cache_cluster(), Some(STORE_CLUSTER));
+        let store = store_upstream("http://127.0.0.2:7379").unwrap();
+        let mut r = Render {
+            listen: ("127.0.0.1", 0),
+            admin: ("127.0.0.1", 0),
+            upstreams: &upstreams,
+            filter: Some(&filter),
+            wasm: Path::new("f.wasm"),
+            native: None,
+            store: Some(&store),
+        };
+        let yaml = render(&r);
+        assert!(yaml.contains("  - name: unbusy_store\n"), "{yaml}");
+        assert!(yaml.contains("address: \"127.0.0.2\", port_value: 7379"));
+        r.store = None;
+        assert!(!render(&r).contains("- name: unbusy_store"));
+        assert!(store_upstream("https://s:1").is_err());
+        assert!(store_upstream("http://:1")
+            .unwrap_err()
+            .starts_with("--store"));
+    }
 }

@@ -151,6 +151,22 @@ pub fn run<H: Host>(
                     };
                     next.extend(more);
                 }
+                Effect::StoreLookup {
+                    ctx,
+                    cluster,
+                    call,
+                    timeout,
+                } => {
+                    let headers = call.header_pairs();
+                    let more = match host.dispatch(&cluster, &headers, &call.body, timeout) {
+                        Ok(token) => {
+                            with(state, |s| s.l2_dispatched(token, ctx));
+                            Vec::new()
+                        }
+                        Err(why) => with(state, |s| s.l2_failed(Some(ctx), host.now(), &why)),
+                    };
+                    next.extend(more);
+                }
             }
         }
         pending = next;
@@ -254,11 +270,25 @@ pub fn call_response<H: Host>(host: &H, state: &Shared<H>, token: u32, body_size
     run(host, state, effects, None);
 }
 
-/// The root context's tick: the engine's timers.
+/// The root context's tick: the engine's timers, and the L2 write-backs queued since the last
+/// one (dispatched from the root context, so no stream's end cancels them; their answers are
+/// not awaited).
 pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
+    if let Some((cluster, writes)) = with(state, |s| s.l2_take_writes(host.now())) {
+        for call in writes {
+            let headers = call.header_pairs();
+            if let Err(why) = host.dispatch(&cluster, &headers, &call.body, STORE_WRITE_TIMEOUT) {
+                with(state, |s| s.l2_failed(None, host.now(), &why));
+                break;
+            }
+        }
+    }
     let effects = with(state, |s| s.tick(host.now()));
     run(host, state, effects, None);
 }
+
+/// A write-back's bound (the store's own is 250 ms; nothing waits for it).
+const STORE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Stream `id` ended.
 pub fn stream_done<H: Host>(host: &H, state: &Shared<H>, id: u32) {

@@ -90,6 +90,17 @@ pub enum Effect {
         /// Give up after this long.
         timeout: Duration,
     },
+    /// Ask the fleet store's L2 cache for the held request's answer (`store.timeout_ms`).
+    StoreLookup {
+        /// The stream.
+        ctx: u32,
+        /// The store's cluster.
+        cluster: String,
+        /// The lookup.
+        call: crate::store::Call,
+        /// Give up after this long (a miss).
+        timeout: Duration,
+    },
 }
 
 impl Effect {
@@ -103,7 +114,8 @@ impl Effect {
             | Effect::ResetResponse { ctx }
             | Effect::Reply { ctx, .. }
             | Effect::RetryNatively { ctx, .. }
-            | Effect::Dispatch { ctx, .. } => *ctx,
+            | Effect::Dispatch { ctx, .. }
+            | Effect::StoreLookup { ctx, .. } => *ctx,
         }
     }
 }

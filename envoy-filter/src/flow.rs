@@ -12,7 +12,7 @@ use crate::judging::{Answer, Reading};
 use crate::routing::CallerRequest;
 use crate::shared::Cached;
 use unbusy_core::cache_key::CacheKey;
-use unbusy_core::engine::RequestId;
+use unbusy_core::engine::{RequestId, RequestMeta};
 use unbusy_core::reply::CacheNote;
 
 /// Where a managed request stands.
@@ -45,6 +45,13 @@ pub struct Flow {
     /// The cache entry found at admission (served if the engine says so, even after attempts
     /// whose answers replaced [`Flow::answer`]).
     pub cached: Option<Cached>,
+    /// Its tenant id (scopes the L2 cache's paths).
+    pub tenant: u64,
+    /// The request as the engine will admit it, kept while the L2 cache is asked (held in the
+    /// request phase; `None` otherwise).
+    pub l2_wait: Option<RequestMeta>,
+    /// [`Flow::cached`] came from the L2 cache.
+    pub l2_hit: bool,
     /// Where it stands.
     pub phase: Phase,
     /// The current attempt (0 before the first).
@@ -79,6 +86,9 @@ impl Flow {
             cache_key: None,
             cache_note: CacheNote::None,
             cached: None,
+            tenant: 0,
+            l2_wait: None,
+            l2_hit: false,
             phase: Phase::RequestHeld,
             attempt: 0,
             provider: 0,

@@ -23,7 +23,7 @@
 //! - [`proxy`]: that trait on Envoy, over [`abi`]; [`fake`] (native builds only): an in-memory
 //!   process of workers for tests;
 //! - [`shared`]: shared-data protocols across workers (buckets, slots, instants, the L1 cache);
-//! - [`store`]: the protocol of `unbusy-store` (the fleet's state in Redis), not wired yet;
+//! - [`store`]: the protocol of `unbusy-store` (the fleet's state in Redis); its L2 cache is wired in `state`;
 //! - [`metrics`]: engine events as Envoy metrics;
 //! - [`effect`]: what the state tells the driver to do;
 //! - [`routing`]: a request rewritten for a provider, per way an attempt leaves Envoy;

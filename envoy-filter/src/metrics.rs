@@ -58,6 +58,7 @@ pub struct Metrics {
     tier: Option<MetricId>,
     cache: [Option<MetricId>; 3],
     cache_bytes: Option<MetricId>,
+    l2: [Option<MetricId>; 4],
     rejections: [Option<MetricId>; 5],
 }
 
@@ -70,6 +71,20 @@ pub enum CacheResult {
     Miss = 1,
     /// A stale entry.
     Stale = 2,
+}
+
+/// L2 (fleet store) lookups, for [`Metrics::l2`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L2Result {
+    /// A fresh answer, served.
+    Hit = 0,
+    /// An answer past its freshness (offered to the engine as stale).
+    Stale = 1,
+    /// The store had none (404, or an answer expired by this proxy's `cache` settings).
+    Miss = 2,
+    /// The store did not answer in time, answered an error or anything unexpected, or was
+    /// skipped because it just failed: the request went on as a miss.
+    Error = 3,
 }
 
 /// Why a request or retry was refused, for [`Metrics::rejection`].
@@ -132,6 +147,14 @@ impl Metrics {
             cache_bytes: host.define_metric(Gauge, "unbusy_cache_bytes"),
             cache: ["hit", "miss", "stale"]
                 .map(|r| host.define_metric(Counter, &format!("unbusy_cache_total.result.{r}"))),
+            // (Whole names, not `format!`: every byte counts in the filter's size.)
+            l2: [
+                "unbusy_l2_cache_total.result.hit",
+                "unbusy_l2_cache_total.result.stale",
+                "unbusy_l2_cache_total.result.miss",
+                "unbusy_l2_cache_total.result.error",
+            ]
+            .map(|name| host.define_metric(Counter, name)),
             rejections: [
                 "budget",
                 "throttled",
@@ -214,6 +237,11 @@ impl Metrics {
     /// Counts a cache lookup.
     pub fn cache(&self, host: &impl Host, result: CacheResult) {
         bump(host, self.cache.get(result as usize).copied().flatten(), 1);
+    }
+
+    /// Counts an L2 lookup.
+    pub fn l2(&self, host: &impl Host, result: L2Result) {
+        bump(host, self.l2.get(result as usize).copied().flatten(), 1);
     }
 
     /// Counts a refusal.

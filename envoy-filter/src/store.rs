@@ -97,7 +97,8 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn status(headers: &[(String, String)]) -> Option<u16> {
+/// A call's answer's status (`None`: no answer, as Envoy reports a timeout or a reset).
+pub fn status(headers: &[(String, String)]) -> Option<u16> {
     header(headers, ":status").and_then(|s| s.parse().ok())
 }
 

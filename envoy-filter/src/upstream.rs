@@ -30,6 +30,8 @@ impl Attempt {
 }
 
 impl Context for Attempt {
+    crate::contexts::unused_context_calls!();
+
     fn on_done(&mut self) -> bool {
         self.0.done();
         true

@@ -119,6 +119,7 @@ impl Envoy {
             filter: spec.filter,
             wasm: spec.wasm,
             native: spec.native,
+            store: None,
         });
         Self::start_yaml(&yaml, spec.concurrency)
     }

@@ -102,6 +102,7 @@ impl World {
             filter: Some(&filter),
             wasm: &wasm,
             native: None,
+            store: None,
         }));
         let envoy = Envoy::start_yaml(&yaml, concurrency).map_err(|e| format!("Envoy: {e}"))?;
         Ok(World {

@@ -38,6 +38,7 @@ fn refused_log(variable: &str, env: &[(&str, &str)]) -> String {
         filter: Some(&filter),
         wasm: &filter_wasm(),
         native: None,
+        store: None,
     });
     assert!(
         yaml.contains(&format!("host_env_keys: [\"{variable}\"]")),

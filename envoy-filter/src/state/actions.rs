@@ -8,7 +8,7 @@ use crate::flow::Phase;
 use crate::host::Host;
 use crate::shared;
 use unbusy_core::engine::Action;
-use unbusy_core::reply::{local_reply, CacheNote, ReplyKind};
+use unbusy_core::reply::{local_reply, ReplyKind};
 use unbusy_core::time::Nanos;
 
 impl<H: Host> State<H> {
@@ -89,13 +89,13 @@ impl<H: Host> State<H> {
                 }
                 Action::ServeCache { request, stale } => {
                     self.by_request.remove(&request);
+                    let served = self.served_note(ctx, stale);
                     let Some(flow) = self.flows.get_mut(&ctx) else {
                         continue;
                     };
-                    flow.cache_note = if stale {
-                        CacheNote::Stale
-                    } else {
-                        CacheNote::Hit
+                    flow.cache_note = served;
+                    let Some(flow) = self.flows.get_mut(&ctx) else {
+                        continue;
                     };
                     flow.phase = Phase::Done;
                     let note = self.note(ctx);
@@ -163,14 +163,10 @@ impl<H: Host> State<H> {
         if answer.body.len() as u64 > self.config.cache.max_entry_bytes {
             return;
         }
-        shared::cache_put(
-            &self.host,
-            key,
-            &self.cache_bounds,
-            now,
-            answer.is_sse(),
-            &answer.body,
-        );
+        let (stream, tenant) = (answer.is_sse(), flow.tenant);
+        let body = answer.body.clone();
+        shared::cache_put(&self.host, key, &self.cache_bounds, now, stream, &body);
+        self.l2_write_back(tenant, key, stream, &body);
         self.metrics
             .cache_bytes(&self.host, shared::cache_bytes(&self.host));
     }

@@ -37,6 +37,7 @@
 
 mod actions;
 mod attempt;
+mod l2;
 mod request;
 mod response;
 
@@ -78,6 +79,7 @@ pub struct State<H: Host> {
     flows: HashMap<u32, Flow>,
     by_request: HashMap<RequestId, u32>,
     calls: HashMap<CallToken, Call>,
+    l2: l2::L2,
     limits: SharedLimits,
     cache_bounds: CacheBounds,
     authorities: Authorities,
@@ -114,6 +116,7 @@ impl<H: Host> State<H> {
             flows: HashMap::new(),
             by_request: HashMap::new(),
             calls: HashMap::new(),
+            l2: l2::L2::default(),
             limits,
             cache_bounds: CacheBounds::for_max_bytes(config.cache.max_bytes),
             authorities: Authorities::of(&config.providers),

@@ -7,7 +7,7 @@ use crate::host::{pairs, Host};
 use crate::metrics::{CacheResult, Rejection};
 use crate::shared;
 use unbusy_core::bucket::Decision;
-use unbusy_core::engine::CacheLookup;
+use unbusy_core::engine::{CacheLookup, RequestMeta};
 use unbusy_core::reply::{local_reply, CacheNote, ReplyKind};
 use unbusy_core::request::{read, BadRequest};
 use unbusy_core::time::Nanos;
@@ -74,8 +74,24 @@ impl<H: Host> State<H> {
             flow.cache_note = CacheNote::Miss;
         }
         flow.cached = entry;
+        flow.tenant = info.tenant;
+        let meta = info.meta(now, cached);
+        // An L1 miss of a cacheable request asks the fleet's L2 cache first (held meanwhile).
+        if let (Some(k), CacheLookup::Miss) = (key, cached) {
+            if let Some(lookup) = self.l2_lookup(ctx, now, info.tenant, k) {
+                if let Some(flow) = self.flows.get_mut(&ctx) {
+                    flow.l2_wait = Some(meta);
+                }
+                return vec![lookup];
+            }
+        }
+        self.admit(ctx, now, meta)
+    }
+
+    /// Admits a request whose cache lookups are done, and carries out the engine's first steps.
+    pub(super) fn admit(&mut self, ctx: u32, now: Nanos, meta: RequestMeta) -> Vec<Effect> {
         self.share_views(now);
-        let request = self.engine.admit(now, info.meta(now, cached));
+        let request = self.engine.admit(now, meta);
         if let Some(flow) = self.flows.get_mut(&ctx) {
             flow.request = Some(request);
         }

@@ -294,6 +294,9 @@ impl<H: Host> State<H> {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     ) -> Vec<Effect> {
+        if self.l2_owns(token) {
+            return self.l2_answer(token, now, &headers, body);
+        }
         let Some((ctx, request, attempt)) = self.calls.remove(&token) else {
             return Vec::new();
         };

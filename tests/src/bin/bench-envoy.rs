@@ -329,6 +329,7 @@ fn floor_yaml(upstreams: &[Upstream], wasm: &Path) -> Result<String, String> {
         filter: None,
         wasm,
         native: None,
+        store: None,
     });
     let router = "          - name: envoy.filters.http.router\n";
     if !bare.contains(router) {

@@ -1,0 +1,241 @@
+//! A fleet of two proxies sharing an L2 cache: real `redis-server`, the `unbusy-store` binary,
+//! two Envoy processes with the filter (each its own shared data, as two proxies of a fleet),
+//! one emulated provider. An answer fetched through Envoy A is served by Envoy B from the store
+//! (`cache=hit-l2`), for the same tenant only, and the provider sees one call for it; with the
+//! store killed, both Envoys still answer, from the provider.
+//!
+//! Needs `make filter`, Envoy (`make setup`) and `redis-server` on the `PATH` (or
+//! `UNBUSY_REDIS_SERVER`); builds `unbusy-store` itself (`cargo build -p unbusy-store`) unless
+//! `UNBUSY_STORE_BIN` names one.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use unbusy_tests::emulator::start;
+use unbusy_tests::envoy::{
+    filter_config, filter_wasm, render, repo_root, store_upstream, use_store, Render, Upstream,
+};
+use unbusy_tests::harness::{chat, chat_body, Envoy};
+use unbusy_tests::world::{healthy, test_config};
+
+/// A child process killed (and reaped) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `redis-server` on a unix socket in a private directory (no TCP port).
+fn redis(dir: &std::path::Path) -> (Proc, PathBuf) {
+    let socket = dir.join("redis.sock");
+    let bin = std::env::var_os("UNBUSY_REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
+    let redis = Proc(
+        Command::new(&bin)
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{bin:?}: {e} (make setup installs redis-server; UNBUSY_REDIS_SERVER)")
+            }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = [0u8; 5];
+            if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok() && &buf == b"+PONG" {
+                return (redis, socket);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("redis-server did not answer on {}", socket.display());
+}
+
+/// The `unbusy-store` binary: `UNBUSY_STORE_BIN`, or built here.
+fn store_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("UNBUSY_STORE_BIN") {
+        return bin.into();
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "-q", "-p", "unbusy-store"])
+        .current_dir(repo_root())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cargo build -p unbusy-store failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from);
+    target.join("debug/unbusy-store")
+}
+
+/// The store on port 0 against Redis's socket; returns it and the address it printed.
+fn store(socket: &std::path::Path) -> (Proc, SocketAddr) {
+    let mut child = Command::new(store_bin())
+        .args(["--listen", "127.0.0.1:0", "--redis"])
+        .arg(format!("redis+unix://{}", socket.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (Proc(child), addr)
+}
+
+fn note(r: &unbusy_tests::harness::Reply) -> String {
+    r.header("x-unbusy").unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_store_is_skipped() {
+    let dir = std::env::temp_dir().join(format!("ubl2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_redis, socket) = redis(&dir);
+    let (store_proc, store_addr) = store(&socket);
+    let mut store_proc = Some(store_proc);
+
+    let (emu, addr) = start(
+        healthy("primary", [5.0, 10.0], [10.0, 20.0]),
+        7,
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let upstreams = [Upstream::parse(&format!("primary=http://{addr}")).unwrap()];
+    let mut filter = filter_config(&test_config(&json!({})), &upstreams, &|_| false).unwrap();
+    use_store(&mut filter);
+    let store_up = store_upstream(&format!("http://{store_addr}")).unwrap();
+    let wasm = filter_wasm();
+    assert!(
+        wasm.exists(),
+        "{} missing: run `make filter`",
+        wasm.display()
+    );
+    let yaml = render(&Render {
+        listen: ("127.0.0.1", 0),
+        admin: ("127.0.0.1", 0),
+        upstreams: &upstreams,
+        filter: Some(&filter),
+        wasm: &wasm,
+        native: None,
+        store: Some(&store_up),
+    });
+    let a = Envoy::start_yaml(&yaml, 1).unwrap();
+    let b = Envoy::start_yaml(&yaml, 1).unwrap();
+
+    let body = chat_body("fleet cache", false, true);
+    let first = chat(a.listen, &body, &[]).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(note(&first).contains("cache=miss"), "{}", note(&first));
+    assert_eq!(emu.stats().attempts, 1);
+    // The write-back leaves on A's next tick (20 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let hit = chat(b.listen, &body, &[]).await.unwrap();
+    let l2_latency = started.elapsed();
+    assert_eq!(hit.status, 200);
+    assert!(
+        note(&hit).contains("cache=hit-l2"),
+        "{} (Envoy B's log: {})",
+        note(&hit),
+        b.log_text()
+    );
+    assert_eq!(hit.text(), first.text());
+    assert_eq!(
+        hit.header("content-type"),
+        first.header("content-type"),
+        "served as it came"
+    );
+    assert_eq!(
+        emu.stats().attempts,
+        1,
+        "one provider call for both proxies"
+    );
+    let started = Instant::now();
+    let again = chat(b.listen, &body, &[]).await.unwrap();
+    let l1_latency = started.elapsed();
+    assert!(note(&again).contains("cache=hit;"), "{}", note(&again));
+    // A second answer through A, then B: an L2 hit on B's warm connection to the store.
+    let body2 = chat_body("fleet cache 2", false, true);
+    assert_eq!(chat(a.listen, &body2, &[]).await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let hit2 = chat(b.listen, &body2, &[]).await.unwrap();
+    let warm = started.elapsed();
+    assert!(note(&hit2).contains("cache=hit-l2"), "{}", note(&hit2));
+    assert_eq!(emu.stats().attempts, 2);
+    eprintln!(
+        "B: L2 hit {l2_latency:?} (first, new connection), {warm:?} (warm), L1 hit {l1_latency:?}"
+    );
+
+    // Another tenant: not served the first tenant's answer.
+    let other = chat(
+        b.listen,
+        &body,
+        &[("authorization", "Bearer another-tenant")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(other.status, 200);
+    assert!(note(&other).contains("cache=miss"), "{}", note(&other));
+    assert_eq!(emu.stats().attempts, 3);
+
+    // The store killed: both proxies answer from the provider, without waiting on it.
+    drop(store_proc.take());
+    for (i, envoy) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let body = chat_body(&format!("after the store {i}"), false, true);
+        let started = Instant::now();
+        let r = chat(envoy.listen, &body, &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(note(&r).contains("cache=miss"), "{}", note(&r));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(emu.stats().attempts, 7);
+    let log = a.log_text();
+    assert_eq!(
+        log.matches("the store is unavailable").count(),
+        1,
+        "one line per outage: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
