@@ -162,6 +162,18 @@ export interface Config {
     /** Default `'refuse'`. */
     passthrough?: 'refuse' | 'caller_key';
   };
+  /**
+   * The Envoy filter's L2 cache through `unbusy-store` (docs/store.md): accepted and checked,
+   * but the package does not call a store; give it a `cache` store instead.
+   */
+  store?: {
+    /** The Envoy cluster of the store. Default: none (no L2). */
+    cluster?: string | null;
+    /** How long a lookup may hold a request, 1 to 10000. Default 20. */
+    timeoutMs?: number;
+    /** Whether answers are looked up in and written to the store. Default true. */
+    cache?: boolean;
+  };
 }
 
 /** A cached answer. */
