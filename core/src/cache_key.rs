@@ -984,6 +984,32 @@ mod tests {
     }
 
     #[test]
+    fn short_escapes_are_kept_and_lone_low_surrogates_refused() {
+        // RFC 8785: \b \f \n \r \t keep their two-character escapes (not \u00XX).
+        assert_eq!(
+            canon(r#""\b\f\n\r\t\u0008\u000C""#).as_deref(),
+            Ok(r#""\b\f\n\r\t\b\f""#)
+        );
+        assert_eq!(canon(r#""\/""#).as_deref(), Ok(r#""/""#));
+        assert!(matches!(
+            canon(r#""\udc00""#),
+            Err(NotCacheable::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn integers_past_twenty_one_digits_take_the_exponent_form() {
+        assert_eq!(
+            canon("100000000000000000000").as_deref(),
+            Ok("100000000000000000000")
+        );
+        assert_eq!(canon("1000000000000000000000").as_deref(), Ok("1e+21"));
+        assert_eq!(canon("-1000000000000000000000").as_deref(), Ok("-1e+21"));
+        assert_eq!(canon("-5").as_deref(), Ok("-5"));
+        assert_eq!(canon("-0").as_deref(), Ok("0"));
+    }
+
+    #[test]
     fn rfc8785_numbers() {
         let cases = [
             ("0", "0"),

@@ -595,6 +595,45 @@ mod tests {
     }
 
     #[test]
+    fn only_busy_rate_limited_and_stalls_are_overload() {
+        use OutcomeClass as C;
+        let all = [
+            (C::Success, "success", false),
+            (C::Busy, "busy", true),
+            (C::RateLimited, "rate_limited", true),
+            (C::ServerError, "server_error", false),
+            (C::Transport(TransportFault::Reset), "reset", false),
+            (C::Transport(TransportFault::Refused), "refused", false),
+            (C::Transport(TransportFault::Timeout), "timeout", false),
+            (C::Transport(TransportFault::Stall), "stall", true),
+            (
+                C::CallerError(CallerErrorKind::BadRequest),
+                "caller_error",
+                false,
+            ),
+        ];
+        for (c, label, overload) in all {
+            assert_eq!(c.label(), label);
+            assert_eq!(c.is_overload(), overload, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_409_is_the_servers_contention_and_a_busy_429_is_busy() {
+        assert_eq!(class(409, "{}"), OutcomeClass::ServerError);
+        assert_eq!(
+            class(429, r#"{"error":{"message":"Server is overloaded"}}"#),
+            OutcomeClass::Busy
+        );
+    }
+
+    #[test]
+    fn an_answer_that_mentions_being_busy_is_still_an_answer() {
+        let answer = r#"{"choices":[{"message":{"content":"服务器繁忙 means server busy"}}]}"#;
+        assert_eq!(class(200, answer), OutcomeClass::Success);
+    }
+
+    #[test]
     fn statuses() {
         assert_eq!(class(200, "{}"), OutcomeClass::Success);
         assert_eq!(class(503, ""), OutcomeClass::Busy);
