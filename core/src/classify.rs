@@ -739,6 +739,36 @@ mod tests {
     }
 
     #[test]
+    fn http_date_edges() {
+        // RFC 850's two-digit years: 70-99 are 19xx, 00-69 are 20xx.
+        assert_eq!(parse_http_date("Thursday, 01-Jan-70 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            parse_http_date("Tuesday, 01-Jan-69 00:00:00 GMT"),
+            Some(3_124_224_000) // 2069-01-01
+        );
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 UTC"), None);
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT x"), None);
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT x"), None);
+        // A leap second is a time; anything past it, or a fourth field, is not.
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 23:59:60 GMT"),
+            Some(784_166_400)
+        );
+        for bad in [
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+            "Sun, 06 Nov 1994 08:60:00 GMT",
+            "Sun, 06 Nov 1994 08:49:61 GMT",
+            "Sun, 06 Nov 1994 08:49:37:00 GMT",
+            "Sun, 00 Nov 1994 08:49:37 GMT",
+            // Signs parse as numbers in Rust: they are not digits here.
+            "Sun, +6 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 +8:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn http_date_forms() {
         let expected = 784_111_777; // 1994-11-06 08:49:37 UTC
         assert_eq!(
@@ -764,6 +794,10 @@ mod tests {
     #[test]
     fn ratelimit_reset_headers() {
         assert_eq!(parse_go_duration("1s"), Some(ms(1000)));
+        assert_eq!(parse_go_duration("1500us"), Some(ms(1) + ms(1) / 2));
+        assert_eq!(parse_go_duration("2µs"), Some(2_000));
+        assert_eq!(parse_go_duration("3μs"), Some(3_000));
+        assert_eq!(parse_go_duration("10ns"), Some(10));
         assert_eq!(parse_go_duration("6m0s"), Some(ms(360_000)));
         assert_eq!(parse_go_duration("250ms"), Some(ms(250)));
         assert_eq!(parse_go_duration("1h2m3.5s"), Some(ms(3_723_500)));
