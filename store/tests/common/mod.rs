@@ -323,3 +323,23 @@ pub fn percentile_us(sorted: &[Duration], p: f64) -> u128 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)].as_micros()
 }
+
+/// Redis's own clock (`TIME`), in seconds, over a connection that writes `TIME` and reads the
+/// reply. The lease scripts charge by this clock, so a bound on what they may grant over a run
+/// is computed from it, not from the test's: the two clocks can differ by more than one
+/// emission interval over seconds on a loaded machine.
+pub fn redis_time_s(mut conn: impl std::io::Read + std::io::Write) -> f64 {
+    conn.write_all(b"TIME\r\n").unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 256];
+    // `*2\r\n$10\r\nSECONDS\r\n$6\r\nMICROS\r\n`: complete once it has five line ends.
+    while reply.iter().filter(|&&b| b == b'\n').count() < 5 {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "redis closed the connection");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8(reply).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    let (secs, micros): (f64, f64) = (lines[2].parse().unwrap(), lines[4].parse().unwrap());
+    secs + micros / 1e6
+}
