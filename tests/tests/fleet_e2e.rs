@@ -38,6 +38,24 @@ impl Drop for Proc {
     }
 }
 
+/// How many keys Redis holds (`DBSIZE` over its socket).
+fn redis_keys(socket: &std::path::Path) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(b"DBSIZE\r\n").unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 64];
+    while !reply.ends_with(b"\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "redis closed the connection");
+        reply.extend_from_slice(&buf[..n]);
+    }
+    // `:N\r\n`
+    String::from_utf8_lossy(&reply[1..reply.len() - 2])
+        .parse()
+        .unwrap()
+}
+
 /// `redis-server` on a unix socket in a private directory (no TCP port).
 fn redis(dir: &std::path::Path) -> (Proc, PathBuf) {
     let socket = dir.join("redis.sock");
@@ -139,6 +157,10 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     let upstreams = [Upstream::parse(&format!("primary=http://{addr}")).unwrap()];
     let mut filter = filter_config(&test_config(&json!({})), &upstreams, &|_| false).unwrap();
     use_store(&mut filter);
+    // The default lookup timeout (20 ms) is for a store beside the proxy on an idle host; on a
+    // loaded test machine a first lookup can take longer and fail open. This test is about
+    // sharing, so it allows the lookup 1 s (failing open is tested natively and below).
+    filter["store"]["timeout_ms"] = json!(1000);
     let store_up = store_upstream(&format!("http://{store_addr}")).unwrap();
     let wasm = filter_wasm();
     assert!(
@@ -163,8 +185,15 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     assert_eq!(first.status, 200, "{}", first.text());
     assert!(note(&first).contains("cache=miss"), "{}", note(&first));
     assert_eq!(emu.stats().attempts, 1);
-    // The write-back leaves on A's next tick (20 ms).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The write-back leaves on A's next tick (20 ms): wait until Redis holds a key.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_keys(&socket) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "A's answer never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let started = Instant::now();
     let hit = chat(b.listen, &body, &[]).await.unwrap();
