@@ -19,7 +19,7 @@ use std::process::ExitCode;
 const USAGE: &str =
     "usage: unbusy up --provider NAME=URL [--provider NAME=URL ...] [--listen ADDR] \
 [--admin ADDR] [--config FILE] [--concurrency N] [--envoy PATH] [--filter PATH] [--print-config] \
-[--store http://HOST:PORT]
+[--store http://HOST:PORT | --redis URL | --redis-cluster URL,URL...]
        unbusy filter > unbusy_envoy.wasm
        unbusy diagnose [URL ...] [--provider NAME=URL ...] [--key-env VAR] [--model MODEL] [--json] [--cacert FILE]
                        [--dns-timeout D] [--connect-timeout D] [--tls-timeout D]

@@ -3,7 +3,7 @@
 //! ```text
 //! unbusy up --provider NAME=URL [--provider NAME=URL ...] [--listen ADDR] [--admin ADDR]
 //!           [--config FILE] [--concurrency N] [--envoy PATH] [--filter PATH] [--print-config]
-//!           [--store http://HOST:PORT]
+//!           [--store http://HOST:PORT | --redis URL | --redis-cluster URL,URL...]
 //! ```
 //! The order of `--provider` flags is the order of preference. `--config` is the engine's JSON
 //! configuration (`docs/config.md`) for everything else. An API key for provider NAME is read
@@ -13,6 +13,10 @@
 //!
 //! `--store` points the filter at `unbusy-store` (`docs/store.md`): a cluster `unbusy_store`
 //! is rendered and the filter's `store.cluster` names it (the fleet's L2 cache).
+//! `--redis URL` (one Redis: `redis://`, `redis+unix://`) or `--redis-cluster URL,URL...` (a
+//! Redis Cluster's seed nodes) runs that store inside this process instead, on a free loopback
+//! port, and wires it the same way: one command per proxy of a fleet. The store's own variables
+//! (`UNBUSY_STORE_PREFIX`, `UNBUSY_STORE_TIMEOUT_MS`, ...; `docs/store.md`) apply to it.
 //!
 //! Envoy is `--envoy PATH`, else `UNBUSY_ENVOY`, else `envoy` on `PATH`. The filter is the
 //! `.wasm` built into this binary, or `--filter PATH`.
@@ -84,6 +88,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
     let mut envoy: Option<PathBuf> = None;
     let mut filter_file: Option<PathBuf> = None;
     let mut store = None;
+    let mut redis: Option<(&str, String)> = None;
     while let Some(flag) = args.next() {
         let mut value = || {
             args.next()
@@ -97,6 +102,8 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             "--envoy" => envoy = Some(PathBuf::from(value()?)),
             "--filter" => filter_file = Some(PathBuf::from(value()?)),
             "--store" => store = Some(store_upstream(&value()?).map_err(Failure::Usage)?),
+            "--redis" => redis = Some(("--redis", value()?)),
+            "--redis-cluster" => redis = Some(("--redis-cluster", value()?)),
             "--concurrency" => {
                 let v = value()?;
                 concurrency =
@@ -114,6 +121,30 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             "at least one --provider NAME=URL is required".into(),
         ));
     }
+    if store.is_some() && redis.is_some() {
+        return Err(Failure::Usage(
+            "--store names a running store; --redis and --redis-cluster start one: give one of them"
+                .into(),
+        ));
+    }
+    if print && redis.is_some() {
+        return Err(Failure::Usage(
+            "--print-config with --redis: the store's port is only known once it runs; print \
+             with --store http://HOST:PORT for a store you run yourself"
+                .into(),
+        ));
+    }
+    // The store's settings are checked before anything starts (a bad URL is a usage error).
+    let store_settings = match &redis {
+        Some((flag, url)) => {
+            let args = ["--listen", "127.0.0.1:0", flag, url].map(String::from);
+            Some(
+                unbusy_store::config::Settings::parse(&args, &|k| std::env::var(k).ok())
+                    .map_err(|e| Failure::Usage(format!("{flag}: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let base = match &config_file {
         Some(path) => {
             let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -123,7 +154,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
     };
     let has_key = |name: &str| std::env::var_os(name).is_some_and(|k| !k.is_empty());
     let mut filter = filter_config(&base, &upstreams, &has_key)?;
-    if store.is_some() {
+    if store.is_some() || store_settings.is_some() {
         use_store(&mut filter);
     }
     let inline_keys = filter
@@ -160,7 +191,7 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             }
         }
     }
-    let render_with = |wasm: &Path| {
+    let render_with = |wasm: &Path, store: Option<&Upstream>| {
         render(&Render {
             listen: (&listen.0, listen.1),
             admin: (&admin.0, admin.1),
@@ -168,16 +199,16 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             filter: Some(&filter),
             wasm,
             native: None,
-            store: store.as_ref(),
+            store,
         })
     };
     if print {
         let yaml = match &wasm {
-            Filter::File(path) => render_with(path),
+            Filter::File(path) => render_with(path, store.as_ref()),
             Filter::Embedded(_) => format!(
                 "# The filter: write out the one built into unbusy with \
                  `unbusy filter > unbusy_envoy.wasm`, and give Envoy its absolute path.\n{}",
-                render_with(Path::new("unbusy_envoy.wasm"))
+                render_with(Path::new("unbusy_envoy.wasm"), store.as_ref())
             ),
         };
         print!("{yaml}");
@@ -203,8 +234,27 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
             .write("unbusy_envoy.wasm", bytes)
             .map_err(|e| e.to_string())?,
     };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    // The in-process store: bound before Envoy's configuration is rendered (it names the
+    // store's port), serving on this runtime until Envoy exits.
+    let (stop_store, store_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(settings) = store_settings {
+        let bound = runtime.block_on(unbusy_store::server::Bound::bind(settings))?;
+        let addr = bound.local_addr()?;
+        eprintln!(
+            "unbusy: the fleet store on http://{addr} (redis {})",
+            bound.settings().redis.describe()
+        );
+        store = Some(store_upstream(&format!("http://{addr}")).map_err(Failure::Other)?);
+        runtime.spawn(bound.serve(async {
+            let _ = store_stopped.await;
+        }));
+    }
     let config = dir
-        .write("envoy.yaml", render_with(&wasm).as_bytes())
+        .write("envoy.yaml", render_with(&wasm, store.as_ref()).as_bytes())
         .map_err(|e| e.to_string())?;
     let admin_path = dir.path().join("admin-address");
     let mut cmd = tokio::process::Command::new(&envoy);
@@ -230,10 +280,6 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
         .map(|u| u.name.as_str())
         .collect::<Vec<_>>()
         .join(" > ");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     let status = runtime
         .block_on(supervise(cmd, &admin_path, &providers))
         .map_err(|e| {
@@ -242,6 +288,8 @@ pub(crate) fn run(mut args: impl Iterator<Item = String>) -> Result<ExitCode, Fa
                 envoy.display()
             ))
         });
+    let _ = stop_store.send(());
+    drop(runtime);
     drop(dir); // the rendered configuration goes with Envoy
     status
 }

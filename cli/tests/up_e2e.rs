@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use unbusy_tests::emulator::{start, Behaviour};
 use unbusy_tests::envoy::envoy_binary;
 use unbusy_tests::harness::{chat, chat_body, request};
+use unbusy_tests::redis::RedisServer;
 use unbusy_tests::world;
 
 fn healthy(name: &str) -> Behaviour {
@@ -108,6 +109,8 @@ struct Launch<'a> {
     cwd: Option<&'a Path>,
     /// `PATH` (else the test's).
     path: Option<std::ffi::OsString>,
+    /// More arguments after `up`.
+    args: Vec<String>,
 }
 
 impl<'a> Launch<'a> {
@@ -120,6 +123,7 @@ impl<'a> Launch<'a> {
             envoy: Some(envoy_binary()),
             cwd: None,
             path: None,
+            args: Vec::new(),
         }
     }
 }
@@ -161,6 +165,7 @@ impl UnbusyUp {
             .args(["--provider", &format!("primary=http://{provider}")])
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args(["--concurrency", "1"])
+            .args(&launch.args)
             .env("TMPDIR", launch.tmpdir)
             .env_remove("UNBUSY_ENVOY")
             .envs(launch.env.iter().copied())
@@ -541,4 +546,101 @@ fn without_envoy_on_path_it_says_how_to_get_it() {
     );
     assert_eq!(entries(&tmp), [tmp.join("stderr")], "left something behind");
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// The fleet in two commands: `unbusy up --redis URL` twice, one Redis. Each runs the store in
+/// its own process, so an answer fetched through one is a hit on the other (`cache=hit-l2`),
+/// and the provider sees one call for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbusy_up_with_redis_runs_a_store_and_two_proxies_share_one_cache() {
+    let (emu, addr) = start(healthy("primary"), 7, "127.0.0.1:0").await.unwrap();
+    let tmp = scratch("redis");
+    let tmpdir = tmp.join("tmp");
+    std::fs::create_dir(&tmpdir).unwrap();
+    let redis = RedisServer::start(&tmp).unwrap();
+    // The default lookup timeout (20 ms) is for an idle host; this test is about sharing.
+    let config = tmp.join("config.json");
+    std::fs::write(&config, r#"{"store": {"timeout_ms": 2000}}"#).unwrap();
+    let mut launch = Launch::new(&tmpdir, &[]);
+    launch.args = vec![
+        "--redis".into(),
+        redis.url(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    let a = UnbusyUp::launch(&launch, addr).await;
+    let b = UnbusyUp::launch(&launch, addr).await;
+    for up in [&a, &b] {
+        assert!(
+            up.log_text()
+                .contains("the fleet store on http://127.0.0.1:"),
+            "{}",
+            up.log_text()
+        );
+    }
+    let body = chat_body("one fleet, one cache", false, true);
+    let first = chat(a.listen, &body, &[]).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(
+        first
+            .header("x-unbusy")
+            .unwrap_or("")
+            .contains("cache=miss"),
+        "{:?}",
+        first.header("x-unbusy")
+    );
+    // A's write-back leaves on its next tick: wait until Redis holds the entry.
+    wait_for("the entry in Redis", Duration::from_secs(10), || async {
+        redis.keys().unwrap() > 0
+    })
+    .await;
+    let hit = chat(b.listen, &body, &[]).await.unwrap();
+    assert_eq!(hit.status, 200);
+    assert!(
+        hit.header("x-unbusy")
+            .unwrap_or("")
+            .contains("cache=hit-l2"),
+        "{:?}\n{}",
+        hit.header("x-unbusy"),
+        b.log_text()
+    );
+    assert_eq!(hit.text(), first.text());
+    assert_eq!(
+        emu.stats().attempts,
+        1,
+        "one provider call for both proxies"
+    );
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn redis_and_a_store_url_together_are_refused_before_anything_starts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_unbusy"))
+        .args([
+            "up",
+            "--provider",
+            "p=http://127.0.0.1:9",
+            "--redis",
+            "redis://127.0.0.1:1",
+        ])
+        .args(["--store", "http://127.0.0.1:2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("give one of them"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_unbusy"))
+        .args([
+            "up",
+            "--provider",
+            "p=http://127.0.0.1:9",
+            "--redis",
+            "redis://127.0.0.1:1",
+        ])
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--print-config with --redis"));
 }

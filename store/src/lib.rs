@@ -7,3 +7,4 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod scripts;
+pub mod server;

@@ -1,14 +1,8 @@
 //! `unbusy-store`: see `docs/store.md`. Prints `listening on ADDR` on stdout once it accepts.
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use std::io::Write;
-use std::sync::Arc;
-use std::time::Duration;
-use unbusy_store::api::{handle, Store};
-use unbusy_store::backend::{Backend, Health};
 use unbusy_store::config::{Settings, USAGE};
+use unbusy_store::server::Bound;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,22 +34,15 @@ fn main() {
 }
 
 async fn serve(settings: Settings) -> Result<(), String> {
-    let backend = Backend::new(&settings)?;
-    let listener = tokio::net::TcpListener::bind(&settings.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let bound = Bound::bind(settings).await?;
+    let addr = bound.local_addr()?;
+    let settings = bound.settings();
     eprintln!(
         "unbusy-store: redis {}, prefix {:?}, timeout {} ms",
         settings.redis.describe(),
         settings.prefix,
         settings.timeout.as_millis()
     );
-    let store = Arc::new(Store {
-        backend,
-        health: Health::default(),
-        settings,
-    });
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "listening on {addr}");
@@ -69,29 +56,6 @@ async fn serve(settings: Settings) -> Result<(), String> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
         }
     };
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    eprintln!("unbusy-store: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return Ok(()),
-        };
-        let _ = stream.set_nodelay(true);
-        let store = store.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(store.clone(), req));
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    bound.serve(shutdown).await;
+    Ok(())
 }

@@ -10,7 +10,8 @@
 //! - [`envoy`], [`harness`]: Envoy's configuration (rendered by `unbusy-envoy-config`, as
 //!   `unbusy up` renders it) and running it for the end-to-end tests, the demo and the
 //!   benchmark;
-//! - [`world`]: the end-to-end tests' worlds (emulated providers behind Envoy with the filter).
+//! - [`world`]: the end-to-end tests' worlds (emulated providers behind Envoy with the filter);
+//! - [`redis`]: a real `redis-server` for the fleet tests.
 
 // The harness is test tooling, not a proxy: indexing its own vectors may panic on a bug, and a
 // panic here is a failed run, not a dead worker.
@@ -20,6 +21,7 @@ pub mod emulator;
 pub mod envoy;
 pub mod harness;
 pub mod plot;
+pub mod redis;
 pub mod scenario;
 pub mod sim;
 pub mod world;

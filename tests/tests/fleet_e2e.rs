@@ -16,7 +16,7 @@
 )]
 
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -26,6 +26,7 @@ use unbusy_tests::envoy::{
     filter_config, filter_wasm, render, repo_root, store_upstream, use_store, Render, Upstream,
 };
 use unbusy_tests::harness::{chat, chat_body, Envoy};
+use unbusy_tests::redis::RedisServer;
 use unbusy_tests::world::{healthy, test_config};
 
 /// A child process killed (and reaped) when dropped.
@@ -36,63 +37,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// How many keys Redis holds (`DBSIZE` over its socket).
-fn redis_keys(socket: &std::path::Path) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.write_all(b"DBSIZE\r\n").unwrap();
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 64];
-    while !reply.ends_with(b"\r\n") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "redis closed the connection");
-        reply.extend_from_slice(&buf[..n]);
-    }
-    // `:N\r\n`
-    String::from_utf8_lossy(&reply[1..reply.len() - 2])
-        .parse()
-        .unwrap()
-}
-
-/// `redis-server` on a unix socket in a private directory (no TCP port).
-fn redis(dir: &std::path::Path) -> (Proc, PathBuf) {
-    let socket = dir.join("redis.sock");
-    let bin = std::env::var_os("UNBUSY_REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
-    let redis = Proc(
-        Command::new(&bin)
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&socket)
-            .args([
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("{bin:?}: {e} (make setup installs redis-server; UNBUSY_REDIS_SERVER)")
-            }),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
-            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-            let mut buf = [0u8; 5];
-            if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok() && &buf == b"+PONG" {
-                return (redis, socket);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("redis-server did not answer on {}", socket.display());
 }
 
 /// The `unbusy-store` binary: `UNBUSY_STORE_BIN`, or built here.
@@ -143,7 +87,8 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     let dir = std::env::temp_dir().join(format!("ubl2-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (_redis, socket) = redis(&dir);
+    let redis = RedisServer::start(&dir).unwrap();
+    let socket = redis.socket().to_path_buf();
     let (store_proc, store_addr) = store(&socket);
     let mut store_proc = Some(store_proc);
 
@@ -187,7 +132,7 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     assert_eq!(emu.stats().attempts, 1);
     // The write-back leaves on A's next tick (20 ms): wait until Redis holds a key.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while redis_keys(&socket) == 0 {
+    while redis.keys().unwrap() == 0 {
         assert!(
             Instant::now() < deadline,
             "A's answer never reached the store"
