@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use unbusy_tests::emulator::{start, Behaviour};
 use unbusy_tests::envoy::envoy_binary;
 use unbusy_tests::harness::{chat, chat_body, request};
-use unbusy_tests::redis::RedisServer;
+use unbusy_tests::redis::{RedisCluster, RedisServer};
 use unbusy_tests::world;
 
 fn healthy(name: &str) -> Behaviour {
@@ -548,23 +548,21 @@ fn without_envoy_on_path_it_says_how_to_get_it() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
-/// The fleet in two commands: `unbusy up --redis URL` twice, one Redis. Each runs the store in
-/// its own process, so an answer fetched through one is a hit on the other (`cache=hit-l2`),
-/// and the provider sees one call for both.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unbusy_up_with_redis_runs_a_store_and_two_proxies_share_one_cache() {
+/// The fleet in two commands: `unbusy up --redis URL` (or `--redis-cluster URLS`) twice, one
+/// Redis. Each runs the store in its own process, so an answer fetched through one is a hit on
+/// the other (`cache=hit-l2`), and the provider sees one call for both.
+async fn two_proxies_share_one_cache_through(flag: &str, url: String, keys: impl Fn() -> u64) {
     let (emu, addr) = start(healthy("primary"), 7, "127.0.0.1:0").await.unwrap();
     let tmp = scratch("redis");
     let tmpdir = tmp.join("tmp");
     std::fs::create_dir(&tmpdir).unwrap();
-    let redis = RedisServer::start(&tmp).unwrap();
     // The default lookup timeout (20 ms) is for an idle host; this test is about sharing.
     let config = tmp.join("config.json");
     std::fs::write(&config, r#"{"store": {"timeout_ms": 2000}}"#).unwrap();
     let mut launch = Launch::new(&tmpdir, &[]);
     launch.args = vec![
-        "--redis".into(),
-        redis.url(),
+        flag.into(),
+        url,
         "--config".into(),
         config.display().to_string(),
     ];
@@ -578,40 +576,60 @@ async fn unbusy_up_with_redis_runs_a_store_and_two_proxies_share_one_cache() {
             up.log_text()
         );
     }
-    let body = chat_body("one fleet, one cache", false, true);
-    let first = chat(a.listen, &body, &[]).await.unwrap();
-    assert_eq!(first.status, 200, "{}", first.text());
-    assert!(
-        first
-            .header("x-unbusy")
-            .unwrap_or("")
-            .contains("cache=miss"),
-        "{:?}",
-        first.header("x-unbusy")
-    );
-    // A's write-back leaves on its next tick: wait until Redis holds the entry.
-    wait_for("the entry in Redis", Duration::from_secs(10), || async {
-        redis.keys().unwrap() > 0
-    })
-    .await;
-    let hit = chat(b.listen, &body, &[]).await.unwrap();
-    assert_eq!(hit.status, 200);
-    assert!(
-        hit.header("x-unbusy")
-            .unwrap_or("")
-            .contains("cache=hit-l2"),
-        "{:?}\n{}",
-        hit.header("x-unbusy"),
-        b.log_text()
-    );
-    assert_eq!(hit.text(), first.text());
-    assert_eq!(
-        emu.stats().attempts,
-        1,
-        "one provider call for both proxies"
-    );
+    for i in 0..4 {
+        let body = chat_body(&format!("one fleet, one cache {i}"), false, true);
+        let before = keys();
+        let first = chat(a.listen, &body, &[]).await.unwrap();
+        assert_eq!(first.status, 200, "{}", first.text());
+        assert!(
+            first
+                .header("x-unbusy")
+                .unwrap_or("")
+                .contains("cache=miss"),
+            "{:?}",
+            first.header("x-unbusy")
+        );
+        // A's write-back leaves on its next tick: wait until Redis holds the entry.
+        wait_for("the entry in Redis", Duration::from_secs(10), || async {
+            keys() > before
+        })
+        .await;
+        let hit = chat(b.listen, &body, &[]).await.unwrap();
+        assert_eq!(hit.status, 200);
+        assert!(
+            hit.header("x-unbusy")
+                .unwrap_or("")
+                .contains("cache=hit-l2"),
+            "{:?}\n{}",
+            hit.header("x-unbusy"),
+            b.log_text()
+        );
+        assert_eq!(hit.text(), first.text());
+        assert_eq!(
+            emu.stats().attempts,
+            i + 1,
+            "one provider call for both proxies"
+        );
+    }
     drop((a, b));
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbusy_up_with_redis_runs_a_store_and_two_proxies_share_one_cache() {
+    let redis = RedisServer::start("up");
+    two_proxies_share_one_cache_through("--redis", redis.url(), || redis.keys()).await;
+}
+
+/// The same on a Redis Cluster of three primaries: the four entries land on whichever nodes
+/// their keys hash to, and both proxies find them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbusy_up_with_a_redis_cluster_shares_one_cache_too() {
+    let cluster = RedisCluster::start();
+    two_proxies_share_one_cache_through("--redis-cluster", cluster.urls(), || {
+        cluster.keys_per_node().iter().sum()
+    })
+    .await;
 }
 
 #[test]

@@ -15,162 +15,17 @@
 mod common;
 
 use bytes::Bytes;
-use common::{private_dir, redis_present, Client, Store};
+use common::{redis_present, Client, Store};
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-struct Cluster {
-    nodes: Vec<(Child, u16)>,
-    dir: PathBuf,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (c, _) in &mut self.nodes {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn command(port: u16, line: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("{line}\r\n").as_bytes()).ok()?;
-    let mut buf = vec![0u8; 65536];
-    let n = s.read(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
-fn free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = private_dir("cluster");
-        let mut cluster = Cluster {
-            nodes: Vec::new(),
-            dir: dir.clone(),
-        };
-        let mut rng = fastrand_seed();
-        let mut tries = 0;
-        while cluster.nodes.len() < 3 {
-            tries += 1;
-            assert!(tries < 50, "no free port pairs for a cluster node");
-            let port = 20_000 + (rng() % 20_000) as u16;
-            if !free(port) || !free(port + 10_000) {
-                continue;
-            }
-            let log = std::fs::File::create(dir.join(format!("node-{port}.log"))).unwrap();
-            let child = Command::new(common::redis_server())
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .arg("--cluster-config-file")
-                .arg(dir.join(format!("nodes-{port}.conf")))
-                .arg("--dir")
-                .arg(&dir)
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(log)
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut child = child;
-            let t = Instant::now();
-            let mut up = false;
-            while t.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // lost the port race: another pair
-                }
-                if command(port, "PING").is_some_and(|r| r.starts_with("+PONG")) {
-                    up = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if up {
-                cluster.nodes.push((child, port));
-            } else {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        let cli = std::env::var_os("UNBUSY_REDIS_CLI")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "redis-cli".into());
-        let out = Command::new(cli)
-            .arg("--cluster")
-            .arg("create")
-            .args(cluster.nodes.iter().map(|(_, p)| format!("127.0.0.1:{p}")))
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let t = Instant::now();
-        loop {
-            let ok = cluster.nodes.iter().all(|(_, p)| {
-                command(*p, "CLUSTER INFO").is_some_and(|r| r.contains("cluster_state:ok"))
-            });
-            if ok {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "the cluster did not become ok"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        cluster
-    }
-
-    fn urls(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|(_, p)| format!("redis://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn keys_per_node(&self) -> Vec<u64> {
-        self.nodes
-            .iter()
-            .map(|(_, p)| {
-                let r = command(*p, "DBSIZE").unwrap();
-                r.trim().trim_start_matches(':').parse().unwrap()
-            })
-            .collect()
-    }
-}
-
-/// A small xorshift seeded from the clock and pid: ports differ between concurrent runs.
-fn fastrand_seed() -> impl FnMut() -> u64 {
-    let mut x = (std::process::id() as u64) << 32
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-        | 1;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    }
-}
+use unbusy_tests::redis::RedisCluster;
 
 fn cli_present() -> bool {
-    Command::new(std::env::var_os("UNBUSY_REDIS_CLI").unwrap_or_else(|| "redis-cli".into()))
+    Command::new(unbusy_tests::redis::redis_cli())
         .arg("--version")
         .stdout(Stdio::null())
         .status()
@@ -186,7 +41,7 @@ async fn the_store_works_on_a_three_primary_cluster() {
         cli_present(),
         "redis-server without redis-cli (make setup installs both)"
     );
-    let cluster = Cluster::start();
+    let cluster = RedisCluster::start();
     let urls = cluster.urls();
     let stores: Vec<Store> = (0..2)
         .map(|_| Store::start("--redis-cluster", &urls, &[]))
@@ -279,7 +134,7 @@ async fn the_store_works_on_a_three_primary_cluster() {
 
     // Lease accuracy across the two stores on the cluster, 4 s. The bound is computed from
     // Redis's clock (the one the scripts charge by; the nodes share this machine's).
-    let time_port = cluster.nodes[0].1;
+    let time_port = cluster.ports()[0];
     let redis_clock =
         || common::redis_time_s(std::net::TcpStream::connect(("127.0.0.1", time_port)).unwrap());
     let granted = Arc::new(AtomicU64::new(0));

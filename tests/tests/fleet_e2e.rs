@@ -59,8 +59,13 @@ fn store_bin() -> PathBuf {
 
 /// The store on port 0 against Redis's socket; returns it and the address it printed.
 fn store(socket: &std::path::Path) -> (Proc, SocketAddr) {
+    store_on("127.0.0.1:0", socket)
+}
+
+/// The store on `listen` against Redis's socket.
+fn store_on(listen: &str, socket: &std::path::Path) -> (Proc, SocketAddr) {
     let mut child = Command::new(store_bin())
-        .args(["--listen", "127.0.0.1:0", "--redis"])
+        .args(["--listen", listen, "--redis"])
         .arg(format!("redis+unix://{}", socket.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -87,8 +92,8 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     let dir = std::env::temp_dir().join(format!("ubl2-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let redis = RedisServer::start(&dir).unwrap();
-    let socket = redis.socket().to_path_buf();
+    let redis = RedisServer::start("fleet");
+    let socket = redis.socket();
     let (store_proc, store_addr) = store(&socket);
     let mut store_proc = Some(store_proc);
 
@@ -132,7 +137,7 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
     assert_eq!(emu.stats().attempts, 1);
     // The write-back leaves on A's next tick (20 ms): wait until Redis holds a key.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.keys().unwrap() == 0 {
+    while redis.keys() == 0 {
         assert!(
             Instant::now() < deadline,
             "A's answer never reached the store"
@@ -212,4 +217,134 @@ async fn an_answer_fetched_through_one_envoy_is_an_l2_hit_on_another_and_a_dead_
         "one line per outage: {log}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether the proxies share answers: new cacheable requests, each sent through `a` and, once
+/// Redis holds one more entry (or after 2 s), through `b`, until `b` answers one from the
+/// store (`cache=hit-l2`); at most 15 s. Every answer on the way must be a 200. Returns the
+/// number of tries.
+async fn until_shared(a: &Envoy, b: &Envoy, redis: &RedisServer, tag: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for tries in 1.. {
+        let body = chat_body(&format!("{tag} {tries}"), false, true);
+        let before = redis.try_command("DBSIZE");
+        let first = chat(a.listen, &body, &[]).await.unwrap();
+        assert_eq!(first.status, 200, "{}", first.text());
+        let written = Instant::now() + Duration::from_secs(2);
+        while redis.try_command("DBSIZE") == before && Instant::now() < written {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = chat(b.listen, &body, &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        if note(&r).contains("cache=hit-l2") {
+            return tries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not shared: last {} (B's log: {})",
+            note(&r),
+            b.log_text()
+        );
+    }
+    unreachable!()
+}
+
+/// Redis killed under load, then the store killed: no request fails and none waits on them
+/// (each is answered within the lookup timeout plus the provider's time); each brought back,
+/// the proxies share answers again within a few ticks, by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_or_the_store_killed_under_load_fails_nothing_and_sharing_resumes_when_back() {
+    let mut redis = RedisServer::start("fleet-outage");
+    let socket = redis.socket();
+    let (store_proc, store_addr) = store(&socket);
+    let mut store_proc = Some(store_proc);
+    let (emu, addr) = start(
+        healthy("primary", [5.0, 10.0], [10.0, 20.0]),
+        7,
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let upstreams = [Upstream::parse(&format!("primary=http://{addr}")).unwrap()];
+    let mut filter = filter_config(&test_config(&json!({})), &upstreams, &|_| false).unwrap();
+    use_store(&mut filter);
+    // Generous for a loaded test machine, and still far below what a hung dependency would
+    // cost: the bound below is this plus the provider's time.
+    let lookup = Duration::from_millis(500);
+    filter["store"]["timeout_ms"] = json!(500);
+    let store_up = store_upstream(&format!("http://{store_addr}")).unwrap();
+    let yaml = render(&Render {
+        listen: ("127.0.0.1", 0),
+        admin: ("127.0.0.1", 0),
+        upstreams: &upstreams,
+        filter: Some(&filter),
+        wasm: &filter_wasm(),
+        native: None,
+        store: Some(&store_up),
+    });
+    let a = Envoy::start_yaml(&yaml, 2).unwrap();
+    let b = Envoy::start_yaml(&yaml, 2).unwrap();
+    // Shared before the outage.
+    until_shared(&a, &b, &redis, "before the outage").await;
+
+    // Load through both proxies: distinct cacheable requests, each checked and timed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for (i, listen) in [a.listen, b.listen, a.listen, b.listen]
+        .into_iter()
+        .enumerate()
+    {
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = chat_body(&format!("load {i} {n}"), false, true);
+                let started = Instant::now();
+                let r = chat(listen, &body, &[]).await.unwrap();
+                assert_eq!(r.status, 200, "{}", r.text());
+                slowest = slowest.max(started.elapsed());
+                n += 1;
+            }
+            (n, slowest)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(store_proc.take());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for task in load {
+        let (n, slowest) = task.await.unwrap();
+        answered += n;
+        // The provider answers in tens of milliseconds; a request that waited on a dead
+        // dependency past its lookup timeout would show here.
+        assert!(
+            slowest < lookup + Duration::from_millis(1000),
+            "a request took {slowest:?}"
+        );
+    }
+    assert!(answered > 20, "too little load: {answered}");
+
+    // The store back on the same address (Redis is back already): sharing resumes.
+    let (_store_again, again) = store_on(&store_addr.to_string(), &socket);
+    assert_eq!(again, store_addr);
+    let tries = until_shared(&a, &b, &redis, "after the outage").await;
+    eprintln!("{answered} answers under the outage; shared again after {tries} tries");
+    let calls = emu.stats().attempts;
+    assert!(
+        calls >= u64::from(answered),
+        "{calls} calls for {answered} answers"
+    );
+    for envoy in [&a, &b] {
+        let log = envoy.log_text();
+        assert!(
+            log.matches("the store is unavailable").count() <= 4,
+            "about one line per outage and worker: {log}"
+        );
+    }
 }

@@ -21,162 +21,17 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub fn redis_server() -> PathBuf {
-    std::env::var_os("UNBUSY_REDIS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("redis-server"))
-}
+#[allow(unused_imports)] // each test target uses some of them
+pub use unbusy_tests::redis::{private_dir, redis_time_s, RedisServer as Redis};
 
 /// Checks that `redis-server` can be started, failing the test with how to get it otherwise.
-/// (These tests are behind the `e2e` feature, which `make test` turns on after `make setup`
-/// installed Redis; a bare `cargo test --workspace` leaves them out.) Always true.
+/// Always true.
 pub fn redis_present(test: &str) -> bool {
-    let found = Command::new(redis_server())
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{test}: {} not found (make setup installs it, or apt-get install redis-server; \
-         UNBUSY_REDIS_SERVER names another binary)",
-        redis_server().display()
-    );
+    unbusy_tests::redis::require_redis(test);
     true
-}
-
-/// A private directory, short enough for a unix socket path (108 bytes).
-pub fn private_dir(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ubs-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A `redis-server` listening only on a unix socket.
-pub struct Redis {
-    child: Option<Child>,
-    pub dir: PathBuf,
-    extra: Vec<String>,
-}
-
-impl Redis {
-    pub fn start(name: &str) -> Redis {
-        Self::start_with(name, &[])
-    }
-
-    pub fn start_with(name: &str, extra: &[&str]) -> Redis {
-        let mut r = Redis {
-            child: None,
-            dir: private_dir(name),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        r.restart();
-        r
-    }
-
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join("redis.sock")
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis+unix://{}", self.socket().display())
-    }
-
-    /// Starts (again) on the same socket.
-    pub fn restart(&mut self) {
-        let _ = std::fs::remove_file(self.socket());
-        let log = std::fs::File::create(self.dir.join("redis.log")).unwrap();
-        let child = Command::new(redis_server())
-            .args(["--port", "0", "--unixsocket"])
-            .arg(self.socket())
-            .args([
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.extra)
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if ping(&self.socket()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server did not answer on {}", self.socket().display());
-    }
-
-    /// SIGKILL: no goodbye to any client.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGSTOP / SIGCONT: a Redis that accepts and never answers, as a hung server or a
-    /// network black hole would.
-    pub fn pause(&self, stop: bool) {
-        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
-        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
-    /// A Redis command through the socket (RESP inline), for tests that look at the keys.
-    pub fn command(&self, line: &str) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(self.socket()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s.write_all(format!("{line}\r\n").as_bytes()).unwrap();
-        let mut buf = vec![0u8; 65536];
-        let n = s.read(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.pause(false);
-        }
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn ping(socket: &Path) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 7];
-    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
 
 /// An `unbusy-store` process.
@@ -322,24 +177,4 @@ pub fn percentile_us(sorted: &[Duration], p: f64) -> u128 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)].as_micros()
-}
-
-/// Redis's own clock (`TIME`), in seconds, over a connection that writes `TIME` and reads the
-/// reply. The lease scripts charge by this clock, so a bound on what they may grant over a run
-/// is computed from it, not from the test's: the two clocks can differ by more than one
-/// emission interval over seconds on a loaded machine.
-pub fn redis_time_s(mut conn: impl std::io::Read + std::io::Write) -> f64 {
-    conn.write_all(b"TIME\r\n").unwrap();
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 256];
-    // `*2\r\n$10\r\nSECONDS\r\n$6\r\nMICROS\r\n`: complete once it has five line ends.
-    while reply.iter().filter(|&&b| b == b'\n').count() < 5 {
-        let n = conn.read(&mut buf).unwrap();
-        assert!(n > 0, "redis closed the connection");
-        reply.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8(reply).unwrap();
-    let lines: Vec<&str> = text.split("\r\n").collect();
-    let (secs, micros): (f64, f64) = (lines[2].parse().unwrap(), lines[4].parse().unwrap());
-    secs + micros / 1e6
 }
