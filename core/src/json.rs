@@ -430,75 +430,8 @@ impl<'a> Parser<'a> {
             Some(b'f') => self.literal(b"false", Value::Null).map(drop),
             Some(b'"') => self.key().map(drop),
             Some(b'-' | b'0'..=b'9') => self.number_span().map(drop),
-            Some(b'[') => {
-                let depth = depth + 1;
-                if depth > MAX_DEPTH {
-                    return Err(self.fail("nested too deeply"));
-                }
-                self.at += 1; // '['
-                self.skip_ws();
-                if self.peek() == Some(b']') {
-                    self.at += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.skip_ws();
-                    self.skip(depth)?;
-                    self.skip_ws();
-                    match self.peek() {
-                        Some(b',') => self.at += 1,
-                        Some(b']') => {
-                            self.at += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(self.fail("expected `,` or `]`")),
-                    }
-                }
-            }
-            Some(b'{') => {
-                let depth = depth + 1;
-                if depth > MAX_DEPTH {
-                    return Err(self.fail("nested too deeply"));
-                }
-                self.at += 1; // '{'
-                let mut keys: Vec<Key<'a>> = Vec::new();
-                self.skip_ws();
-                if self.peek() == Some(b'}') {
-                    self.at += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.skip_ws();
-                    if self.peek() != Some(b'"') {
-                        return Err(self.fail("expected a string key"));
-                    }
-                    let key_at = self.at;
-                    let key = self.key()?;
-                    if keys.iter().any(|k| k.bytes() == key.bytes()) {
-                        return Err(JsonError {
-                            what: "duplicate key",
-                            at: key_at,
-                        });
-                    }
-                    self.skip_ws();
-                    if self.peek() != Some(b':') {
-                        return Err(self.fail("expected `:`"));
-                    }
-                    self.at += 1;
-                    self.skip_ws();
-                    self.skip(depth)?;
-                    keys.push(key);
-                    self.skip_ws();
-                    match self.peek() {
-                        Some(b',') => self.at += 1,
-                        Some(b'}') => {
-                            self.at += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(self.fail("expected `,` or `}`")),
-                    }
-                }
-            }
+            Some(b'[') => self.walk_array(depth + 1, Self::skip),
+            Some(b'{') => self.walk_object(depth + 1, |p, _, depth| p.skip(depth)),
             Some(_) => Err(self.fail("expected a value")),
         }
     }
@@ -528,29 +461,12 @@ impl<'a> Parser<'a> {
         depth: usize,
         member: fn(&mut Self, usize) -> Result<Value, JsonError>,
     ) -> Result<Value, JsonError> {
-        if depth > MAX_DEPTH {
-            return Err(self.fail("nested too deeply"));
-        }
-        self.at += 1; // '['
         let mut items = Vec::new();
-        self.skip_ws();
-        if self.peek() == Some(b']') {
-            self.at += 1;
-            return Ok(Value::Array(items));
-        }
-        loop {
-            self.skip_ws();
-            items.push(member(self, depth)?);
-            self.skip_ws();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b']') => {
-                    self.at += 1;
-                    return Ok(Value::Array(items));
-                }
-                _ => return Err(self.fail("expected `,` or `]`")),
-            }
-        }
+        self.walk_array(depth, |p, depth| {
+            items.push(member(p, depth)?);
+            Ok(())
+        })?;
+        Ok(Value::Array(items))
     }
 
     fn object_with(
@@ -558,15 +474,68 @@ impl<'a> Parser<'a> {
         depth: usize,
         member: fn(&mut Self, usize) -> Result<Value, JsonError>,
     ) -> Result<Value, JsonError> {
+        let mut members: Vec<(String, Value)> = Vec::new();
+        self.walk_object(depth, |p, key, depth| {
+            let key = match key {
+                Key::Raw(b) => String::from_utf8_lossy(b).into_owned(),
+                Key::Decoded(s) => s.clone(),
+            };
+            let value = member(p, depth)?;
+            members.push((key, value));
+            Ok(())
+        })?;
+        Ok(Value::Object(members))
+    }
+
+    /// Reads an array at `depth` (its `[` next): each element by `item`, then the separators
+    /// and the closing `]`. The one place the array grammar is written, for the full parse,
+    /// the shallow parse and [`Parser::skip`] alike.
+    fn walk_array(
+        &mut self,
+        depth: usize,
+        mut item: impl FnMut(&mut Self, usize) -> Result<(), JsonError>,
+    ) -> Result<(), JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(self.fail("nested too deeply"));
+        }
+        self.at += 1; // '['
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            return Ok(());
+        }
+        loop {
+            self.skip_ws();
+            item(self, depth)?;
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b']') => {
+                    self.at += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.fail("expected `,` or `]`")),
+            }
+        }
+    }
+
+    /// Reads an object at `depth` (its `{` next): each key (refusing one seen before in the
+    /// same object), then its value by `member`, given the key; the one place the object
+    /// grammar is written.
+    fn walk_object(
+        &mut self,
+        depth: usize,
+        mut member: impl FnMut(&mut Self, &Key<'a>, usize) -> Result<(), JsonError>,
+    ) -> Result<(), JsonError> {
         if depth > MAX_DEPTH {
             return Err(self.fail("nested too deeply"));
         }
         self.at += 1; // '{'
-        let mut members: Vec<(String, Value)> = Vec::new();
+        let mut keys: Vec<Key<'a>> = Vec::new();
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.at += 1;
-            return Ok(Value::Object(members));
+            return Ok(());
         }
         loop {
             self.skip_ws();
@@ -574,8 +543,8 @@ impl<'a> Parser<'a> {
                 return Err(self.fail("expected a string key"));
             }
             let key_at = self.at;
-            let key = self.string()?;
-            if members.iter().any(|(k, _)| *k == key) {
+            let key = self.key()?;
+            if keys.iter().any(|k| k.bytes() == key.bytes()) {
                 return Err(JsonError {
                     what: "duplicate key",
                     at: key_at,
@@ -587,14 +556,14 @@ impl<'a> Parser<'a> {
             }
             self.at += 1;
             self.skip_ws();
-            let v = member(self, depth)?;
-            members.push((key, v));
+            member(self, &key, depth)?;
+            keys.push(key);
             self.skip_ws();
             match self.peek() {
                 Some(b',') => self.at += 1,
                 Some(b'}') => {
                     self.at += 1;
-                    return Ok(Value::Object(members));
+                    return Ok(());
                 }
                 _ => return Err(self.fail("expected `,` or `}`")),
             }
