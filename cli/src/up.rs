@@ -43,7 +43,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use unbusy_envoy_config::{filter_config, render, store_upstream, use_store, Render, Upstream};
+use unbusy_envoy_config::{
+    admin, filter_config, render, store_upstream, use_store, Render, Upstream,
+};
 
 /// The listener's name in the rendered configuration (as [`render`] names it).
 const LISTENER: &str = "unbusy";
@@ -377,33 +379,18 @@ async fn bound(admin_path: &Path) -> Option<(SocketAddr, SocketAddr)> {
     if status != 200 {
         return None;
     }
-    let listen = listener_address(&serde_json::from_str(&body).ok()?)?;
+    let listen = admin::listener_address(&serde_json::from_str(&body).ok()?, LISTENER)?;
     tokio::net::TcpStream::connect(listen).await.ok()?;
     Some((listen, admin))
-}
-
-/// The address the listener [`LISTENER`] bound, from `/listeners?format=json`.
-fn listener_address(listeners: &Value) -> Option<SocketAddr> {
-    let listener = listeners
-        .get("listener_statuses")?
-        .as_array()?
-        .iter()
-        .find(|l| l.get("name").and_then(Value::as_str) == Some(LISTENER))?;
-    let a = listener.get("local_address")?.get("socket_address")?;
-    let ip: std::net::IpAddr = a.get("address")?.as_str()?.parse().ok()?;
-    let port = u16::try_from(a.get("port_value")?.as_u64()?).ok()?;
-    (port != 0).then_some(SocketAddr::new(ip, port))
 }
 
 /// A `GET` on Envoy's admin interface: the status and the body (at most 5 s).
 async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
+        s.write_all(admin::get_request(path).as_bytes())
+            .await
+            .ok()?;
         let mut answer = Vec::new();
         s.read_to_end(&mut answer).await.ok()?;
         Some(answer)
@@ -411,63 +398,5 @@ async fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
     let answer = tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
         .ok()??;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Some((
-        status,
-        if chunked {
-            dechunk(body)?
-        } else {
-            body.to_string()
-        },
-    ))
-}
-
-/// The body of a chunked HTTP/1.1 answer.
-fn dechunk(mut rest: &str) -> Option<String> {
-    let mut body = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n")?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(body);
-        }
-        body.push_str(after.get(..size)?);
-        rest = after.get(size..)?.strip_prefix("\r\n")?;
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_listeners_bound_address_is_read_and_port_zero_is_not_bound() {
-        let status = |port: u64| {
-            serde_json::json!({"listener_statuses": [
-                {"name": "other", "local_address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}}},
-                {"name": "unbusy", "local_address": {"socket_address": {"address": "::1", "port_value": port}}},
-            ]})
-        };
-        assert_eq!(
-            listener_address(&status(43121)),
-            Some("[::1]:43121".parse().unwrap())
-        );
-        assert_eq!(listener_address(&status(0)), None);
-        assert_eq!(listener_address(&serde_json::json!({})), None);
-    }
-
-    #[test]
-    fn a_chunked_body_is_joined() {
-        assert_eq!(
-            dechunk("3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
-            "abcde"
-        );
-        assert_eq!(dechunk("5\r\nab"), None);
-    }
+    admin::read_answer(&answer)
 }

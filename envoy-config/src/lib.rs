@@ -10,6 +10,8 @@
 //! instance sets when the engine chooses the next provider. Every endpoint names its provider
 //! in `filter_metadata.unbusy.provider`, which the upstream instance reads.
 
+pub mod admin;
+
 use serde_json::{Map, Value};
 use std::fmt::Write;
 use std::path::Path;

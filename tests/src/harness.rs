@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use unbusy_envoy_config::admin;
 
 /// A running Envoy, killed on drop.
 pub struct Envoy {
@@ -55,40 +56,10 @@ fn admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(admin).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .ok()?;
+    s.write_all(admin::get_request(path).as_bytes()).ok()?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).ok()?;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Some((
-        status,
-        if chunked {
-            dechunk(body)?
-        } else {
-            body.to_string()
-        },
-    ))
-}
-
-/// The body of a chunked HTTP/1.1 answer.
-fn dechunk(mut rest: &str) -> Option<String> {
-    let mut body = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n")?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(body);
-        }
-        body.push_str(after.get(..size)?);
-        rest = after.get(size..)?.strip_prefix("\r\n")?;
-    }
+    admin::read_answer(&answer)
 }
 
 /// The address Envoy's listener named `name` bound (from the admin `/listeners`), once bound.
@@ -97,15 +68,7 @@ fn listener_address(admin: SocketAddr, name: &str) -> Option<SocketAddr> {
     if status != 200 {
         return None;
     }
-    let v: Value = serde_json::from_str(&body).ok()?;
-    let listener = v["listener_statuses"]
-        .as_array()?
-        .iter()
-        .find(|l| l["name"] == name)?;
-    let a = &listener["local_address"]["socket_address"];
-    let ip: std::net::IpAddr = a["address"].as_str()?.parse().ok()?;
-    let port = u16::try_from(a["port_value"].as_u64()?).ok()?;
-    (port != 0).then_some(SocketAddr::new(ip, port))
+    admin::listener_address(&serde_json::from_str(&body).ok()?, name)
 }
 
 impl Envoy {
