@@ -190,9 +190,12 @@ simulate: setup
 
 ## demo: the main job. Two emulated providers (the primary busy), Envoy with the filter in
 ## front, 30 s of mixed load sent both straight to the primary and through Envoy, side by side.
+## Then the fleet: two Envoys behind one address in front of one account with a concurrency
+## quota, each on its own and then sharing Redis through unbusy-store (about 60 s).
 demo: setup filter
-	$(CARGO) build --release -p unbusy-tests --bin demo --bin busy-provider
+	$(CARGO) build --release -p unbusy-tests --bin demo --bin demo-fleet --bin busy-provider
 	./target/release/demo
+	./target/release/demo-fleet
 
 ## mutants: mutation testing of the core with cargo-mutants (not in `make test`: it takes tens of
 ## minutes). Every mutant the core's tests do not catch is listed in target/mutants/mutants.out/
