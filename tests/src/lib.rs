@@ -10,6 +10,7 @@
 //! - [`envoy`], [`harness`]: Envoy's configuration (rendered by `unbusy-envoy-config`, as
 //!   `unbusy up` renders it) and running it for the end-to-end tests, the demo and the
 //!   benchmark;
+//! - [`ops`]: the Grafana dashboard, the HPA and prometheus-adapter examples read as data;
 //! - [`world`]: the end-to-end tests' worlds (emulated providers behind Envoy with the filter).
 
 // The harness is test tooling, not a proxy: indexing its own vectors may panic on a bug, and a
@@ -19,6 +20,7 @@
 pub mod emulator;
 pub mod envoy;
 pub mod harness;
+pub mod ops;
 pub mod plot;
 pub mod scenario;
 pub mod sim;
