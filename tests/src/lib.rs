@@ -5,6 +5,7 @@
 //! - [`sim`]: the deterministic discrete-event simulator (binary `simulate`) comparing unbusy
 //!   with the baseline client policies;
 //! - [`plot`]: the SVG chart of simulator results in `BENCHMARKS.md`;
+//! - [`png_chart`]: time-series panels as a PNG (the demo's `docs/demo.png`), drawn in Rust;
 //! - the `busy-provider` binary: a real HTTP/1.1 server behaving like a struggling
 //!   OpenAI-compatible provider, for end-to-end tests and the demo;
 //! - [`envoy`], [`harness`]: Envoy's configuration (rendered by `unbusy-envoy-config`, as
@@ -22,6 +23,7 @@ pub mod envoy;
 pub mod harness;
 pub mod ops;
 pub mod plot;
+pub mod png_chart;
 pub mod scenario;
 pub mod sim;
 pub mod world;
