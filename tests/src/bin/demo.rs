@@ -449,3 +449,63 @@ async fn demo() -> Result<(), String> {
     println!("Over time: {}", png.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(sent_s: f64, through: bool, ok: bool, latency_ms: f64, attempts: u64) -> Sample {
+        Sample {
+            sent_s,
+            through,
+            ok,
+            latency_ms,
+            attempts,
+            tier: through.then_some(attempts as u8 - 1),
+        }
+    }
+
+    #[test]
+    fn the_timeline_bins_requests_by_sending_time_per_path() {
+        let samples = [
+            sample(0.5, false, true, 1000.0, 1),
+            sample(1.9, false, false, 10.0, 1),
+            sample(0.1, true, true, 3000.0, 2),
+            sample(1.0, true, true, 2000.0, 3),
+            sample(1.5, true, true, 4000.0, 1),
+            sample(2.0, true, false, 500.0, 1),
+        ];
+        let chart = timeline(&samples);
+        let values = |panel: usize, line: usize| -> Vec<f64> {
+            chart.panels[panel].series[line]
+                .points
+                .iter()
+                .map(|p| p.1)
+                .collect()
+        };
+        let x: Vec<f64> = chart.panels[0].series[0]
+            .points
+            .iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(x.len(), 15);
+        assert_eq!((x[0], x[1], x[14]), (1.0, 3.0, 29.0));
+        // Success: straight 1 of 2 in the first bin, nothing sent after; through 3 of 3, then
+        // 0 of 1.
+        let (direct, through) = (values(0, 0), values(0, 1));
+        assert_eq!(direct[0], 50.0);
+        assert!(direct[1].is_nan() && direct[14].is_nan());
+        assert_eq!((through[0], through[1]), (100.0, 0.0));
+        assert_eq!(chart.panels[0].series[1].colour, THROUGH);
+        // Latency, answered only, in seconds: the median of 3, 2 and 4 s; none answered after.
+        assert_eq!(values(1, 0)[0], 1.0);
+        assert_eq!(values(1, 1)[0], 3.0);
+        assert!(values(1, 1)[1].is_nan());
+        assert_eq!(chart.panels[1].y_max, 3.0);
+        // Attempts per request: (2 + 3 + 1) / 3 through unbusy, 1 straight.
+        assert_eq!((values(2, 0)[0], values(2, 1)[0]), (1.0, 2.0));
+        // The tier: the highest reported in the bin, through unbusy only.
+        assert_eq!(chart.panels[3].series.len(), 1);
+        assert_eq!(values(3, 0)[..2], [2.0, 0.0]);
+    }
+}
