@@ -189,7 +189,8 @@ simulate: setup
 	./target/release/simulate $(addprefix --scenario ,$(SCENARIOS)) --markdown --svg docs/simulation.svg
 
 ## demo: the main job. Two emulated providers (the primary busy), Envoy with the filter in
-## front, 30 s of mixed load sent both straight to the primary and through Envoy, side by side.
+## front, 30 s of mixed load sent both straight to the primary and through Envoy, side by side;
+## the run over time drawn into target/demo/unbusy-demo.png (docs/demo.png is a copy of one).
 ## Then the fleet: two Envoys behind one address in front of one account with a concurrency
 ## quota, each on its own and then sharing Redis through unbusy-store (about 60 s).
 demo: setup filter

@@ -5,11 +5,13 @@
 //! - [`sim`]: the deterministic discrete-event simulator (binary `simulate`) comparing unbusy
 //!   with the baseline client policies;
 //! - [`plot`]: the SVG chart of simulator results in `BENCHMARKS.md`;
+//! - [`png_chart`]: time-series panels as a PNG (the demo's `docs/demo.png`), drawn in Rust;
 //! - the `busy-provider` binary: a real HTTP/1.1 server behaving like a struggling
 //!   OpenAI-compatible provider, for end-to-end tests and the demo;
 //! - [`envoy`], [`harness`]: Envoy's configuration (rendered by `unbusy-envoy-config`, as
 //!   `unbusy up` renders it) and running it for the end-to-end tests, the demo and the
 //!   benchmark;
+//! - [`ops`]: the Grafana dashboard, the HPA and prometheus-adapter examples read as data;
 //! - [`world`]: the end-to-end tests' worlds (emulated providers behind Envoy with the filter);
 //! - [`redis`]: a real `redis-server` for the fleet tests.
 
@@ -20,7 +22,9 @@
 pub mod emulator;
 pub mod envoy;
 pub mod harness;
+pub mod ops;
 pub mod plot;
+pub mod png_chart;
 pub mod redis;
 pub mod scenario;
 pub mod sim;

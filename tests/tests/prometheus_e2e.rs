@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use unbusy_tests::harness::{chat, chat_body, request};
+use unbusy_tests::ops::{
+    adapter_rules, all_values, dashboard_queries, expand, hpa_metrics, read_yaml,
+};
 use unbusy_tests::scenario::FaultWindow;
 use unbusy_tests::world::{healthy, test_config, World};
 
@@ -42,7 +45,7 @@ fn promtool(args: &[&str]) -> String {
 fn promtool_checks_the_config_and_rules_and_their_unit_tests_pass() {
     promtool(&["check", "config", "prometheus.yml"]);
     let rules = promtool(&["check", "rules", "rules/unbusy.rules.yml"]);
-    assert!(rules.contains("SUCCESS: 16 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 17 rules found"), "{rules}");
     let tests = promtool(&["test", "rules", "rules/unbusy.rules.test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
 }
@@ -125,6 +128,22 @@ impl Prometheus {
         r.json()
     }
 
+    /// A range query from `start` to `end` (Unix seconds) at a step of 1 s: the number of
+    /// series with at least one sample, or Prometheus' error (a query that does not parse,
+    /// say).
+    async fn range_series(&self, expr: &str, start: f64, end: f64) -> Result<usize, String> {
+        let path = format!(
+            "/api/v1/query_range?query={}&start={start}&end={end}&step=1",
+            encode(expr)
+        );
+        let r = request(self.addr, "GET", &path, &[], "").await?;
+        let v = r.json();
+        if r.status != 200 || v["status"] != "success" {
+            return Err(format!("{} {}: {}", r.status, v["errorType"], v["error"]));
+        }
+        Ok(v["data"]["result"].as_array().map_or(0, Vec::len))
+    }
+
     /// An instant query (at `time`, Unix seconds, or now): each series' labels and value.
     async fn query_at(&self, expr: &str, time: Option<f64>) -> Vec<(Value, f64)> {
         let mut path = format!("/api/v1/query?query={}", encode(expr));
@@ -186,14 +205,22 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
+/// The labels the test's scrape gives its target, as a Kubernetes pod scrape job would
+/// (examples/istio scales pods on the per-pod request rate).
+const NAMESPACE: &str = "llm-apps";
+const POD: &str = "llm-client-0";
+
 /// examples/prometheus/prometheus.yml pointed at this Envoy's admin address and these rules,
-/// scraping and evaluating every second.
+/// scraping and evaluating every second, the target labelled with a namespace and a pod.
 fn config_for(admin: SocketAddr) -> String {
     let text = std::fs::read_to_string(examples().join("prometheus.yml")).unwrap();
     let rules = examples().join("rules/unbusy.rules.yml");
     let mut out = text.clone();
     for (from, to) in [
-        ("\"127.0.0.1:9901\"", format!("\"{admin}\"")),
+        (
+            "[\"127.0.0.1:9901\"]",
+            format!("[\"{admin}\"]\n        labels: {{ namespace: {NAMESPACE}, pod: {POD} }}"),
+        ),
         ("scrape_interval: 15s", "scrape_interval: 1s".into()),
         ("evaluation_interval: 15s", "evaluation_interval: 1s".into()),
         ("- rules/unbusy.rules.yml", format!("- {}", rules.display())),
@@ -278,6 +305,7 @@ async fn prometheus_scrapes_envoy_and_records_what_the_emulator_counted() {
     .await
     .unwrap();
     let started = Instant::now();
+    let from = unix_now();
     let p = Prometheus::start(&config_for(w.envoy.admin)).ready().await;
 
     // Scraped once with every counter at zero, before any load: `increase` and the ratios then
@@ -387,6 +415,29 @@ async fn prometheus_scrapes_envoy_and_records_what_the_emulator_counted() {
         "rate {rate:?} not in [{least}, {most}]"
     );
 
+    // The HPA's metric (examples/istio) as prometheus-adapter asks for it for this pod: the
+    // pod's request rate, here the whole rate (one pod), at the same evaluation.
+    let hpa = hpa_metrics(&read_yaml("istio/unbusy.yaml").unwrap());
+    let adapter = read_yaml("istio/prometheus-adapter.yaml")
+        .unwrap()
+        .remove(0);
+    let rule = adapter_rules(&adapter)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.served_as == hpa[0].name)
+        .unwrap();
+    let query = rule.render(&format!("namespace=\"{NAMESPACE}\",pod=~\"{POD}\""), "pod");
+    let at = p.one("timestamp(unbusy:requests:rate1m)").await;
+    let whole = p.query_at("unbusy:requests:rate1m", at).await;
+    let per_pod = p.query_at(&query, at).await;
+    assert_eq!(per_pod.len(), 1, "{query}: {per_pod:?}");
+    assert_eq!(per_pod[0].0, json!({"pod": POD}), "{query}");
+    let (pod_rate, all_rate) = (per_pod[0].1, whole[0].1);
+    assert!(
+        pod_rate > 0.0 && (pod_rate - all_rate).abs() <= 1e-9 * all_rate,
+        "{query}: {pod_rate}, the whole rate {all_rate}"
+    );
+
     // Latency: the histogram's quantiles lie within what the clients measured.
     let p50 = p
         .until("unbusy:request_duration_ms:p50_rate1m", |v| v > 0.0)
@@ -419,7 +470,7 @@ async fn prometheus_scrapes_envoy_and_records_what_the_emulator_counted() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(all.len(), 16);
+    assert_eq!(all.len(), 17);
     for r in &all {
         assert_eq!(r["health"], "ok", "{r}");
     }
@@ -430,5 +481,84 @@ async fn prometheus_scrapes_envoy_and_records_what_the_emulator_counted() {
         )
         .await;
     assert_eq!(r, Ok(1.0), "{}", p.get("/api/v1/alerts").await);
+
+    // The Grafana dashboard (examples/grafana): every query parses and returns data over the
+    // run ...
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(examples().join("../grafana/unbusy.json")).unwrap(),
+    )
+    .unwrap();
+    let end = unix_now();
+    let problems = dashboard_problems(&p, &dashboard, from, end).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+    // ... and a typo, a series that does not exist or a variable Grafana does not know would
+    // have been caught.
+    for (expr, why) in [
+        (
+            "sum(rate(unbusy_requests_total[$__rate_interval])",
+            "bad_data",
+        ),
+        ("unbusy:requests:rate5m", "no data"),
+        (
+            "sum(rate(unbusy_request_total[$__rate_interval]))",
+            "no data",
+        ),
+        (
+            "unbusy:requests:rate1m{instance=~\"$instance\"}",
+            "unknown variable $instance",
+        ),
+    ] {
+        let mut broken = dashboard.clone();
+        let panel = broken["panels"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|p| p["title"] == "1. Request rate")
+            .unwrap();
+        panel["targets"][0]["expr"] = json!(expr);
+        let problems = dashboard_problems(&p, &broken, from, end).await;
+        assert!(
+            problems.len() == 1
+                && problems[0].starts_with("1. Request rate: ")
+                && problems[0].contains(why),
+            "{expr}: {problems:#?}"
+        );
+    }
     eprintln!("done in {:?}", started.elapsed());
+}
+
+/// Now, in Unix seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// What is wrong with the dashboard's queries against `p` over `[start, end]`: one line per
+/// query that has a variable Grafana would not expand, does not parse or returns no series.
+/// Grafana's own variables take the values it would give them here: `$__rate_interval` four
+/// scrape intervals (its floor; 1 s scrapes), `$__interval` the 1 s step, `$__range` the run;
+/// the dashboard's variables their "All" value.
+async fn dashboard_problems(p: &Prometheus, d: &Value, start: f64, end: f64) -> Vec<String> {
+    let mut values = all_values(d).unwrap();
+    values.insert("__rate_interval".into(), "4s".into());
+    values.insert("__interval".into(), "1s".into());
+    values.insert("__range".into(), format!("{}s", (end - start).ceil()));
+    let mut problems = Vec::new();
+    for q in dashboard_queries(d).unwrap() {
+        let expr = match expand(&q.expr, &values) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(format!("{}: {e}", q.place));
+                continue;
+            }
+        };
+        match p.range_series(&expr, start, end).await {
+            Ok(0) => problems.push(format!("{}: {expr}: no data", q.place)),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{}: {expr}: {e}", q.place)),
+        }
+    }
+    problems
 }
