@@ -137,8 +137,9 @@ impl<H: Host> State<H> {
     /// How many attempts this proxy may have in flight to provider `i`: its fleet holding with
     /// a store, else the provider's `max_concurrency` (`None`: no quota).
     pub(super) fn quota(&self, now: Nanos, i: usize) -> Option<u32> {
-        let max = self.config.providers.get(i)?.max_concurrency?;
-        if self.config.store.fleet_cluster().is_none() {
+        let p = self.config.providers.get(i)?;
+        let max = p.max_concurrency?;
+        if self.config.store.fleet_cluster().is_none() || !store_name(&p.name) {
             return Some(max);
         }
         let (h, _, _) = holding(&self.host, &holding_key(i));
