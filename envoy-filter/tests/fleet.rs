@@ -556,3 +556,82 @@ fn slots_given_up_are_not_used_while_the_store_hands_them_to_another_proxy() {
     );
     assert!(max <= 4, "{max} in flight");
 }
+
+/// One worker of a proxy polls per `poll_ms`, not each: over a second, two workers ticking
+/// every 20 ms make about ten polls of pauses and ten renewals together.
+#[test]
+fn the_workers_of_a_proxy_poll_once_per_period_between_them() {
+    let config = r#"{"providers":[{"name":"deep","cluster":"cd","max_concurrency":4}],
+        "store":{"cluster":"unbusy_store","poll_ms":100}}"#;
+    let mut store = Store {
+        up: true,
+        ..Store::default()
+    };
+    let mut p = Proxy::new(config, 2, 8);
+    for _ in 0..50 {
+        p.advance(Duration::from_millis(20));
+        p.tick(&mut store);
+    }
+    let count = |what: &str| {
+        p.workers
+            .iter()
+            .flat_map(|w| w.paths())
+            .filter(|path| path.starts_with(what))
+            .count()
+    };
+    let (polls, renewals) = (count("/v1/pauses"), count("/v1/concurrency/acquire"));
+    assert!((10..=11).contains(&polls), "{polls} polls in 1 s");
+    assert_eq!(renewals, polls);
+    let holders: std::collections::HashSet<_> = p
+        .workers
+        .iter()
+        .flat_map(|w| w.host.calls())
+        .filter(|c| c.header(":path") == Some("/v1/concurrency/acquire"))
+        .map(|c| {
+            let v = json::parse(&c.body).unwrap();
+            v.get("holder").unwrap().as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(holders.len(), 1, "one holder for the proxy: {holders:?}");
+}
+
+/// Answers can come back out of order (a slow one past a newer poll): the answer to an older
+/// renewal is not applied over the newer one's, which may have given slots up.
+#[test]
+fn an_answer_to_an_older_renewal_is_not_applied_over_a_newer_one() {
+    let config = r#"{"providers":[{"name":"deep","cluster":"cd","max_concurrency":4}],
+        "retry":{"max_attempts":1},
+        "store":{"cluster":"unbusy_store","poll_ms":100}}"#;
+    let p = Proxy::new(config, 1, 9);
+    let w = &p.workers[0];
+    let acquires = || -> Vec<FakeCall> {
+        w.host
+            .calls()
+            .into_iter()
+            .filter(|c| c.header(":path") == Some("/v1/concurrency/acquire"))
+            .collect()
+    };
+    // Two renewals go out, 100 ms apart, neither answered yet.
+    while acquires().len() < 2 {
+        p.advance(Duration::from_millis(20));
+        w.host.call_into(1);
+        driver::tick(&w.host, &w.state);
+    }
+    let calls = acquires();
+    let answer = |call: &FakeCall, held: u32| {
+        let body = format!(r#"{{"held":{held},"in_use":{held}}}"#);
+        w.host.set_call_answer(
+            &[(":status", "200"), ("content-type", "application/json")],
+            body.as_bytes(),
+        );
+        w.host.call_into(1);
+        driver::call_response(&w.host, &w.state, call.token.0, body.len());
+    };
+    answer(&calls[1], 1);
+    answer(&calls[0], 4);
+    let sent = [(10, w.request(10)), (11, w.request(11))]
+        .iter()
+        .filter(|(c, at_once)| w.sent(*c, *at_once))
+        .count();
+    assert_eq!(sent, 1, "the newer grant (1) stands");
+}
