@@ -174,6 +174,18 @@ async fn two_proxies_never_put_a_fifth_request_in_flight_on_a_quota_of_four() {
     );
 }
 
+/// How many calls for the fleet's quotas and pauses the store answered to `envoy`'s filter
+/// (`unbusy_store_poll_total{result="ok"}`, all workers).
+async fn store_calls_ok(envoy: &Envoy) -> u64 {
+    let text = envoy
+        .admin_text("/stats?filter=unbusy_store_poll_total.result.ok")
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.rsplit_once(": ")?.1.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// The pause the store holds for `provider`: its remaining ms, if paused.
 async fn store_pause(store: SocketAddr, provider: &str) -> Option<u64> {
     let r = request(
@@ -260,9 +272,19 @@ async fn a_retry_after_answered_to_one_proxy_pauses_the_provider_on_the_other() 
     .await
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    // B polls every 100 ms: give it a second to learn the pause, then send through B until
-    // half a second before the pause ends.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // B polls every 100 ms (its only store calls here: no quota): once two more polls were
+    // answered since the store held the pause, B knows it. Then send through B until half a
+    // second before the pause ends.
+    let seen = store_calls_ok(&b).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store_calls_ok(&b).await < seen + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "B does not poll: {}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let primary_before = primary.stats().attempts;
     let backup_before = backup.stats().attempts;
     let mut during = 0;
