@@ -4,8 +4,10 @@
 //! semantics (`docs/store.md`: the semaphore *sets* a holder's slots to what fits; a pause only
 //! grows and is read as time left): two proxies together never exceed a provider's
 //! `max_concurrency`; a proxy holds nothing until the store first answers, keeps a grant until
-//! its lease ends without one, then falls back to its local share; a run of hinted 429s on one
-//! proxy pauses the provider on the other until the hint has passed; a store that fails is one
+//! its lease ends without one, then falls back to its local share; slots it gives up are not
+//! used while the store hands them to another proxy, and an older answer never overrides a
+//! newer one; the workers of a proxy poll once per period as one holder; a run of hinted 429s
+//! or an open breaker on one proxy pauses the provider on the other; a store that fails is one
 //! log line, and local behaviour.
 
 #![allow(
@@ -634,4 +636,35 @@ fn an_answer_to_an_older_renewal_is_not_applied_over_a_newer_one() {
         .filter(|(c, at_once)| w.sent(*c, *at_once))
         .count();
     assert_eq!(sent, 1, "the newer grant (1) stands");
+}
+
+/// A breaker that opens on one proxy is published as `breaker_open` for the time it stays
+/// open, and the other proxy sends nothing to that provider meanwhile.
+#[test]
+fn an_open_breaker_on_one_proxy_is_a_pause_on_another() {
+    let config = r#"{"providers":[{"name":"first","cluster":"c1"},{"name":"second","cluster":"c2","priority":1}],
+        "retry":{"max_attempts":1},
+        "breaker":{"consecutive_failures":3,"open_ms":4000,"max_open_ms":4000},
+        "store":{"cluster":"unbusy_store","poll_ms":100}}"#;
+    let mut store = Store {
+        up: true,
+        ..Store::default()
+    };
+    let mut a = Proxy::new(config, 1, 10);
+    let mut b = Proxy::new(config, 1, 11);
+    let busy = r#"{"error":{"message":"Server overloaded","type":"server_error"}}"#;
+    for ctx in 10..13 {
+        assert!(a.workers[0].request(ctx));
+        assert_eq!(a.workers[0].cluster(ctx), "c1");
+        a.workers[0].answer(ctx, "503", &[], busy);
+    }
+    a.tick(&mut store);
+    a.tick(&mut store);
+    assert_eq!(store.publishes, ["first 4000 breaker_open"]);
+    for _ in 0..2 {
+        b.advance(Duration::from_millis(20));
+        b.tick(&mut store);
+    }
+    assert!(b.workers[0].request(20));
+    assert_eq!(b.workers[0].cluster(20), "c2", "paused on B too");
 }
