@@ -110,7 +110,7 @@ async fn burst(a: &Envoy, b: &Envoy, tag: &str) -> usize {
 async fn two_proxies_never_put_a_fifth_request_in_flight_on_a_quota_of_four() {
     let dir = Dir::new("ubfl-quota");
     let (_redis, socket) = redis(&dir.0);
-    let (_store, store_addr) = store(&socket);
+    let (store_proc, store_addr) = store(&socket);
     let base = json!({"providers": [{"name": "primary", "max_concurrency": 4}]});
 
     let (emu, addr) = start(
@@ -143,11 +143,47 @@ async fn two_proxies_never_put_a_fifth_request_in_flight_on_a_quota_of_four() {
         .await
         .unwrap();
     assert!(polls.contains("result.ok"), "{polls}");
-    assert!(
-        !a.log_text().contains("fleet quotas and pauses: no store"),
-        "{}",
-        a.log_text()
-    );
+    let outage_lines = |e: &Envoy| {
+        e.log_text()
+            .matches("fleet quotas and pauses: no store")
+            .count()
+    };
+    assert_eq!(outage_lines(&a), 0, "{}", a.log_text());
+
+    // The store gone: both proxies go on answering (their last grant, then the local share),
+    // each VM logging the outage once, not once per call.
+    drop(store_proc);
+    for round in 0..2 {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let addr = if i % 2 == 0 { a.listen } else { b.listen };
+            let body = chat_body(&format!("store gone {round} {i}"), false, false);
+            tasks.push(tokio::spawn(async move { chat(addr, &body, &[]).await }));
+        }
+        for t in tasks {
+            let r = t.await.unwrap().unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outage_lines(&a) == 0 || outage_lines(&b) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no outage line: {}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // five more failed polls
+    for e in [&a, &b] {
+        let n = outage_lines(e);
+        // (Envoy's main thread runs a root context of its own, which ticks too: three VMs.)
+        assert!(
+            (1..=3).contains(&n),
+            "{n} outage lines for two workers and the main thread: {}",
+            e.log_text()
+        );
+    }
     drop((a, b));
 
     // The same without the store: each proxy lets 4 go, so the provider sees more.
