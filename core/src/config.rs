@@ -459,6 +459,13 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// L2 lookups on an L1 miss and write-back of valid answers. Default true.
     pub cache: bool,
+    /// How often the root context polls fleet-wide pauses and renews this proxy's holdings of
+    /// providers' `max_concurrency` quotas. Default 100, 10 to 60000.
+    pub poll_ms: u64,
+    /// How many proxies share the fleet's quotas: without an answer from the store, a proxy
+    /// lets `max_concurrency / expected_proxies` attempts go at once (at least 1). Default 1,
+    /// 1 to 10000.
+    pub expected_proxies: u32,
 }
 
 impl Default for StoreConfig {
@@ -467,6 +474,8 @@ impl Default for StoreConfig {
             cluster: None,
             timeout_ms: 20,
             cache: true,
+            poll_ms: 100,
+            expected_proxies: 1,
         }
     }
 }
@@ -475,6 +484,11 @@ impl StoreConfig {
     /// The cluster to look answers up in, when the L2 cache is on.
     pub fn cache_cluster(&self) -> Option<&str> {
         self.cluster.as_deref().filter(|_| self.cache)
+    }
+
+    /// The cluster that shares concurrency quotas and pauses across the fleet (any store).
+    pub fn fleet_cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
     }
 }
 
@@ -952,6 +966,24 @@ impl Config {
                 },
             );
         }
+        if !(10..=60_000).contains(&st.poll_ms) {
+            c.fail(
+                "store.poll_ms",
+                Problem::OutOfRange {
+                    min: 10.0,
+                    max: 60_000.0,
+                },
+            );
+        }
+        if !(1..=10_000).contains(&st.expected_proxies) {
+            c.fail(
+                "store.expected_proxies",
+                Problem::OutOfRange {
+                    min: 1.0,
+                    max: 10_000.0,
+                },
+            );
+        }
 
         let g = &self.degradation;
         for i in 0..3 {
@@ -1246,6 +1278,8 @@ read_struct!(StoreConfig {
     cluster,
     timeout_ms,
     cache,
+    poll_ms,
+    expected_proxies,
 });
 read_struct!(ProviderConfig {
     name,
@@ -1541,10 +1575,23 @@ mod tests {
         assert_eq!(c.store.cache_cluster(), None);
         assert_eq!(
             errors(
-                r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cluster":" ","timeout_ms":0,"poll_ms":1}}"#
+                r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cluster":" ","timeout_ms":0,"lease":1}}"#
             ),
-            "unknown field `poll_ms` in store; store.cluster must not be empty; \
+            "unknown field `lease` in store; store.cluster must not be empty; \
              store.timeout_ms must be between 1 and 10000"
+        );
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cluster":"s","poll_ms":250,"expected_proxies":4}}"#,
+        )
+        .unwrap();
+        assert_eq!((c.store.poll_ms, c.store.expected_proxies), (250, 4));
+        assert_eq!(c.store.fleet_cluster(), Some("s"));
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"poll_ms":5,"expected_proxies":0}}"#
+            ),
+            "store.poll_ms must be between 10 and 60000; \
+             store.expected_proxies must be between 1 and 10000"
         );
         assert_eq!(
             errors(r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cache":"yes"}}"#),

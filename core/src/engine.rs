@@ -668,6 +668,19 @@ impl Engine {
         }
     }
 
+    /// Until when retries avoid provider `index` after a run of rate limits with a retry hint
+    /// (`None`: not cooling down), for hosts that share the verdict with other proxies in front
+    /// of the same account (the limit is likely the account's).
+    pub fn cooldown_until(&self, now: Nanos, index: usize) -> Option<Nanos> {
+        let until = self.providers.get(index)?.cooldown_until;
+        (until > now).then_some(until)
+    }
+
+    /// How many requests are waiting for a provider's slot (or a breaker's probe) now.
+    pub fn waiting_for_capacity(&self) -> usize {
+        self.waiters.len()
+    }
+
     /// Another engine in front of the same provider (another Envoy worker) opened its breaker
     /// for provider `index` until `until`: no attempts go there before then, as after a
     /// provider's own request to pause (requests fail over, or wait if nothing else can help).

@@ -270,9 +270,9 @@ pub fn call_response<H: Host>(host: &H, state: &Shared<H>, token: u32, body_size
     run(host, state, effects, None);
 }
 
-/// The root context's tick: the engine's timers, and the L2 write-backs queued since the last
+/// The root context's tick: the engine's timers, the L2 write-backs queued since the last
 /// one (dispatched from the root context, so no stream's end cancels them; their answers are
-/// not awaited).
+/// not awaited), and the fleet's quotas and pauses (whose answers come back to this root).
 pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
     if let Some((cluster, writes)) = with(state, |s| s.l2_take_writes(host.now())) {
         for call in writes {
@@ -280,6 +280,16 @@ pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
             if let Err(why) = host.dispatch(&cluster, &headers, &call.body, STORE_WRITE_TIMEOUT) {
                 with(state, |s| s.l2_failed(None, host.now(), &why));
                 break;
+            }
+        }
+    }
+    if let Some((cluster, calls)) = with(state, |s| s.fleet_calls(host.now())) {
+        let timeout = std::time::Duration::from_millis(crate::state::FLEET_CALL_TIMEOUT_MS);
+        for (purpose, call) in calls {
+            let headers = call.header_pairs();
+            match host.dispatch(&cluster, &headers, &call.body, timeout) {
+                Ok(token) => with(state, |s| s.fleet_dispatched(token, purpose)),
+                Err(why) => with(state, |s| s.fleet_failed(&why)),
             }
         }
     }

@@ -59,6 +59,7 @@ pub struct Metrics {
     cache: [Option<MetricId>; 3],
     cache_bytes: Option<MetricId>,
     l2: [Option<MetricId>; 4],
+    store_poll: [Option<MetricId>; 2],
     rejections: [Option<MetricId>; 5],
 }
 
@@ -155,6 +156,11 @@ impl Metrics {
                 "unbusy_l2_cache_total.result.error",
             ]
             .map(|name| host.define_metric(Counter, name)),
+            store_poll: [
+                "unbusy_store_poll_total.result.ok",
+                "unbusy_store_poll_total.result.error",
+            ]
+            .map(|name| host.define_metric(Counter, name)),
             rejections: [
                 "budget",
                 "throttled",
@@ -237,6 +243,15 @@ impl Metrics {
     /// Counts a cache lookup.
     pub fn cache(&self, host: &impl Host, result: CacheResult) {
         bump(host, self.cache.get(result as usize).copied().flatten(), 1);
+    }
+
+    /// Counts a call for the fleet's quotas and pauses (`ok`: the store answered as expected).
+    pub fn store_poll(&self, host: &impl Host, ok: bool) {
+        bump(
+            host,
+            self.store_poll.get(usize::from(!ok)).copied().flatten(),
+            1,
+        );
     }
 
     /// Counts an L2 lookup.

@@ -150,6 +150,20 @@ pub fn slots_held(host: &impl Host, key: &str) -> u32 {
     read(host, key, u32::from_le_bytes).0
 }
 
+/// Adds `delta` to a shared counter (never below 0); `false` if contention won every round.
+pub fn add(host: &impl Host, key: &str, delta: i64) -> bool {
+    for _ in 0..CAS_ROUNDS {
+        let (held, cas) = read(host, key, u32::from_le_bytes);
+        let next = i64::from(held)
+            .saturating_add(delta)
+            .clamp(0, i64::from(u32::MAX)) as u32;
+        if host.shared_set(key, &next.to_le_bytes(), cas) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Takes one of `quota` slots of a counter shared by every worker; `false` when all are taken.
 pub fn slot_acquire(host: &impl Host, key: &str, quota: u32) -> bool {
     for _ in 0..CAS_ROUNDS {

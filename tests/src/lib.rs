@@ -21,6 +21,7 @@
 
 pub mod emulator;
 pub mod envoy;
+pub mod fleet;
 pub mod harness;
 pub mod ops;
 pub mod plot;

@@ -16,72 +16,15 @@
 )]
 
 use serde_json::json;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use unbusy_tests::emulator::start;
 use unbusy_tests::envoy::{
-    filter_config, filter_wasm, render, repo_root, store_upstream, use_store, Render, Upstream,
+    filter_config, filter_wasm, render, store_upstream, use_store, Render, Upstream,
 };
+use unbusy_tests::fleet::{store, store_on};
 use unbusy_tests::harness::{chat, chat_body, Envoy};
 use unbusy_tests::redis::RedisServer;
 use unbusy_tests::world::{healthy, test_config};
-
-/// A child process killed (and reaped) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The `unbusy-store` binary: `UNBUSY_STORE_BIN`, or built here.
-fn store_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("UNBUSY_STORE_BIN") {
-        return bin.into();
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "-q", "-p", "unbusy-store"])
-        .current_dir(repo_root())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "cargo build -p unbusy-store failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| repo_root().join("target"), PathBuf::from);
-    target.join("debug/unbusy-store")
-}
-
-/// The store on port 0 against Redis's socket; returns it and the address it printed.
-fn store(socket: &std::path::Path) -> (Proc, SocketAddr) {
-    store_on("127.0.0.1:0", socket)
-}
-
-/// The store on `listen` against Redis's socket.
-fn store_on(listen: &str, socket: &std::path::Path) -> (Proc, SocketAddr) {
-    let mut child = Command::new(store_bin())
-        .args(["--listen", listen, "--redis"])
-        .arg(format!("redis+unix://{}", socket.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    (Proc(child), addr)
-}
 
 fn note(r: &unbusy_tests::harness::Reply) -> String {
     r.header("x-unbusy").unwrap_or("").to_string()

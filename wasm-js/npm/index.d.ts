@@ -173,6 +173,10 @@ export interface Config {
     timeoutMs?: number;
     /** Whether answers are looked up in and written to the store. Default true. */
     cache?: boolean;
+    /** How often the filter polls fleet-wide pauses and renews its concurrency holdings, 10 to 60000. Default 100. */
+    pollMs?: number;
+    /** How many proxies share the fleet's quotas (the share without a store's answer), 1 to 10000. Default 1. */
+    expectedProxies?: number;
   };
 }
 

@@ -26,12 +26,8 @@ impl<H: Host> State<H> {
         // own attempts, and a shared count makes the sum respect the quota. A full count is
         // answered as the provider itself would (429 without a hint: a quota verdict), so the
         // engine fails over, queues or backs off exactly as for the real thing.
-        if let Some(quota) = self
-            .config
-            .providers
-            .get(send.provider)
-            .and_then(|p| p.max_concurrency)
-        {
+        // With a store, the quota is the proxy's share of the fleet's (see `fleet`).
+        if let Some(quota) = self.quota(now, send.provider) {
             if !shared::slot_acquire(&self.host, &slot_key(send.provider), quota) {
                 self.engine.on_outcome(
                     now,

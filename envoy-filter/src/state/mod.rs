@@ -37,9 +37,12 @@
 
 mod actions;
 mod attempt;
+mod fleet;
 mod l2;
 mod request;
 mod response;
+
+pub use fleet::{Purpose as FleetPurpose, CALL_TIMEOUT_MS as FLEET_CALL_TIMEOUT_MS};
 
 use crate::admission::SharedLimits;
 use crate::configure::check_config;
@@ -80,6 +83,7 @@ pub struct State<H: Host> {
     by_request: HashMap<RequestId, u32>,
     calls: HashMap<CallToken, Call>,
     l2: l2::L2,
+    fleet: fleet::Fleet,
     limits: SharedLimits,
     cache_bounds: CacheBounds,
     authorities: Authorities,
@@ -109,7 +113,7 @@ impl<H: Host> State<H> {
         shared::ensure(&host, shared::LEDGER, &0u64.to_le_bytes());
         let limits = SharedLimits::new(&config.limits);
         limits.ensure_keys(&host, &config.limits);
-        Ok(Self {
+        let mut state = Self {
             metrics: Metrics::define(&host, &names),
             host,
             engine,
@@ -117,12 +121,15 @@ impl<H: Host> State<H> {
             by_request: HashMap::new(),
             calls: HashMap::new(),
             l2: l2::L2::default(),
+            fleet: fleet::Fleet::default(),
             limits,
             cache_bounds: CacheBounds::for_max_bytes(config.cache.max_bytes),
             authorities: Authorities::of(&config.providers),
             config,
             registry_index: None,
-        })
+        };
+        state.fleet_setup(seed);
+        Ok(state)
     }
 
     /// The host this state runs on.
@@ -214,7 +221,9 @@ impl<H: Host> State<H> {
     ///   quota makes requests queue for a slot, and a freed one wakes them within a tick;
     /// - until when any worker's breaker for it is open: this worker publishes its own, and
     ///   pauses the provider until the latest one published, so one worker's verdict spares
-    ///   the others from paying their own `consecutive_failures` to reach it.
+    ///   the others from paying their own `consecutive_failures` to reach it (the fleet's
+    ///   pauses, polled from the store, arrive in the same place: see `fleet`);
+    /// - with a store, the proxy's fleet holding of the quota, as slots taken elsewhere.
     fn share_views(&mut self, now: Nanos) {
         for (i, p) in self.config.providers.iter().enumerate() {
             let breaker = breaker_key(i);
@@ -225,13 +234,16 @@ impl<H: Host> State<H> {
             if until > now {
                 self.engine.pause_provider(now, i, until);
             }
-            if p.max_concurrency.is_none() {
+            let Some(max) = p.max_concurrency else {
                 continue;
-            }
+            };
             let total = shared::slots_held(&self.host, &slot_key(i));
             let mine = self.flows.values().filter(|f| f.slot == Some(i)).count() as u32;
-            self.engine
-                .set_external_in_flight(now, i, total.saturating_sub(mine));
+            // With a store, the proxy's fleet holding is its quota: the slots it does not hold
+            // count as taken.
+            let quota = self.quota(now, i).unwrap_or(max);
+            let external = fleet_external(total.saturating_sub(mine), max, quota);
+            self.engine.set_external_in_flight(now, i, external);
         }
     }
 
@@ -268,6 +280,12 @@ impl<H: Host> State<H> {
             self.engine.tier().level(),
         )
     }
+}
+
+/// The attempts the engine counts as in flight elsewhere (see
+/// [`unbusy_core::fleet::external_in_flight`]).
+fn fleet_external(others: u32, max: u32, quota: u32) -> u32 {
+    unbusy_core::fleet::external_in_flight(others, max, quota)
 }
 
 /// A local reply to stream `ctx`, noted in `x-unbusy`.

@@ -297,6 +297,10 @@ impl<H: Host> State<H> {
         if self.l2_owns(token) {
             return self.l2_answer(token, now, &headers, body);
         }
+        if self.fleet_owns(token) {
+            self.fleet_answer(token, now, &headers, &body);
+            return self.tick(now);
+        }
         let Some((ctx, request, attempt)) = self.calls.remove(&token) else {
             return Vec::new();
         };
