@@ -15,6 +15,7 @@ use crate::state::State;
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
+use unbusy_core::health::ProbeResult;
 use unbusy_core::reply::{local_reply, ReplyKind};
 use unbusy_core::request::Handling;
 
@@ -270,9 +271,10 @@ pub fn call_response<H: Host>(host: &H, state: &Shared<H>, token: u32, body_size
     run(host, state, effects, None);
 }
 
-/// The root context's tick: the engine's timers, and the L2 write-backs queued since the last
+/// The root context's tick: the engine's timers, the L2 write-backs queued since the last
 /// one (dispatched from the root context, so no stream's end cancels them; their answers are
-/// not awaited).
+/// not awaited), and the health checks' probes due now (their answers come back to the root
+/// context; a probe the host refuses to send says down).
 pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
     if let Some((cluster, writes)) = with(state, |s| s.l2_take_writes(host.now())) {
         for call in writes {
@@ -281,6 +283,19 @@ pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
                 with(state, |s| s.l2_failed(None, host.now(), &why));
                 break;
             }
+        }
+    }
+    for (provider, call) in with(state, |s| s.probes_due(host.now())) {
+        match host.dispatch(
+            &call.cluster,
+            &pairs(&call.headers),
+            &call.body,
+            call.timeout,
+        ) {
+            Ok(token) => with(state, |s| s.probe_dispatched(token, provider)),
+            Err(_) => with(state, |s| {
+                s.probe_result(provider, host.now(), ProbeResult::NoAnswer)
+            }),
         }
     }
     let effects = with(state, |s| s.tick(host.now()));

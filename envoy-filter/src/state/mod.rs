@@ -37,6 +37,7 @@
 
 mod actions;
 mod attempt;
+mod health;
 mod l2;
 mod request;
 mod response;
@@ -79,6 +80,8 @@ pub struct State<H: Host> {
     flows: HashMap<u32, Flow>,
     by_request: HashMap<RequestId, u32>,
     calls: HashMap<CallToken, Call>,
+    /// Health-check probes in flight: the provider each is for.
+    probes: HashMap<CallToken, usize>,
     l2: l2::L2,
     limits: SharedLimits,
     cache_bounds: CacheBounds,
@@ -107,6 +110,7 @@ impl<H: Host> State<H> {
             }
         }
         shared::ensure(&host, shared::LEDGER, &0u64.to_le_bytes());
+        Self::ensure_health_keys(&host, &config);
         let limits = SharedLimits::new(&config.limits);
         limits.ensure_keys(&host, &config.limits);
         Ok(Self {
@@ -116,6 +120,7 @@ impl<H: Host> State<H> {
             flows: HashMap::new(),
             by_request: HashMap::new(),
             calls: HashMap::new(),
+            probes: HashMap::new(),
             l2: l2::L2::default(),
             limits,
             cache_bounds: CacheBounds::for_max_bytes(config.cache.max_bytes),
@@ -214,8 +219,10 @@ impl<H: Host> State<H> {
     ///   quota makes requests queue for a slot, and a freed one wakes them within a tick;
     /// - until when any worker's breaker for it is open: this worker publishes its own, and
     ///   pauses the provider until the latest one published, so one worker's verdict spares
-    ///   the others from paying their own `consecutive_failures` to reach it.
+    ///   the others from paying their own `consecutive_failures` to reach it;
+    /// - the health checks' verdicts (see `health`).
     fn share_views(&mut self, now: Nanos) {
+        self.sync_health(now);
         for (i, p) in self.config.providers.iter().enumerate() {
             let breaker = breaker_key(i);
             if let Some(until) = self.engine.breaker_open_until(now, i) {

@@ -297,6 +297,13 @@ impl<H: Host> State<H> {
         if self.l2_owns(token) {
             return self.l2_answer(token, now, &headers, body);
         }
+        if self.probe_owns(token) {
+            let status = header(&headers, ":status")
+                .and_then(|s| s.parse::<u16>().ok())
+                .filter(|&s| s != 0);
+            self.probe_answer(token, now, status);
+            return self.drain(now);
+        }
         let Some((ctx, request, attempt)) = self.calls.remove(&token) else {
             return Vec::new();
         };
