@@ -14,6 +14,11 @@
 //! `--store` points the filter at `unbusy-store` (`docs/store.md`): a cluster `unbusy_store`
 //! is rendered and the filter's `store.cluster` names it (the fleet's L2 cache).
 //!
+//! With `health_check.enabled` in `--config`, each provider's cluster also gets Envoy's own
+//! active `health_checks` with the filter's path, interval, timeout and thresholds (the key as
+//! `%ENVIRONMENT(UNBUSY_KEY_<NAME>)%`), so Envoy's load balancing agrees with the filter's
+//! probes (`unbusy_envoy_config::render`).
+//!
 //! Envoy is `--envoy PATH`, else `UNBUSY_ENVOY`, else `envoy` on `PATH`. The filter is the
 //! `.wasm` built into this binary, or `--filter PATH`.
 //!
