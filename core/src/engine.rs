@@ -1670,6 +1670,9 @@ impl Engine {
             })
             .collect();
         // A provider its health checks marked down is passed over while another is usable.
+        if !self.providers.iter().any(|p| p.health_down) {
+            return candidates;
+        }
         let usable_up = |skip: usize| {
             candidates
                 .iter()
