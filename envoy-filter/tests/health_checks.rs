@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 use unbusy_core::config::Config;
+use unbusy_core::health::ProbeState;
 use unbusy_envoy::driver::{self, Shared};
 use unbusy_envoy::fake::{FakeCall, FakeHost, FakeProcess};
 use unbusy_envoy::host::Level;
@@ -241,4 +242,49 @@ fn without_health_checks_nothing_is_probed() {
     }
     assert!(a.new_calls().is_empty());
     assert_eq!(process.shared_value("unbusy:health:0"), None);
+}
+
+/// Two workers find the same probe due at once: the one whose compare-and-swap loses sends
+/// nothing (the other worker's claim slips in between its read and its write).
+#[test]
+fn a_probe_claimed_by_another_worker_in_between_is_not_sent_twice() {
+    let process = FakeProcess::new(T0);
+    let mut a = Worker::new(&process, CONFIG, 1);
+    process.before_next_set(|p| {
+        let held = p.shared_value("unbusy:health:0").unwrap();
+        let mut state = ProbeState::from_bytes(&held).unwrap();
+        state.next_at = p.now() + 200_000_000;
+        p.write("unbusy:health:0", &state.to_bytes());
+    });
+    a.tick();
+    let clusters: Vec<String> = a.new_calls().into_iter().map(|c| c.cluster).collect();
+    assert_eq!(
+        clusters,
+        ["cb"],
+        "the primary's probe was the other worker's"
+    );
+}
+
+/// A probe's result written back while another worker's result lands first is counted again
+/// on the fresh value: both results count (two failures in a row mark the provider down).
+#[test]
+fn a_result_whose_write_loses_the_race_is_counted_on_the_other_workers_value() {
+    let process = FakeProcess::new(T0);
+    let mut a = Worker::new(&process, CONFIG, 1);
+    a.tick();
+    let calls = a.new_calls();
+    let to_primary = calls.iter().find(|c| c.cluster == "ca").unwrap();
+    // The other worker's failed probe of the primary is written between this one's read and
+    // write.
+    process.before_next_set(|p| {
+        let held = p.shared_value("unbusy:health:0").unwrap();
+        let mut state = ProbeState::from_bytes(&held).unwrap();
+        state.downs += 1;
+        p.write("unbusy:health:0", &state.to_bytes());
+    });
+    a.answer(to_primary, Some("503"));
+    let held = process.shared_value("unbusy:health:0").unwrap();
+    let state = ProbeState::from_bytes(&held).unwrap();
+    assert_eq!((state.downs, state.down), (2, true));
+    assert_eq!(a.request(1).as_deref(), Some("cb"));
 }

@@ -89,7 +89,6 @@ impl<H: Host> State<H> {
                     ":authority".to_string(),
                     self.authorities.get(i).unwrap_or_else(|| cluster.clone()),
                 ),
-                ("x-unbusy-probe".to_string(), "1".to_string()),
             ];
             if let Some(key) = &p.api_key {
                 headers.push(("authorization".to_string(), format!("Bearer {key}")));
