@@ -12,8 +12,8 @@
 //!
 //! A probe is a `GET` of `health_check.path` under the provider's base URL, with the provider's
 //! key as its attempts carry it, dispatched from the root context (no stream's end cancels it).
-//! No answer within `health_check.timeout_ms` (Envoy calls back with no headers), a refused
-//! dispatch or a 5xx says down; a verdict that changes is logged once, with the provider's name
+//! No answer within `health_check.timeout_ms` (Envoy calls back with no headers), a connection
+//! Envoy could not make (its own 503), a refused dispatch or any 5xx says down; a verdict that changes is logged once, with the provider's name
 //! and the probe's status, never its key.
 
 use super::State;
