@@ -188,6 +188,14 @@ fn a_provider_down_while_idle_is_skipped_by_both_workers_and_taken_back_when_up(
 
     // Either worker's next request goes straight to the backup.
     b.tick();
+    assert_eq!(
+        process.metric("unbusy_provider_down.provider.primary"),
+        Some(1)
+    );
+    assert_eq!(
+        process.metric("unbusy_provider_down.provider.backup"),
+        Some(0)
+    );
     assert_eq!(a.request(12).as_deref(), Some("cb"));
     assert_eq!(b.request(13).as_deref(), Some("cb"));
     a.end(12);
@@ -210,6 +218,10 @@ fn a_provider_down_while_idle_is_skipped_by_both_workers_and_taken_back_when_up(
     process.advance(Duration::from_millis(200));
     probe_round(&mut a, &mut b, |_| Some("200"));
     assert_eq!(b.request(15).as_deref(), Some("ca"));
+    assert_eq!(
+        process.metric("unbusy_provider_down.provider.primary"),
+        Some(0)
+    );
     assert_eq!(a.request(16).as_deref(), Some("ca"));
 }
 
@@ -242,6 +254,7 @@ fn without_health_checks_nothing_is_probed() {
     }
     assert!(a.new_calls().is_empty());
     assert_eq!(process.shared_value("unbusy:health:0"), None);
+    assert_eq!(process.metric("unbusy_provider_down.provider.a"), None);
 }
 
 /// Two workers find the same probe due at once: the one whose compare-and-swap loses sends

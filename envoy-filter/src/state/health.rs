@@ -13,11 +13,13 @@
 //! A probe is a `GET` of `health_check.path` under the provider's base URL, with the provider's
 //! key as its attempts carry it, dispatched from the root context (no stream's end cancels it).
 //! No answer within `health_check.timeout_ms` (Envoy calls back with no headers), a connection
-//! Envoy could not make (its own 503), a refused dispatch or any 5xx says down; a verdict that changes is logged once, with the provider's name
-//! and the probe's status, never its key.
+//! Envoy could not make (its own 503), a refused dispatch or any 5xx says down. A verdict that
+//! changes is logged once, with the provider's name and the probe's status, never its key, and
+//! shown by the gauge `unbusy_provider_down{provider}` (1 while marked down; every worker sets
+//! it as it takes the verdict).
 
 use super::State;
-use crate::host::{CallToken, Host};
+use crate::host::{CallToken, Host, MetricId, MetricKind};
 use crate::routing::Call;
 use crate::shared;
 use std::time::Duration;
@@ -42,6 +44,29 @@ fn read(host: &impl Host, i: usize) -> (ProbeState, Option<crate::host::Cas>) {
         .and_then(ProbeState::from_bytes)
         .unwrap_or_default();
     (state, cas)
+}
+
+/// Each provider's `unbusy_provider_down` gauge (1 while its health checks mark it down, else
+/// 0), defined only when health checks are on.
+pub fn define_gauges(
+    host: &impl Host,
+    config: &unbusy_core::config::Config,
+) -> Vec<Option<MetricId>> {
+    if !config.health_check.enabled {
+        return Vec::new();
+    }
+    config
+        .providers
+        .iter()
+        .map(|p| {
+            let name = format!("unbusy_provider_down.provider.{}", p.name);
+            let id = host.define_metric(MetricKind::Gauge, &name);
+            if let Some(id) = id {
+                host.record_metric(id, 0);
+            }
+            id
+        })
+        .collect()
 }
 
 impl<H: Host> State<H> {
@@ -165,6 +190,9 @@ impl<H: Host> State<H> {
             let down = read(&self.host, i).0.down;
             if down != self.engine.provider_down(i) {
                 self.engine.set_provider_health(now, i, !down);
+                if let Some(Some(id)) = self.down_gauges.get(i) {
+                    self.host.record_metric(*id, u64::from(down));
+                }
             }
         }
     }

@@ -82,6 +82,8 @@ pub struct State<H: Host> {
     calls: HashMap<CallToken, Call>,
     /// Health-check probes in flight: the provider each is for.
     probes: HashMap<CallToken, usize>,
+    /// Each provider's `unbusy_provider_down` gauge (health checks on only).
+    down_gauges: Vec<Option<crate::host::MetricId>>,
     l2: l2::L2,
     limits: SharedLimits,
     cache_bounds: CacheBounds,
@@ -111,6 +113,7 @@ impl<H: Host> State<H> {
         }
         shared::ensure(&host, shared::LEDGER, &0u64.to_le_bytes());
         Self::ensure_health_keys(&host, &config);
+        let down_gauges = health::define_gauges(&host, &config);
         let limits = SharedLimits::new(&config.limits);
         limits.ensure_keys(&host, &config.limits);
         Ok(Self {
@@ -121,6 +124,7 @@ impl<H: Host> State<H> {
             by_request: HashMap::new(),
             calls: HashMap::new(),
             probes: HashMap::new(),
+            down_gauges,
             l2: l2::L2::default(),
             limits,
             cache_bounds: CacheBounds::for_max_bytes(config.cache.max_bytes),
