@@ -293,6 +293,16 @@ async fn a_provider_killed_while_idle_is_skipped_by_the_next_request_and_taken_b
         sent_down.iter().all(|l| l.starts_with("GET /models ")),
         "requests other than probes reached the dead primary: {sent_down:?}"
     );
+    // The verdict is on the gauge too.
+    let gauge = s
+        .envoy
+        .admin_text("/stats?filter=unbusy_provider_down")
+        .await
+        .unwrap();
+    assert!(
+        gauge.contains("unbusy_provider_down.provider.primary: 1"),
+        "{gauge}"
+    );
     assert_eq!(s.primary.stats().attempts, primary_chats);
     assert_eq!(s.backup.stats().attempts, backup_chats + 4);
 
