@@ -82,3 +82,13 @@ test('without healthCheck nothing is probed', async () => {
   await new Promise((done) => setTimeout(done, 100));
   assert.deepEqual((await p.stats()).seen.map((s) => s.method), ['POST']);
 });
+
+test('a bad healthCheck is refused at once, each field named as the caller spelled it', () => {
+  assert.throws(
+    () => createFetch({ providers: [{ name: 'a', baseUrl: 'http://a.example' }], healthCheck: { intervalMs: 0, path: 'models', healthyThreshhold: 1 } }),
+    {
+      message:
+        'unbusy: invalid configuration: unknown field `healthyThreshhold` in healthCheck; healthCheck.path must be a path starting with /; healthCheck.intervalMs must be > 0',
+    },
+  );
+});
