@@ -18,6 +18,11 @@
 //! port, and wires it the same way: one command per proxy of a fleet. The store's own variables
 //! (`UNBUSY_STORE_PREFIX`, `UNBUSY_STORE_TIMEOUT_MS`, ...; `docs/store.md`) apply to it.
 //!
+//! With `health_check.enabled` in `--config`, each provider's cluster also gets Envoy's own
+//! active `health_checks` with the filter's path, interval, timeout and thresholds (the key as
+//! `%ENVIRONMENT(UNBUSY_KEY_<NAME>)%`), so Envoy's load balancing agrees with the filter's
+//! probes (`unbusy_envoy_config::render`).
+//!
 //! Envoy is `--envoy PATH`, else `UNBUSY_ENVOY`, else `envoy` on `PATH`. The filter is the
 //! `.wasm` built into this binary, or `--filter PATH`.
 //!

@@ -111,6 +111,8 @@ struct Launch<'a> {
     path: Option<std::ffi::OsString>,
     /// More arguments after `up`.
     args: Vec<String>,
+    /// `--config` (else none).
+    config: Option<&'a Path>,
 }
 
 impl<'a> Launch<'a> {
@@ -124,6 +126,7 @@ impl<'a> Launch<'a> {
             cwd: None,
             path: None,
             args: Vec::new(),
+            config: None,
         }
     }
 }
@@ -176,6 +179,9 @@ impl UnbusyUp {
         }
         if let Some(cwd) = launch.cwd {
             cmd.current_dir(cwd);
+        }
+        if let Some(config) = launch.config {
+            cmd.arg("--config").arg(config);
         }
         if let Some(path) = &launch.path {
             cmd.env("PATH", path);
@@ -328,6 +334,75 @@ async fn a_key_in_unbusy_ups_environment_reaches_the_provider_and_no_file_or_con
         assert!(!text.contains(&key), "the key is in {}", path.display());
     }
     assert!(!up.log_text().contains(&key), "the key is in the log");
+    drop(up);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+// ---- health checks ----
+
+/// With `health_check` on in `--config`, the provider is probed with its key from the
+/// environment, both by the filter and by Envoy's own health checks (rendered on its cluster,
+/// passing), and the key is still in no file and not in `/config_dump`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_probe_the_provider_with_its_key_and_envoy_checks_it_too() {
+    let (emu, addr) = start(healthy("primary"), 7, "127.0.0.1:0").await.unwrap();
+    let tmp = scratch("health");
+    let tmpdir = tmp.join("tmp");
+    std::fs::create_dir(&tmpdir).unwrap();
+    let config = tmp.join("unbusy.json");
+    std::fs::write(
+        &config,
+        r#"{"health_check": {"enabled": true, "interval_ms": 200, "timeout_ms": 1000}}"#,
+    )
+    .unwrap();
+    let key = unique_key("health");
+    let env = [("UNBUSY_KEY_PRIMARY", key.as_str())];
+    let mut launch = Launch::new(&tmpdir, &env);
+    launch.config = Some(&config);
+    let up = UnbusyUp::launch(&launch, addr).await;
+
+    // Envoy's own checks pass (they run every 200 ms), and the filter's probes arrive too.
+    let admin = up.admin;
+    wait_for(
+        "Envoy's health checks pass",
+        Duration::from_secs(20),
+        || async move {
+            let stats = request(
+                admin,
+                "GET",
+                "/stats?filter=unbusy_primary.health_check.success",
+                &[],
+                "",
+            )
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default();
+            stats
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1)?.trim().parse::<u64>().ok())
+                .any(|n| n >= 3)
+        },
+    )
+    .await;
+    let seen = emu.stats().seen;
+    let probes: Vec<_> = seen
+        .iter()
+        .filter(|s| s.method == "GET" && s.path == "/models")
+        .collect();
+    assert!(probes.len() >= 4, "{seen:?}");
+    let bearer = format!("Bearer {key}");
+    for s in &probes {
+        assert_eq!(s.authorization.as_deref(), Some(bearer.as_str()), "{s:?}");
+    }
+    let dump = config_dump(up.admin).await;
+    assert!(
+        dump.contains("%ENVIRONMENT(UNBUSY_KEY_PRIMARY)%"),
+        "no health check header in the dump"
+    );
+    assert!(!dump.contains(&key), "the key is in /config_dump");
+    for (path, text) in &files_under(&tmpdir) {
+        assert!(!text.contains(&key), "the key is in {}", path.display());
+    }
     drop(up);
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -56,6 +56,8 @@ pub struct Config {
     pub endpoints: EndpointsConfig,
     /// The fleet store (`unbusy-store`): the L2 cache shared by every proxy (Envoy filter).
     pub store: StoreConfig,
+    /// Active health checks of every provider (see [`crate::health`]).
+    pub health_check: HealthCheckConfig,
 }
 
 /// One upstream LLM provider.
@@ -449,6 +451,38 @@ impl Default for CacheConfig {
     }
 }
 
+/// Active health checks: a cheap authenticated request to every provider on an interval, so a
+/// provider that went down while idle is skipped by the next request (see [`crate::health`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckConfig {
+    /// Default false: every probe is a request to the provider's account, on its key.
+    pub enabled: bool,
+    /// The probe's path (a `GET` with the provider's key), placed under its base URL as a
+    /// request would be. Default `/v1/models`; must start with `/`.
+    pub path: String,
+    /// Between two probes of one provider. Default 5000; > 0.
+    pub interval_ms: u64,
+    /// A probe unanswered this long counts as down. Default 2000; > 0.
+    pub timeout_ms: u64,
+    /// Probes in a row saying down that mark a provider down. Default 2; > 0.
+    pub unhealthy_threshold: u32,
+    /// Probes in a row saying up that mark it up again. Default 2; > 0.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: "/v1/models".into(),
+            interval_ms: 5000,
+            timeout_ms: 2000,
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+        }
+    }
+}
+
 /// The fleet store, `unbusy-store` (`docs/store.md`), as the Envoy filter reaches it. The
 /// npm package ignores it.
 #[derive(Debug, Clone, PartialEq)]
@@ -619,6 +653,8 @@ pub enum Problem {
     LessThan(&'static str),
     /// Must be below another field's value.
     NotBelow(&'static str),
+    /// Must be a URL path: starting with `/`, without spaces.
+    NotAPath,
 }
 
 /// One validation error: which field, what is wrong.
@@ -664,6 +700,7 @@ impl fmt::Display for ConfigError {
             Problem::NotAUrl => write!(f, "{field} must be an http:// or https:// URL with a host"),
             Problem::LessThan(other) => write!(f, "{field} must be at least {other}"),
             Problem::NotBelow(other) => write!(f, "{field} must be below {other}"),
+            Problem::NotAPath => write!(f, "{field} must be a path starting with /"),
         }
     }
 }
@@ -985,6 +1022,21 @@ impl Config {
             );
         }
 
+        let h = &self.health_check;
+        if !h.path.starts_with('/') || h.path.contains(char::is_whitespace) {
+            c.fail("health_check.path", Problem::NotAPath);
+        }
+        c.positive("health_check.interval_ms", h.interval_ms);
+        c.positive("health_check.timeout_ms", h.timeout_ms);
+        c.positive(
+            "health_check.unhealthy_threshold",
+            u64::from(h.unhealthy_threshold),
+        );
+        c.positive(
+            "health_check.healthy_threshold",
+            u64::from(h.healthy_threshold),
+        );
+
         let g = &self.degradation;
         for i in 0..3 {
             let (enter, exit) = (
@@ -1273,6 +1325,15 @@ read_struct!(Config {
     tenancy,
     endpoints,
     store,
+    health_check,
+});
+read_struct!(HealthCheckConfig {
+    enabled,
+    path,
+    interval_ms,
+    timeout_ms,
+    unhealthy_threshold,
+    healthy_threshold,
 });
 read_struct!(StoreConfig {
     cluster,
@@ -1554,6 +1615,43 @@ mod tests {
         c.throttle.k = f64::NAN;
         let e = c.validate().unwrap_err().to_string();
         assert_eq!(e, "throttle.k must be between 1 and 100");
+    }
+
+    #[test]
+    fn health_checks_are_off_by_default_and_bad_fields_are_named() {
+        let c = Config::from_json(br#"{"providers":[{"name":"a","cluster":"c"}]}"#).unwrap();
+        assert!(!c.health_check.enabled);
+        assert_eq!(c.health_check.path, "/v1/models");
+        let on = br#"{"providers":[{"name":"a","cluster":"c"}],
+            "health_check":{"enabled":true,"interval_ms":200,"unhealthy_threshold":1}}"#;
+        let c = Config::from_json(on).unwrap();
+        assert!(c.health_check.enabled);
+        assert_eq!(
+            (
+                c.health_check.interval_ms,
+                c.health_check.unhealthy_threshold
+            ),
+            (200, 1)
+        );
+        let e = errors(
+            r#"{"providers":[{"name":"a","cluster":"c"}],"health_check":{"path":"v1/models",
+            "interval_ms":0,"timeout_ms":0,"unhealthy_threshold":0,"healthy_threshold":0}}"#,
+        );
+        for field in [
+            "health_check.path must be a path starting with /",
+            "health_check.interval_ms must be > 0",
+            "health_check.timeout_ms must be > 0",
+            "health_check.unhealthy_threshold must be > 0",
+            "health_check.healthy_threshold must be > 0",
+        ] {
+            assert!(e.contains(field), "{field} missing from {e}");
+        }
+        let e =
+            errors(r#"{"providers":[{"name":"a","cluster":"c"}],"health_check":{"intervl_ms":1}}"#);
+        assert!(
+            e.contains("unknown field `intervl_ms` in health_check"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -330,6 +330,9 @@ struct ProviderState {
     /// Attempts to this provider in flight from other engines that share its
     /// `max_concurrency` quota (other Envoy workers), as the host last reported them.
     external_in_flight: u32,
+    /// Its active health checks marked it down (see [`crate::health`]): passed over while
+    /// another provider is usable.
+    health_down: bool,
     /// How long its recent successful attempts took, send to answer.
     answered_in: Recent,
     /// How long its recent attempts took to their first real byte: `[non-streaming, streaming]`
@@ -577,6 +580,7 @@ impl Engine {
                 cooldown_until: 0,
                 paused_until: 0,
                 external_in_flight: 0,
+                health_down: false,
                 answered_in: Recent::default(),
                 first_byte_in: [Recent::default(); 2],
             })
@@ -690,6 +694,22 @@ impl Engine {
         if let Some(p) = self.providers.get_mut(index) {
             p.paused_until = p.paused_until.max(until);
         }
+    }
+
+    /// The host's active health checks (see [`crate::health`]) marked provider `index` down
+    /// (`up` false) or up again: while down, it is not chosen for an attempt if another
+    /// provider is usable, so a provider that went down while idle costs the next request
+    /// nothing. Every provider starts up.
+    pub fn set_provider_health(&mut self, now: Nanos, index: usize, up: bool) {
+        self.latest = self.latest.max(now);
+        if let Some(p) = self.providers.get_mut(index) {
+            p.health_down = !up;
+        }
+    }
+
+    /// Whether provider `index` is marked down by the host's health checks.
+    pub fn provider_down(&self, index: usize) -> bool {
+        self.providers.get(index).is_some_and(|p| p.health_down)
     }
 
     /// Attempts in flight to provider `index`.
@@ -1642,7 +1662,8 @@ impl Engine {
     /// Every provider as [`choose`] sees it for an attempt; `retry` for a request that already
     /// made one (a provider's own request to pause holds back retries only).
     fn candidates(&self, now: Nanos, retry: bool) -> Vec<Candidate> {
-        self.config
+        let mut candidates: Vec<Candidate> = self
+            .config
             .providers
             .iter()
             .zip(&self.providers)
@@ -1660,7 +1681,30 @@ impl Engine {
                         p.limit.in_flight().saturating_add(p.external_in_flight) < quota
                     }),
             })
-            .collect()
+            .collect();
+        // A provider its health checks marked down is passed over while another is usable.
+        if !self.providers.iter().any(|p| p.health_down) {
+            return candidates;
+        }
+        let usable_up = |skip: usize| {
+            candidates
+                .iter()
+                .zip(&self.providers)
+                .enumerate()
+                .any(|(j, (c, p))| j != skip && !p.health_down && c.breaker_allows && c.weight > 0)
+        };
+        let avoided: Vec<bool> = (0..candidates.len())
+            .map(|i| {
+                let down = self.providers.get(i).is_some_and(|p| p.health_down);
+                crate::health::avoid(down, down && usable_up(i))
+            })
+            .collect();
+        for (c, avoid) in candidates.iter_mut().zip(avoided) {
+            if avoid {
+                c.breaker_allows = false;
+            }
+        }
+        candidates
     }
 
     fn send(&mut self, now: Nanos, id: RequestId, provider: usize) {

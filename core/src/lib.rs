@@ -30,6 +30,7 @@
 //! | [`concurrency`] | an AIMD concurrency limit per provider, so a provider with a concurrency quota is paced |
 //! | [`breaker`] | circuit breaker: closed, open, half-open |
 //! | [`choice`] | which provider gets the next attempt |
+//! | [`health`] | active health checks: when to probe each provider, what a probe says, when it is marked down or up |
 //! | [`progress`] | real progress versus keep-alive bytes in a response, first-token time and stalls |
 //! | [`degrade`] | the degradation ladder: normal, feature, data, service |
 //! | [`anomaly`] | rolling mean/deviation and EWMA detectors over latency and error rate |
@@ -123,6 +124,7 @@ pub mod degrade;
 pub mod encoding;
 pub mod engine;
 pub mod fleet;
+pub mod health;
 pub mod json;
 pub mod progress;
 pub mod reply;

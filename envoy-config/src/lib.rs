@@ -478,8 +478,75 @@ static_resources:
                 host = yaml_str(&u.host)
             );
         }
+        if let Some(check) = r.filter.and_then(health_check) {
+            y.push_str(&health_checks(&check, u, r.filter));
+        }
     }
     y
+}
+
+/// The filter's `health_check` section when it is on (and the configuration is valid: an
+/// invalid one is refused by the filter anyway).
+fn health_check(filter: &Value) -> Option<unbusy_core::config::HealthCheckConfig> {
+    let bytes = serde_json::to_vec(filter).ok()?;
+    let config = unbusy_core::config::Config::from_json(&bytes).ok()?;
+    config.health_check.enabled.then_some(config.health_check)
+}
+
+/// Envoy's own active health checks on a provider's cluster, with the filter's path, interval,
+/// timeout and thresholds, so Envoy's load balancing within the cluster (and the failover
+/// aggregates') agrees with the filter's probes. `no_traffic_interval` is the interval too:
+/// Envoy's default probes a cluster that has had no traffic once a minute, and an idle
+/// provider is the one these checks are for. What counts as healthy is the filter's rule
+/// (`unbusy_core::health::probe_says_up`): any status below 500. The key goes as the filter
+/// sends it, read by Envoy from the variable the provider's `api_key_env` names
+/// (`%ENVIRONMENT(...)%`), so the key is not in the configuration or `/config_dump` either.
+fn health_checks(
+    check: &unbusy_core::config::HealthCheckConfig,
+    u: &Upstream,
+    filter: Option<&Value>,
+) -> String {
+    let path = unbusy_core::health::probe_path(Some(&u.url), &check.path);
+    let key_env = filter
+        .and_then(|f| f.get("providers"))
+        .and_then(Value::as_array)
+        .and_then(|ps| ps.iter().find(|p| p["name"] == u.name.as_str()))
+        .and_then(|p| p.get("api_key_env"))
+        .and_then(Value::as_str);
+    let mut y = String::new();
+    let _ = write!(
+        y,
+        r#"    health_checks:
+    - timeout: {timeout}s
+      interval: {interval}s
+      no_traffic_interval: {interval}s
+      unhealthy_threshold: {unhealthy}
+      healthy_threshold: {healthy}
+      http_health_check:
+        path: {path}
+        host: {host}
+        expected_statuses: [{{ start: 100, end: 500 }}]
+"#,
+        timeout = seconds(check.timeout_ms),
+        interval = seconds(check.interval_ms),
+        unhealthy = check.unhealthy_threshold,
+        healthy = check.healthy_threshold,
+        path = yaml_str(&path),
+        host = yaml_str(&u.host),
+    );
+    if let Some(var) = key_env {
+        let _ = write!(
+            y,
+            "        request_headers_to_add:\n        - header: {{ key: authorization, value: {value} }}\n",
+            value = yaml_str(&format!("Bearer %ENVIRONMENT({var})%")),
+        );
+    }
+    y
+}
+
+/// Whole milliseconds as Envoy's seconds (`1.5`).
+fn seconds(ms: u64) -> String {
+    format!("{}.{:03}", ms / 1000, ms % 1000)
 }
 
 #[cfg(test)]
@@ -515,5 +582,47 @@ mod tests {
         assert!(store_upstream("http://:1")
             .unwrap_err()
             .starts_with("--store"));
+    }
+
+    #[test]
+    fn health_checks_are_rendered_on_each_provider_cluster_only_when_on() {
+        let upstreams = [
+            Upstream::parse("a=https://api.a.example").unwrap(),
+            Upstream::parse("b=http://127.0.0.1:9/v1").unwrap(),
+        ];
+        let base = serde_json::json!({"health_check": {"enabled": true, "interval_ms": 1500,
+            "timeout_ms": 250, "unhealthy_threshold": 3, "healthy_threshold": 1}});
+        let filter = filter_config(&base, &upstreams, &|name| name == "UNBUSY_KEY_A").unwrap();
+        let mut r = Render {
+            listen: ("127.0.0.1", 0),
+            admin: ("127.0.0.1", 0),
+            upstreams: &upstreams,
+            filter: Some(&filter),
+            wasm: Path::new("f.wasm"),
+            native: None,
+            store: None,
+        };
+        let yaml = render(&r);
+        assert_eq!(yaml.matches("    health_checks:\n").count(), 2, "{yaml}");
+        for line in [
+            "    - timeout: 0.250s\n      interval: 1.500s\n      no_traffic_interval: 1.500s\n",
+            "      unhealthy_threshold: 3\n      healthy_threshold: 1\n",
+            "        path: \"/models\"\n        host: \"api.a.example\"\n",
+            "        path: \"/v1/models\"\n        host: \"127.0.0.1\"\n",
+            "expected_statuses: [{ start: 100, end: 500 }]",
+            "value: \"Bearer %ENVIRONMENT(UNBUSY_KEY_A)%\"",
+        ] {
+            assert!(yaml.contains(line), "{line:?} not in {yaml}");
+        }
+        assert_eq!(
+            yaml.matches("request_headers_to_add:\n        - header")
+                .count(),
+            1
+        );
+        let off = filter_config(&Value::Null, &upstreams, &|_| true).unwrap();
+        r.filter = Some(&off);
+        assert!(!render(&r).contains("health_checks"));
+        r.filter = None;
+        assert!(!render(&r).contains("health_checks"));
     }
 }

@@ -15,6 +15,7 @@ use crate::state::State;
 use proxy_wasm::types::Action;
 use std::cell::RefCell;
 use std::rc::Rc;
+use unbusy_core::health::ProbeResult;
 use unbusy_core::reply::{local_reply, ReplyKind};
 use unbusy_core::request::Handling;
 
@@ -272,7 +273,9 @@ pub fn call_response<H: Host>(host: &H, state: &Shared<H>, token: u32, body_size
 
 /// The root context's tick: the engine's timers, the L2 write-backs queued since the last
 /// one (dispatched from the root context, so no stream's end cancels them; their answers are
-/// not awaited), and the fleet's quotas and pauses (whose answers come back to this root).
+/// not awaited), the fleet's quotas and pauses (whose answers come back to this root), and
+/// the health checks' probes due now (their answers come back to the root context too; a
+/// probe the host refuses to send says down).
 pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
     if let Some((cluster, writes)) = with(state, |s| s.l2_take_writes(host.now())) {
         for call in writes {
@@ -291,6 +294,19 @@ pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
                 Ok(token) => with(state, |s| s.fleet_dispatched(token, purpose)),
                 Err(why) => with(state, |s| s.fleet_failed(&why)),
             }
+        }
+    }
+    for (provider, call) in with(state, |s| s.probes_due(host.now())) {
+        match host.dispatch(
+            &call.cluster,
+            &pairs(&call.headers),
+            &call.body,
+            call.timeout,
+        ) {
+            Ok(token) => with(state, |s| s.probe_dispatched(token, provider)),
+            Err(_) => with(state, |s| {
+                s.probe_result(provider, host.now(), ProbeResult::NoAnswer)
+            }),
         }
     }
     let effects = with(state, |s| s.tick(host.now()));

@@ -940,6 +940,54 @@ export function makeCreateFetch(wasm, host = {}) {
       );
     }
 
+    // Active health checks (`healthCheck`, off by default; the rules are the core's
+    // `health` module): a GET of `healthCheck.path` with each provider's key on an interval,
+    // so a provider that went down while nothing was sent to it is skipped by the next request.
+    // The timers are unref'd where they can be (Node): probes never keep a process alive.
+    if (snakeConfig.health_check?.enabled) {
+      const probeTimeout = engine.probeTimeoutMs();
+      const later = (f, ms) => {
+        const t = setTimeout(f, ms);
+        if (typeof t === 'object' && t?.unref) t.unref();
+        return t;
+      };
+      const probe = async (provider) => {
+        const target = route(provider);
+        const headers = target.authorization ? { authorization: target.authorization } : {};
+        const controller = new AbortController();
+        const timeout = later(() => controller.abort(), probeTimeout);
+        let status = 0; // no answer: a network error or the timeout
+        try {
+          const answer = await baseFetch(target.origin + engine.probePath(provider), {
+            method: 'GET',
+            headers,
+            signal: controller.signal,
+          });
+          status = answer.status;
+          answer.body?.cancel().catch(() => {});
+        } catch {
+          /* no answer */
+        } finally {
+          clearTimeout(timeout);
+        }
+        const changed = engine.onProbe(now(), provider, status);
+        if (changed >= 0 && onEvent) {
+          try {
+            onEvent({ type: 'providerHealth', provider, up: changed === 1, status });
+          } catch {
+            /* a listener's error is its own */
+          }
+        }
+      };
+      const probeDue = () => {
+        let provider;
+        while ((provider = engine.nextProbe(now())) >= 0) probe(provider);
+        const at = engine.nextProbeAt();
+        if (!Number.isNaN(at)) later(probeDue, Math.max(1, Math.ceil(at - now())));
+      };
+      probeDue();
+    }
+
     return function unbusyFetch(input, init) {
       try {
         const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;

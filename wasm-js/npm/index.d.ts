@@ -166,6 +166,23 @@ export interface Config {
    * The Envoy filter's L2 cache through `unbusy-store` (docs/store.md): accepted and checked,
    * but the package does not call a store; give it a `cache` store instead.
    */
+  healthCheck?: {
+    /**
+     * Probe every provider on an interval (a GET of `path` with its `apiKey`), so one that went
+     * down while idle is skipped by the next request. Timers are unref'd in Node. Default false.
+     */
+    enabled?: boolean;
+    /** The probe's path, placed under each `baseUrl` as a request's would be. Default '/v1/models'. */
+    path?: string;
+    /** Between two probes of one provider; > 0. Default 5000. */
+    intervalMs?: number;
+    /** A probe unanswered this long says down; > 0. Default 2000. */
+    timeoutMs?: number;
+    /** Probes in a row saying down (no answer, 5xx) that mark a provider down; > 0. Default 2. */
+    unhealthyThreshold?: number;
+    /** Probes in a row saying up (any status below 500) that mark it up again; > 0. Default 2. */
+    healthyThreshold?: number;
+  };
   store?: {
     /** The Envoy cluster of the store. Default: none (no L2). */
     cluster?: string | null;
@@ -224,7 +241,9 @@ export type UnbusyEvent =
   | { type: 'budgetExhausted' }
   | { type: 'breakerChanged'; provider: number; state: BreakerState }
   | { type: 'tierChanged'; tier: Tier }
-  | { type: 'throttled'; provider: number };
+  | { type: 'throttled'; provider: number }
+  /** `healthCheck`'s verdict on a provider changed; `status`: the last probe's (0: no answer). */
+  | { type: 'providerHealth'; provider: number; up: boolean; status: number };
 
 export interface Options {
   /** The fetch that reaches the network (default: globalThis.fetch). */

@@ -38,6 +38,7 @@ use unbusy_core::answer::{assess, Assessment};
 use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::config::Config;
 use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Rewrite};
+use unbusy_core::health::{probe_path, HealthSettings, ProbeResult, Prober};
 use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_core::reply::{note, CacheNote};
@@ -77,6 +78,9 @@ pub struct JsEngine {
     action: [f64; 6],
     /// Whether anyone takes the events.
     listening: bool,
+    /// The active health checks' schedule and verdicts (`health_check.enabled`), driven by the
+    /// package's probe timer.
+    prober: Option<Prober>,
 }
 
 /// Why an attempt was aborted, as `nextAction` numbers it.
@@ -186,7 +190,12 @@ impl JsEngine {
         let engine = Config::from_json(config_json.as_bytes())
             .and_then(|config| Engine::new(config, seed.to_bits()))
             .map_err(|e| JsError::new(&e.to_string()))?;
+        let checks = &engine.config().health_check;
+        let prober = checks
+            .enabled
+            .then(|| Prober::new(HealthSettings::of(checks), engine.config().providers.len()));
         Ok(Self {
+            prober,
             engine,
             rewrite: Rewrite::default(),
             reply: None,
@@ -532,6 +541,64 @@ impl JsEngine {
             out.push(']');
         }
         out
+    }
+
+    /// The provider to probe now (its index), or -1 when none is due or health checks are
+    /// off; the probe is taken (`health::Prober::poll_probe`), so call until -1.
+    #[wasm_bindgen(js_name = nextProbe)]
+    pub fn next_probe(&mut self, now: f64) -> i32 {
+        self.prober
+            .as_mut()
+            .and_then(|p| p.poll_probe(ns(now)))
+            .and_then(|i| i32::try_from(i).ok())
+            .unwrap_or(-1)
+    }
+
+    /// When the next probe is due (ms), NaN when health checks are off.
+    #[wasm_bindgen(js_name = nextProbeAt)]
+    pub fn next_probe_at(&self) -> f64 {
+        self.prober
+            .as_ref()
+            .and_then(Prober::next_wakeup)
+            .map_or(f64::NAN, ms)
+    }
+
+    /// The path a probe of `provider` requests under its base URL's origin
+    /// (`health::probe_path`: `health_check.path` placed as a request's would be).
+    #[wasm_bindgen(js_name = probePath)]
+    pub fn probe_path(&self, provider: usize) -> String {
+        let config = self.engine.config();
+        let base = config
+            .providers
+            .get(provider)
+            .and_then(|p| p.base_url.as_deref());
+        probe_path(base, &config.health_check.path)
+    }
+
+    /// How long a probe may take (ms) before it counts as no answer.
+    #[wasm_bindgen(js_name = probeTimeoutMs)]
+    pub fn probe_timeout_ms(&self) -> f64 {
+        self.engine.config().health_check.timeout_ms as f64
+    }
+
+    /// A probe of `provider` came back with `status` (0: no answer: a network error, a
+    /// timeout). Returns the verdict when it changed (1 up, 0 down), else -1; the engine takes
+    /// it (`Engine::set_provider_health`).
+    #[wasm_bindgen(js_name = onProbe)]
+    pub fn on_probe(&mut self, now: f64, provider: usize, status: u16) -> i32 {
+        let result = match status {
+            0 => ProbeResult::NoAnswer,
+            s => ProbeResult::Status(s),
+        };
+        let Some(up) = self
+            .prober
+            .as_mut()
+            .and_then(|p| p.on_result(provider, result))
+        else {
+            return -1;
+        };
+        self.engine.set_provider_health(ns(now), provider, up);
+        i32::from(up)
     }
 
     /// The current degradation tier (0 to 3).

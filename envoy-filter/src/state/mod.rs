@@ -38,6 +38,7 @@
 mod actions;
 mod attempt;
 mod fleet;
+mod health;
 mod l2;
 mod request;
 mod response;
@@ -82,6 +83,10 @@ pub struct State<H: Host> {
     flows: HashMap<u32, Flow>,
     by_request: HashMap<RequestId, u32>,
     calls: HashMap<CallToken, Call>,
+    /// Health-check probes in flight: the provider each is for.
+    probes: HashMap<CallToken, usize>,
+    /// Each provider's `unbusy_provider_down` gauge (health checks on only).
+    down_gauges: Vec<Option<crate::host::MetricId>>,
     l2: l2::L2,
     fleet: fleet::Fleet,
     limits: SharedLimits,
@@ -111,6 +116,8 @@ impl<H: Host> State<H> {
             }
         }
         shared::ensure(&host, shared::LEDGER, &0u64.to_le_bytes());
+        Self::ensure_health_keys(&host, &config);
+        let down_gauges = health::define_gauges(&host, &config);
         let limits = SharedLimits::new(&config.limits);
         limits.ensure_keys(&host, &config.limits);
         let mut state = Self {
@@ -120,6 +127,8 @@ impl<H: Host> State<H> {
             flows: HashMap::new(),
             by_request: HashMap::new(),
             calls: HashMap::new(),
+            probes: HashMap::new(),
+            down_gauges,
             l2: l2::L2::default(),
             fleet: fleet::Fleet::default(),
             limits,
@@ -223,8 +232,10 @@ impl<H: Host> State<H> {
     ///   pauses the provider until the latest one published, so one worker's verdict spares
     ///   the others from paying their own `consecutive_failures` to reach it (the fleet's
     ///   pauses, polled from the store, arrive in the same place: see `fleet`);
-    /// - with a store, the proxy's fleet holding of the quota, as slots taken elsewhere.
+    /// - with a store, the proxy's fleet holding of the quota, as slots taken elsewhere;
+    /// - the health checks' verdicts (see `health`).
     fn share_views(&mut self, now: Nanos) {
+        self.sync_health(now);
         for (i, p) in self.config.providers.iter().enumerate() {
             let breaker = breaker_key(i);
             if let Some(until) = self.engine.breaker_open_until(now, i) {

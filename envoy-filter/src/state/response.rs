@@ -301,6 +301,13 @@ impl<H: Host> State<H> {
             self.fleet_answer(token, now, &headers, &body);
             return self.tick(now);
         }
+        if self.probe_owns(token) {
+            let status = header(&headers, ":status")
+                .and_then(|s| s.parse::<u16>().ok())
+                .filter(|&s| s != 0);
+            self.probe_answer(token, now, status);
+            return self.drain(now);
+        }
         let Some((ctx, request, attempt)) = self.calls.remove(&token) else {
             return Vec::new();
         };

@@ -23,6 +23,14 @@ export async function provider(name, args = []) {
   const url = line.split(' listening on ')[1];
   return {
     url,
+    /** Stops it (the process exits; its port is free again). */
+    async kill() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      await new Promise((resolve) => {
+        child.once('exit', resolve);
+        child.kill();
+      });
+    },
     async stats() {
       return (await fetch(`${url}/stats`)).json();
     },

@@ -42,6 +42,8 @@ const config: Config = {
   tenancy: { header: 'x-tenant', headerTrusted: false, defaultTenant: 'anonymous' },
   endpoints: { passthrough: 'refuse' },
   store: { cluster: 'unbusy_store', timeoutMs: 20, cache: true, pollMs: 100, expectedProxies: 1 },
+  // (Off here: this app is built and run without a network.)
+  healthCheck: { enabled: false, path: '/v1/models', intervalMs: 5000, timeoutMs: 2000, unhealthyThreshold: 2, healthyThreshold: 2 },
 };
 
 function onEvent(e: UnbusyEvent): string {
@@ -64,6 +66,10 @@ function onEvent(e: UnbusyEvent): string {
       // @ts-expect-error a tier is 0 to 3
       if (e.tier === 4) return '';
       return `tier ${e.tier}`;
+    case 'providerHealth':
+      // @ts-expect-error `up` is a boolean
+      if (e.up === 1) return '';
+      return `${e.provider} ${e.up ? 'up' : 'down'} (${e.status})`;
     case 'firstToken':
     case 'throttled':
     case 'budgetExhausted':
@@ -95,6 +101,8 @@ createFetch({ providers, throttle: { maxRejection: 0.5 } });
 createFetch({ providers, breaker: { minSucessRate: 0.1 } });
 // @ts-expect-error two thresholds, not three
 createFetch({ providers, degradation: { enter: [0.3, 0.6] } });
+// @ts-expect-error misspelt: intervalMS
+createFetch({ providers, healthCheck: { intervalMS: 200 } });
 // @ts-expect-error not a jitter
 createFetch({ providers, retry: { jitter: 'random' } });
 // @ts-expect-error the Envoy filter's: refused here
