@@ -459,6 +459,13 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// L2 lookups on an L1 miss and write-back of valid answers. Default true.
     pub cache: bool,
+    /// How long a quota lease is spent before what is left of it is returned (ms). Default
+    /// none: the store's `lease_ms` answer (1000 unless the store is run otherwise). 10 to
+    /// 60000.
+    pub quota_lease_ms: Option<u64>,
+    /// N, the proxies expected in the fleet: without a lease, each applies `limit / N` of the
+    /// global limits; a lease asks for at most `burst / N`. Default 1; 1 to 10000.
+    pub expected_proxies: u32,
 }
 
 impl Default for StoreConfig {
@@ -467,6 +474,8 @@ impl Default for StoreConfig {
             cluster: None,
             timeout_ms: 20,
             cache: true,
+            quota_lease_ms: None,
+            expected_proxies: 1,
         }
     }
 }
@@ -475,6 +484,14 @@ impl StoreConfig {
     /// The cluster to look answers up in, when the L2 cache is on.
     pub fn cache_cluster(&self) -> Option<&str> {
         self.cluster.as_deref().filter(|_| self.cache)
+    }
+
+    /// The cluster to lease global quotas from, when there is a store and `limits` has a
+    /// global limit to lease (else no quota call is ever made).
+    pub fn quota_cluster(&self, limits: &LimitsConfig) -> Option<&str> {
+        let g = &limits.global;
+        let limited = g.requests_per_minute.is_some() || g.tokens_per_minute.is_some();
+        self.cluster.as_deref().filter(|_| limited)
     }
 }
 
@@ -952,6 +969,27 @@ impl Config {
                 },
             );
         }
+        if st
+            .quota_lease_ms
+            .is_some_and(|l| !(10..=60_000).contains(&l))
+        {
+            c.fail(
+                "store.quota_lease_ms",
+                Problem::OutOfRange {
+                    min: 10.0,
+                    max: 60_000.0,
+                },
+            );
+        }
+        if !(1..=10_000).contains(&st.expected_proxies) {
+            c.fail(
+                "store.expected_proxies",
+                Problem::OutOfRange {
+                    min: 1.0,
+                    max: 10_000.0,
+                },
+            );
+        }
 
         let g = &self.degradation;
         for i in 0..3 {
@@ -1246,6 +1284,8 @@ read_struct!(StoreConfig {
     cluster,
     timeout_ms,
     cache,
+    quota_lease_ms,
+    expected_proxies,
 });
 read_struct!(ProviderConfig {
     name,
@@ -1549,6 +1589,26 @@ mod tests {
         assert_eq!(
             errors(r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cache":"yes"}}"#),
             "store.cache must be true or false"
+        );
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"a","cluster":"c"}],"limits":{"global":{"requests_per_minute":60}},
+                "store":{"cluster":"s","quota_lease_ms":500,"expected_proxies":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.store.quota_lease_ms, Some(500));
+        assert_eq!(c.store.expected_proxies, 4);
+        assert_eq!(c.store.quota_cluster(&c.limits), Some("s"));
+        assert_eq!(
+            c.store.quota_cluster(&LimitsConfig::default()),
+            None,
+            "no global limit, no quota calls"
+        );
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"quota_lease_ms":5,"expected_proxies":0}}"#
+            ),
+            "store.quota_lease_ms must be between 10 and 60000; \
+             store.expected_proxies must be between 1 and 10000"
         );
     }
 }
