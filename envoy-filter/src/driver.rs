@@ -270,9 +270,10 @@ pub fn call_response<H: Host>(host: &H, state: &Shared<H>, token: u32, body_size
     run(host, state, effects, None);
 }
 
-/// The root context's tick: the engine's timers, and the L2 write-backs queued since the last
-/// one (dispatched from the root context, so no stream's end cancels them; their answers are
-/// not awaited).
+/// The root context's tick: the engine's timers, the L2 write-backs queued since the last one
+/// (dispatched from the root context, so no stream's end cancels them; their answers are not
+/// awaited), and the global quotas' returns and leases (a lease's answer comes back to this
+/// root context; a return's is not awaited).
 pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
     if let Some((cluster, writes)) = with(state, |s| s.l2_take_writes(host.now())) {
         for call in writes {
@@ -281,6 +282,15 @@ pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
                 with(state, |s| s.l2_failed(None, host.now(), &why));
                 break;
             }
+        }
+    }
+    for (cluster, call, lease) in with(state, |s| s.quota_tick(host.now())) {
+        let headers = call.header_pairs();
+        match host.dispatch(&cluster, &headers, &call.body, crate::quota::CALL_TIMEOUT) {
+            Ok(token) if lease => with(state, |s| s.quota_dispatched(token)),
+            Ok(_) => {}
+            Err(why) if lease => with(state, |s| s.quota_refused(&why)),
+            Err(_) => {} // units not returned are lost to the fleet until their bucket refills
         }
     }
     let effects = with(state, |s| s.tick(host.now()));

@@ -1,6 +1,7 @@
 //! The filter's side of `unbusy-store`'s protocol (`docs/store.md`): the requests it will send
 //! with `dispatch_http_call` and how it reads the answers, pure and host-free so they are
-//! tested natively. Not wired into the request flow yet (that plan is in `docs/store.md`).
+//! tested natively. The filter uses the cache calls (`state::l2`) and the quota calls
+//! ([`crate::quota`]); the semaphore and pause calls are not wired yet (`docs/store.md`).
 //!
 //! Every reader fails open: anything but the expected status and shape is `None`, which the
 //! caller treats as "the store knows nothing" (a cache miss, no lease, no pause), never as a
@@ -163,6 +164,32 @@ pub fn lease(scopes: &[(&str, &[Want<'_>])]) -> Call {
     }
     out.push_str("]}");
     json_call("/v1/quota/lease", out)
+}
+
+/// Units leased and not spent (their lease ended), given back per scope and bucket name.
+pub fn give_back(scopes: &[(&str, &[(&str, u64)])]) -> Call {
+    let mut out = String::from("{\"leases\":[");
+    for (i, (scope, buckets)) in scopes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"scope\":");
+        json::write_str(&mut out, scope);
+        out.push_str(",\"buckets\":[");
+        for (j, (name, units)) in buckets.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            out.push_str("{\"name\":");
+            json::write_str(&mut out, name);
+            out.push_str(",\"units\":");
+            json::write_u64(&mut out, *units);
+            out.push('}');
+        }
+        out.push_str("]}");
+    }
+    out.push_str("]}");
+    json_call("/v1/quota/return", out)
 }
 
 /// What one bucket was granted.

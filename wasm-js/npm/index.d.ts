@@ -173,6 +173,10 @@ export interface Config {
     timeoutMs?: number;
     /** Whether answers are looked up in and written to the store. Default true. */
     cache?: boolean;
+    /** How long a global quota lease is spent, 10 to 60000. Default: the store's `lease_ms`. */
+    quotaLeaseMs?: number | null;
+    /** The proxies of the fleet (the local share without a lease is `limit / N`), 1 to 10000. Default 1. */
+    expectedProxies?: number;
   };
 }
 

@@ -47,6 +47,7 @@ use crate::effect::{Effect, Interest};
 use crate::flow::{Flow, Phase};
 use crate::host::{CallToken, Host};
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 use crate::routing::{Authorities, HeaderEdits};
 use crate::shared::{self, CacheBounds};
 use std::collections::HashMap;
@@ -81,6 +82,7 @@ pub struct State<H: Host> {
     calls: HashMap<CallToken, Call>,
     l2: l2::L2,
     limits: SharedLimits,
+    quotas: Quotas,
     cache_bounds: CacheBounds,
     authorities: Authorities,
     /// This state's place in the VM's registry, through which the upstream instance finds it
@@ -107,7 +109,8 @@ impl<H: Host> State<H> {
             }
         }
         shared::ensure(&host, shared::LEDGER, &0u64.to_le_bytes());
-        let limits = SharedLimits::new(&config.limits);
+        let quotas = Quotas::new(&host, &config.store, &config.limits);
+        let limits = SharedLimits::new(&config.limits).leased(quotas.leasing());
         limits.ensure_keys(&host, &config.limits);
         Ok(Self {
             metrics: Metrics::define(&host, &names),
@@ -118,6 +121,7 @@ impl<H: Host> State<H> {
             calls: HashMap::new(),
             l2: l2::L2::default(),
             limits,
+            quotas,
             cache_bounds: CacheBounds::for_max_bytes(config.cache.max_bytes),
             authorities: Authorities::of(&config.providers),
             config,
@@ -194,6 +198,22 @@ impl<H: Host> State<H> {
             }
         }
         self.drain(now)
+    }
+
+    /// The tick's quota calls (returns and leases of the global limits, see [`Quotas::tick`]),
+    /// each with its cluster; `true` marks a lease call.
+    pub fn quota_tick(&mut self, now: Nanos) -> Vec<(String, crate::store::Call, bool)> {
+        self.quotas.tick(&self.host, now)
+    }
+
+    /// The lease call of this tick left with `token`.
+    pub fn quota_dispatched(&mut self, token: CallToken) {
+        self.quotas.dispatched(token);
+    }
+
+    /// The host refused this tick's lease call.
+    pub fn quota_refused(&mut self, why: &str) {
+        self.quotas.refused(&self.host, why);
     }
 
     /// The periodic tick: the engine's timers.

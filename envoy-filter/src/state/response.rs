@@ -297,6 +297,10 @@ impl<H: Host> State<H> {
         if self.l2_owns(token) {
             return self.l2_answer(token, now, &headers, body);
         }
+        if self.quotas.owns(token) {
+            self.quotas.answer(&self.host, token, now, &headers, &body);
+            return Vec::new();
+        }
         let Some((ctx, request, attempt)) = self.calls.remove(&token) else {
             return Vec::new();
         };
