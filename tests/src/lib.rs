@@ -18,6 +18,7 @@
 
 pub mod emulator;
 pub mod envoy;
+pub mod fleet;
 pub mod harness;
 pub mod plot;
 pub mod scenario;
