@@ -486,11 +486,12 @@ impl StoreConfig {
         self.cluster.as_deref().filter(|_| self.cache)
     }
 
-    /// The cluster to lease global quotas from, when there is a store and `limits` has a
-    /// global limit to lease (else no quota call is ever made).
+    /// The cluster to lease quotas from, when there is a store and `limits` has a rate to lease
+    /// (global or per tenant; else no quota call is ever made).
     pub fn quota_cluster(&self, limits: &LimitsConfig) -> Option<&str> {
-        let g = &limits.global;
-        let limited = g.requests_per_minute.is_some() || g.tokens_per_minute.is_some();
+        let limited = [&limits.global, &limits.per_tenant]
+            .iter()
+            .any(|r| r.requests_per_minute.is_some() || r.tokens_per_minute.is_some());
         self.cluster.as_deref().filter(|_| limited)
     }
 }
@@ -1601,7 +1602,7 @@ mod tests {
         assert_eq!(
             c.store.quota_cluster(&LimitsConfig::default()),
             None,
-            "no global limit, no quota calls"
+            "no limit, no quota calls"
         );
         assert_eq!(
             errors(

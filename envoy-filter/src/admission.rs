@@ -7,8 +7,8 @@
 //! unit between the check and the charge (a per-tenant limit of 6 over two workers once let 7
 //! through); the loser gives back what it already charged.
 //!
-//! With the fleet store leasing the global limits ([`crate::quota`]), a global bucket is charged
-//! to its lease while one is in force, and to the local bucket at `limit / N` otherwise.
+//! With the fleet store leasing the limits ([`crate::quota`]), a bucket is charged to its lease
+//! while one is in force, and to the local bucket at `limit / N` otherwise.
 
 use crate::host::Host;
 use crate::quota;
@@ -36,14 +36,15 @@ pub struct SharedLimits {
     tenant_requests: Option<Rate>,
     tenant_tokens: Option<Rate>,
     tenant_slots: u64,
-    /// The global buckets are leased from the fleet store: the largest lease (`burst / N`),
-    /// requests then tokens; their local buckets are at `limit / N`.
-    leased: Option<(u64, u64)>,
+    /// The buckets are leased from the fleet store: the largest lease (`burst / N`) of the
+    /// tenant requests, tenant tokens, global requests and global tokens buckets; their local
+    /// buckets are at `limit / N`.
+    leased: Option<[u64; 4]>,
 }
 
 /// One bucket a request is charged to: its rate, key, owner and cost, and its lease's key and
 /// largest size if it is leased.
-type Charge<'a> = (&'a Rate, String, u64, u64, Option<(&'static str, u64)>);
+type Charge<'a> = (&'a Rate, String, u64, u64, Option<(String, u64)>);
 
 impl SharedLimits {
     /// The limits of a configuration.
@@ -58,16 +59,28 @@ impl SharedLimits {
         }
     }
 
-    /// Leases the global limits from the fleet store, `proxies` (N) expected: without a lease
-    /// in force the local buckets apply `limit / N`.
+    /// Leases the limits from the fleet store, `proxies` (N) expected: without a lease in force
+    /// the local buckets apply `limit / N`.
     pub fn leased(mut self, proxies: Option<u32>) -> Self {
         let Some(n) = proxies else {
             return self;
         };
-        let most = |r: &Option<Rate>| r.map_or(0, |r| lease::most(r.burst, n));
-        self.leased = Some((most(&self.global_requests), most(&self.global_tokens)));
-        self.global_requests = self.global_requests.map(|r| lease::share(&r, n));
-        self.global_tokens = self.global_tokens.map(|r| lease::share(&r, n));
+        let mut most = [0; 4];
+        for (rate, most) in [
+            &mut self.tenant_requests,
+            &mut self.tenant_tokens,
+            &mut self.global_requests,
+            &mut self.global_tokens,
+        ]
+        .into_iter()
+        .zip(most.iter_mut())
+        {
+            if let Some(r) = rate {
+                *most = lease::most(r.burst, n);
+                *r = lease::share(r, n);
+            }
+        }
+        self.leased = Some(most);
         self
     }
 
@@ -98,41 +111,35 @@ impl SharedLimits {
     /// The buckets a request of `tenant` estimated at `tokens` is charged to, in order.
     fn charges(&self, tenant: u64, tokens: u64) -> Vec<Charge<'_>> {
         let slot = tenant % self.tenant_slots;
-        let (requests_lease, tokens_lease) = match self.leased {
-            Some((r, t)) => (
-                Some((quota::LEASE_REQUESTS, r)),
-                Some((quota::LEASE_TOKENS, t)),
-            ),
-            None => (None, None),
-        };
+        let lease = |i: usize, key: String| Some((key, self.leased?.get(i).copied()?));
         [
             (
                 self.tenant_requests.as_ref(),
                 tenant_key(slot, 'r'),
                 tenant,
                 1,
-                None,
+                lease(0, quota::tenant_key(slot, 'r')),
             ),
             (
                 self.tenant_tokens.as_ref(),
                 tenant_key(slot, 't'),
                 tenant,
                 tokens,
-                None,
+                lease(1, quota::tenant_key(slot, 't')),
             ),
             (
                 self.global_requests.as_ref(),
                 GLOBAL_REQUESTS.into(),
                 0,
                 1,
-                requests_lease,
+                lease(2, quota::LEASE_REQUESTS.into()),
             ),
             (
                 self.global_tokens.as_ref(),
                 GLOBAL_TOKENS.into(),
                 0,
                 tokens,
-                tokens_lease,
+                lease(3, quota::LEASE_TOKENS.into()),
             ),
         ]
         .into_iter()
@@ -160,10 +167,10 @@ impl SharedLimits {
         let charges = self.charges(tenant, tokens);
         for (rate, key, owner, cost, lease) in &charges {
             if let Some((lease, _)) = lease {
-                match quota::check(host, lease, now, *cost) {
+                match quota::check(host, lease, *owner, now, *cost) {
                     Spend::Leased => continue,
                     Spend::Refused(at) => {
-                        quota::note_demand(host, lease, now, *cost);
+                        quota::note_demand(host, lease, *owner, now, *cost);
                         return Decision::NotUntil(at);
                     }
                     Spend::Local => {}
@@ -174,42 +181,37 @@ impl SharedLimits {
                 return decision;
             }
         }
-        // Where each charge went: `Some(lease key)` to a lease, `None` to the local bucket.
-        let mut charged: Vec<Option<&'static str>> = Vec::with_capacity(charges.len());
+        // Where each charge went: `true` to its lease, `false` to the local bucket.
+        let mut charged: Vec<bool> = Vec::with_capacity(charges.len());
         for (rate, key, owner, cost, lease) in &charges {
-            let spend = lease.map(|(lease, _)| (lease, quota::take(host, lease, now, *cost)));
+            let spend = lease
+                .as_ref()
+                .map(|(lease, most)| (lease, *most, quota::take(host, lease, *owner, now, *cost)));
             let decision = match spend {
-                Some((lease, Spend::Leased)) => {
-                    charged.push(Some(lease));
+                Some((_, _, Spend::Leased)) => {
+                    charged.push(true);
                     continue;
                 }
-                Some((_, Spend::Refused(at))) => Decision::NotUntil(at),
-                Some((lease, Spend::Local)) => {
+                Some((_, _, Spend::Refused(at))) => Decision::NotUntil(at),
+                Some((lease, most, Spend::Local)) => {
                     let d = shared::charge(host, key, *owner, rate, now, *cost);
                     if d.is_allowed() {
-                        let most = self.leased.map_or(0, |(r, t)| {
-                            if lease == quota::LEASE_REQUESTS {
-                                r
-                            } else {
-                                t
-                            }
-                        });
-                        quota::spent_locally(host, lease, *cost, most);
+                        quota::spent_locally(host, lease, *owner, now, *cost, most);
                     }
                     d
                 }
                 None => shared::charge(host, key, *owner, rate, now, *cost),
             };
             if decision != Decision::Allowed {
-                for ((rate, key, owner, cost, _), to) in charges.iter().zip(charged) {
-                    match to {
-                        Some(lease) => quota::refund(host, lease, *cost),
+                for ((rate, key, owner, cost, lease), to_lease) in charges.iter().zip(charged) {
+                    match lease.as_ref().filter(|_| to_lease) {
+                        Some((lease, _)) => quota::refund(host, lease, *owner, now, *cost),
                         None => shared::refund(host, key, *owner, rate, *cost),
                     }
                 }
                 return decision;
             }
-            charged.push(None);
+            charged.push(false);
         }
         Decision::Allowed
     }

@@ -272,7 +272,7 @@ pub fn call_response<H: Host>(host: &H, state: &Shared<H>, token: u32, body_size
 
 /// The root context's tick: the engine's timers, the L2 write-backs queued since the last one
 /// (dispatched from the root context, so no stream's end cancels them; their answers are not
-/// awaited), and the global quotas' returns and leases (a lease's answer comes back to this
+/// awaited), and the leased limits' returns and leases (a lease's answer comes back to this
 /// root context; a return's is not awaited).
 pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
     if let Some((cluster, writes)) = with(state, |s| s.l2_take_writes(host.now())) {
@@ -289,7 +289,7 @@ pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
         match host.dispatch(&cluster, &headers, &call.body, crate::quota::CALL_TIMEOUT) {
             Ok(token) if lease => with(state, |s| s.quota_dispatched(token)),
             Ok(_) => {}
-            Err(why) if lease => with(state, |s| s.quota_refused(&why)),
+            Err(why) if lease => with(state, |s| s.quota_refused(host.now(), &why)),
             Err(_) => {} // units not returned are lost to the fleet until their bucket refills
         }
     }

@@ -1,13 +1,17 @@
-//! Global limits across the fleet: quota leases from `unbusy-store` (`docs/store.md`), kept in
+//! Rate limits across the fleet: quota leases from `unbusy-store` (`docs/store.md`) for
+//! `limits.global` (scope `global`) and `limits.per_tenant` (scope `tenant:<id hex>`), kept in
 //! shared data beside the local buckets of [`crate::admission`].
 //!
 //! Why leases: one Envoy's buckets are shared by its workers but not by the fleet, so N proxies
-//! let N times `limits.global` through. The store holds the fleet's bucket in Redis and hands
+//! let N times a limit through. The store holds the fleet's bucket in Redis and hands
 //! out units ahead of use; the hot path spends them with one compare-and-swap, as it does a
 //! local bucket, and never waits on the store. The rules (how much to ask for, when, what to
 //! give back, what applies without a lease) are `unbusy_core::lease`'s; this module only keeps a
-//! [`Lease`] per global bucket in shared data, applies those rules to it atomically, and builds
-//! and reads the calls. The root context's tick makes the calls ([`Quotas::tick`]), from
+//! [`Lease`] per bucket in shared data (a tenant's in its tenant slot, with its owner: a slot
+//! another tenant's lease is busy in leaves the request to the local share, as slots are shared
+//! for local buckets), applies those rules to it atomically, and builds and reads the calls.
+//! A worker's tick looks at the global leases and at the slots of the tenants it admitted
+//! requests for, until their leases are idle again (never at every slot). The root context's tick makes the calls ([`Quotas::tick`]), from
 //! whichever worker first claims the lease (one call at a time per proxy); its answer lands in
 //! that worker's root context ([`Quotas::answer`]).
 //!
@@ -40,9 +44,10 @@ const DEFAULT_LEASE: Nanos = ms(1000);
 /// Compare-and-swap rounds before giving up on a lease update.
 const CAS_ROUNDS: usize = 16;
 
-const WORDS: usize = 7;
+const WORDS: usize = 8;
 
-fn encode(l: &Lease) -> [u8; WORDS * 8] {
+/// A lease's value: the lease, then its owner (a tenant id; 0 for the global buckets).
+fn encode(l: &Lease, owner: u64) -> [u8; WORDS * 8] {
     let mut out = [0u8; WORDS * 8];
     let words = [
         l.remaining,
@@ -52,6 +57,7 @@ fn encode(l: &Lease) -> [u8; WORDS * 8] {
         l.demand_since,
         l.asking_until,
         l.debt,
+        owner,
     ];
     for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
         chunk.copy_from_slice(&w.to_le_bytes());
@@ -59,14 +65,14 @@ fn encode(l: &Lease) -> [u8; WORDS * 8] {
     out
 }
 
-fn decode(bytes: Option<&[u8]>) -> Lease {
+fn decode(bytes: Option<&[u8]>) -> (Lease, u64) {
     let word = |i: usize| {
         bytes
             .and_then(|b| b.get(i * 8..i * 8 + 8))
             .and_then(|b| <[u8; 8]>::try_from(b).ok())
             .map_or(0, u64::from_le_bytes)
     };
-    Lease {
+    let lease = Lease {
         remaining: word(0),
         expires: word(1),
         retry_at: word(2),
@@ -74,62 +80,122 @@ fn decode(bytes: Option<&[u8]>) -> Lease {
         demand_since: word(4),
         asking_until: word(5),
         debt: word(6),
+    };
+    (lease, word(7))
+}
+
+/// Whether a lease still matters to its owner: in force, holding units or a debt, or asked for.
+fn busy(l: &Lease, now: Nanos) -> bool {
+    l.in_force(now) || l.remaining > 0 || l.debt > 0 || l.asking_until > now
+}
+
+/// The lease at `key` as `owner` sees it, and its compare-and-swap token: `None` while another
+/// tenant's busy lease holds the slot (tenants share slots, as their local buckets do); another
+/// tenant's idle lease is a fresh one for `owner`.
+fn read(host: &impl Host, key: &str, owner: u64, now: Nanos) -> Option<(Lease, Option<Cas>)> {
+    let (value, cas) = host.shared_get(key);
+    let (lease, held_by) = decode(value.as_deref());
+    if held_by == owner {
+        Some((lease, cas))
+    } else if busy(&lease, now) {
+        None
+    } else {
+        Some((Lease::default(), cas))
     }
 }
 
-fn read(host: &impl Host, key: &str) -> (Lease, Option<Cas>) {
-    let (value, cas) = host.shared_get(key);
-    (decode(value.as_deref()), cas)
-}
-
-/// Applies `step` to the lease at `key` atomically across workers (`None`: contention beyond
-/// `CAS_ROUNDS`, nothing changed).
-pub fn update<T>(host: &impl Host, key: &str, mut step: impl FnMut(&mut Lease) -> T) -> Option<T> {
+/// Applies `step` to `owner`'s lease at `key` atomically across workers (`None`: another
+/// tenant holds the slot, or contention beyond `CAS_ROUNDS`; nothing changed).
+pub fn update<T>(
+    host: &impl Host,
+    key: &str,
+    owner: u64,
+    now: Nanos,
+    mut step: impl FnMut(&mut Lease) -> T,
+) -> Option<T> {
     for _ in 0..CAS_ROUNDS {
-        let (mut lease, cas) = read(host, key);
+        let (mut lease, cas) = read(host, key, owner, now)?;
         let out = step(&mut lease);
-        if host.shared_set(key, &encode(&lease), cas) {
+        if host.shared_set(key, &encode(&lease, owner), cas) {
             return Some(out);
         }
     }
     None
 }
 
-/// What the lease at `key` would say about `cost` now, without charging it.
-pub fn check(host: &impl Host, key: &str, now: Nanos, cost: u64) -> Spend {
-    read(host, key).0.check(now, cost)
+/// What `owner`'s lease at `key` would say about `cost` now, without charging it (another
+/// tenant's busy lease in the slot: [`Spend::Local`]).
+pub fn check(host: &impl Host, key: &str, owner: u64, now: Nanos, cost: u64) -> Spend {
+    read(host, key, owner, now).map_or(Spend::Local, |(l, _)| l.check(now, cost))
 }
 
-/// Charges `cost` to the lease at `key` (see `Lease::take`). Contention beyond the rounds is
-/// [`Spend::Local`]: the local share decides rather than a race refusing.
-pub fn take(host: &impl Host, key: &str, now: Nanos, cost: u64) -> Spend {
-    update(host, key, |l| l.take(now, cost)).unwrap_or(Spend::Local)
+/// Charges `cost` to `owner`'s lease at `key` (see `Lease::take`). Contention beyond the rounds
+/// or a slot held by another tenant is [`Spend::Local`]: the local share decides rather than a
+/// race refusing.
+pub fn take(host: &impl Host, key: &str, owner: u64, now: Nanos, cost: u64) -> Spend {
+    update(host, key, owner, now, |l| l.take(now, cost)).unwrap_or(Spend::Local)
 }
 
 /// Counts `cost` asked and refused as demand (the next lease's size).
-pub fn note_demand(host: &impl Host, key: &str, now: Nanos, cost: u64) {
-    update(host, key, |l| l.note_demand(now, cost));
+pub fn note_demand(host: &impl Host, key: &str, owner: u64, now: Nanos, cost: u64) {
+    update(host, key, owner, now, |l| l.note_demand(now, cost));
 }
 
 /// The local share admitted `cost` while no lease was in force: owed to the fleet's bucket
 /// (at most `most`, the largest lease).
-pub fn spent_locally(host: &impl Host, key: &str, cost: u64, most: u64) {
-    update(host, key, |l| l.spent_locally(cost, most));
+pub fn spent_locally(host: &impl Host, key: &str, owner: u64, now: Nanos, cost: u64, most: u64) {
+    update(host, key, owner, now, |l| l.spent_locally(cost, most));
 }
 
-/// Gives back `cost` taken from the lease at `key`.
-pub fn refund(host: &impl Host, key: &str, cost: u64) {
-    update(host, key, |l| l.refund(cost));
+/// Gives back `cost` taken from `owner`'s lease at `key`.
+pub fn refund(host: &impl Host, key: &str, owner: u64, now: Nanos, cost: u64) {
+    update(host, key, owner, now, |l| l.refund(cost));
 }
 
-/// One leased bucket: its shared-data key, its name in the store, its limits.
+/// The shared-data key of a tenant slot's lease: `r` requests, `t` tokens.
+pub fn tenant_key(slot: u64, kind: char) -> String {
+    format!("unbusy:lease:tenant:{slot}:{kind}")
+}
+
+/// A tenant's scope in the store.
+fn tenant_scope(tenant: u64) -> String {
+    format!("tenant:{tenant:016x}")
+}
+
+/// One leased bucket's limits and name in the store.
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
-    key: &'static str,
+struct Limit {
+    /// `r` or `t` in its shared-data key.
+    kind: char,
     name: &'static str,
     per_minute: u64,
     burst: u64,
 }
+
+impl Limit {
+    fn of(kind: char, per_minute: Option<u64>, burst: Option<u64>) -> Option<Self> {
+        let per_minute = per_minute?;
+        Some(Self {
+            kind,
+            name: if kind == 'r' { "requests" } else { "tokens" },
+            per_minute,
+            burst: burst.unwrap_or(per_minute),
+        })
+    }
+}
+
+/// One bucket of a call: its lease's key and owner, its scope, its limits, what was asked.
+#[derive(Debug, Clone)]
+struct Asked {
+    key: String,
+    owner: u64,
+    scope: String,
+    limit: Limit,
+    want: u64,
+}
+
+/// The store takes at most this many scopes per call (the global one and 255 tenants).
+const MAX_SCOPES: usize = 256;
 
 /// The outcome of a lease call, for `unbusy_store_lease_total`.
 #[derive(Debug, Clone, Copy)]
@@ -139,20 +205,27 @@ enum Outcome {
     Error = 2,
 }
 
-/// This worker's side of the fleet's global quotas.
+/// This worker's side of the fleet's leased limits.
 pub struct Quotas {
-    /// The store's cluster (`None`: no store, or no global limit: no call is ever made).
+    /// The store's cluster (`None`: no store, or no limit to lease: no call is ever made).
     cluster: Option<String>,
-    buckets: Vec<Bucket>,
+    /// The global buckets' limits.
+    global: Vec<Limit>,
+    /// Each tenant's buckets' limits.
+    tenant: Vec<Limit>,
+    tenant_slots: u64,
+    /// The tenant slots this worker admitted requests for, with their tenant, until their
+    /// leases are idle again (the tick looks only at these, not at every slot).
+    active: Vec<(u64, u64)>,
     proxies: u32,
     /// `store.quota_lease_ms`, if set.
     configured: Option<Nanos>,
     /// The lease period: configured, else the store's last `lease_ms`.
     period: Nanos,
-    /// Lease calls this worker made that are not answered yet: each bucket's key and want.
-    calls: Vec<(CallToken, Vec<(&'static str, u64)>)>,
+    /// Lease calls this worker made that are not answered yet, with what each asked.
+    calls: Vec<(CallToken, Vec<Asked>)>,
     /// The lease call [`Quotas::tick`] built last, until the driver says it left.
-    pending: Option<Vec<(&'static str, u64)>>,
+    pending: Option<Vec<Asked>>,
     /// The last call failed (its outage was logged).
     down: bool,
     lease_metric: [Option<MetricId>; 3],
@@ -160,36 +233,37 @@ pub struct Quotas {
 }
 
 impl Quotas {
-    /// The quotas of a configuration; defines their metrics and creates their shared keys
-    /// when a store leases them.
+    /// The leased limits of a configuration; defines their metrics and creates their shared
+    /// keys when a store leases them.
     pub fn new(host: &impl Host, store: &StoreConfig, limits: &LimitsConfig) -> Self {
         let cluster = store.quota_cluster(limits).map(str::to_string);
-        let g = &limits.global;
-        let buckets: Vec<Bucket> = [
-            (
-                LEASE_REQUESTS,
-                "requests",
-                g.requests_per_minute,
-                g.burst_requests,
-            ),
-            (LEASE_TOKENS, "tokens", g.tokens_per_minute, g.burst_tokens),
+        let (g, t) = (&limits.global, &limits.per_tenant);
+        let global: Vec<Limit> = [
+            Limit::of('r', g.requests_per_minute, g.burst_requests),
+            Limit::of('t', g.tokens_per_minute, g.burst_tokens),
         ]
         .into_iter()
-        .filter_map(|(key, name, per_minute, burst)| {
-            let per_minute = per_minute?;
-            Some(Bucket {
-                key,
-                name,
-                per_minute,
-                burst: burst.unwrap_or(per_minute),
-            })
-        })
+        .flatten()
+        .collect();
+        let tenant: Vec<Limit> = [
+            Limit::of('r', t.requests_per_minute, t.burst_requests),
+            Limit::of('t', t.tokens_per_minute, t.burst_tokens),
+        ]
+        .into_iter()
+        .flatten()
         .collect();
         let configured = store.quota_lease_ms.map(ms);
         let leasing = cluster.is_some();
+        let tenant_slots = u64::from(limits.tenant_slots.max(1));
         if leasing {
-            for b in &buckets {
-                crate::shared::ensure(host, b.key, &encode(&Lease::default()));
+            let empty = encode(&Lease::default(), 0);
+            for l in &global {
+                crate::shared::ensure(host, global_key(l.kind), &empty);
+            }
+            for slot in 0..tenant_slots {
+                for l in &tenant {
+                    crate::shared::ensure(host, &tenant_key(slot, l.kind), &empty);
+                }
             }
         }
         let define = |name: &str| {
@@ -199,7 +273,10 @@ impl Quotas {
         };
         Self {
             cluster,
-            buckets,
+            global,
+            tenant,
+            tenant_slots,
+            active: Vec::new(),
             proxies: store.expected_proxies,
             configured,
             period: configured.unwrap_or(DEFAULT_LEASE),
@@ -215,16 +292,43 @@ impl Quotas {
         }
     }
 
-    /// The number of proxies the local share divides the global limits by, when the global
-    /// limits are leased (`None`: they are applied locally, whole, as without a store).
+    /// The number of proxies the local share divides the limits by, when the limits are leased
+    /// (`None`: they are applied locally, whole, as without a store).
     pub fn leasing(&self) -> Option<u32> {
         self.cluster.as_ref().map(|_| self.proxies)
+    }
+
+    /// A request of `tenant` was admitted or refused here: its slot's leases are kept by this
+    /// worker's tick until they are idle.
+    pub fn saw(&mut self, tenant: u64) {
+        if self.cluster.is_none() || self.tenant.is_empty() {
+            return;
+        }
+        let slot = tenant % self.tenant_slots;
+        match self.active.iter_mut().find(|(s, _)| *s == slot) {
+            Some(entry) => entry.1 = tenant,
+            None => self.active.push((slot, tenant)),
+        }
     }
 
     fn count(&self, host: &impl Host, outcome: Outcome) {
         if let Some(id) = self.lease_metric.get(outcome as usize).copied().flatten() {
             host.increment_metric(id, 1);
         }
+    }
+
+    /// Every bucket the tick looks at: the global ones, then each active tenant's.
+    fn buckets(&self) -> Vec<(String, u64, String, Limit)> {
+        let global = self
+            .global
+            .iter()
+            .map(|l| (global_key(l.kind).to_string(), 0, SCOPE.to_string(), *l));
+        let tenants = self.active.iter().flat_map(|&(slot, tenant)| {
+            self.tenant
+                .iter()
+                .map(move |l| (tenant_key(slot, l.kind), tenant, tenant_scope(tenant), *l))
+        });
+        global.chain(tenants).collect()
     }
 
     /// The tick's calls: what is left of ended leases goes back, and buckets running low are
@@ -236,46 +340,84 @@ impl Quotas {
         };
         let asking_until = now.saturating_add(ms(CALL_TIMEOUT.as_millis() as u64 + 100));
         let (period, proxies) = (self.period, self.proxies);
-        let mut back = Vec::new();
-        let mut wants = Vec::new();
-        for b in &self.buckets {
-            let step = update(host, b.key, |l| {
+        let mut back: Vec<(String, Vec<(&str, u64)>)> = Vec::new();
+        let mut asked: Vec<Asked> = Vec::new();
+        let mut idle: Vec<u64> = Vec::new();
+        let mut scopes = 0;
+        for (key, owner, scope, limit) in self.buckets() {
+            let room = scopes < MAX_SCOPES || asked.last().is_some_and(|a| a.scope == scope);
+            let step = update(host, &key, owner, now, |l| {
                 let units = l.expire(now);
-                let want = l.wants(now, period, b.burst, proxies);
+                let want = l.wants(now, period, limit.burst, proxies).filter(|_| room);
                 if want.is_some() {
                     l.asked(now, asking_until);
                 }
-                (units, want)
+                (units, want, !busy(l, now) && l.demand == 0)
             });
-            let Some((units, want)) = step else {
+            let Some((units, want, quiet)) = step else {
+                if owner != 0 {
+                    idle.push(owner); // another tenant holds the slot now
+                }
                 continue;
             };
+            if quiet && owner != 0 {
+                idle.push(owner);
+            }
             if units > 0 {
-                back.push((b.name, units));
+                match back.iter_mut().find(|(s, _)| *s == scope) {
+                    Some((_, b)) => b.push((limit.name, units)),
+                    None => back.push((scope.clone(), vec![(limit.name, units)])),
+                }
                 if let Some(id) = self.returned_metric {
                     host.increment_metric(id, units as i64);
                 }
             }
             if let Some(want) = want {
-                wants.push((*b, want));
+                if asked.last().is_none_or(|a| a.scope != scope) {
+                    scopes += 1;
+                }
+                asked.push(Asked {
+                    key,
+                    owner,
+                    scope,
+                    limit,
+                    want,
+                });
             }
         }
+        // A tenant whose every lease is idle leaves the active list (its next request puts it
+        // back); one with a bucket still busy stays.
+        let busy_owners: Vec<u64> = asked.iter().map(|a| a.owner).collect();
+        self.active.retain(|(_, tenant)| {
+            let quiet = idle.iter().filter(|&&o| o == *tenant).count() >= self.tenant.len();
+            !quiet || busy_owners.contains(tenant)
+        });
         let mut calls = Vec::new();
         if !back.is_empty() {
-            calls.push((cluster.clone(), store::give_back(&[(SCOPE, &back)]), false));
-        }
-        if !wants.is_empty() {
-            let asked: Vec<Want<'_>> = wants
+            let refs: Vec<(&str, &[(&str, u64)])> = back
                 .iter()
-                .map(|(b, want)| Want {
-                    name: b.name,
-                    per_minute: b.per_minute,
-                    burst: b.burst,
-                    want: *want,
-                })
+                .map(|(s, b)| (s.as_str(), b.as_slice()))
                 .collect();
-            calls.push((cluster, store::lease(&[(SCOPE, &asked)]), true));
-            self.pending = Some(wants.iter().map(|(b, w)| (b.key, *w)).collect());
+            calls.push((cluster.clone(), store::give_back(&refs), false));
+        }
+        if !asked.is_empty() {
+            let mut by_scope: Vec<(&str, Vec<Want<'_>>)> = Vec::new();
+            for a in &asked {
+                let want = Want {
+                    name: a.limit.name,
+                    per_minute: a.limit.per_minute,
+                    burst: a.limit.burst,
+                    want: a.want,
+                };
+                match by_scope.iter_mut().find(|(s, _)| *s == a.scope) {
+                    Some((_, w)) => w.push(want),
+                    None => by_scope.push((a.scope.as_str(), vec![want])),
+                }
+            }
+            let refs: Vec<(&str, &[Want<'_>])> =
+                by_scope.iter().map(|(s, w)| (*s, w.as_slice())).collect();
+            calls.push((cluster, store::lease(&refs), true));
+            self.pending = Some(asked);
         }
         calls
     }
@@ -294,22 +436,22 @@ impl Quotas {
 
     /// The lease call just built could not leave (the host refused it): its buckets may ask
     /// again, and the outage is noted.
-    pub fn refused(&mut self, host: &impl Host, why: &str) {
+    pub fn refused(&mut self, host: &impl Host, now: Nanos, why: &str) {
         if let Some(asked) = self.pending.take() {
-            self.failed(host, &asked, why);
+            self.failed(host, now, &asked, why);
         }
     }
 
-    fn failed(&mut self, host: &impl Host, asked: &[(&'static str, u64)], why: &str) {
-        for (key, _) in asked {
-            update(host, key, Lease::failed);
+    fn failed(&mut self, host: &impl Host, now: Nanos, asked: &[Asked], why: &str) {
+        for a in asked {
+            update(host, &a.key, a.owner, now, Lease::failed);
         }
         self.count(host, Outcome::Error);
         if !self.down {
             self.down = true;
             let mut line = String::from("unbusy: the store did not grant a quota lease (");
             line.push_str(why);
-            line.push_str("); the global limits apply locally at limit / store.expected_proxies once the lease in force ends");
+            line.push_str("); the limits apply locally at limit / store.expected_proxies once the lease in force ends");
             host.warn(&line);
         }
     }
@@ -333,7 +475,7 @@ impl Quotas {
             } else {
                 "no answer in time"
             };
-            self.failed(host, &asked, why);
+            self.failed(host, now, &asked, why);
             return;
         };
         if self.down {
@@ -345,17 +487,14 @@ impl Quotas {
         }
         let period = self.period;
         let mut short = false;
-        for (key, want) in &asked {
-            let Some(b) = self.buckets.iter().find(|b| b.key == *key) else {
-                continue;
-            };
+        for a in &asked {
             let grant = grants
                 .iter()
-                .find(|g| g.scope == SCOPE && g.bucket == b.name);
+                .find(|g| g.scope == a.scope && g.bucket == a.limit.name);
             let (granted, retry_after) = grant.map_or((0, 0), |g| (g.granted, g.retry_after_ms));
-            short |= granted < *want;
-            update(host, key, |l| {
-                l.granted(now, granted, period, ms(retry_after))
+            short |= granted < a.want;
+            update(host, &a.key, a.owner, now, |l| {
+                l.granted(now, granted, period, ms(retry_after));
             });
         }
         self.count(
@@ -366,5 +505,14 @@ impl Quotas {
                 Outcome::Granted
             },
         );
+    }
+}
+
+/// The shared-data key of a global bucket's lease (`r` requests, `t` tokens).
+pub fn global_key(kind: char) -> &'static str {
+    if kind == 'r' {
+        LEASE_REQUESTS
+    } else {
+        LEASE_TOKENS
     }
 }

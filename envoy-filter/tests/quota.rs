@@ -66,13 +66,18 @@ impl Worker {
     /// A caller's request: `true` if it went on to the provider, `false` if refused (429).
     /// Either way it is decided at once: nothing waits on the store.
     fn request(&self, ctx: u32) -> bool {
+        self.request_as(ctx, "Bearer k")
+    }
+
+    /// A request of the tenant whose key this `authorization` carries.
+    fn request_as(&self, ctx: u32, authorization: &str) -> bool {
         self.host.open(
             ctx,
             &[
                 (":method", "POST"),
                 (":path", "/v1/chat/completions"),
                 (":authority", "proxy"),
-                ("authorization", "Bearer k"),
+                ("authorization", authorization),
                 ("content-type", "application/json"),
             ],
         );
@@ -126,6 +131,10 @@ impl Worker {
 #[derive(Default)]
 struct Store {
     tat: HashMap<String, u128>,
+    /// Each bucket's rate, as its last lease said.
+    per_minute: HashMap<String, u128>,
+    /// Every scope a lease asked for.
+    scopes: Vec<String>,
     down: bool,
     granted: u64,
     returned: u64,
@@ -151,7 +160,9 @@ impl Store {
         let mut out = String::from(r#"{"lease_ms":1000,"leases":["#);
         for (i, s) in scopes.iter().enumerate() {
             let scope = s.get("scope").unwrap().as_str().unwrap().to_string();
-            assert_eq!(scope, "global");
+            if !self.scopes.contains(&scope) {
+                self.scopes.push(scope.clone());
+            }
             let Some(Value::Array(buckets)) = s.get("buckets") else {
                 panic!()
             };
@@ -168,8 +179,7 @@ impl Store {
                 let tat = self.tat.get(&key).copied().unwrap_or(0).max(now);
                 if path == "/v1/quota/return" {
                     let units = b.get("units").unwrap().as_u64().unwrap();
-                    let per_minute = 600u128; // the only bucket here
-                    let t = 60_000_000 / per_minute;
+                    let t = 60_000_000 / self.per_minute[&key];
                     self.tat
                         .insert(key, tat.saturating_sub(u128::from(units) * t).max(now));
                     self.returned += units;
@@ -180,6 +190,7 @@ impl Store {
                 let per_minute = u128::from(b.get("per_minute").unwrap().as_u64().unwrap());
                 let burst = u128::from(b.get("burst").unwrap().as_u64().unwrap());
                 let want = b.get("want").unwrap().as_u64().unwrap();
+                self.per_minute.insert(key.clone(), per_minute);
                 self.wants.push(want);
                 let t = 60_000_000 / per_minute;
                 let room = (now + burst * t).saturating_sub(tat) / t;
@@ -233,14 +244,22 @@ impl Fleet {
     /// `store`, then 20 ms pass. Returns the requests admitted. The workers take turns to go
     /// first (the store serves whoever asks first: a fixed order would starve the last proxy).
     fn step(&mut self, per_worker: u32, store: &mut Store) -> u64 {
-        let mut admitted = 0;
+        self.step_as(&["Bearer k"], per_worker, store)[0]
+    }
+
+    /// [`Fleet::step`] with `per_worker` requests of each of these tenants (by key) on every
+    /// worker; the requests admitted per tenant.
+    fn step_as(&mut self, keys: &[&str], per_worker: u32, store: &mut Store) -> Vec<u64> {
+        let mut admitted = vec![0; keys.len()];
         self.turn += 1;
         let n = self.workers.len();
         self.workers.rotate_left(self.turn % n);
         for w in &mut self.workers {
             for _ in 0..per_worker {
-                self.next_ctx += 1;
-                admitted += u64::from(w.request(self.next_ctx));
+                for (i, key) in keys.iter().enumerate() {
+                    self.next_ctx += 1;
+                    admitted[i] += u64::from(w.request_as(self.next_ctx, key));
+                }
             }
         }
         for w in &mut self.workers {
@@ -456,14 +475,74 @@ fn a_store_the_host_cannot_reach_is_the_local_share_too() {
     assert_eq!(fleet.logs(Level::Warn, "did not grant a quota lease"), 2);
 }
 
+/// Per-tenant limits are leased per tenant (scope `tenant:<id hex>`): two tenants over two
+/// proxies each get their own limit fleet-wide, not twice it, and not each other's.
+#[test]
+fn each_tenants_limit_holds_across_the_fleet() {
+    const TENANTS: &str = r#"{"providers":[{"name":"a","cluster":"ca"}],
+        "retry":{"max_attempts":1},
+        "limits":{"per_tenant":{"requests_per_minute":600,"burst_requests":10}},
+        "store":{"cluster":"unbusy_store","cache":false,"expected_proxies":2}}"#;
+    let keys = ["Bearer tenant-one", "Bearer tenant-two"];
+    let mut store = Store::default();
+    let mut fleet = Fleet::new(TENANTS, 2);
+    let mut admitted = [0u64; 2];
+    for _ in 0..500 {
+        for (a, n) in admitted.iter_mut().zip(fleet.step_as(&keys, 2, &mut store)) {
+            *a += n;
+        }
+    }
+    for a in admitted {
+        assert!(
+            a <= allowed(10) && a * 100 >= allowed(10) * 95,
+            "per tenant: {admitted:?} admitted, {} allowed each",
+            allowed(10)
+        );
+    }
+    let tenants: Vec<&String> = store
+        .scopes
+        .iter()
+        .filter(|s| s.starts_with("tenant:"))
+        .collect();
+    assert_eq!(tenants.len(), 2, "{:?}", store.scopes);
+    assert!(
+        tenants.iter().all(|s| s.len() == "tenant:".len() + 16),
+        "{tenants:?}"
+    );
+    assert!(
+        !store.scopes.contains(&"global".to_string()),
+        "no global limit, no global lease"
+    );
+
+    let local = TENANTS.replace(
+        r#""store":{"cluster":"unbusy_store","cache":false,"expected_proxies":2}"#,
+        r#""endpoints":{}"#,
+    );
+    let mut fleet = Fleet::new(&local, 2);
+    let mut none = Store::default();
+    let mut alone = [0u64; 2];
+    for _ in 0..500 {
+        for (a, n) in alone.iter_mut().zip(fleet.step_as(&keys, 2, &mut none)) {
+            *a += n;
+        }
+    }
+    assert!(
+        alone.iter().all(|&a| a >= 2 * allowed(10) * 95 / 100),
+        "{alone:?}"
+    );
+    println!(
+        "per tenant: {admitted:?} of {} allowed each; without the store {alone:?}",
+        allowed(10)
+    );
+}
+
 /// The pass-through path: a configuration with a store but no global limit, and requests with
 /// no cache key, dispatch nothing to the store, on the hot path or on any tick.
 #[test]
 fn without_a_global_limit_or_a_cache_key_nothing_calls_the_store() {
     for config in [
         r#"{"providers":[{"name":"a","cluster":"ca"}],"store":{"cluster":"unbusy_store"}}"#,
-        r#"{"providers":[{"name":"a","cluster":"ca"}],"store":{"cluster":"unbusy_store"},
-            "limits":{"per_tenant":{"requests_per_minute":600}}}"#,
+        r#"{"providers":[{"name":"a","cluster":"ca"}],"store":{"cluster":"unbusy_store","cache":false}}"#,
     ] {
         let mut store = Store::default();
         let mut fleet = Fleet::new(config, 1);

@@ -200,7 +200,7 @@ impl<H: Host> State<H> {
         self.drain(now)
     }
 
-    /// The tick's quota calls (returns and leases of the global limits, see [`Quotas::tick`]),
+    /// The tick's quota calls (returns and leases of the limits, see [`Quotas::tick`]),
     /// each with its cluster; `true` marks a lease call.
     pub fn quota_tick(&mut self, now: Nanos) -> Vec<(String, crate::store::Call, bool)> {
         self.quotas.tick(&self.host, now)
@@ -212,8 +212,8 @@ impl<H: Host> State<H> {
     }
 
     /// The host refused this tick's lease call.
-    pub fn quota_refused(&mut self, why: &str) {
-        self.quotas.refused(&self.host, why);
+    pub fn quota_refused(&mut self, now: Nanos, why: &str) {
+        self.quotas.refused(&self.host, now, why);
     }
 
     /// The periodic tick: the engine's timers.
