@@ -84,9 +84,13 @@ fn decode(bytes: Option<&[u8]>) -> (Lease, u64) {
     (lease, word(7))
 }
 
-/// Whether a lease still matters to its owner: in force, holding units or a debt, or asked for.
+/// Whether a lease still holds its slot for its owner: in force, or asked for. An ended one
+/// does not, even with units or a debt left: its owner's worker may have stopped looking at
+/// the slot (another tenant's request took its place there), and a slot must not stay held
+/// forever. Taking it over drops those units (lost to the fleet until the store's bucket
+/// refills) and that debt (at most one share's burst).
 fn busy(l: &Lease, now: Nanos) -> bool {
-    l.in_force(now) || l.remaining > 0 || l.debt > 0 || l.asking_until > now
+    l.in_force(now) || l.asking_until > now
 }
 
 /// The lease at `key` as `owner` sees it, and its compare-and-swap token: `None` while another
@@ -352,7 +356,8 @@ impl Quotas {
                 if want.is_some() {
                     l.asked(now, asking_until);
                 }
-                (units, want, !busy(l, now) && l.demand == 0)
+                let quiet = !busy(l, now) && l.demand == 0 && l.remaining == 0 && l.debt == 0;
+                (units, want, quiet)
             });
             let Some((units, want, quiet)) = step else {
                 if owner != 0 {

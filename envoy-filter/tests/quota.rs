@@ -475,6 +475,43 @@ fn a_store_the_host_cannot_reach_is_the_local_share_too() {
     assert_eq!(fleet.logs(Level::Warn, "did not grant a quota lease"), 2);
 }
 
+/// A token limit is leased as a `tokens` bucket, each request charged its estimated tokens: the
+/// fleet's tokens stay within the limit, as its requests do.
+#[test]
+fn a_token_limit_is_leased_by_each_requests_estimated_tokens() {
+    const TOKENS: &str = r#"{"providers":[{"name":"a","cluster":"ca"}],
+        "retry":{"max_attempts":1},
+        "limits":{"global":{"tokens_per_minute":600000,"burst_tokens":20000}},
+        "store":{"cluster":"unbusy_store","cache":false,"expected_proxies":2}}"#;
+    let config = Config::from_json(TOKENS.as_bytes()).unwrap();
+    let headers = [
+        ("authorization", "Bearer k"),
+        ("content-type", "application/json"),
+    ];
+    let cost = unbusy_core::request::read(&headers, HOT.as_bytes(), &config)
+        .unwrap()
+        .estimated_tokens;
+    assert!(cost > 1, "{cost}");
+    let mut store = Store::default();
+    let mut fleet = Fleet::new(TOKENS, 2);
+    let admitted: u64 = (0..500).map(|_| fleet.step(3, &mut store)).sum();
+    // 10,000 tokens a second for 10 s, plus the burst (a request costs about 1,000: its prompt
+    // and the default `max_tokens`).
+    let allowed = 10_000 * 10 + 20_000;
+    let spent = admitted * cost;
+    assert!(
+        spent <= allowed && spent * 100 >= allowed * 90,
+        "{admitted} requests of {cost} tokens: {spent} of {allowed} allowed"
+    );
+    assert!(
+        spent <= store.granted,
+        "{spent} of {} granted",
+        store.granted
+    );
+    assert!(store.leases > 0);
+    println!("tokens: {spent} of {allowed} allowed ({admitted} requests of {cost})");
+}
+
 /// Per-tenant limits are leased per tenant (scope `tenant:<id hex>`): two tenants over two
 /// proxies each get their own limit fleet-wide, not twice it, and not each other's.
 #[test]
