@@ -21,7 +21,7 @@
 //! again, and `unbusy_store_lease_total{result}` counts every call's outcome.
 
 use crate::host::{CallToken, Cas, Host, MetricId, MetricKind};
-use crate::store::{self, Call, Want};
+use crate::store::{self, Call, QuotaBody};
 use std::time::Duration;
 use unbusy_core::config::{LimitsConfig, StoreConfig};
 use unbusy_core::lease::{Lease, Spend};
@@ -323,16 +323,16 @@ impl Quotas {
 
     /// Every bucket the tick looks at: the global ones, then each active tenant's.
     fn buckets(&self) -> Vec<(String, u64, String, Limit)> {
-        let global = self
-            .global
-            .iter()
-            .map(|l| (global_key(l.kind).to_string(), 0, SCOPE.to_string(), *l));
-        let tenants = self.active.iter().flat_map(|&(slot, tenant)| {
-            self.tenant
-                .iter()
-                .map(move |l| (tenant_key(slot, l.kind), tenant, tenant_scope(tenant), *l))
-        });
-        global.chain(tenants).collect()
+        let mut all = Vec::new();
+        for l in &self.global {
+            all.push((global_key(l.kind).to_string(), 0, SCOPE.to_string(), *l));
+        }
+        for &(slot, tenant) in &self.active {
+            for l in &self.tenant {
+                all.push((tenant_key(slot, l.kind), tenant, tenant_scope(tenant), *l));
+            }
+        }
+        all
     }
 
     /// The tick's calls: what is left of ended leases goes back, and buckets running low are
@@ -344,12 +344,14 @@ impl Quotas {
         };
         let asking_until = now.saturating_add(ms(CALL_TIMEOUT.as_millis() as u64 + 100));
         let (period, proxies) = (self.period, self.proxies);
-        let mut back: Vec<(String, Vec<(&str, u64)>)> = Vec::new();
+        let mut back = QuotaBody::default();
+        let mut ask = QuotaBody::default();
         let mut asked: Vec<Asked> = Vec::new();
         let mut idle: Vec<u64> = Vec::new();
         let mut scopes = 0;
         for (key, owner, scope, limit) in self.buckets() {
-            let room = scopes < MAX_SCOPES || asked.last().is_some_and(|a| a.scope == scope);
+            let same_scope = asked.last().is_some_and(|a| a.scope == scope);
+            let room = scopes < MAX_SCOPES || same_scope;
             let step = update(host, &key, owner, now, |l| {
                 let units = l.expire(now);
                 let want = l.wants(now, period, limit.burst, proxies).filter(|_| room);
@@ -369,18 +371,19 @@ impl Quotas {
                 idle.push(owner);
             }
             if units > 0 {
-                match back.iter_mut().find(|(s, _)| *s == scope) {
-                    Some((_, b)) => b.push((limit.name, units)),
-                    None => back.push((scope.clone(), vec![(limit.name, units)])),
-                }
+                back.bucket(&scope, limit.name, &[("units", units)]);
                 if let Some(id) = self.returned_metric {
                     host.increment_metric(id, units as i64);
                 }
             }
             if let Some(want) = want {
-                if asked.last().is_none_or(|a| a.scope != scope) {
-                    scopes += 1;
-                }
+                let fields = [
+                    ("per_minute", limit.per_minute),
+                    ("burst", limit.burst),
+                    ("want", want),
+                ];
+                ask.bucket(&scope, limit.name, &fields);
+                scopes += usize::from(!same_scope);
                 asked.push(Asked {
                     key,
                     owner,
@@ -392,36 +395,17 @@ impl Quotas {
         }
         // A tenant whose every lease is idle leaves the active list (its next request puts it
         // back); one with a bucket still busy stays.
-        let busy_owners: Vec<u64> = asked.iter().map(|a| a.owner).collect();
+        let kinds = self.tenant.len();
         self.active.retain(|(_, tenant)| {
-            let quiet = idle.iter().filter(|&&o| o == *tenant).count() >= self.tenant.len();
-            !quiet || busy_owners.contains(tenant)
+            let quiet = idle.iter().filter(|&&o| o == *tenant).count() >= kinds;
+            !quiet || asked.iter().any(|a| a.owner == *tenant)
         });
         let mut calls = Vec::new();
         if !back.is_empty() {
-            let refs: Vec<(&str, &[(&str, u64)])> = back
-                .iter()
-                .map(|(s, b)| (s.as_str(), b.as_slice()))
-                .collect();
-            calls.push((cluster.clone(), store::give_back(&refs), false));
+            calls.push((cluster.clone(), back.call("/v1/quota/return"), false));
         }
-        if !asked.is_empty() {
-            let mut by_scope: Vec<(&str, Vec<Want<'_>>)> = Vec::new();
-            for a in &asked {
-                let want = Want {
-                    name: a.limit.name,
-                    per_minute: a.limit.per_minute,
-                    burst: a.limit.burst,
-                    want: a.want,
-                };
-                match by_scope.iter_mut().find(|(s, _)| *s == a.scope) {
-                    Some((_, w)) => w.push(want),
-                    None => by_scope.push((a.scope.as_str(), vec![want])),
-                }
-            }
-            let refs: Vec<(&str, &[Want<'_>])> =
-                by_scope.iter().map(|(s, w)| (*s, w.as_slice())).collect();
-            calls.push((cluster, store::lease(&refs), true));
+        if !ask.is_empty() {
+            calls.push((cluster, ask.call("/v1/quota/lease"), true));
             self.pending = Some(asked);
         }
         calls
@@ -493,10 +477,8 @@ impl Quotas {
         let period = self.period;
         let mut short = false;
         for a in &asked {
-            let grant = grants
-                .iter()
-                .find(|g| g.scope == a.scope && g.bucket == a.limit.name);
-            let (granted, retry_after) = grant.map_or((0, 0), |g| (g.granted, g.retry_after_ms));
+            let (granted, retry_after) =
+                store::grant(&grants, &a.scope, a.limit.name).unwrap_or((0, 0));
             short |= granted < a.want;
             update(host, &a.key, a.owner, now, |l| {
                 l.granted(now, granted, period, ms(retry_after));
