@@ -173,10 +173,10 @@ impl Lease {
 pub fn want(demand: u64, over: Nanos, period: Nanos, burst: u64, proxies: u32) -> u64 {
     // A window shorter than a millisecond says little: counted as one.
     let over = over.max(MILLISECOND);
-    let scaled = u128::from(demand) * u128::from(period) / u128::from(over);
-    u64::try_from(scaled)
-        .unwrap_or(u64::MAX)
-        .clamp(1, most(burst, proxies))
+    // In 64 bits (128-bit division is a software routine on wasm); a product past them is
+    // more than any lease, capped below.
+    let scaled = demand.checked_mul(period).map_or(u64::MAX, |p| p / over);
+    scaled.clamp(1, most(burst, proxies))
 }
 
 /// The largest lease a proxy asks for: its share of the burst, `burst / N`, at least 1.
@@ -221,6 +221,7 @@ mod tests {
             600,
             "a window under 1 ms is 1 ms"
         );
+        assert_eq!(want(u64::MAX, ms(1), secs(1), 600, 4), 150, "no overflow");
         assert_eq!(most(3, 4), 1);
         assert_eq!(most(600, 0), 600, "0 proxies is 1");
     }
