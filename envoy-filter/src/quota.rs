@@ -119,10 +119,8 @@ pub fn update<T>(
 ) -> Option<T> {
     for _ in 0..CAS_ROUNDS {
         let (mut lease, cas) = read(host, key, owner, now)?;
-        let before = lease;
         let out = step(&mut lease);
-        // Nothing changed (most ticks): no write, so no hot-path compare-and-swap loses to it.
-        if lease == before || host.shared_set(key, &encode(&lease, owner), cas) {
+        if host.shared_set(key, &encode(&lease, owner), cas) {
             return Some(out);
         }
     }
