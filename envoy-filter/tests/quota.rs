@@ -116,6 +116,13 @@ impl Worker {
         new
     }
 
+    /// Envoy answering for the store: no status (a timeout, a reset).
+    fn answer_raw(&self, call: &FakeCall, headers: &[(&str, &str)], body: &[u8]) {
+        self.host.set_call_answer(headers, body);
+        self.host.call_into(1);
+        driver::call_response(&self.host, &self.state, call.token.0, body.len());
+    }
+
     fn answer(&self, call: &FakeCall, status: &str, body: &[u8]) {
         self.host.set_call_answer(
             &[(":status", status), ("content-type", "application/json")],
@@ -603,4 +610,61 @@ fn without_a_global_limit_or_a_cache_key_nothing_calls_the_store() {
         idle.step(0, &mut store);
     }
     assert_eq!(idle.processes[0].hostcalls().get("dispatch"), None);
+}
+
+/// Whatever the store answers (garbage, partial, absurd numbers, errors, nothing), whenever,
+/// with dispatches refused now and then and the clock jumping: nothing panics, and every
+/// request is decided at once, forwarded or refused with a 429 (`Worker::request_as` checks
+/// it).
+#[test]
+fn any_store_answer_at_any_time_never_panics() {
+    const BOTH: &str = r#"{"providers":[{"name":"a","cluster":"ca"}],
+        "retry":{"max_attempts":1},
+        "limits":{"global":{"requests_per_minute":600,"burst_requests":10,"tokens_per_minute":6000000},
+                  "per_tenant":{"requests_per_minute":300,"tokens_per_minute":3000000}},
+        "store":{"cluster":"unbusy_store","cache":false,"expected_proxies":2}}"#;
+    let answers: [&[u8]; 8] = [
+        b"",
+        b"{not json",
+        br#"{"lease_ms":1000}"#,
+        br#"{"lease_ms":0,"leases":[]}"#,
+        br#"{"lease_ms":18446744073709551615,"leases":[{"scope":"global","buckets":[{"name":"requests","granted":18446744073709551615,"retry_after_ms":18446744073709551615}]}]}"#,
+        br#"{"lease_ms":1000,"leases":[{"scope":"global","buckets":[{"name":"requests","granted":3,"retry_after_ms":0},{"name":"tokens","granted":-1}]}]}"#,
+        br#"{"lease_ms":1000,"leases":[{"scope":"global","buckets":[{"name":"requests","granted":2,"retry_after_ms":7}]},{"scope":"nope","buckets":7}]}"#,
+        br#"{"lease_ms":5,"leases":[{"scope":"global","buckets":[{"name":"tokens","granted":99999,"retry_after_ms":1}]}]}"#,
+    ];
+    let statuses = ["200", "200", "200", "503", "404", ""];
+    for seed in 0..40u64 {
+        let mut rng = unbusy_core::Rng::with_seed(seed);
+        let mut fleet = Fleet::new(BOTH, 2);
+        for _ in 0..300 {
+            for w in &mut fleet.workers {
+                w.host.refuse_dispatches(rng.u8(0..10) == 0);
+                for _ in 0..rng.u32(0..3) {
+                    fleet.next_ctx += 1;
+                    let key = ["Bearer a", "Bearer b", "Bearer c"][rng.usize(0..3)];
+                    w.request_as(fleet.next_ctx, key);
+                }
+                w.tick();
+                for call in w.new_calls() {
+                    // Answered, late or never.
+                    if rng.u8(0..4) == 0 {
+                        continue;
+                    }
+                    let status = statuses[rng.usize(0..statuses.len())];
+                    let body = answers[rng.usize(0..answers.len())];
+                    if status.is_empty() {
+                        w.answer_raw(&call, &[], body);
+                    } else {
+                        w.answer(&call, status, body);
+                    }
+                }
+            }
+            let jump = match rng.u8(0..20) {
+                0 => Duration::from_secs(rng.u64(1..120)),
+                _ => Duration::from_millis(rng.u64(0..40)),
+            };
+            fleet.advance(jump);
+        }
+    }
 }
