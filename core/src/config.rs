@@ -496,9 +496,14 @@ pub struct StoreConfig {
     /// How often the root context polls fleet-wide pauses and renews this proxy's holdings of
     /// providers' `max_concurrency` quotas. Default 100, 10 to 60000.
     pub poll_ms: u64,
-    /// How many proxies share the fleet's quotas: without an answer from the store, a proxy
-    /// lets `max_concurrency / expected_proxies` attempts go at once (at least 1). Default 1,
-    /// 1 to 10000.
+    /// How long a quota lease is spent before what is left of it is returned (ms). Default
+    /// none: the store's `lease_ms` answer (1000 unless the store is run otherwise). 10 to
+    /// 60000.
+    pub quota_lease_ms: Option<u64>,
+    /// N, the proxies expected in the fleet: without a lease, each applies `limit / N` of the
+    /// global limits (a lease asks for at most `burst / N`), and without an answer from the
+    /// store about a provider's quota, lets `max_concurrency / N` attempts go at once (at
+    /// least 1). Default 1; 1 to 10000.
     pub expected_proxies: u32,
 }
 
@@ -509,6 +514,7 @@ impl Default for StoreConfig {
             timeout_ms: 20,
             cache: true,
             poll_ms: 100,
+            quota_lease_ms: None,
             expected_proxies: 1,
         }
     }
@@ -523,6 +529,15 @@ impl StoreConfig {
     /// The cluster that shares concurrency quotas and pauses across the fleet (any store).
     pub fn fleet_cluster(&self) -> Option<&str> {
         self.cluster.as_deref()
+    }
+
+    /// The cluster to lease quotas from, when there is a store and `limits` has a rate to lease
+    /// (global or per tenant; else no quota call is ever made).
+    pub fn quota_cluster(&self, limits: &LimitsConfig) -> Option<&str> {
+        let limited = [&limits.global, &limits.per_tenant]
+            .iter()
+            .any(|r| r.requests_per_minute.is_some() || r.tokens_per_minute.is_some());
+        self.cluster.as_deref().filter(|_| limited)
     }
 }
 
@@ -1012,6 +1027,18 @@ impl Config {
                 },
             );
         }
+        if st
+            .quota_lease_ms
+            .is_some_and(|l| !(10..=60_000).contains(&l))
+        {
+            c.fail(
+                "store.quota_lease_ms",
+                Problem::OutOfRange {
+                    min: 10.0,
+                    max: 60_000.0,
+                },
+            );
+        }
         if !(1..=10_000).contains(&st.expected_proxies) {
             c.fail(
                 "store.expected_proxies",
@@ -1340,6 +1367,7 @@ read_struct!(StoreConfig {
     timeout_ms,
     cache,
     poll_ms,
+    quota_lease_ms,
     expected_proxies,
 });
 read_struct!(ProviderConfig {
@@ -1694,6 +1722,26 @@ mod tests {
         assert_eq!(
             errors(r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"cache":"yes"}}"#),
             "store.cache must be true or false"
+        );
+        let c = Config::from_json(
+            br#"{"providers":[{"name":"a","cluster":"c"}],"limits":{"global":{"requests_per_minute":60}},
+                "store":{"cluster":"s","quota_lease_ms":500,"expected_proxies":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.store.quota_lease_ms, Some(500));
+        assert_eq!(c.store.expected_proxies, 4);
+        assert_eq!(c.store.quota_cluster(&c.limits), Some("s"));
+        assert_eq!(
+            c.store.quota_cluster(&LimitsConfig::default()),
+            None,
+            "no limit, no quota calls"
+        );
+        assert_eq!(
+            errors(
+                r#"{"providers":[{"name":"a","cluster":"c"}],"store":{"quota_lease_ms":5,"expected_proxies":0}}"#
+            ),
+            "store.quota_lease_ms must be between 10 and 60000; \
+             store.expected_proxies must be between 1 and 10000"
         );
     }
 }

@@ -26,6 +26,7 @@
 //! | [`backoff`] | when to try again: full, equal or decorrelated jitter, server hints within a cap, never past the deadline |
 //! | [`budget`] | whether a retry is affordable: retries bounded by a fraction of recent traffic plus a floor |
 //! | [`bucket`] | token buckets with cost (requests and LLM tokens), per tenant in bounded memory |
+//! | [`lease`] | global limits across a fleet: quota leases from the fleet store (size, renewal, return) and the local share without one |
 //! | [`throttle`] | adaptive client-side throttling (Google SRE) |
 //! | [`concurrency`] | an AIMD concurrency limit per provider, so a provider with a concurrency quota is paced |
 //! | [`breaker`] | circuit breaker: closed, open, half-open |
@@ -126,6 +127,7 @@ pub mod engine;
 pub mod fleet;
 pub mod health;
 pub mod json;
+pub mod lease;
 pub mod progress;
 pub mod reply;
 pub mod request;

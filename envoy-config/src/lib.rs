@@ -227,6 +227,7 @@ stats_config:
   - {{ tag_name: result, regex: '^wasmcustom\.unbusy_cache_total(\.result\.([^.]+))$' }}
   - {{ tag_name: result, regex: '^wasmcustom\.unbusy_l2_cache_total(\.result\.([^.]+))$' }}
   - {{ tag_name: result, regex: '^wasmcustom\.unbusy_store_poll_total(\.result\.([^.]+))$' }}
+  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_store_lease_total(\.result\.([^.]+))$' }}
 static_resources:
   listeners:
   - name: unbusy

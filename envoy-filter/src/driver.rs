@@ -273,9 +273,10 @@ pub fn call_response<H: Host>(host: &H, state: &Shared<H>, token: u32, body_size
 
 /// The root context's tick: the engine's timers, the L2 write-backs queued since the last
 /// one (dispatched from the root context, so no stream's end cancels them; their answers are
-/// not awaited), the fleet's quotas and pauses (whose answers come back to this root), and
-/// the health checks' probes due now (their answers come back to the root context too; a
-/// probe the host refuses to send says down).
+/// not awaited), the fleet's concurrency holdings and pauses (whose answers come back to this
+/// root), the leased limits' returns and leases (a lease's answer comes back to this root; a
+/// return's is not awaited), and the health checks' probes due now (their answers come back to
+/// the root context too; a probe the host refuses to send says down).
 pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
     if let Some((cluster, writes)) = with(state, |s| s.l2_take_writes(host.now())) {
         for call in writes {
@@ -307,6 +308,15 @@ pub fn tick<H: Host>(host: &H, state: &Shared<H>) {
             Err(_) => with(state, |s| {
                 s.probe_result(provider, host.now(), ProbeResult::NoAnswer)
             }),
+        }
+    }
+    for (cluster, call, lease) in with(state, |s| s.quota_tick(host.now())) {
+        let headers = call.header_pairs();
+        match host.dispatch(&cluster, &headers, &call.body, crate::quota::CALL_TIMEOUT) {
+            Ok(token) if lease => with(state, |s| s.quota_dispatched(token)),
+            Ok(_) => {}
+            Err(why) if lease => with(state, |s| s.quota_refused(host.now(), &why)),
+            Err(_) => {} // units not returned are lost to the fleet until their bucket refills
         }
     }
     let effects = with(state, |s| s.tick(host.now()));

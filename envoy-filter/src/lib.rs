@@ -24,6 +24,7 @@
 //!   process of workers for tests;
 //! - [`shared`]: shared-data protocols across workers (buckets, slots, instants, the L1 cache);
 //! - [`store`]: the protocol of `unbusy-store` (the fleet's state in Redis); its L2 cache is wired in `state`;
+//! - [`quota`]: global limits across the fleet, leased from the store and kept in shared data;
 //! - [`metrics`]: engine events as Envoy metrics;
 //! - [`effect`]: what the state tells the driver to do;
 //! - [`routing`]: a request rewritten for a provider, per way an attempt leaves Envoy;
@@ -50,6 +51,7 @@ pub mod host;
 pub mod judging;
 pub mod metrics;
 pub mod proxy;
+pub mod quota;
 pub mod registry;
 pub mod routing;
 pub mod shared;

@@ -1,6 +1,7 @@
 //! The filter's side of `unbusy-store`'s protocol (`docs/store.md`): the requests it will send
 //! with `dispatch_http_call` and how it reads the answers, pure and host-free so they are
-//! tested natively. Not wired into the request flow yet (that plan is in `docs/store.md`).
+//! tested natively. The filter uses the cache calls (`state::l2`) and the quota calls
+//! ([`crate::quota`]); the semaphore and pause calls are not wired yet (`docs/store.md`).
 //!
 //! Every reader fails open: anything but the expected status and shape is `None`, which the
 //! caller treats as "the store knows nothing" (a cache miss, no lease, no pause), never as a
@@ -131,75 +132,112 @@ pub struct Want<'a> {
     pub want: u64,
 }
 
-/// A lease call for several scopes (`global`, `tenant:<id hex>`), made on tick.
-pub fn lease(scopes: &[(&str, &[Want<'_>])]) -> Call {
-    let mut out = String::from("{\"leases\":[");
-    for (i, (scope, buckets)) in scopes.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+/// The body of a lease or return call, written bucket by bucket as a proxy's tick finds them
+/// (the buckets of one scope one after another), so no list of scopes is built first.
+#[derive(Debug)]
+pub struct QuotaBody {
+    out: String,
+    /// The scope being written, once one is.
+    scope: Option<String>,
+}
+
+impl Default for QuotaBody {
+    fn default() -> Self {
+        Self {
+            out: String::from("{\"leases\":["),
+            scope: None,
         }
-        out.push_str("{\"scope\":");
-        json::write_str(&mut out, scope);
-        out.push_str(",\"buckets\":[");
-        for (j, b) in buckets.iter().enumerate() {
-            if j > 0 {
-                out.push(',');
+    }
+}
+
+impl QuotaBody {
+    /// Adds bucket `name` of `scope` with these numeric fields (`per_minute`, `burst` and
+    /// `want` to lease; `units` to return).
+    pub fn bucket(&mut self, scope: &str, name: &str, fields: &[(&str, u64)]) {
+        let out = &mut self.out;
+        if self.scope.as_deref() == Some(scope) {
+            out.push(',');
+        } else {
+            if self.scope.is_some() {
+                out.push_str("]},");
             }
-            out.push_str("{\"name\":");
-            json::write_str(&mut out, b.name);
-            for (field, n) in [
+            out.push_str("{\"scope\":");
+            json::write_str(out, scope);
+            out.push_str(",\"buckets\":[");
+            self.scope = Some(scope.to_string());
+        }
+        out.push_str("{\"name\":");
+        json::write_str(out, name);
+        for (field, n) in fields {
+            out.push_str(",\"");
+            out.push_str(field);
+            out.push_str("\":");
+            json::write_u64(out, *n);
+        }
+        out.push('}');
+    }
+
+    /// Whether no bucket was added.
+    pub fn is_empty(&self) -> bool {
+        self.scope.is_none()
+    }
+
+    /// The call: `/v1/quota/lease` or `/v1/quota/return`.
+    pub fn call(mut self, path: &str) -> Call {
+        if self.scope.is_some() {
+            self.out.push_str("]}");
+        }
+        self.out.push_str("]}");
+        json_call(path, self.out)
+    }
+}
+
+/// A lease call for several scopes (`global`, `tenant:<id hex>`).
+pub fn lease(scopes: &[(&str, &[Want<'_>])]) -> Call {
+    let mut body = QuotaBody::default();
+    for (scope, buckets) in scopes {
+        for b in *buckets {
+            let fields = [
                 ("per_minute", b.per_minute),
                 ("burst", b.burst),
                 ("want", b.want),
-            ] {
-                out.push_str(",\"");
-                out.push_str(field);
-                out.push_str("\":");
-                json::write_u64(&mut out, n);
-            }
-            out.push('}');
+            ];
+            body.bucket(scope, b.name, &fields);
         }
-        out.push_str("]}");
     }
-    out.push_str("]}");
-    json_call("/v1/quota/lease", out)
+    body.call("/v1/quota/lease")
 }
 
-/// What one bucket was granted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub scope: String,
-    pub bucket: String,
-    pub granted: u64,
-    pub retry_after_ms: u64,
-}
-
-/// The answer to [`lease`]: how long the lease may be spent, and each bucket's grant.
-pub fn read_lease(headers: &[(String, String)], body: &[u8]) -> Option<(u64, Vec<Grant>)> {
+/// The answer to [`lease`]: how long the lease may be spent, and the answer, whose grants
+/// [`grant`] finds.
+pub fn read_lease(headers: &[(String, String)], body: &[u8]) -> Option<(u64, Value)> {
     if status(headers)? != 200 {
         return None;
     }
     let v = json::parse(body).ok()?;
     let lease_ms = v.get("lease_ms")?.as_u64()?;
-    let mut grants = Vec::new();
-    let Value::Array(scopes) = v.get("leases")? else {
+    Some((lease_ms, v))
+}
+
+/// What bucket `name` of `scope` was granted in a lease answer, and when the next unit fits
+/// (ms): `None` if the answer does not say (nothing granted).
+pub fn grant(answer: &Value, scope: &str, name: &str) -> Option<(u64, u64)> {
+    let Value::Array(scopes) = answer.get("leases")? else {
         return None;
     };
-    for s in scopes {
-        let scope = s.get("scope")?.as_str()?;
-        let Value::Array(buckets) = s.get("buckets")? else {
-            return None;
-        };
-        for b in buckets {
-            grants.push(Grant {
-                scope: scope.into(),
-                bucket: b.get("name")?.as_str()?.into(),
-                granted: b.get("granted")?.as_u64()?,
-                retry_after_ms: b.get("retry_after_ms")?.as_u64()?,
-            });
-        }
-    }
-    Some((lease_ms, grants))
+    let s = scopes
+        .iter()
+        .find(|s| s.get("scope").and_then(Value::as_str) == Some(scope))?;
+    let Value::Array(buckets) = s.get("buckets")? else {
+        return None;
+    };
+    let b = buckets
+        .iter()
+        .find(|b| b.get("name").and_then(Value::as_str) == Some(name))?;
+    Some((
+        b.get("granted")?.as_u64()?,
+        b.get("retry_after_ms")?.as_u64()?,
+    ))
 }
 
 /// Sets what this proxy holds of a provider account's concurrency quota (0 releases).
@@ -349,12 +387,29 @@ mod tests {
         let reply = br#"{"lease_ms":1000,"leases":[{"scope":"global","buckets":[
             {"name":"requests","granted":12,"retry_after_ms":0},
             {"name":"tokens","granted":5000,"retry_after_ms":40}]}]}"#;
-        let (ms, grants) = read_lease(&answer("200", &[]), reply).unwrap();
+        let (ms, v) = read_lease(&answer("200", &[]), reply).unwrap();
         assert_eq!(ms, 1000);
-        assert_eq!(grants[1].granted, 5000);
-        assert_eq!(grants[1].retry_after_ms, 40);
-        assert_eq!(read_lease(&answer("503", &[]), reply), None);
-        assert_eq!(read_lease(&answer("200", &[]), b"{\"lease_ms\":1}"), None);
+        assert_eq!(grant(&v, "global", "tokens"), Some((5000, 40)));
+        assert_eq!(grant(&v, "global", "requests"), Some((12, 0)));
+        assert_eq!(grant(&v, "tenant:01", "requests"), None);
+        assert!(read_lease(&answer("503", &[]), reply).is_none());
+        let (_, v) = read_lease(&answer("200", &[]), b"{\"lease_ms\":1}").unwrap();
+        assert_eq!(
+            grant(&v, "global", "requests"),
+            None,
+            "no grant: nothing granted"
+        );
+        // Two scopes, and a return.
+        let mut back = QuotaBody::default();
+        assert!(back.is_empty());
+        back.bucket("global", "requests", &[("units", 3)]);
+        back.bucket("global", "tokens", &[("units", 400)]);
+        back.bucket("tenant:00000000000000ff", "requests", &[("units", 1)]);
+        let call = back.call("/v1/quota/return");
+        assert_eq!(
+            String::from_utf8(call.body).unwrap(),
+            r#"{"leases":[{"scope":"global","buckets":[{"name":"requests","units":3},{"name":"tokens","units":400}]},{"scope":"tenant:00000000000000ff","buckets":[{"name":"requests","units":1}]}]}"#
+        );
     }
 
     #[test]

@@ -192,7 +192,9 @@ export interface Config {
     cache?: boolean;
     /** How often the filter polls fleet-wide pauses and renews its concurrency holdings, 10 to 60000. Default 100. */
     pollMs?: number;
-    /** How many proxies share the fleet's quotas (the share without a store's answer), 1 to 10000. Default 1. */
+    /** How long a global quota lease is spent, 10 to 60000. Default: the store's `lease_ms`. */
+    quotaLeaseMs?: number | null;
+    /** The proxies of the fleet (the local share without a lease is `limit / N`), 1 to 10000. Default 1. */
     expectedProxies?: number;
   };
 }

@@ -51,6 +51,7 @@ use crate::effect::{Effect, Interest};
 use crate::flow::{Flow, Phase};
 use crate::host::{CallToken, Host};
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 use crate::routing::{Authorities, HeaderEdits};
 use crate::shared::{self, CacheBounds};
 use std::collections::HashMap;
@@ -90,6 +91,7 @@ pub struct State<H: Host> {
     l2: l2::L2,
     fleet: fleet::Fleet,
     limits: SharedLimits,
+    quotas: Quotas,
     cache_bounds: CacheBounds,
     authorities: Authorities,
     /// This state's place in the VM's registry, through which the upstream instance finds it
@@ -118,7 +120,8 @@ impl<H: Host> State<H> {
         shared::ensure(&host, shared::LEDGER, &0u64.to_le_bytes());
         Self::ensure_health_keys(&host, &config);
         let down_gauges = health::define_gauges(&host, &config);
-        let limits = SharedLimits::new(&config.limits);
+        let quotas = Quotas::new(&host, &config.store, &config.limits);
+        let limits = SharedLimits::new(&config.limits).leased(quotas.leasing());
         limits.ensure_keys(&host, &config.limits);
         let mut state = Self {
             metrics: Metrics::define(&host, &names),
@@ -132,6 +135,7 @@ impl<H: Host> State<H> {
             l2: l2::L2::default(),
             fleet: fleet::Fleet::default(),
             limits,
+            quotas,
             cache_bounds: CacheBounds::for_max_bytes(config.cache.max_bytes),
             authorities: Authorities::of(&config.providers),
             config,
@@ -210,6 +214,22 @@ impl<H: Host> State<H> {
             }
         }
         self.drain(now)
+    }
+
+    /// The tick's quota calls (returns and leases of the limits, see [`Quotas::tick`]),
+    /// each with its cluster; `true` marks a lease call.
+    pub fn quota_tick(&mut self, now: Nanos) -> Vec<(String, crate::store::Call, bool)> {
+        self.quotas.tick(&self.host, now)
+    }
+
+    /// The lease call of this tick left with `token`.
+    pub fn quota_dispatched(&mut self, token: CallToken) {
+        self.quotas.dispatched(token);
+    }
+
+    /// The host refused this tick's lease call.
+    pub fn quota_refused(&mut self, now: Nanos, why: &str) {
+        self.quotas.refused(&self.host, now, why);
     }
 
     /// The periodic tick: the engine's timers.

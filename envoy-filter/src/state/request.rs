@@ -26,7 +26,9 @@ impl<H: Host> State<H> {
         flow.caller.stream = info.stream;
         flow.caller.model = info.model.clone();
         flow.caller.body = body;
-        // Rate limits, shared by every worker.
+        // Rate limits, shared by every worker (and leased by the fleet: this worker's tick keeps
+        // the tenant's leases).
+        self.quotas.saw(info.tenant);
         match self
             .limits
             .admit(&self.host, info.tenant, info.estimated_tokens, now)

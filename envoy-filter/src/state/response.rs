@@ -308,6 +308,10 @@ impl<H: Host> State<H> {
             self.probe_answer(token, now, status);
             return self.drain(now);
         }
+        if self.quotas.owns(token) {
+            self.quotas.answer(&self.host, token, now, &headers, &body);
+            return Vec::new();
+        }
         let Some((ctx, request, attempt)) = self.calls.remove(&token) else {
             return Vec::new();
         };

@@ -41,7 +41,7 @@ const config: Config = {
   degradation: { enabled: true, enter: [0.3, 0.6, 0.9], exit: [0.15, 0.4, 0.7], minDwellMs: 10000, maxTokensCap: 1024, modelFallbacks: { 'gpt-4o': 'gpt-4o-mini' } },
   tenancy: { header: 'x-tenant', headerTrusted: false, defaultTenant: 'anonymous' },
   endpoints: { passthrough: 'refuse' },
-  store: { cluster: 'unbusy_store', timeoutMs: 20, cache: true, pollMs: 100, expectedProxies: 1 },
+  store: { cluster: 'unbusy_store', timeoutMs: 20, cache: true, pollMs: 100, quotaLeaseMs: 1000, expectedProxies: 2 },
   // (Off here: this app is built and run without a network.)
   healthCheck: { enabled: false, path: '/v1/models', intervalMs: 5000, timeoutMs: 2000, unhealthyThreshold: 2, healthyThreshold: 2 },
 };
