@@ -122,6 +122,7 @@ pub mod config;
 pub mod degrade;
 pub mod encoding;
 pub mod engine;
+pub mod genai;
 pub mod json;
 pub mod progress;
 pub mod reply;

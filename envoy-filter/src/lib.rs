@@ -24,7 +24,7 @@
 //!   process of workers for tests;
 //! - [`shared`]: shared-data protocols across workers (buckets, slots, instants, the L1 cache);
 //! - [`store`]: the protocol of `unbusy-store` (the fleet's state in Redis); its L2 cache is wired in `state`;
-//! - [`metrics`]: engine events as Envoy metrics;
+//! - [`metrics`]: engine events as Envoy metrics; [`genai`]: the OpenTelemetry GenAI histograms;
 //! - [`effect`]: what the state tells the driver to do;
 //! - [`routing`]: a request rewritten for a provider, per way an attempt leaves Envoy;
 //! - [`judging`]: reading an attempt's answer and the core's verdict on it;
@@ -46,6 +46,7 @@ pub mod failover;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fake;
 pub mod flow;
+pub mod genai;
 pub mod host;
 pub mod judging;
 pub mod metrics;

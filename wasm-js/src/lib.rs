@@ -143,11 +143,28 @@ fn event_json(e: &Event) -> String {
             outcome,
             attempts,
             latency,
-        } => Obj::new()
-            .str("type", "requestFinished")
-            .str("outcome", outcome.label())
-            .num("attempts", f64::from(*attempts))
-            .num("latencyMs", ms(*latency)),
+            provider,
+            model,
+            first_chunk,
+            ..
+        } => {
+            // The GenAI attributes (see `docs/metrics.md`): the answering provider, the
+            // bounded model label, `error.type`, the stream's time to first chunk.
+            let mut o = Obj::new()
+                .str("type", "requestFinished")
+                .str("outcome", outcome.label())
+                .num("attempts", f64::from(*attempts))
+                .num("latencyMs", ms(*latency))
+                .str("model", model)
+                .opt_str("errorType", unbusy_core::genai::error_type(*outcome));
+            if let Some(p) = provider {
+                o = o.num("provider", *p as f64);
+            }
+            if let Some(t) = first_chunk {
+                o = o.num("firstChunkMs", ms(*t));
+            }
+            o
+        }
         Event::AttemptFinished {
             provider,
             class,

@@ -46,6 +46,7 @@ use crate::configure::check_config;
 use crate::effect::{Effect, Interest};
 use crate::flow::{Flow, Phase};
 use crate::host::{CallToken, Host};
+use crate::genai::GenAiMetrics;
 use crate::metrics::Metrics;
 use crate::routing::{Authorities, HeaderEdits};
 use crate::shared::{self, CacheBounds};
@@ -76,6 +77,7 @@ pub struct State<H: Host> {
     engine: Engine,
     config: Config,
     metrics: Metrics,
+    genai: GenAiMetrics,
     flows: HashMap<u32, Flow>,
     by_request: HashMap<RequestId, u32>,
     calls: HashMap<CallToken, Call>,
@@ -111,6 +113,7 @@ impl<H: Host> State<H> {
         limits.ensure_keys(&host, &config.limits);
         Ok(Self {
             metrics: Metrics::define(&host, &names),
+            genai: GenAiMetrics::new(&names),
             host,
             engine,
             flows: HashMap::new(),
