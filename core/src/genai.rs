@@ -276,7 +276,9 @@ mod tests {
         assert_eq!(usage(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n"), None);
         // The last one wins; a line without its end still counts.
         assert_eq!(
-            usage(b"data: {\"usage\":{\"prompt_tokens\":1}}\ndata: {\"usage\":{\"prompt_tokens\":2}}"),
+            usage(
+                b"data: {\"usage\":{\"prompt_tokens\":1}}\ndata: {\"usage\":{\"prompt_tokens\":2}}"
+            ),
             u(2, 0)
         );
     }

@@ -179,7 +179,9 @@ mod tests {
         m.finished(&host, &f);
         m.finished(&host, &f);
         let prefix = ".gen_ai_operation_name.chat.gen_ai_provider_name.b";
-        let d = format!("gen_ai_client_operation_duration_milliseconds{prefix}.gen_ai_request_model.m.1");
+        let d = format!(
+            "gen_ai_client_operation_duration_milliseconds{prefix}.gen_ai_request_model.m.1"
+        );
         assert_eq!(process.recorded(&d), vec![1500, 1500]);
         let t = format!(
             "gen_ai_client_operation_time_to_first_chunk_milliseconds{prefix}.gen_ai_request_model.m.1"

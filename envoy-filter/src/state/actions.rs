@@ -5,9 +5,9 @@
 use super::{local, State};
 use crate::effect::Effect;
 use crate::flow::Phase;
+use crate::genai::Finished;
 use crate::host::Host;
 use crate::shared;
-use crate::genai::Finished;
 use unbusy_core::engine::{Action, Event};
 use unbusy_core::genai::usage;
 use unbusy_core::reply::{local_reply, ReplyKind};
