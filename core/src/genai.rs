@@ -88,7 +88,10 @@ impl UsageScan {
         while !bytes.is_empty() {
             let end = bytes.iter().position(|&b| b == b'\n' || b == b'\r');
             let (part, rest, ended) = match end {
-                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                Some(i) => {
+                    let (part, rest) = bytes.split_at(i);
+                    (part, rest.get(1..).unwrap_or_default(), true)
+                }
                 None => (bytes, &[][..], false),
             };
             if !self.skipping {
@@ -194,11 +197,11 @@ impl ModelLabels {
         if !labelable(model) {
             return OTHER_MODEL;
         }
-        if let Some(i) = self.configured.iter().position(|m| m == model) {
-            return &self.configured[i];
+        if let Some(m) = self.configured.iter().find(|m| *m == model) {
+            return m;
         }
         if let Some(i) = self.seen.iter().position(|m| m == model) {
-            return &self.seen[i];
+            return self.seen.get(i).map_or(OTHER_MODEL, String::as_str);
         }
         if self.seen.len() < MODEL_LABELS_SEEN {
             self.seen.push(String::from(model));
