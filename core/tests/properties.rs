@@ -867,13 +867,14 @@ proptest! {
     }
 
     /// Whatever counts a completion or a stream's usage chunk carries (amid noise), they are
-    /// read back exactly.
+    /// read back exactly; a stream cut anywhere into two chunks too.
     #[test]
     fn usage_reads_back_what_was_written(
         input in any::<u64>(),
         output in any::<u64>(),
         noise in "[a-z :{}\"\\n]{0,40}",
         stream in any::<bool>(),
+        cut in 0usize..1000,
     ) {
         let usage = serde_json::json!({"prompt_tokens": input, "completion_tokens": output});
         let want = Some(unbusy_core::genai::Usage { input, output });
@@ -881,6 +882,11 @@ proptest! {
             let chunk = serde_json::json!({"choices": [], "usage": usage});
             let body = format!(": {}\n\ndata: {{\"choices\":[]}}\n\ndata: {chunk}\n\ndata: [DONE]\n\n", noise.replace('\n', " "));
             prop_assert_eq!(unbusy_core::genai::usage(body.as_bytes()), want);
+            let cut = cut % (body.len() + 1);
+            let mut scan = unbusy_core::genai::UsageScan::default();
+            scan.feed(&body.as_bytes()[..cut]);
+            scan.feed(&body.as_bytes()[cut..]);
+            prop_assert_eq!(scan.finish(), want);
         } else {
             let body = serde_json::json!({"id": noise, "choices": [], "usage": usage}).to_string();
             prop_assert_eq!(unbusy_core::genai::usage(body.as_bytes()), want);
