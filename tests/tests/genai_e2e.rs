@@ -142,6 +142,17 @@ async fn the_genai_histograms_count_what_was_sent_with_their_labels() {
         (s_input, s_output) = (s_input + i, s_output + o);
     }
     assert!(input > 0 && output > 0 && s_input > 0 && s_output > 0);
+    // One that gets no answer: the caller's 1 ms deadline passes first.
+    let body = json!({"model": "in-a-hurry", "temperature": 0.7,
+        "messages": [{"role": "user", "content": "no time"}]});
+    let r = chat(
+        w.envoy.listen,
+        &body.to_string(),
+        &[("x-unbusy-deadline-ms", "1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
 
     // Envoy merges workers' histograms at its stats flush (every 5 s): wait for both models.
     let duration = "gen_ai_client_operation_duration_milliseconds";
@@ -160,7 +171,18 @@ async fn the_genai_histograms_count_what_was_sent_with_their_labels() {
         let text = w.envoy.admin_text("/stats/prometheus").await.unwrap();
         let all = samples(&text);
         let counted = |m| value(&all, &format!("{duration}_count"), &with(m, &[]));
-        if counted("gpt-4.1") == Some(3.0) && counted("deepseek-v3.2") == Some(2.0) {
+        let failed = value(
+            &all,
+            &format!("{duration}_count"),
+            &[
+                ("gen_ai_request_model", "in-a-hurry"),
+                ("error_type", "deadline_exceeded"),
+            ],
+        );
+        if counted("gpt-4.1") == Some(3.0)
+            && counted("deepseek-v3.2") == Some(2.0)
+            && failed == Some(1.0)
+        {
             break all;
         }
         assert!(
@@ -170,11 +192,13 @@ async fn the_genai_histograms_count_what_was_sent_with_their_labels() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
-    // No request failed: no series carries `error_type`.
+    // Only the request that got no answer has `error_type`, and no usage.
     assert!(
-        !all.iter()
-            .any(|(n, l, _)| n.starts_with("gen_ai_") && l.contains_key("error_type")),
-        "an error_type series"
+        all.iter()
+            .filter(|(n, l, _)| n.starts_with("gen_ai_") && l.contains_key("error_type"))
+            .all(|(n, l, _)| n.starts_with(duration)
+                && l.get("gen_ai_request_model").map(String::as_str) == Some("in-a-hurry")),
+        "an unexpected error_type series"
     );
     // Time to first chunk: the streams only.
     let ttfc = "gen_ai_client_operation_time_to_first_chunk_milliseconds";
@@ -234,15 +258,15 @@ async fn the_genai_histograms_count_what_was_sent_with_their_labels() {
         assert!(ttfc_bounds.iter().any(|b| b == le), "{le}: {ttfc_bounds:?}");
     }
 
-    // unbusy's own counters keep their labels, and Envoy dropped none as a duplicate tag.
-    assert_eq!(
-        value(
-            &all,
-            "unbusy_attempts_total",
-            &[("provider", "primary"), ("result", "busy")]
-        ),
-        Some(5.0)
+    // unbusy's own counters keep their labels, and Envoy dropped none as a duplicate tag. (Five
+    // busy answers, and a sixth if the primary answered the hurried request before its
+    // deadline.)
+    let busy = value(
+        &all,
+        "unbusy_attempts_total",
+        &[("provider", "primary"), ("result", "busy")],
     );
+    assert!(busy == Some(5.0) || busy == Some(6.0), "{busy:?}");
     let log = w.envoy.log_text();
     assert!(!log.contains("Skipping duplicate tag"), "{log}");
 }
