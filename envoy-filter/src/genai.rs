@@ -37,8 +37,13 @@ enum Instrument {
     OutputTokens,
 }
 
-/// One series: instrument, provider index, error type, model label.
-type Key = (Instrument, Option<usize>, Option<&'static str>, String);
+/// A model's series for one provider and error type: each instrument's id once defined
+/// (`Some(None)`: the host refused it).
+struct Series {
+    provider: Option<usize>,
+    error: Option<&'static str>,
+    ids: [Option<Option<MetricId>>; 4],
+}
 
 /// What a finished request records.
 pub struct Finished<'a> {
@@ -59,7 +64,8 @@ pub struct Finished<'a> {
 /// The GenAI histograms of one VM.
 pub struct GenAiMetrics {
     providers: Vec<String>,
-    ids: HashMap<Key, Option<MetricId>>,
+    /// By model label (looked up by `&str`: no allocation once a model was seen).
+    series: HashMap<String, Vec<Series>>,
 }
 
 impl GenAiMetrics {
@@ -67,50 +73,63 @@ impl GenAiMetrics {
     pub fn new(providers: &[String]) -> Self {
         Self {
             providers: providers.to_vec(),
-            ids: HashMap::new(),
+            series: HashMap::new(),
         }
     }
 
-    /// Records a finished request.
+    /// Records a finished request: one lookup of its series (by model, then provider and error
+    /// type), then one hostcall per value.
     pub fn finished(&mut self, host: &impl Host, f: &Finished<'_>) {
         let error = error_type(f.outcome);
-        let ms = |n: Nanos| n / 1_000_000;
-        self.record(host, Instrument::Duration, f, error, ms(f.latency));
-        if let Some(t) = f.first_chunk {
-            self.record(host, Instrument::FirstChunk, f, error, ms(t));
+        if !self.series.contains_key(f.model) {
+            self.series.insert(f.model.to_string(), Vec::new());
         }
-        if let Some(u) = f.usage {
-            self.record(host, Instrument::InputTokens, f, error, u.input);
-            self.record(host, Instrument::OutputTokens, f, error, u.output);
-        }
-    }
-
-    fn record(
-        &mut self,
-        host: &impl Host,
-        what: Instrument,
-        f: &Finished<'_>,
-        error: Option<&'static str>,
-        value: u64,
-    ) {
-        let key = (what, f.provider, error, f.model.to_string());
-        let id = match self.ids.get(&key) {
-            Some(id) => *id,
+        let Some(list) = self.series.get_mut(f.model) else {
+            return;
+        };
+        let i = match list
+            .iter()
+            .position(|s| s.provider == f.provider && s.error == error)
+        {
+            Some(i) => i,
             None => {
-                let provider = f
-                    .provider
-                    .and_then(|i| self.providers.get(i))
-                    .map_or(NO_PROVIDER, String::as_str);
-                let id = host.define_metric(
-                    MetricKind::Histogram,
-                    &stat_name(what, provider, error, f.model),
-                );
-                self.ids.insert(key, id);
-                id
+                list.push(Series {
+                    provider: f.provider,
+                    error,
+                    ids: [None; 4],
+                });
+                list.len() - 1
             }
         };
-        if let Some(id) = id {
-            host.record_metric(id, value);
+        let Some(series) = list.get_mut(i) else {
+            return;
+        };
+        let provider = f
+            .provider
+            .and_then(|i| self.providers.get(i))
+            .map_or(NO_PROVIDER, String::as_str);
+        let mut record = |what: Instrument, value: u64| {
+            let Some(slot) = series.ids.get_mut(what as usize) else {
+                return;
+            };
+            let id = *slot.get_or_insert_with(|| {
+                host.define_metric(
+                    MetricKind::Histogram,
+                    &stat_name(what, provider, error, f.model),
+                )
+            });
+            if let Some(id) = id {
+                host.record_metric(id, value);
+            }
+        };
+        let ms = |n: Nanos| n / 1_000_000;
+        record(Instrument::Duration, ms(f.latency));
+        if let Some(t) = f.first_chunk {
+            record(Instrument::FirstChunk, ms(t));
+        }
+        if let Some(u) = f.usage {
+            record(Instrument::InputTokens, u.input);
+            record(Instrument::OutputTokens, u.output);
         }
     }
 }
@@ -193,7 +212,6 @@ mod tests {
         let o = i.replace("input", "output");
         assert_eq!(process.recorded(&i), vec![12, 12]);
         assert_eq!(process.recorded(&o), vec![7, 7]);
-        assert_eq!(m.ids.len(), 4);
         assert_eq!(process.hostcalls().get("define_metric"), Some(&4));
 
         // A failure before any attempt, not a stream, no usage: the duration only.
@@ -211,6 +229,6 @@ mod tests {
         let shed = "gen_ai_client_operation_duration_milliseconds.gen_ai_operation_name.chat\
                     .gen_ai_provider_name.none.error_type.shed.gen_ai_request_model._OTHER";
         assert_eq!(process.recorded(shed), vec![3]);
-        assert_eq!(m.ids.len(), 5);
+        assert_eq!(process.hostcalls().get("define_metric"), Some(&5));
     }
 }
