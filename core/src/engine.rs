@@ -41,6 +41,7 @@ use crate::classify::{Classification, OutcomeClass};
 use crate::concurrency::{AimdLimit, Release};
 use crate::config::{Config, ConfigErrors};
 use crate::degrade::{pressure, Ladder, Tier};
+use crate::genai::ModelLabels;
 use crate::reply::{local_reply, LocalReply, ReplyKind};
 use crate::sorted_map::SortedMap;
 use crate::throttle::AdaptiveThrottle;
@@ -276,6 +277,17 @@ pub enum Event {
         attempts: u32,
         /// From admission to the end.
         latency: Nanos,
+        /// The request.
+        request: RequestId,
+        /// The provider of its last attempt (the one that answered, if any did); `None` when
+        /// no attempt was sent (a cache hit, shed, rate limited before any).
+        provider: Option<usize>,
+        /// Its model as a bounded metric label ([`crate::genai::ModelLabels`]).
+        model: String,
+        /// For a stream: from admission to the first real progress that reached the caller
+        /// (`gen_ai.client.operation.time_to_first_chunk`); `None` for other requests and
+        /// streams that never progressed.
+        first_chunk: Option<Nanos>,
     },
     /// An attempt finished (or was aborted).
     AttemptFinished {
@@ -492,6 +504,10 @@ struct RequestState {
     previous_delay: Nanos,
     last_class: Option<OutcomeClass>,
     last_hint: Option<Nanos>,
+    /// The provider of the latest attempt sent (for [`Event::RequestFinished`]).
+    last_provider: Option<usize>,
+    /// When an attempt first progressed (for [`Event::RequestFinished`]'s `first_chunk`).
+    first_progress_at: Option<Nanos>,
 }
 
 impl RequestState {
@@ -562,6 +578,8 @@ pub struct Engine {
     rng: Rng,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
+    /// The bounded model labels of [`Event::RequestFinished`].
+    model_labels: ModelLabels,
 }
 
 impl Engine {
@@ -618,6 +636,7 @@ impl Engine {
             rng: Rng::with_seed(seed),
             actions: VecDeque::new(),
             events: VecDeque::new(),
+            model_labels: ModelLabels::new(&config),
             config,
         })
     }
@@ -778,6 +797,8 @@ impl Engine {
             previous_delay: 0,
             last_class: None,
             last_hint: None,
+            last_provider: None,
+            first_progress_at: None,
         };
         let cached = state.meta.cached;
         let priority = state.meta.priority;
@@ -893,6 +914,7 @@ impl Engine {
             f.last_progress = f.last_progress.max(now);
             if !f.progressed {
                 f.progressed = true;
+                r.first_progress_at.get_or_insert(now);
                 let latency = now.saturating_sub(f.sent_at);
                 let provider = f.provider;
                 self.events
@@ -1729,6 +1751,7 @@ impl Engine {
                 learned_first_byte_wait(configured, recent)
             });
         let first_token_deadline = now.saturating_add(first_byte_within).min(r.deadline);
+        r.last_provider = Some(provider);
         r.in_flight = Some(InFlight {
             attempt: r.attempts,
             provider,
@@ -1870,10 +1893,18 @@ impl Engine {
     fn finish(&mut self, now: Nanos, id: RequestId, outcome: RequestOutcome) {
         self.set_waiting(id, false);
         if let Some(r) = self.requests.remove(&id) {
+            let first_chunk = r
+                .first_progress_at
+                .filter(|_| r.meta.stream)
+                .map(|t| t.saturating_sub(r.admitted_at));
             self.events.push_back(Event::RequestFinished {
                 outcome,
                 attempts: r.attempts,
                 latency: now.saturating_sub(r.admitted_at),
+                request: id,
+                provider: r.last_provider,
+                model: self.model_labels.label(&r.meta.model).into(),
+                first_chunk,
             });
         }
     }

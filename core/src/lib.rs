@@ -125,6 +125,7 @@ pub mod degrade;
 pub mod encoding;
 pub mod engine;
 pub mod fleet;
+pub mod genai;
 pub mod health;
 pub mod json;
 pub mod lease;

@@ -791,3 +791,77 @@ fn invariants_hold_for_every_seed() {
         total.limit_replies
     );
 }
+
+/// `RequestFinished` carries what the GenAI metrics label and time (issue 15): the provider that
+/// answered after a failover, the bounded model label, and for a stream the time from admission
+/// to the first chunk that reached the caller.
+#[test]
+fn a_finished_request_names_its_provider_model_and_first_chunk() {
+    use unbusy_core::engine::{Event, RequestOutcome};
+    let finished = |e: &mut Engine| {
+        let mut found = Vec::new();
+        while let Some(ev) = e.poll_event() {
+            if let Event::RequestFinished { .. } = ev {
+                found.push(ev);
+            }
+        }
+        found
+    };
+    let mut e = Engine::new(config(vec![provider("a", 0), provider("b", 1)]), 1).unwrap();
+    let id = e.admit(
+        ms(10),
+        RequestMeta {
+            model: "deepseek-v3.2".into(),
+            stream: true,
+            ..meta(1)
+        },
+    );
+    assert_eq!(sent(&actions(&mut e)), (1, 0));
+    e.on_outcome(ms(50), id, 1, outcome(OutcomeClass::Busy, None));
+    assert_eq!(sent(&actions(&mut e)), (2, 1));
+    e.on_first_progress(ms(310), id, 2);
+    e.on_outcome(ms(900), id, 2, outcome(OutcomeClass::Success, None));
+    actions(&mut e);
+    assert_eq!(
+        finished(&mut e),
+        vec![Event::RequestFinished {
+            outcome: RequestOutcome::Success,
+            attempts: 2,
+            latency: ms(890),
+            request: id,
+            provider: Some(1),
+            model: "deepseek-v3.2".into(),
+            first_chunk: Some(ms(300)),
+        }]
+    );
+
+    // Not a stream: no first chunk. Past 16 distinct unconfigured models: `_OTHER`.
+    for n in 0..17 {
+        let id = e.admit(
+            secs(2),
+            RequestMeta {
+                model: format!("model-{n}"),
+                ..meta(1)
+            },
+        );
+        actions(&mut e);
+        e.on_first_progress(secs(3), id, 1);
+        e.on_outcome(secs(3), id, 1, outcome(OutcomeClass::Success, None));
+        actions(&mut e);
+        let events = finished(&mut e);
+        let [Event::RequestFinished {
+            model, first_chunk, ..
+        }] = events.as_slice()
+        else {
+            panic!("one request finished");
+        };
+        assert_eq!(*first_chunk, None);
+        // ("deepseek-v3.2" took one of the 16.)
+        let want = if n < 15 {
+            format!("model-{n}")
+        } else {
+            "_OTHER".into()
+        };
+        assert_eq!(*model, want);
+    }
+}

@@ -845,3 +845,51 @@ proptest! {
         prop_assert_eq!(v["error"]["message"].as_str(), Some(message.as_str()));
     }
 }
+
+// ---------------------------------------------------------------- GenAI usage
+
+proptest! {
+    /// Any bytes, cut anywhere: reading usage never panics, and reading a stream chunk by chunk
+    /// finds what reading it whole finds.
+    #[test]
+    fn usage_never_panics_and_chunking_does_not_matter(
+        body in proptest::collection::vec(any::<u8>(), 0..400),
+        cut in 0usize..400,
+    ) {
+        let _ = unbusy_core::genai::usage(&body);
+        let cut = cut.min(body.len());
+        let mut whole = unbusy_core::genai::UsageScan::default();
+        whole.feed(&body);
+        let mut parts = unbusy_core::genai::UsageScan::default();
+        parts.feed(&body[..cut]);
+        parts.feed(&body[cut..]);
+        prop_assert_eq!(whole.finish(), parts.finish());
+    }
+
+    /// Whatever counts a completion or a stream's usage chunk carries (amid noise), they are
+    /// read back exactly; a stream cut anywhere into two chunks too.
+    #[test]
+    fn usage_reads_back_what_was_written(
+        input in any::<u64>(),
+        output in any::<u64>(),
+        noise in "[a-z :{}\"\\n]{0,40}",
+        stream in any::<bool>(),
+        cut in 0usize..1000,
+    ) {
+        let usage = serde_json::json!({"prompt_tokens": input, "completion_tokens": output});
+        let want = Some(unbusy_core::genai::Usage { input, output });
+        if stream {
+            let chunk = serde_json::json!({"choices": [], "usage": usage});
+            let body = format!(": {}\n\ndata: {{\"choices\":[]}}\n\ndata: {chunk}\n\ndata: [DONE]\n\n", noise.replace('\n', " "));
+            prop_assert_eq!(unbusy_core::genai::usage(body.as_bytes()), want);
+            let cut = cut % (body.len() + 1);
+            let mut scan = unbusy_core::genai::UsageScan::default();
+            scan.feed(&body.as_bytes()[..cut]);
+            scan.feed(&body.as_bytes()[cut..]);
+            prop_assert_eq!(scan.finish(), want);
+        } else {
+            let body = serde_json::json!({"id": noise, "choices": [], "usage": usage}).to_string();
+            prop_assert_eq!(unbusy_core::genai::usage(body.as_bytes()), want);
+        }
+    }
+}

@@ -210,6 +210,69 @@ fn host_env_keys(filter: &Value) -> String {
     format!("[{}]", names.join(", "))
 }
 
+/// The tag extraction of the filter's GenAI histograms (`unbusy-envoy`'s `genai` module): stat
+/// names `wasmcustom.gen_ai_client_<metric>.gen_ai_operation_name.<op>.gen_ai_provider_name.<p>
+/// [.error_type.<e>][.gen_ai_token_type.<t>].gen_ai_request_model.<model>` become
+/// `gen_ai_client_<metric>{gen_ai_operation_name, gen_ai_provider_name, error_type,
+/// gen_ai_token_type, gen_ai_request_model}`. Every value but the model's is one dot-free
+/// segment; the model is last and takes the whole rest of the name, so `gpt-4.1` stays whole.
+///
+/// (Envoy keeps, per stat, only the first extractor of a tag name that matched and logs
+/// "Skipping duplicate tag" for the others (`tag_producer_impl.cc`), so each tag name here
+/// has one regex; the filter's three `result` counters share one for the same reason.)
+pub const GENAI_STATS_TAGS: &str = r"  - { tag_name: gen_ai_operation_name, regex: '^wasmcustom\.gen_ai_client_[a-z_]+(\.gen_ai_operation_name\.([^.]+))' }
+  - { tag_name: gen_ai_provider_name, regex: '^wasmcustom\.gen_ai_client_[a-z_]+\.gen_ai_operation_name\.[^.]+(\.gen_ai_provider_name\.([^.]+))' }
+  - { tag_name: error_type, regex: '^wasmcustom\.gen_ai_client_[a-z_]+\.gen_ai_operation_name\.[^.]+\.gen_ai_provider_name\.[^.]+(\.error_type\.([^.]+))' }
+  - { tag_name: gen_ai_token_type, regex: '^wasmcustom\.gen_ai_client_token_usage\.gen_ai_operation_name\.[^.]+\.gen_ai_provider_name\.[^.]+(?:\.error_type\.[^.]+)?(\.gen_ai_token_type\.([^.]+))' }
+  - { tag_name: gen_ai_request_model, regex: '^wasmcustom\.gen_ai_client_[a-z_]+\.gen_ai_operation_name\.[^.]+\.gen_ai_provider_name\.[^.]+(?:\.error_type\.[^.]+)?(?:\.gen_ai_token_type\.[^.]+)?(\.gen_ai_request_model\.(.+))$' }
+";
+
+/// Bucket bounds of the GenAI operation duration, in milliseconds: OpenTelemetry's advised
+/// boundaries for `gen_ai.client.operation.duration` (0.01 s doubling to 81.92 s), then on to
+/// about five minutes, as long generations and retried requests can take.
+pub const DURATION_BUCKETS_MS: [u64; 16] = [
+    10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240, 20480, 40960, 81920, 163840, 327680,
+];
+
+/// Bucket bounds of the time to first chunk, in milliseconds: OpenTelemetry's advised
+/// boundaries for `gen_ai.client.operation.time_to_first_chunk` (1 ms to 10 s), then 30 s, one
+/// and two minutes (a first token behind a busy provider's queue).
+pub const FIRST_CHUNK_BUCKETS_MS: [u64; 19] = [
+    1, 5, 10, 20, 40, 60, 80, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000, 30000, 60000,
+    120000,
+];
+
+/// Bucket bounds of token usage: OpenTelemetry's advised boundaries for
+/// `gen_ai.client.token.usage` (powers of 4 from 1 to 67,108,864).
+pub const TOKEN_BUCKETS: [u64; 14] = [
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+];
+
+/// Envoy's `histogram_bucket_settings` for the GenAI histograms (matched on the stat's full
+/// name, before tag extraction); every other histogram keeps Envoy's default buckets.
+fn histogram_buckets() -> String {
+    let mut y = String::new();
+    for (prefix, buckets) in [
+        (
+            "wasmcustom.gen_ai_client_operation_duration_milliseconds.",
+            &DURATION_BUCKETS_MS[..],
+        ),
+        (
+            "wasmcustom.gen_ai_client_operation_time_to_first_chunk_milliseconds.",
+            &FIRST_CHUNK_BUCKETS_MS[..],
+        ),
+        ("wasmcustom.gen_ai_client_token_usage.", &TOKEN_BUCKETS[..]),
+    ] {
+        let list: Vec<String> = buckets.iter().map(u64::to_string).collect();
+        let _ = writeln!(
+            y,
+            "  - {{ match: {{ prefix: {prefix} }}, buckets: [{}] }}",
+            list.join(", ")
+        );
+    }
+    y
+}
+
 /// Envoy's YAML.
 pub fn render(r: &Render<'_>) -> String {
     let mut y = String::new();
@@ -221,14 +284,11 @@ admin:
 stats_config:
   stats_tags:
   - {{ tag_name: outcome, regex: '^wasmcustom\.unbusy_requests_total(\.outcome\.([^.]+))$' }}
-  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_attempts_total\.provider\.[^.]+(\.result\.([^.]+))$' }}
+  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_(?:attempts_total\.provider\.[^.]+|cache_total|l2_cache_total|store_poll_total|store_lease_total)(\.result\.([^.]+))$' }}
   - {{ tag_name: provider, regex: '^wasmcustom\.unbusy_[a-z_]+(\.provider\.([^.]+))' }}
   - {{ tag_name: reason, regex: '^wasmcustom\.unbusy_rejections_total(\.reason\.([^.]+))$' }}
-  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_cache_total(\.result\.([^.]+))$' }}
-  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_l2_cache_total(\.result\.([^.]+))$' }}
-  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_store_poll_total(\.result\.([^.]+))$' }}
-  - {{ tag_name: result, regex: '^wasmcustom\.unbusy_store_lease_total(\.result\.([^.]+))$' }}
-static_resources:
+{genai_tags}  histogram_bucket_settings:
+{genai_buckets}static_resources:
   listeners:
   - name: unbusy
     address: {{ socket_address: {{ address: {listen_host}, port_value: {listen_port} }} }}
@@ -249,6 +309,8 @@ static_resources:
               - match: {{ prefix: "/" }}
                 route:
 "#,
+        genai_tags = GENAI_STATS_TAGS,
+        genai_buckets = histogram_buckets(),
         admin_host = yaml_str(r.admin.0),
         admin_port = r.admin.1,
         listen_host = yaml_str(r.listen.0),

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use unbusy_core::answer::{assess, is_readable_encoding, Assessment, DoneTracker};
 use unbusy_core::classify::{Classification, OutcomeClass};
 use unbusy_core::encoding::{DecodeError, Decoder};
+use unbusy_core::genai::{Usage, UsageScan};
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_core::time::Nanos;
 
@@ -57,6 +58,11 @@ pub struct Answer {
     pub cacheable: bool,
     /// A stream's bytes are being kept for the cache.
     pub keep_body: bool,
+    /// A streamed answer's `usage` chunk, looked for as the stream passes (for
+    /// `gen_ai_client_token_usage`).
+    pub usage_scan: UsageScan,
+    /// A held answer's `usage`, read when it is delivered.
+    pub usage: Option<Usage>,
 }
 
 impl Default for Answer {
@@ -74,6 +80,8 @@ impl Default for Answer {
             fed: 0,
             cacheable: false,
             keep_body: false,
+            usage_scan: UsageScan::default(),
+            usage: None,
         }
     }
 }

@@ -25,7 +25,7 @@
 //! - [`shared`]: shared-data protocols across workers (buckets, slots, instants, the L1 cache);
 //! - [`store`]: the protocol of `unbusy-store` (the fleet's state in Redis); its L2 cache is wired in `state`;
 //! - [`quota`]: global limits across the fleet, leased from the store and kept in shared data;
-//! - [`metrics`]: engine events as Envoy metrics;
+//! - [`metrics`]: engine events as Envoy metrics; [`genai`]: the OpenTelemetry GenAI histograms;
 //! - [`effect`]: what the state tells the driver to do;
 //! - [`routing`]: a request rewritten for a provider, per way an attempt leaves Envoy;
 //! - [`judging`]: reading an attempt's answer and the core's verdict on it;
@@ -47,6 +47,7 @@ pub mod failover;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fake;
 pub mod flow;
+pub mod genai;
 pub mod host;
 pub mod judging;
 pub mod metrics;

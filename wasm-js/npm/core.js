@@ -402,6 +402,8 @@ export function makeCreateFetch(wasm, host = {}) {
       const events = engine.takeEvents();
       if (events) {
         for (const e of JSON.parse(events)) {
+          // (The name is what metrics label with; the engine knows providers by index.)
+          if (typeof e.provider === 'number') e.providerName = providers[e.provider]?.name;
           try {
             onEvent(e);
           } catch {
@@ -758,6 +760,8 @@ export function makeCreateFetch(wasm, host = {}) {
         if (ended) return false;
         ended = true;
         complete = unreadable || tracker.complete();
+        // The usage chunk it carried, for the request's `requestFinished` event.
+        if (finished && requests.has(r.id)) engine.onStreamUsage(r.id, tracker);
         tracker.free();
         if (!finished || !requests.has(r.id)) return true;
         // Complete: a success, stored if the engine says so; cut short before `[DONE]`: the
@@ -973,7 +977,7 @@ export function makeCreateFetch(wasm, host = {}) {
         const changed = engine.onProbe(now(), provider, status);
         if (changed >= 0 && onEvent) {
           try {
-            onEvent({ type: 'providerHealth', provider, up: changed === 1, status });
+            onEvent({ type: 'providerHealth', provider, providerName: providers[provider]?.name ?? '', up: changed === 1, status });
           } catch {
             /* a listener's error is its own */
           }

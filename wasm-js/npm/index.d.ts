@@ -235,17 +235,36 @@ export type BreakerState = 0 | 1 | 2;
 /** A degradation tier: 0 normal, 1 feature, 2 data, 3 service. */
 export type Tier = 0 | 1 | 2 | 3;
 
-/** An engine event, for metrics. `provider` is the provider's index in `config.providers`. */
+/** An engine event, for metrics. `provider` is the provider's index in `config.providers`,
+ * `providerName` its name. `unbusy/metrics` maps them to prom-client and OpenTelemetry
+ * (`docs/metrics.md`). */
 export type UnbusyEvent =
-  | { type: 'requestFinished'; outcome: RequestOutcome; attempts: number; latencyMs: number }
-  | { type: 'attemptFinished'; provider: number; result: AttemptResult; latencyMs: number }
-  | { type: 'firstToken'; provider: number; latencyMs: number }
+  | {
+      type: 'requestFinished';
+      outcome: RequestOutcome;
+      attempts: number;
+      latencyMs: number;
+      /** The model as a bounded label: the configured models and the first 16 others seen, the rest `_OTHER`. */
+      model: string;
+      /** `error.type`: the outcome of a request that got no answer; `null` for answers. */
+      errorType: string | null;
+      /** The provider of its last attempt (absent when none was sent: a cache hit, a refusal). */
+      provider?: number;
+      providerName?: string;
+      /** A stream's time from admission to its first chunk. */
+      firstChunkMs?: number;
+      /** The answer's `usage` (a stream's with `stream_options.include_usage`), when it had one. */
+      inputTokens?: number;
+      outputTokens?: number;
+    }
+  | { type: 'attemptFinished'; provider: number; providerName: string; result: AttemptResult; latencyMs: number }
+  | { type: 'firstToken'; provider: number; providerName: string; latencyMs: number }
   | { type: 'budgetExhausted' }
-  | { type: 'breakerChanged'; provider: number; state: BreakerState }
+  | { type: 'breakerChanged'; provider: number; providerName: string; state: BreakerState }
   | { type: 'tierChanged'; tier: Tier }
-  | { type: 'throttled'; provider: number }
+  | { type: 'throttled'; provider: number; providerName: string }
   /** `healthCheck`'s verdict on a provider changed; `status`: the last probe's (0: no answer). */
-  | { type: 'providerHealth'; provider: number; up: boolean; status: number };
+  | { type: 'providerHealth'; provider: number; providerName: string; up: boolean; status: number };
 
 export interface Options {
   /** The fetch that reaches the network (default: globalThis.fetch). */

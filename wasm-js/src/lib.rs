@@ -38,6 +38,7 @@ use unbusy_core::answer::{assess, Assessment};
 use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::config::Config;
 use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Rewrite};
+use unbusy_core::genai::{self, Usage};
 use unbusy_core::health::{probe_path, HealthSettings, ProbeResult, Prober};
 use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
@@ -81,6 +82,30 @@ pub struct JsEngine {
     /// The active health checks' schedule and verdicts (`health_check.enabled`), driven by the
     /// package's probe timer.
     prober: Option<Prober>,
+    /// The token usage of answers whose request has not finished yet (its `requestFinished`
+    /// event carries it: `gen_ai.client.token.usage`).
+    usage: Vec<(u64, Usage)>,
+}
+
+/// The most answers whose usage waits for their request's end (a bound, should events stop
+/// being taken: the oldest is dropped).
+const MAX_PENDING_USAGE: usize = 4096;
+
+impl JsEngine {
+    /// Removes and returns a request's pending usage.
+    fn take_usage(&mut self, request: u64) -> Option<Usage> {
+        let i = self.usage.iter().position(|(r, _)| *r == request)?;
+        Some(self.usage.remove(i).1)
+    }
+
+    /// Keeps a request's usage for its `requestFinished` event.
+    fn keep_usage(&mut self, request: u64, usage: Usage) {
+        self.take_usage(request);
+        if self.usage.len() >= MAX_PENDING_USAGE {
+            self.usage.remove(0);
+        }
+        self.usage.push((request, usage));
+    }
 }
 
 /// Why an attempt was aborted, as `nextAction` numbers it.
@@ -141,17 +166,39 @@ impl Obj {
     }
 }
 
-fn event_json(e: &Event) -> String {
+fn event_json(e: &Event, usage: Option<Usage>) -> String {
     match e {
         Event::RequestFinished {
             outcome,
             attempts,
             latency,
-        } => Obj::new()
-            .str("type", "requestFinished")
-            .str("outcome", outcome.label())
-            .num("attempts", f64::from(*attempts))
-            .num("latencyMs", ms(*latency)),
+            provider,
+            model,
+            first_chunk,
+            ..
+        } => {
+            // The GenAI attributes (see `docs/metrics.md`): the answering provider, the
+            // bounded model label, `error.type`, the stream's time to first chunk.
+            let mut o = Obj::new()
+                .str("type", "requestFinished")
+                .str("outcome", outcome.label())
+                .num("attempts", f64::from(*attempts))
+                .num("latencyMs", ms(*latency))
+                .str("model", model)
+                .opt_str("errorType", unbusy_core::genai::error_type(*outcome));
+            if let Some(p) = provider {
+                o = o.num("provider", *p as f64);
+            }
+            if let Some(t) = first_chunk {
+                o = o.num("firstChunkMs", ms(*t));
+            }
+            if let Some(u) = usage {
+                o = o
+                    .num("inputTokens", u.input as f64)
+                    .num("outputTokens", u.output as f64);
+            }
+            o
+        }
         Event::AttemptFinished {
             provider,
             class,
@@ -203,6 +250,7 @@ impl JsEngine {
             handles: 0.0,
             action: [0.0; 6],
             listening: true,
+            usage: Vec::new(),
         })
     }
 
@@ -336,6 +384,11 @@ impl JsEngine {
         unix_now_s: f64,
     ) -> u8 {
         let a = assessed(status, headers_json, body, unix_now_s);
+        if self.listening && a.classification.class == OutcomeClass::Success {
+            if let Some(u) = genai::usage(body) {
+                self.keep_usage(request as u64, u);
+            }
+        }
         // The first real byte of an answer held whole, once it is known to be one: an answer
         // that is not one reached nobody (for a stream request, progress would mean bytes
         // reached the caller, and it could not be retried).
@@ -346,6 +399,15 @@ impl JsEngine {
         self.engine
             .on_outcome(ns(now), request as u64, attempt, a.classification);
         u8::from(a.cacheable)
+    }
+
+    /// The usage a stream's `DoneTracker` saw (its `stream_options.include_usage` chunk), for
+    /// the request's `requestFinished` event; call before `onStreamEnd`.
+    #[wasm_bindgen(js_name = onStreamUsage)]
+    pub fn on_stream_usage(&mut self, request: f64, tracker: &mut DoneTracker) {
+        if let Some(u) = tracker.1.finish().filter(|_| self.listening) {
+            self.keep_usage(request as u64, u);
+        }
     }
 
     /// A streamed answer ended (its body ended, or the caller stopped reading): an answer if it
@@ -535,7 +597,11 @@ impl JsEngine {
         let mut out = String::new();
         while let Some(e) = self.engine.poll_event() {
             out.push(if out.is_empty() { '[' } else { ',' });
-            out.push_str(&event_json(&e));
+            let usage = match &e {
+                Event::RequestFinished { request, .. } => self.take_usage(*request),
+                _ => None,
+            };
+            out.push_str(&event_json(&e, usage));
         }
         if !out.is_empty() {
             out.push(']');
@@ -700,7 +766,7 @@ pub fn endpoint_under(base_url: &str, path: &str) -> Option<String> {
 /// Whether the SSE bytes seen so far end with `data: [DONE]` (`answer::DoneTracker`): a stream
 /// is an answer, and may be cached, only once it has.
 #[wasm_bindgen]
-pub struct DoneTracker(unbusy_core::answer::DoneTracker);
+pub struct DoneTracker(unbusy_core::answer::DoneTracker, genai::UsageScan);
 
 #[wasm_bindgen]
 impl DoneTracker {
@@ -708,12 +774,16 @@ impl DoneTracker {
     #[wasm_bindgen(constructor)]
     #[allow(clippy::new_without_default)]
     pub fn new() -> DoneTracker {
-        Self(unbusy_core::answer::DoneTracker::new())
+        Self(
+            unbusy_core::answer::DoneTracker::new(),
+            genai::UsageScan::default(),
+        )
     }
 
     /// Feeds the next bytes of the stream.
     pub fn feed(&mut self, chunk: &[u8]) {
         self.0.feed(chunk);
+        self.1.feed(chunk);
     }
 
     /// Whether the stream so far ends with its `data: [DONE]` event.

@@ -5,9 +5,11 @@
 use super::{local, State};
 use crate::effect::Effect;
 use crate::flow::Phase;
+use crate::genai::Finished;
 use crate::host::Host;
 use crate::shared;
-use unbusy_core::engine::Action;
+use unbusy_core::engine::{Action, Event};
+use unbusy_core::genai::usage;
 use unbusy_core::reply::{local_reply, ReplyKind};
 use unbusy_core::time::Nanos;
 
@@ -49,6 +51,9 @@ impl<H: Host> State<H> {
                         continue;
                     };
                     let from_router = flow.router_attempt == Some(flow.attempt);
+                    if flow.phase != Phase::Streaming {
+                        flow.answer.usage = usage(&flow.answer.body);
+                    }
                     match flow.phase {
                         Phase::Streaming => {} // already flowing
                         // A decoded answer is replied with its decoded bytes (the router's
@@ -135,8 +140,42 @@ impl<H: Host> State<H> {
         }
         while let Some(event) = self.engine.poll_event() {
             self.metrics.event(&self.host, &event);
+            self.genai_event(&event);
         }
         effects
+    }
+
+    /// Records a finished request's GenAI histograms, with the token usage of the answer its
+    /// stream carried (the flow is still there: streams end after their request does).
+    fn genai_event(&mut self, event: &Event) {
+        let Event::RequestFinished {
+            outcome,
+            latency,
+            request,
+            provider,
+            model,
+            first_chunk,
+            ..
+        } = event
+        else {
+            return;
+        };
+        let usage = self
+            .flows
+            .values_mut()
+            .find(|f| f.request == Some(*request))
+            .and_then(|f| f.answer.usage.or_else(|| f.answer.usage_scan.finish()));
+        self.genai.finished(
+            &self.host,
+            &Finished {
+                provider: *provider,
+                model,
+                outcome: *outcome,
+                latency: *latency,
+                first_chunk: *first_chunk,
+                usage,
+            },
+        );
     }
 
     /// Moves each provider's in-flight gauge to the engine's count. Called at every tick (20

@@ -49,6 +49,7 @@ use crate::admission::SharedLimits;
 use crate::configure::check_config;
 use crate::effect::{Effect, Interest};
 use crate::flow::{Flow, Phase};
+use crate::genai::GenAiMetrics;
 use crate::host::{CallToken, Host};
 use crate::metrics::Metrics;
 use crate::quota::Quotas;
@@ -81,6 +82,7 @@ pub struct State<H: Host> {
     engine: Engine,
     config: Config,
     metrics: Metrics,
+    genai: GenAiMetrics,
     flows: HashMap<u32, Flow>,
     by_request: HashMap<RequestId, u32>,
     calls: HashMap<CallToken, Call>,
@@ -125,6 +127,7 @@ impl<H: Host> State<H> {
         limits.ensure_keys(&host, &config.limits);
         let mut state = Self {
             metrics: Metrics::define(&host, &names),
+            genai: GenAiMetrics::new(&names),
             host,
             engine,
             flows: HashMap::new(),

@@ -143,11 +143,15 @@ impl<H: Host> State<H> {
                             size: body.len(),
                             body: plain.clone(),
                         });
+                        answer.usage_scan.feed(&plain);
                         if answer.keep_body {
                             answer.body.extend_from_slice(&plain);
                         }
-                    } else if answer.keep_body {
-                        answer.body.extend_from_slice(body);
+                    } else {
+                        answer.usage_scan.feed(body);
+                        if answer.keep_body {
+                            answer.body.extend_from_slice(body);
+                        }
                     }
                     if end_of_stream {
                         answer.decode_finish();
@@ -194,6 +198,7 @@ impl<H: Host> State<H> {
                     });
                 }
                 answer.feed_done(&chunk);
+                answer.usage_scan.feed(&chunk);
                 answer.keep(&chunk, self.config.cache.max_entry_bytes);
                 self.engine.on_progress(now, request, attempt);
                 if end_of_stream {

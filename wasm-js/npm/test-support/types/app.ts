@@ -5,6 +5,9 @@ import 'openai/shims/web'; // openai v4: its `fetch` option takes the web's type
 import OpenAI from 'openai';
 import OpenAIv6 from 'openai-v6';
 import { createFetch, init, MemoryCache, type Config, type UnbusyEvent, type CacheStore } from 'unbusy';
+import { prometheusMetrics, openTelemetryMetrics, TOKEN_BUCKETS, DURATION_BUCKETS, FIRST_CHUNK_BUCKETS } from 'unbusy/metrics';
+import client from 'prom-client';
+import { metrics } from '@opentelemetry/api';
 import wasm from 'unbusy/wasm';
 
 await init({ module: wasm });
@@ -48,10 +51,14 @@ const config: Config = {
 
 function onEvent(e: UnbusyEvent): string {
   switch (e.type) {
-    case 'requestFinished':
+    case 'requestFinished': {
       // @ts-expect-error not an outcome the engine sends
       if (e.outcome === 'succeeded') return '';
-      return `${e.outcome} after ${e.attempts} attempts in ${e.latencyMs} ms`;
+      // @ts-expect-error usage is there only when the answer reported one
+      const tokens: number = e.inputTokens;
+      const error: string = e.errorType ?? 'none';
+      return `${e.outcome} after ${e.attempts} attempts in ${e.latencyMs} ms: ${e.model} on ${e.providerName ?? 'no provider'} (${error}), ${e.firstChunkMs ?? '-'} ms to first chunk, ${e.inputTokens ?? 0} + ${e.outputTokens ?? 0} tokens ${tokens}`;
+    }
     case 'attemptFinished':
       // @ts-expect-error not a result the engine sends
       if (e.result === 'overloaded') return '';
@@ -80,6 +87,12 @@ function onEvent(e: UnbusyEvent): string {
     }
   }
 }
+
+// The metrics adapters take the libraries' own objects.
+const promOnEvent: (e: UnbusyEvent) => void = prometheusMetrics(client, client.register);
+const otelOnEvent: (e: UnbusyEvent) => void = openTelemetryMetrics(metrics.getMeter('unbusy'));
+const bounds: readonly number[] = [...TOKEN_BUCKETS, ...DURATION_BUCKETS, ...FIRST_CHUNK_BUCKETS];
+void [promOnEvent, otelOnEvent, bounds];
 
 const cache: CacheStore = new MemoryCache({ maxBytes: 1 << 20 });
 const unbusyFetch = createFetch(config, { cache, onEvent, unmatched: 'error', waitUntil: (p) => void p });
