@@ -1,0 +1,306 @@
+// unbusy/store against the real thing: a `redis-server` of the test's own (on a loopback port it
+// picks, in a private directory, never the system's), the workspace's `unbusy-store` binary in
+// front of it, and the busy-provider emulator as the provider. Two createFetch instances with
+// stores of their own stand for two Node processes: whatever one finds that the other fetched
+// went through the shared store, as it would between machines.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { createFetch } from 'unbusy';
+import { createClient } from 'redis';
+import { redisCache, storeCache } from 'unbusy/store';
+import { provider } from '../test-support/busy-provider.mjs';
+
+const root = fileURLToPath(new URL('../../../', import.meta.url));
+const REDIS = process.env.UNBUSY_REDIS_SERVER ?? 'redis-server';
+const STORE = process.env.UNBUSY_STORE ?? `${root}target/release/unbusy-store`;
+const scratch = mkdtempSync(join(tmpdir(), 'unbusy-store-'));
+// Every test is bounded (generously): a store call that never returns fails it instead of
+// hanging the run.
+const BOUND = { timeout: 60000 };
+const children = new Set();
+const clients = [];
+after(async () => {
+  for (const c of clients) await c.close?.().catch(() => {});
+  for (const c of children) c.kill('SIGKILL');
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+/** Waits for `check` to hold (generous deadline: the CI machine is loaded), else fails saying what. */
+async function until(check, what, deadlineMs = 15000) {
+  const end = Date.now() + deadlineMs;
+  for (;;) {
+    if (await check()) return;
+    if (Date.now() > end) assert.fail(`not within ${deadlineMs} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function exited(child) {
+  return new Promise((resolve) => (child.exitCode !== null || child.signalCode !== null ? resolve() : child.once('exit', resolve)));
+}
+
+/** A redis-server on `port` (a free one by default), no persistence, in a private directory. */
+async function startRedis(port) {
+  for (let tries = 0; ; tries++) {
+    const p = port ?? (await freePort());
+    const dir = mkdtempSync(join(scratch, 'redis-'));
+    const child = spawn(REDIS, ['--port', String(p), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir]);
+    children.add(child);
+    child.once('exit', () => children.delete(child));
+    const ready = await new Promise((resolve, reject) => {
+      child.once('error', (e) => reject(new Error(`${REDIS} could not be started (make setup-redis installs it; UNBUSY_REDIS_SERVER names another binary): ${e.message}`)));
+      child.once('exit', () => resolve(false));
+      createInterface({ input: child.stdout }).on('line', (l) => l.includes('Ready to accept connections') && resolve(true));
+    });
+    if (ready) return { child, port: p, url: `redis://127.0.0.1:${p}` };
+    if (port !== undefined || tries >= 5) assert.fail(`redis-server did not start on port ${p}`);
+  }
+}
+
+/** unbusy-store in front of `redisUrl`, on `listen` (port 0: one it picks). */
+async function startStore(redisUrl, listen = '127.0.0.1:0') {
+  const child = spawn(STORE, ['--listen', listen, '--redis', redisUrl]);
+  children.add(child);
+  child.once('exit', () => children.delete(child));
+  child.stderr.resume();
+  const line = await new Promise((resolve, reject) => {
+    child.once('error', (e) => reject(new Error(`${STORE} could not be started (make test-js builds it): ${e.message}`)));
+    child.once('exit', () => reject(new Error(`unbusy-store exited before listening on ${listen}`)));
+    createInterface({ input: child.stdout }).once('line', resolve);
+  });
+  const addr = /listening on (\S+)/.exec(line)[1];
+  return { child, addr, url: `http://${addr}` };
+}
+
+/** A connected node-redis client for the test's own look into Redis. */
+async function inspector(url) {
+  const c = createClient({ url });
+  c.on('error', () => {});
+  await c.connect();
+  clients.push(c);
+  return c;
+}
+
+const chat = (content, extra = {}) => JSON.stringify({ model: 'deepseek-chat', messages: [{ role: 'user', content }], temperature: 0, ...extra });
+const post = (f, base, body, key = 'caller') =>
+  f(`${base}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+    body,
+  });
+const config = (p) => ({ providers: [{ name: 'primary', baseUrl: p.url }], cache: { ttlMs: 60000, staleTtlMs: 120000 } });
+const entries = async (r) => (await r.keys('unbusy:cache:*')).sort();
+
+/** Process A fetches `body` (a miss, answered by the provider, written back), process B then
+ * gets it from the shared store: a hit, the same answer, the provider not asked again; another
+ * tenant's identical request is a miss. Returns A's Redis entry. */
+async function sharedThrough(p, inspect, storeA, storeB, body) {
+  const a = createFetch(config(p), { cache: storeA });
+  const b = createFetch(config(p), { cache: storeB });
+  const before = await entries(inspect);
+  const attempts = (await p.stats()).attempts;
+  const first = await post(a, p.url, body);
+  assert.match(first.headers.get('x-unbusy'), /cache=miss/);
+  const text = await first.text();
+  // The write-back goes on after the answer was handed over.
+  let added;
+  await until(async () => (added = (await entries(inspect)).filter((k) => !before.includes(k))).length === 1, "A's answer in Redis");
+  const second = await post(b, p.url, body);
+  assert.match(second.headers.get('x-unbusy'), /cache=hit/, 'B gets A\'s answer from the store');
+  assert.equal(await second.text(), text);
+  assert.equal((await p.stats()).attempts, attempts + 1, 'the provider was asked once');
+  const other = await post(b, p.url, body, 'someone-else');
+  assert.match(other.headers.get('x-unbusy'), /cache=miss/, "another tenant never gets A's answer");
+  await other.text();
+  await until(async () => (await entries(inspect)).length === before.length + 2, "the other tenant's answer in an entry of its own");
+  return { key: added[0], text, contentType: first.headers.get('content-type') };
+}
+
+test('through unbusy-store: one process fetches, another gets it from the store, same tenant only; key layout and lifetimes as the store keeps them', BOUND, async () => {
+  const p = await provider('primary');
+  const redis = await startRedis();
+  const store = await startStore(redis.url);
+  const inspect = await inspector(redis.url);
+  const generous = { url: store.url, timeoutMs: 5000 };
+  const { key } = await sharedThrough(p, inspect, storeCache(generous), storeCache(generous), chat('shared through the store'));
+  // `<prefix>cache:<tenant>:<key>`, the tenant and key the core's (16 and 32 hex digits).
+  assert.match(key, /^unbusy:cache:[0-9a-f]{16}:[0-9a-f]{32}$/);
+  const fields = await inspect.hGetAll(key);
+  assert.equal(fields.ct, 'application/json');
+  assert.equal(fields.ce, '');
+  assert.equal(fields.ttl, '60000');
+  assert.equal(fields.st, '120000');
+  const pttl = await inspect.pTTL(key);
+  assert.ok(pttl > 120000 && pttl <= 180000, `expires at ttl + stale ttl: ${pttl}`);
+});
+
+test('through Redis with the redis adapter: one process fetches, another gets it, same tenant only', BOUND, async () => {
+  const p = await provider('primary');
+  const redis = await startRedis();
+  const inspect = await inspector(redis.url);
+  const [ca, cb] = [await inspector(redis.url), await inspector(redis.url)];
+  const { key } = await sharedThrough(p, inspect, redisCache(ca, { timeoutMs: 5000 }), redisCache(cb, { timeoutMs: 5000 }), chat('shared through redis'));
+  assert.match(key, /^unbusy:cache:[0-9a-f]{16}:[0-9a-f]{32}$/);
+  const fields = await inspect.hGetAll(key);
+  assert.deepEqual([fields.ct, fields.ce, fields.ttl, fields.st], ['application/json', '', '60000', '120000']);
+  assert.ok(Number(fields.at) > 0, 'stored at, by Redis time');
+  // A prefix keeps two fleets apart, as unbusy-store's --prefix does.
+  const other = createFetch(config(p), { cache: redisCache(cb, { prefix: 'fleet2:', timeoutMs: 5000 }) });
+  const r = await post(other, p.url, chat('shared through redis'));
+  assert.match(r.headers.get('x-unbusy'), /cache=miss/);
+  await r.text();
+  await until(async () => (await inspect.keys('fleet2:cache:*')).length === 1, 'the entry under the other prefix');
+});
+
+test('one layout: the redis adapter and unbusy-store read what the other wrote, streamed answers included', BOUND, async () => {
+  const p = await provider('primary');
+  const redis = await startRedis();
+  const store = await startStore(redis.url);
+  const inspect = await inspector(redis.url);
+  const client = await inspector(redis.url);
+  const viaRedis = () => redisCache(client, { timeoutMs: 5000 });
+  const viaStore = () => storeCache({ url: store.url, timeoutMs: 5000 });
+  await sharedThrough(p, inspect, viaRedis(), viaStore(), chat('written by the adapter'));
+  await sharedThrough(p, inspect, viaStore(), viaRedis(), chat('written by the store'));
+  // An SSE answer is kept as text/event-stream and replayed as one, whichever side wrote it.
+  const { key, contentType } = await sharedThrough(p, inspect, viaRedis(), viaStore(), chat('streamed', { stream: true }));
+  assert.match(contentType, /text\/event-stream/);
+  assert.equal(await inspect.hGet(key, 'ct'), 'text/event-stream');
+  const replay = await post(createFetch(config(p), { cache: viaStore() }), p.url, chat('streamed', { stream: true }));
+  assert.match(replay.headers.get('content-type'), /text\/event-stream/);
+  assert.match(await replay.text(), /data: \[DONE\]/);
+});
+
+test("the adapter's scripts are unbusy-store's", BOUND, () => {
+  const rust = readFileSync(`${root}store/src/scripts.rs`, 'utf8');
+  const js = readFileSync(fileURLToPath(new URL('../store.js', import.meta.url)), 'utf8');
+  for (const name of ['CACHE_PUT', 'CACHE_GET']) {
+    const fromRust = new RegExp(`pub static ${name}[\\s\\S]*?r"([\\s\\S]*?)",\\n`).exec(rust)[1];
+    const fromJs = new RegExp(`const ${name} = \`([\\s\\S]*?)\`;`).exec(js)[1];
+    assert.equal(fromJs, fromRust, name);
+  }
+});
+
+/** Requests answered while the store is hung or gone: each a miss the provider answers. */
+async function answeredWithout(f, p, label) {
+  const took = [];
+  for (let i = 0; i < 3; i++) {
+    const started = performance.now();
+    const r = await post(f, p.url, chat(`${label} ${i}`));
+    assert.equal(r.status, 200);
+    assert.match(r.headers.get('x-unbusy'), /cache=miss/);
+    assert.match(await r.text(), /An answer to/);
+    took.push(Math.round(performance.now() - started));
+  }
+  console.log(`${label}: answered in ${took.join(', ')} ms`);
+}
+
+/** Once the store is back (the client reconnects by itself, within the 20 ms bound or not),
+ * an answer written back is found again: only the store can have it (no other cache). */
+async function hitsAgain(f, p) {
+  const body = chat('after the restart');
+  await until(async () => {
+    const r = await post(f, p.url, body);
+    await r.text();
+    return /cache=hit/.test(r.headers.get('x-unbusy'));
+  }, 'a hit from the store once it is back');
+}
+
+test('unbusy-store hung, killed and restarted: answers come from the provider, the outage logged once, then hits again', BOUND, async () => {
+  const p = await provider('primary');
+  const redis = await startRedis();
+  let store = await startStore(redis.url);
+  const logs = [];
+  // The default 20 ms bound: a hung store would otherwise hold every request.
+  const f = createFetch(config(p), { cache: storeCache({ url: store.url, log: (m) => logs.push(m) }) });
+  store.child.kill('SIGSTOP');
+  await answeredWithout(f, p, 'store hung');
+  store.child.kill('SIGKILL');
+  await exited(store.child);
+  await answeredWithout(f, p, 'store killed');
+  assert.equal(logs.length, 1, logs.join('\n'));
+  assert.match(logs[0], new RegExp(`unbusy: the store at http://${store.addr} is unavailable`));
+  store = await startStore(redis.url, store.addr);
+  await hitsAgain(f, p);
+  assert.match(logs[1], new RegExp(`unbusy: the store at http://${store.addr} answers again`));
+  assert.ok(!logs.join('\n').includes('undefined'), logs.join('\n'));
+});
+
+test('Redis hung, killed and restarted under the redis adapter: answers come from the provider, the outage logged once, then hits again', BOUND, async () => {
+  const p = await provider('primary');
+  let redis = await startRedis();
+  const client = createClient({ url: redis.url });
+  client.on('error', () => {});
+  await client.connect();
+  clients.push(client);
+  const logs = [];
+  const f = createFetch(config(p), { cache: redisCache(client, { log: (m) => logs.push(m) }) });
+  redis.child.kill('SIGSTOP');
+  await answeredWithout(f, p, 'redis hung');
+  redis.child.kill('SIGKILL');
+  await exited(redis.child);
+  await answeredWithout(f, p, 'redis killed');
+  assert.equal(logs.length, 1, logs.join('\n'));
+  assert.match(logs[0], /unbusy: Redis is unavailable/);
+  redis = await startRedis(redis.port);
+  await hitsAgain(f, p);
+  assert.equal(logs[1], 'unbusy: Redis answers again');
+});
+
+test('bad options are refused, naming the option', BOUND, () => {
+  assert.throws(() => storeCache({ url: 'localhost:7379' }), /storeCache's url must be http: or https:/);
+  assert.throws(() => storeCache({}), /storeCache's url must be the store's http\(s\) URL/);
+  assert.throws(() => storeCache({ url: 'http://127.0.0.1:7379', timeoutMs: 0 }), /storeCache's timeoutMs must be a number of milliseconds above 0, not 0/);
+  assert.throws(() => redisCache({}), /redisCache needs a connected node `redis` client/);
+  const client = { sendCommand: async () => null };
+  assert.throws(() => redisCache(client, { prefix: 'a {b}' }), /redisCache's prefix must be/);
+  assert.throws(() => redisCache(client, { timeoutMs: -1 }), /redisCache's timeoutMs must be/);
+});
+
+test("the README's examples: storeCache and redisCache as it shows them, a second identical request a hit", BOUND, async () => {
+  const p = await provider('primary');
+  const redis = await startRedis();
+  const store = await startStore(redis.url);
+  const config = { providers: [{ name: 'primary', baseUrl: p.url }] };
+  const storeUrl = store.url;
+  const redisUrl = redis.url;
+  const hitOn = async (unbusyFetch, content) => {
+    // The default 20 ms bound may miss under load: asked again until the store answers in time.
+    await until(async () => {
+      const r = await post(unbusyFetch, p.url, chat(content));
+      await r.text();
+      return /cache=hit/.test(r.headers.get('x-unbusy'));
+    }, `a hit for ${content}`);
+  };
+  {
+    // storeUrl: where unbusy-store listens, e.g. 'http://127.0.0.1:7379'
+    const unbusyFetch = createFetch(config, { cache: storeCache({ url: storeUrl }) });
+    await hitOn(unbusyFetch, 'readme store');
+  }
+  {
+    const client = await createClient({ url: redisUrl })
+      .on('error', () => {}) // redisCache logs an outage once; the client reconnects by itself
+      .connect();
+    const unbusyFetch = createFetch(config, { cache: redisCache(client) });
+    clients.push(client);
+    await hitOn(unbusyFetch, 'readme redis');
+  }
+});
