@@ -244,6 +244,21 @@ test('unbusy-store hung, killed and restarted: answers come from the provider, t
   assert.ok(!logs.join('\n').includes('undefined'), logs.join('\n'));
 });
 
+test("Redis gone behind unbusy-store: the store's 503 is a miss the provider answers, logged once, then hits again", BOUND, async () => {
+  const p = await provider('primary');
+  let redis = await startRedis();
+  const store = await startStore(redis.url);
+  const logs = [];
+  const f = createFetch(config(p), { cache: storeCache({ url: store.url, timeoutMs: 5000, log: (m) => logs.push(m) }) });
+  redis.child.kill('SIGKILL');
+  await exited(redis.child);
+  await answeredWithout(f, p, 'redis behind the store killed');
+  assert.deepEqual(logs, [`unbusy: the store at http://${store.addr} is unavailable (HTTP 503); answers come from the providers until it answers again`]);
+  redis = await startRedis(redis.port);
+  await hitsAgain(f, p);
+  assert.equal(logs[1], `unbusy: the store at http://${store.addr} answers again`);
+});
+
 test('Redis hung, killed and restarted under the redis adapter: answers come from the provider, the outage logged once, then hits again', BOUND, async () => {
   const p = await provider('primary');
   let redis = await startRedis();
