@@ -127,9 +127,10 @@ test-rust: setup filter
 	$(CARGO) test --workspace --features $(E2E_FEATURES) 2>&1 | tee target/test-rust.log
 
 ## test-js: the npm package under node --test, against the busy-provider emulator (and, for
-## unbusy/store, a redis-server of its own and the unbusy-store binary).
-test-js: js setup-redis
-	$(CARGO) build --release -p unbusy-tests --bin busy-provider -p unbusy-store --bin unbusy-store
+## unbusy/store, a redis-server of its own, the unbusy-store binary and `unbusy up`'s Envoy).
+test-js: js filter setup-python setup-redis
+	$(CARGO) build --release -p unbusy-tests --bin busy-provider -p unbusy-store --bin unbusy-store \
+	  -p unbusy-cli --bin unbusy
 	cd $(NPM_DIR) && node --test test/ 2>&1 | tee ../../target/test-js.log
 
 ## wasm: the release builds of the core and its two wasm hosts.

@@ -6,7 +6,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,6 +20,8 @@ import { provider } from '../test-support/busy-provider.mjs';
 const root = fileURLToPath(new URL('../../../', import.meta.url));
 const REDIS = process.env.UNBUSY_REDIS_SERVER ?? 'redis-server';
 const STORE = process.env.UNBUSY_STORE ?? `${root}target/release/unbusy-store`;
+const UNBUSY = process.env.UNBUSY_CLI ?? `${root}target/release/unbusy`;
+const ENVOY = process.env.UNBUSY_ENVOY ?? `${root}.venv/bin/envoy`;
 const scratch = mkdtempSync(join(tmpdir(), 'unbusy-store-'));
 // Every test is bounded (generously): a store call that never returns fails it instead of
 // hanging the run.
@@ -28,7 +30,9 @@ const children = new Set();
 const clients = [];
 after(async () => {
   for (const c of clients) await c.close?.().catch(() => {});
-  for (const c of children) c.kill('SIGKILL');
+  // `unbusy up` passes SIGTERM on to its Envoy and waits for it; SIGKILL would orphan Envoy.
+  for (const c of children) c.kill(c.gentle ? 'SIGTERM' : 'SIGKILL');
+  await Promise.all([...children].filter((c) => c.gentle).map(exited));
   rmSync(scratch, { recursive: true, force: true });
 });
 
@@ -88,6 +92,28 @@ async function startStore(redisUrl, listen = '127.0.0.1:0') {
   });
   const addr = /listening on (\S+)/.exec(line)[1];
   return { child, addr, url: `http://${addr}` };
+}
+
+/** `unbusy up`: Envoy with the filter in front of provider `p`, its L2 cache in unbusy-store at
+ * `storeUrl` (lookups allowed 1 s, not the default 20 ms: the machine is loaded, and a lookup
+ * that failed open would be a miss here). */
+async function startEnvoy(p, storeUrl) {
+  const dir = mkdtempSync(join(scratch, 'up-'));
+  const configFile = join(dir, 'config.json');
+  writeFileSync(configFile, JSON.stringify({ store: { timeout_ms: 1000 } }));
+  const args = ['up', '--provider', `primary=${p.url}`, '--listen', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--concurrency', '1'];
+  const child = spawn(UNBUSY, [...args, '--config', configFile, '--store', storeUrl, '--envoy', ENVOY], { env: { ...process.env, TMPDIR: dir } });
+  child.gentle = true;
+  children.add(child);
+  child.once('exit', () => children.delete(child));
+  let log = '';
+  child.stderr.on('data', (d) => (log += d));
+  const url = await new Promise((resolve, reject) => {
+    child.once('error', (e) => reject(new Error(`${UNBUSY} could not be started (make test-js builds it; Envoy: make setup-python): ${e.message}`)));
+    child.once('exit', () => reject(new Error(`unbusy up exited before listening:\n${log}`)));
+    createInterface({ input: child.stdout }).on('line', (l) => /^listening on /.test(l) && resolve(l.slice('listening on '.length)));
+  });
+  return { child, url };
 }
 
 /** A connected node-redis client for the test's own look into Redis. */
@@ -187,6 +213,45 @@ test('one layout: the redis adapter and unbusy-store read what the other wrote, 
   const replay = await post(createFetch(config(p), { cache: viaStore() }), p.url, chat('streamed', { stream: true }));
   assert.match(replay.headers.get('content-type'), /text\/event-stream/);
   assert.match(await replay.text(), /data: \[DONE\]/);
+});
+
+test('a Node server and an Envoy fleet share one cache: what Envoy fetched is a hit in Node, through the store and through Redis, and the other way round', BOUND, async () => {
+  const p = await provider('primary');
+  const redis = await startRedis();
+  const store = await startStore(redis.url);
+  const envoy = await startEnvoy(p, store.url);
+  const inspect = await inspector(redis.url);
+  const client = await inspector(redis.url);
+  const nodes = [createFetch(config(p), { cache: storeCache({ url: store.url, timeoutMs: 5000 }) }), createFetch(config(p), { cache: redisCache(client, { timeoutMs: 5000 }) })];
+  // Through Envoy (the caller's own request, as any client sends it), then from Node.
+  const body = chat('fetched by envoy');
+  const first = await post(fetch, envoy.url, body);
+  assert.match(first.headers.get('x-unbusy'), /cache=miss/);
+  const text = await first.text();
+  await until(async () => (await entries(inspect)).length === 1, "Envoy's write-back in Redis");
+  const attempts = (await p.stats()).attempts;
+  for (const [i, f] of nodes.entries()) {
+    const r = await post(f, p.url, body);
+    assert.match(r.headers.get('x-unbusy'), /cache=hit/, "Node gets Envoy's answer");
+    assert.equal(await r.text(), text);
+    const other = await post(f, p.url, body, `someone-else-${i}`);
+    assert.match(other.headers.get('x-unbusy'), /cache=miss/, 'another tenant never gets it');
+    await other.text();
+  }
+  await until(async () => (await entries(inspect)).length === 3, "the other tenants' answers in entries of their own");
+  // From Node (each store in turn), then through Envoy: an L2 hit there.
+  for (const [i, f] of nodes.entries()) {
+    const mine = chat(`fetched by node ${i}`);
+    const before = (await entries(inspect)).length;
+    const r = await post(f, p.url, mine);
+    assert.match(r.headers.get('x-unbusy'), /cache=miss/);
+    const answer = await r.text();
+    await until(async () => (await entries(inspect)).length === before + 1, "Node's write-back in Redis");
+    const viaEnvoy = await post(fetch, envoy.url, mine);
+    assert.match(viaEnvoy.headers.get('x-unbusy'), /cache=hit-l2/, `Envoy gets what Node (${i ? 'redisCache' : 'storeCache'}) stored`);
+    assert.equal(await viaEnvoy.text(), answer);
+  }
+  assert.equal((await p.stats()).attempts, attempts + 2 + 2, 'the provider: the two other tenants and the two answers Node fetched');
 });
 
 test("the adapter's scripts are unbusy-store's", BOUND, () => {
