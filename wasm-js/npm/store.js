@@ -7,8 +7,10 @@
 // package passes each call the request's tenant id and the answer's two lifetimes beside the
 // key; the key, the tenant and whether an age is fresh or stale are the core's (read in wasm),
 // never computed here. A store that fails, hangs or answers nonsense is a miss, and a write it
-// refuses is dropped: the provider answers as if there were no store (fail open). An outage is
-// logged once when it starts and once when it ends, not per request.
+// refuses is dropped: the provider answers as if there were no store (fail open). After a
+// failure the store is left alone for a second, as the filter does, so an outage does not cost
+// every request a timeout. An outage is logged once when it starts and once when it ends, not
+// per request.
 //
 // Edge workers keep the platform's stores (KV, the Cache API): they have no Redis to share.
 
@@ -17,6 +19,10 @@
 export const DEFAULT_TIMEOUT_MS = 20;
 /** Bound on a write (the filter's write-back bound): writes are off the hot path. */
 const WRITE_TIMEOUT_MS = 500;
+/** After a failure the store is left alone this long (the filter's `BACK_OFF`): lookups are
+ * misses and writes dropped without a call, so an outage costs at most one `timeoutMs` a second,
+ * not one per request. */
+const BACK_OFF_MS = 1000;
 /** unbusy-store's default `--prefix`. */
 const DEFAULT_PREFIX = 'unbusy:';
 /** A tenant id and a cache key as the core prints them (`tenantOf`, `read`). */
@@ -58,11 +64,15 @@ function logger(log, what) {
   return log;
 }
 
-/** One log line when the store starts failing and one when it answers again. */
+/** One log line when the store starts failing and one when it answers again; the back-off. */
 function outage(log, name) {
   let down = false;
+  let skipUntil = 0;
   return {
+    /** Whether to leave the store alone for now (it failed less than `BACK_OFF_MS` ago). */
+    skipping: () => down && performance.now() < skipUntil,
     failed(why) {
+      skipUntil = performance.now() + BACK_OFF_MS;
       if (down) return;
       down = true;
       try {
@@ -161,7 +171,7 @@ export function storeCache({ url, timeoutMs, fetch: fetchFn, log } = {}) {
   return {
     async get(key, info) {
       const target = path(key, info);
-      if (!target) return undefined;
+      if (!target || state.skipping()) return undefined;
       const hit = await call(target, { method: 'GET' }, lookupMs, async (r) => {
         if (r.status !== 200) {
           await r.body?.cancel().catch(() => {});
@@ -175,7 +185,7 @@ export function storeCache({ url, timeoutMs, fetch: fetchFn, log } = {}) {
     async set(key, value, ttlMs, info) {
       const target = path(key, info);
       const lives = lifetimes(ttlMs, info);
-      if (!target || !lives || typeof value?.body !== 'string') return;
+      if (!target || !lives || typeof value?.body !== 'string' || state.skipping()) return;
       await call(
         target,
         {
@@ -243,7 +253,7 @@ export function redisCache(client, { prefix, timeoutMs, log } = {}) {
   return {
     async get(key, info) {
       const k = redisKey(key, info);
-      if (!k) return undefined;
+      if (!k || state.skipping()) return undefined;
       const reply = await run(['EVAL', CACHE_GET, '1', k], lookupMs);
       if (!Array.isArray(reply) || reply.length < 4) return undefined;
       const [body, ct, ce, age] = reply.map(String);
@@ -252,7 +262,7 @@ export function redisCache(client, { prefix, timeoutMs, log } = {}) {
     async set(key, value, ttlMs, info) {
       const k = redisKey(key, info);
       const lives = lifetimes(ttlMs, info);
-      if (!k || !lives || typeof value?.body !== 'string') return;
+      if (!k || !lives || typeof value?.body !== 'string' || state.skipping()) return;
       await run(['EVAL', CACHE_PUT, '1', k, value.body, contentType(value), '', String(lives[0]), String(lives[1])], Math.max(lookupMs, WRITE_TIMEOUT_MS));
     },
   };

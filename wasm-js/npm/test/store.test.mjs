@@ -277,16 +277,22 @@ test("the adapter's scripts are unbusy-store's", BOUND, () => {
 });
 
 /** Requests answered while the store is hung or gone: each a miss the provider answers. With
- * `cache`, also what a lookup alone took (printed, not asserted: the bound is the code's). */
-async function answeredWithout(f, p, label, cache) {
+ * `cache`, also what a lookup alone took (printed, not asserted: the bound is the code's), and
+ * that after a failure the store is left alone for a second: of five lookups in a row, only
+ * those a second apart call it (`calls()` counts the calls made). */
+async function answeredWithout(f, p, label, cache, calls) {
   if (cache) {
     const lookups = [];
+    const before = calls();
+    const started = performance.now();
     for (let i = 0; i < 5; i++) {
       const t = performance.now();
       assert.equal(await cache.get('0'.repeat(32), { tenant: '0'.repeat(16) }), undefined);
       lookups.push(Math.round(performance.now() - t));
     }
-    console.log(`${label}: a lookup took ${lookups.join(', ')} ms`);
+    const made = calls() - before;
+    console.log(`${label}: a lookup took ${lookups.join(', ')} ms (${made} called the store)`);
+    assert.ok(made <= 2 + Math.floor((performance.now() - started) / 1000), `${made} of 5 lookups called a failing store`);
   }
   const took = [];
   for (let i = 0; i < 3; i++) {
@@ -317,13 +323,15 @@ test('unbusy-store hung, killed and restarted: answers come from the provider, t
   let store = await startStore(redis.url);
   const logs = [];
   // The default 20 ms bound: a hung store would otherwise hold every request.
-  const cache = storeCache({ url: store.url, log: (m) => logs.push(m) });
+  let calls = 0;
+  const counted = (url, init) => (calls++, fetch(url, init));
+  const cache = storeCache({ url: store.url, log: (m) => logs.push(m), fetch: counted });
   const f = createFetch(config(p), { cache });
   store.child.kill('SIGSTOP');
-  await answeredWithout(f, p, 'store hung', cache);
+  await answeredWithout(f, p, 'store hung', cache, () => calls);
   store.child.kill('SIGKILL');
   await exited(store.child);
-  await answeredWithout(f, p, 'store killed', cache);
+  await answeredWithout(f, p, 'store killed', cache, () => calls);
   assert.equal(logs.length, 1, logs.join('\n'));
   assert.match(logs[0], new RegExp(`unbusy: the store at http://${store.addr} is unavailable`));
   store = await startStore(redis.url, store.addr);
@@ -355,13 +363,14 @@ test('Redis hung, killed and restarted under the redis adapter: answers come fro
   await client.connect();
   clients.push(client);
   const logs = [];
-  const cache = redisCache(client, { log: (m) => logs.push(m) });
+  let calls = 0;
+  const cache = redisCache({ sendCommand: (args) => (calls++, client.sendCommand(args)) }, { log: (m) => logs.push(m) });
   const f = createFetch(config(p), { cache });
   redis.child.kill('SIGSTOP');
-  await answeredWithout(f, p, 'redis hung', cache);
+  await answeredWithout(f, p, 'redis hung', cache, () => calls);
   redis.child.kill('SIGKILL');
   await exited(redis.child);
-  await answeredWithout(f, p, 'redis killed', cache);
+  await answeredWithout(f, p, 'redis killed', cache, () => calls);
   assert.equal(logs.length, 1, logs.join('\n'));
   assert.match(logs[0], /unbusy: Redis is unavailable/);
   redis = await startRedis(redis.port);
