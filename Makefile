@@ -126,9 +126,11 @@ test-rust: setup filter
 	mkdir -p target
 	$(CARGO) test --workspace --features $(E2E_FEATURES) 2>&1 | tee target/test-rust.log
 
-## test-js: the npm package under node --test, against the busy-provider emulator.
-test-js: js
-	$(CARGO) build --release -p unbusy-tests --bin busy-provider
+## test-js: the npm package under node --test, against the busy-provider emulator (and, for
+## unbusy/store, a redis-server of its own, the unbusy-store binary and `unbusy up`'s Envoy).
+test-js: js filter setup-python setup-redis
+	$(CARGO) build --release -p unbusy-tests --bin busy-provider -p unbusy-store --bin unbusy-store \
+	  -p unbusy-cli --bin unbusy
 	cd $(NPM_DIR) && node --test test/ 2>&1 | tee ../../target/test-js.log
 
 ## wasm: the release builds of the core and its two wasm hosts.

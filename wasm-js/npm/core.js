@@ -362,11 +362,14 @@ export function makeCreateFetch(wasm, host = {}) {
 
     /** Stores an answer. The store's write goes on after the answer was handed over: a worker
      * must be kept alive for it (`options.waitUntil`, e.g. `ctx.waitUntil`), or the runtime may
-     * cancel it when the response is done. A store that fails loses the entry, nothing else. */
-    function store(key, value) {
+     * cancel it when the response is done. A store that fails loses the entry, nothing else.
+     * `tenant` and the two lifetimes are for stores shared with the Envoy filter (`unbusy/store`),
+     * which keep them beside the entry as `unbusy-store` does. */
+    function store(key, tenant, value) {
       let write;
       try {
-        write = Promise.resolve(cache.set(key, value, cacheTtl + staleTtl)).catch(() => {});
+        const info = { tenant, ttlMs: cacheTtl, staleTtlMs: staleTtl };
+        write = Promise.resolve(cache.set(key, value, cacheTtl + staleTtl, info)).catch(() => {});
       } catch {
         return;
       }
@@ -562,7 +565,7 @@ export function makeCreateFetch(wasm, host = {}) {
           // Only a complete, valid, readable answer (`answer::assess`), with its own framing: an
           // SSE body is replayed as SSE whatever the request's `stream` said.
           if (storeInCache && r.cacheKey && ans?.cacheable) {
-            store(r.cacheKey, { body: ans.body, stream: ans.sse, status: 200, storedAt: Date.now() });
+            store(r.cacheKey, r.tenant, { body: ans.body, stream: ans.sse, status: 200, storedAt: Date.now() });
           }
           r.resolve(respond(r, ans?.status ?? 502, ans?.headers, ans?.body ?? '', [['x-unbusy', note(r, undefined, a3)]], ans?.bytes));
           finish(r);
@@ -769,7 +772,7 @@ export function makeCreateFetch(wasm, host = {}) {
         engine.onStreamEnd(now(), r.id, attempt, complete);
         drain();
         if (complete && !unreadable && r.storeStream && r.cacheKey) {
-          store(r.cacheKey, { body: decoder.decode(concat(copy)), stream: true, status: 200, storedAt: Date.now() });
+          store(r.cacheKey, r.tenant, { body: decoder.decode(concat(copy)), stream: true, status: 200, storedAt: Date.now() });
         }
         finish(r);
         return true;
@@ -871,7 +874,7 @@ export function makeCreateFetch(wasm, host = {}) {
     }
 
     /** The managed request, once the core has read it (`handle`) and its cache entry is looked up. */
-    function start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, cached) {
+    function start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, tenant, cached) {
       return new Promise((resolve, reject) => {
         // Fresh, stale or expired is the core's rule (`CacheLookup::for_age`), from the age.
         const id = engine.admit(now(), handle, cached ? Math.max(0, Date.now() - cached.storedAt) : NaN);
@@ -887,6 +890,7 @@ export function makeCreateFetch(wasm, host = {}) {
           home: p.index,
           stream,
           cacheKey: key,
+          tenant,
           cached,
           cacheNote: key ? CACHE_MISS : CACHE_NONE,
           attempt: 0,
@@ -931,16 +935,18 @@ export function makeCreateFetch(wasm, host = {}) {
         // Refused (a body that is not a JSON object, a per-request header it does not define).
         return Promise.resolve(respond(null, v[2], JSON.parse(engine.replyHeaders()), engine.replyBody(), []));
       }
-      if (!key) return start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, undefined, undefined);
+      if (!key) return start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, undefined, undefined, undefined);
+      // The request's tenant id (the core's, in hex), for stores that keep it beside the key.
+      const tenant = engine.tenantOf(handle);
       let pending;
       try {
-        pending = Promise.resolve(cache.get(key));
+        pending = Promise.resolve(cache.get(key, { tenant }));
       } catch {
         pending = Promise.resolve(undefined);
       }
       return pending.then(
-        (cached) => start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, cached),
-        () => start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, undefined),
+        (cached) => start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, tenant, cached),
+        () => start(p, url, suffix, signal, bodyText, requestHeaders, handle, stream, key, tenant, undefined),
       );
     }
 

@@ -208,10 +208,27 @@ export interface CachedAnswer {
   storedAt: number;
 }
 
-/** The store interface: plug in the Cache API, KV, Redis... */
+/** What a store is told beside the key, for stores shared with the Envoy filter
+ * (`unbusy/store`); others may ignore it. */
+export interface CacheLookupInfo {
+  /** The request's tenant id (the core's `tenant_id`), 16 hex digits; the key is already
+   * scoped to it. */
+  tenant: string;
+}
+
+/** What a store is told beside an answer it stores. */
+export interface CacheWriteInfo extends CacheLookupInfo {
+  /** `cache.ttlMs`: how long the answer is fresh. */
+  ttlMs: number;
+  /** `cache.staleTtlMs`: how long after that it may still be served stale. */
+  staleTtlMs: number;
+}
+
+/** The store interface: plug in the Cache API, KV, Redis... (`ttlMs` is the two lifetimes'
+ * sum: how long to keep the entry.) */
 export interface CacheStore {
-  get(key: string): Promise<CachedAnswer | undefined>;
-  set(key: string, value: CachedAnswer, ttlMs: number): Promise<void>;
+  get(key: string, info?: CacheLookupInfo): Promise<CachedAnswer | undefined>;
+  set(key: string, value: CachedAnswer, ttlMs: number, info?: CacheWriteInfo): Promise<void>;
 }
 
 /** How a request ended (`requestFinished`). */
@@ -303,6 +320,6 @@ export function init(input?: { module: ModuleSource | Promise<ModuleSource> } | 
 /** The default in-memory LRU store. */
 export class MemoryCache implements CacheStore {
   constructor(options?: { maxBytes?: number });
-  get(key: string): Promise<CachedAnswer | undefined>;
-  set(key: string, value: CachedAnswer, ttlMs: number): Promise<void>;
+  get(key: string, info?: CacheLookupInfo): Promise<CachedAnswer | undefined>;
+  set(key: string, value: CachedAnswer, ttlMs: number, info?: CacheWriteInfo): Promise<void>;
 }

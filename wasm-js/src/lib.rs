@@ -284,7 +284,7 @@ impl JsEngine {
         match read(&headers, body.as_bytes(), self.engine.config()) {
             Ok(info) => {
                 self.handles += 1.0;
-                let key = info.cache_key.map(|k| hex(k.0));
+                let key = info.cache_key.map(|k| hex(k.0, 32));
                 self.action = [
                     self.handles,
                     f64::from(u8::from(info.stream)),
@@ -306,6 +306,18 @@ impl JsEngine {
                 None
             }
         }
+    }
+
+    /// The tenant of the request `read` gave `handle` for, before it is admitted: its
+    /// `tenant_id` (`request::tenant_of`, hashed) as 16 hex digits, the form `unbusy-store`'s
+    /// paths and Redis keys take beside the (already tenant-scoped) cache key, so a Node host
+    /// and an Envoy fleet address one entry alike. `None` for an unknown handle.
+    #[wasm_bindgen(js_name = tenantOf)]
+    pub fn tenant_of(&self, handle: f64) -> Option<String> {
+        self.pending
+            .iter()
+            .find(|(h, _)| *h == handle)
+            .map(|(_, info)| hex(u128::from(info.tenant), 16))
     }
 
     /// Admits the request `read` gave `handle` for; returns its id (NaN for an unknown
@@ -673,10 +685,11 @@ impl JsEngine {
     }
 }
 
-/// A cache key as 32 lower-case hex digits (as `CacheKey`'s `Display`, without the formatting
-/// machinery's 128-bit division in the module).
-fn hex(k: u128) -> String {
-    (0..32)
+/// `k`'s low `digits` hex digits, lower-case, zero-padded: a cache key as 32 (as `CacheKey`'s
+/// `Display`), a tenant id as 16 (as the filter's `{:016x}`), without the formatting
+/// machinery's 128-bit division in the module.
+fn hex(k: u128, digits: u32) -> String {
+    (0..digits)
         .rev()
         .map(|i| {
             let d = ((k >> (i * 4)) & 0xf) as u8;

@@ -3,8 +3,8 @@
 // live outside the package directory: without this a clean checkout packs a tarball whose
 // import fails (ERR_MODULE_NOT_FOUND .../pkg/unbusy_js.js).
 //
-// Run from wasm-js/npm inside the unbusy repository: copies docs/config.md, docs/requests.md, docs/metrics.md,
-// examples/worker/worker.js and examples/browser/index.html into the package, and runs
+// Run from wasm-js/npm inside the unbusy repository: copies docs/config.md, docs/requests.md,
+// docs/metrics.md, docs/store.md, examples/worker/worker.js and examples/browser/index.html into the package, and runs
 // `make js` unless pkg/ is newer than every source of the wasm build. Anywhere else it
 // refuses, saying why.
 import { copyFileSync, existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 const pkgDir = fileURLToPath(new URL('..', import.meta.url));
 const root = join(pkgDir, '..', '..');
 const BUILT = ['pkg/unbusy_js.js', 'pkg/unbusy_js_bg.wasm', 'pkg/unbusy_js_bg_bytes.js'];
-const COPIED = ['docs/config.md', 'docs/requests.md', 'docs/metrics.md', 'examples/worker/worker.js', 'examples/browser/index.html'];
+const COPIED = ['docs/config.md', 'docs/requests.md', 'docs/metrics.md', 'docs/store.md', 'examples/worker/worker.js', 'examples/browser/index.html'];
 // Everything the wasm build reads: when one of these is newer than pkg/, pkg/ is stale.
 const SOURCES = ['Makefile', 'Cargo.toml', 'Cargo.lock', 'core/Cargo.toml', 'core/src', 'wasm-js/Cargo.toml', 'wasm-js/src', 'wasm-js/npm/scripts/inline-wasm.mjs'];
 

@@ -55,7 +55,7 @@ console.log(JSON.stringify(answer));
 });
 
 test('every other JavaScript block is code that a test runs', () => {
-  const ran = ['examples/worker/worker.js', 'wasm-js/npm/test/bundlers.test.mjs', 'wasm-js/npm/test/metrics.test.mjs'].map((f) => [f, normal(readFileSync(`${root}${f}`, 'utf8'))]);
+  const ran = ['examples/worker/worker.js', 'wasm-js/npm/test/bundlers.test.mjs', 'wasm-js/npm/test/metrics.test.mjs', 'wasm-js/npm/test/store.test.mjs'].map((f) => [f, normal(readFileSync(`${root}${f}`, 'utf8'))]);
   const others = blocks.filter((b) => !b.includes('new OpenAI('));
   assert.ok(others.length >= 3, `${others.length} blocks`);
   for (const block of others) {

@@ -9,6 +9,8 @@ import { prometheusMetrics, openTelemetryMetrics, TOKEN_BUCKETS, DURATION_BUCKET
 import client from 'prom-client';
 import { metrics } from '@opentelemetry/api';
 import wasm from 'unbusy/wasm';
+import { createClient } from 'redis';
+import { redisCache, storeCache, DEFAULT_TIMEOUT_MS } from 'unbusy/store';
 
 await init({ module: wasm });
 await init();
@@ -122,3 +124,19 @@ createFetch({ providers, retry: { jitter: 'random' } });
 createFetch({ providers: [{ name: 'p', baseUrl: 'https://x', apiKeyEnv: 'KEY' }] });
 // @ts-expect-error waitUntil takes the promise
 createFetch(config, { waitUntil: 'ctx' });
+
+// unbusy/store: a node `redis` client (v5) is what redisCache takes; both are CacheStores.
+const shared: CacheStore = storeCache({ url: 'http://127.0.0.1:7379', timeoutMs: DEFAULT_TIMEOUT_MS, log: (m) => console.warn(m) });
+const client = createClient({ url: 'redis://127.0.0.1:6379' });
+createFetch(config, { cache: redisCache(client, { prefix: 'unbusy:', timeoutMs: 50 }) });
+createFetch(config, { cache: shared });
+// A store that reads what the package passes beside the key.
+const tenants: CacheStore = {
+  get: async (key, info) => (info?.tenant.length === 16 ? undefined : undefined),
+  set: async (key, value, ttlMs, info) => void (info && info.ttlMs + info.staleTtlMs === ttlMs),
+};
+createFetch(config, { cache: tenants });
+// @ts-expect-error storeCache needs the store's url
+storeCache({ timeoutMs: 20 });
+// @ts-expect-error misspelt: timeoutMS
+redisCache(client, { timeoutMS: 20 });
