@@ -54,7 +54,7 @@ test('a provider killed while idle is skipped by the next request, and taken bac
   // Killed with nothing in flight: marked down by its probes, then skipped.
   await primary.kill();
   await until('the primary is marked down', () => events.some((e) => e.provider === 0 && !e.up));
-  assert.deepEqual(events, [{ type: 'providerHealth', provider: 0, up: false, status: 0 }]);
+  assert.deepEqual(events, [{ type: 'providerHealth', provider: 0, providerName: 'primary', up: false, status: 0 }]);
   const backupBefore = (await backup.stats()).attempts;
   for (let i = 0; i < 3; i++) {
     r = await post(f, primary.url);

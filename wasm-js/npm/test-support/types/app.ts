@@ -6,7 +6,7 @@ import OpenAI from 'openai';
 import OpenAIv6 from 'openai-v6';
 import { createFetch, init, MemoryCache, type Config, type UnbusyEvent, type CacheStore } from 'unbusy';
 import { prometheusMetrics, openTelemetryMetrics, TOKEN_BUCKETS, DURATION_BUCKETS, FIRST_CHUNK_BUCKETS } from 'unbusy/metrics';
-import client from 'prom-client';
+import promClient from 'prom-client';
 import { metrics } from '@opentelemetry/api';
 import wasm from 'unbusy/wasm';
 import { createClient } from 'redis';
@@ -91,7 +91,7 @@ function onEvent(e: UnbusyEvent): string {
 }
 
 // The metrics adapters take the libraries' own objects.
-const promOnEvent: (e: UnbusyEvent) => void = prometheusMetrics(client, client.register);
+const promOnEvent: (e: UnbusyEvent) => void = prometheusMetrics(promClient, promClient.register);
 const otelOnEvent: (e: UnbusyEvent) => void = openTelemetryMetrics(metrics.getMeter('unbusy'));
 const bounds: readonly number[] = [...TOKEN_BUCKETS, ...DURATION_BUCKETS, ...FIRST_CHUNK_BUCKETS];
 void [promOnEvent, otelOnEvent, bounds];
