@@ -164,3 +164,91 @@ fn a_wrongly_typed_field_hides_only_the_errors_it_causes() {
         "{e:?}"
     );
 }
+
+/// Every bound `validate` enforces, on both sides: the value at the bound is taken, the first
+/// one past it refused, naming the field.
+#[test]
+fn validation_bounds_are_exact() {
+    let ok = |rest: &str| errors(&format!("{{{PROVIDER},{rest}}}"));
+    let refused = |rest: &str, field: &str| {
+        let e = ok(rest);
+        assert!(e.iter().any(|e| e.field == field), "{rest}: {e:?}");
+    };
+    // Providers: 64 at most.
+    let providers = |n: usize| {
+        let list: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"name":"p{i}","cluster":"c{i}"}}"#))
+            .collect();
+        errors(&format!(r#"{{"providers":[{}]}}"#, list.join(",")))
+    };
+    assert!(providers(63).is_empty());
+    assert!(providers(64).is_empty());
+    assert!(providers(65).iter().any(|e| e.field == "providers"));
+    // A model mapping with either side empty.
+    let models = |m: &str| {
+        errors(&format!(
+            r#"{{"providers":[{{"name":"p","cluster":"p","models":{m}}}]}}"#
+        ))
+    };
+    assert!(models(r#"{"a":"b"}"#).is_empty());
+    assert_eq!(models(r#"{"":"b"}"#).len(), 1);
+    assert_eq!(models(r#"{"a":""}"#).len(), 1);
+    // Concurrency: max may equal min; the backoff ratio lies strictly inside (0, 1).
+    assert!(ok(r#""concurrency":{"min":3,"max":3}"#).is_empty());
+    refused(r#""concurrency":{"min":3,"max":2}"#, "concurrency.max");
+    for good in ["0.001", "0.5", "0.999"] {
+        assert!(ok(&format!(r#""concurrency":{{"backoff_ratio":{good}}}"#)).is_empty());
+    }
+    for bad in ["0", "1", "-0.5", "1.5"] {
+        refused(
+            &format!(r#""concurrency":{{"backoff_ratio":{bad}}}"#),
+            "concurrency.backoff_ratio",
+        );
+    }
+    // The cache may be exactly one entry big.
+    assert!(ok(r#""cache":{"max_bytes":1000,"max_entry_bytes":1000}"#).is_empty());
+    refused(
+        r#""cache":{"max_bytes":999,"max_entry_bytes":1000}"#,
+        "cache.max_bytes",
+    );
+    // Degradation: enter in (0, 1], exit in [0, enter).
+    assert!(ok(r#""degradation":{"enter":[0.3,0.6,1.0],"exit":[0.0,0.4,0.7]}"#).is_empty());
+    refused(
+        r#""degradation":{"enter":[0.0,0.6,0.9],"exit":[0.0,0.4,0.7]}"#,
+        "degradation.enter[0]",
+    );
+    refused(
+        r#""degradation":{"enter":[0.3,0.6,1.01],"exit":[0.15,0.4,0.7]}"#,
+        "degradation.enter[2]",
+    );
+    refused(
+        r#""degradation":{"enter":[0.3,0.6,0.9],"exit":[0.3,0.4,0.7]}"#,
+        "degradation.exit[0]",
+    );
+    refused(
+        r#""degradation":{"enter":[0.3,0.6,0.9],"exit":[-0.1,0.4,0.7]}"#,
+        "degradation.exit[0]",
+    );
+}
+
+#[test]
+fn every_jitter_is_read_by_its_name() {
+    use unbusy_core::backoff::Jitter;
+    for (name, jitter) in [
+        ("full", Jitter::Full),
+        ("equal", Jitter::Equal),
+        ("decorrelated", Jitter::Decorrelated),
+        ("none", Jitter::None),
+    ] {
+        assert_eq!(
+            config(&format!(r#""retry":{{"jitter":"{name}"}}"#))
+                .retry
+                .jitter,
+            jitter
+        );
+    }
+    assert_eq!(
+        errors(&format!(r#"{{{PROVIDER},"retry":{{"jitter":"random"}}}}"#)).len(),
+        1
+    );
+}
