@@ -32,10 +32,17 @@ pub struct Holding {
     pub until: Nanos,
 }
 
-/// The slots a proxy asks for: its attempts in flight plus its requests waiting for a slot,
-/// at most the quota (asking for more keeps slots another proxy waits for).
-pub fn want(in_flight: u32, waiting: u32, max: u32) -> u32 {
-    in_flight.saturating_add(waiting).min(max)
+/// The slots a proxy asks for: its demand on the provider, at most the quota (asking for more
+/// keeps slots another proxy waits for). Demand is the attempts in flight, the requests
+/// waiting for a slot, and the attempts turned away for want of one since the last renewal:
+/// with another provider to fail over to, a request that finds no slot does not wait, it goes
+/// elsewhere, and a proxy that counted only what waits would ask for nothing and never get
+/// the provider back.
+pub fn want(in_flight: u32, waiting: u32, turned_away: u32, max: u32) -> u32 {
+    in_flight
+        .saturating_add(waiting)
+        .saturating_add(turned_away)
+        .min(max)
 }
 
 /// How long a holding is leased for, asked with each renewal: ten polls, at least a second
@@ -111,10 +118,12 @@ mod tests {
 
     #[test]
     fn a_proxy_wants_what_it_uses_and_waits_for_within_the_quota() {
-        assert_eq!(want(2, 1, 4), 3);
-        assert_eq!(want(3, 9, 4), 4);
-        assert_eq!(want(0, 0, 4), 0);
-        assert_eq!(want(u32::MAX, 1, 4), 4);
+        assert_eq!(want(2, 1, 0, 4), 3);
+        assert_eq!(want(3, 9, 0, 4), 4);
+        assert_eq!(want(0, 0, 0, 4), 0);
+        assert_eq!(want(u32::MAX, 1, 0, 4), 4);
+        assert_eq!(want(0, 0, 2, 4), 2, "turned away is demand");
+        assert_eq!(want(1, 1, u32::MAX, 4), 4);
     }
 
     #[test]

@@ -668,3 +668,40 @@ fn an_open_breaker_on_one_proxy_is_a_pause_on_another() {
     assert!(b.workers[0].request(20));
     assert_eq!(b.workers[0].cluster(20), "c2", "paused on B too");
 }
+
+/// A proxy that holds no slot of its preferred provider sends its requests to the next one
+/// instead of waiting; those requests are its demand all the same, so its next renewal asks
+/// for slots and the provider is used again (the fleet demo's account got no attempt at all
+/// when only waiting requests counted).
+#[test]
+fn requests_failed_over_for_want_of_a_slot_ask_the_store_for_slots() {
+    let config = r#"{"providers":[{"name":"first","cluster":"c1","max_concurrency":2},{"name":"second","cluster":"c2","priority":1}],
+        "store":{"cluster":"unbusy_store","poll_ms":100}}"#;
+    let mut store = Store {
+        up: true,
+        ..Store::default()
+    };
+    let mut a = Proxy::new(config, 1, 7);
+    // The first renewal asks for nothing: no demand yet.
+    a.tick(&mut store);
+    a.advance(Duration::from_millis(20));
+    a.tick(&mut store);
+    let held = |s: &Store| s.held.values().copied().sum::<u64>();
+    assert_eq!(held(&store), 0);
+    assert!(a.workers[0].request(10));
+    assert_eq!(
+        a.workers[0].cluster(10),
+        "c2",
+        "no slot of first: failed over"
+    );
+    a.workers[0].answer(10, "200", &[], ANSWER);
+    // The next renewals ask for what was turned away.
+    for _ in 0..8 {
+        a.advance(Duration::from_millis(20));
+        a.tick(&mut store);
+    }
+    assert!(held(&store) >= 1, "{:?}", store.held);
+    assert!(a.workers[0].request(11));
+    assert_eq!(a.workers[0].cluster(11), "c1", "the provider is used again");
+    a.workers[0].answer(11, "200", &[], ANSWER);
+}

@@ -2,7 +2,7 @@
 //! provider's failover aggregate or as the router's native retry (see [`crate::failover`]), or
 //! as a dispatched call; and the upstream instance's side of a native attempt.
 
-use super::{slot_key, State};
+use super::{fleet, slot_key, State};
 use crate::effect::{Effect, UpstreamPlan};
 use crate::failover::{flow_value, Native};
 use crate::flow::Phase;
@@ -27,8 +27,15 @@ impl<H: Host> State<H> {
         // answered as the provider itself would (429 without a hint: a quota verdict), so the
         // engine fails over, queues or backs off exactly as for the real thing.
         // With a store, the quota is the proxy's share of the fleet's (see `fleet`).
+        if self.config.store.fleet_cluster().is_some() {
+            self.count_turned_away(now, send.provider);
+        }
         if let Some(quota) = self.quota(now, send.provider) {
             if !shared::slot_acquire(&self.host, &slot_key(send.provider), quota) {
+                if self.config.store.fleet_cluster().is_some() {
+                    // Demand the fleet's renewal asks for (see `fleet::want`).
+                    shared::add(&self.host, &fleet::turned_away_key(send.provider), 1);
+                }
                 self.engine.on_outcome(
                     now,
                     send.request,

@@ -38,6 +38,12 @@ fn holding_key(provider: usize) -> String {
     format!("unbusy:fleet:held:{provider}")
 }
 
+/// The shared-data key of the attempts turned away from a provider for want of a slot since
+/// the last renewal (demand that went elsewhere: see `fleet::want`).
+pub(super) fn turned_away_key(provider: usize) -> String {
+    format!("unbusy:fleet:turned:{provider}")
+}
+
 /// A holding as stored: held (4), lease end (8), and when the latest renewal was asked (8),
 /// so an answer to an older one is not applied over it.
 fn holding_bytes(h: Holding, asked: Nanos) -> [u8; 20] {
@@ -132,6 +138,23 @@ impl<H: Host> State<H> {
             }
         }
         self.fleet.published = vec![0; self.config.providers.len()];
+    }
+
+    /// An attempt goes to provider `chosen`: every other provider whose fleet quota this proxy
+    /// has used up (its engine went elsewhere for want of a slot there) gets one more attempt
+    /// turned away, the demand its next renewal asks for (`fleet::want`).
+    pub(super) fn count_turned_away(&self, now: Nanos, chosen: usize) {
+        for (i, p) in self.config.providers.iter().enumerate() {
+            if i == chosen || p.max_concurrency.is_none() {
+                continue;
+            }
+            let full = self
+                .quota(now, i)
+                .is_some_and(|q| shared::slots_held(&self.host, &slot_key(i)) >= q);
+            if full {
+                shared::add(&self.host, &turned_away_key(i), 1);
+            }
+        }
     }
 
     /// How many attempts this proxy may have in flight to provider `i`: its fleet holding with
@@ -244,7 +267,12 @@ impl<H: Host> State<H> {
                 continue;
             }
             let in_flight = shared::slots_held(&self.host, &slot_key(i));
-            let want = fleet::want(in_flight, waiting, max);
+            // Taken, not read: what is turned away after this is counted for the next renewal.
+            let turned = shared::slots_held(&self.host, &turned_away_key(i));
+            if turned > 0 {
+                shared::add(&self.host, &turned_away_key(i), -i64::from(turned));
+            }
+            let want = fleet::want(in_flight, waiting, turned, max);
             update(&self.host, &holding_key(i), |h, _| {
                 Some((fleet::asking(h, want), now))
             });

@@ -36,6 +36,10 @@ struct Tally {
     latencies_ms: Vec<f64>,
     cache_hits: u64,
     fleet_hits: u64,
+    /// Latencies of answers served from the other proxy's cache (the store), and of answers
+    /// a provider gave.
+    fleet_hit_ms: Vec<f64>,
+    provider_ms: Vec<f64>,
 }
 
 fn percentile(v: &mut [f64], q: f64) -> f64 {
@@ -220,8 +224,14 @@ async fn run(store: Option<SocketAddr>) -> Result<Run, String> {
                 if note.contains("cache=hit") || note.contains("cache=stale") {
                     tl.cache_hits += 1;
                 }
-                if note.contains("cache=hit-l2") || note.contains("cache=stale-l2") {
+                let from_fleet = note.contains("cache=hit-l2") || note.contains("cache=stale-l2");
+                if from_fleet {
                     tl.fleet_hits += 1;
+                }
+                if answered && from_fleet {
+                    tl.fleet_hit_ms.push(elapsed);
+                } else if answered && note.contains("cache=miss") {
+                    tl.provider_ms.push(elapsed);
                 }
                 if answered {
                     tl.succeeded += 1;
@@ -306,6 +316,17 @@ async fn demo() -> Result<(), String> {
             "{name}: {} requests; the account saw {} attempts, the backup {}.",
             t.requests, r.primary_attempts, r.backup_attempts
         ));
+        if !t.fleet_hit_ms.is_empty() {
+            let hit50 = percentile(&mut t.fleet_hit_ms, 0.5);
+            let hit99 = percentile(&mut t.fleet_hit_ms, 0.99);
+            let provider50 = percentile(&mut t.provider_ms, 0.5);
+            notes.push(format!(
+                "  answers from the other proxy's cache (through the store): p50 {hit50:.1} ms, \
+                 p99 {hit99:.1} ms, against p50 {provider50:.0} ms for a provider's answer \
+                 ({:.0}x faster at the median)",
+                provider50 / hit50.max(0.001)
+            ));
+        }
     }
     println!();
     for n in notes {
