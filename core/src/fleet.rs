@@ -37,12 +37,20 @@ pub struct Holding {
 /// waiting for a slot, and the attempts turned away for want of one since the last renewal:
 /// with another provider to fail over to, a request that finds no slot does not wait, it goes
 /// elsewhere, and a proxy that counted only what waits would ask for nothing and never get
-/// the provider back.
-pub fn want(in_flight: u32, waiting: u32, turned_away: u32, max: u32) -> u32 {
-    in_flight
+/// the provider back. And while any attempt was turned away within the last lease period
+/// (`recently_turned_away`), at least one slot: requests a second apart would otherwise find
+/// the slot the previous renewal got already given back by the renewal after it.
+pub fn want(
+    in_flight: u32,
+    waiting: u32,
+    turned_away: u32,
+    recently_turned_away: bool,
+    max: u32,
+) -> u32 {
+    let demand = in_flight
         .saturating_add(waiting)
-        .saturating_add(turned_away)
-        .min(max)
+        .saturating_add(turned_away);
+    demand.max(u32::from(recently_turned_away)).min(max)
 }
 
 /// How long a holding is leased for, asked with each renewal: ten polls, at least a second
@@ -118,12 +126,15 @@ mod tests {
 
     #[test]
     fn a_proxy_wants_what_it_uses_and_waits_for_within_the_quota() {
-        assert_eq!(want(2, 1, 0, 4), 3);
-        assert_eq!(want(3, 9, 0, 4), 4);
-        assert_eq!(want(0, 0, 0, 4), 0);
-        assert_eq!(want(u32::MAX, 1, 0, 4), 4);
-        assert_eq!(want(0, 0, 2, 4), 2, "turned away is demand");
-        assert_eq!(want(1, 1, u32::MAX, 4), 4);
+        assert_eq!(want(2, 1, 0, false, 4), 3);
+        assert_eq!(want(3, 9, 0, false, 4), 4);
+        assert_eq!(want(0, 0, 0, false, 4), 0);
+        assert_eq!(want(u32::MAX, 1, 0, false, 4), 4);
+        assert_eq!(want(0, 0, 2, false, 4), 2, "turned away is demand");
+        assert_eq!(want(1, 1, u32::MAX, false, 4), 4);
+        assert_eq!(want(0, 0, 0, true, 4), 1, "recent demand keeps a slot");
+        assert_eq!(want(2, 0, 0, true, 4), 2);
+        assert_eq!(want(0, 0, 0, true, 0), 0);
     }
 
     #[test]

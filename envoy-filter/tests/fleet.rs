@@ -704,4 +704,18 @@ fn requests_failed_over_for_want_of_a_slot_ask_the_store_for_slots() {
     assert!(a.workers[0].request(11));
     assert_eq!(a.workers[0].cluster(11), "c1", "the provider is used again");
     a.workers[0].answer(11, "200", &[], ANSWER);
+    // Requests a few polls apart: the slot stays while the demand is recent (within a lease).
+    for ctx in 12..15 {
+        for _ in 0..10 {
+            a.advance(Duration::from_millis(20));
+            a.tick(&mut store);
+        }
+        assert!(a.workers[0].request(ctx));
+        assert_eq!(
+            a.workers[0].cluster(ctx),
+            "c1",
+            "request {ctx}, 200 ms after the last"
+        );
+        a.workers[0].answer(ctx, "200", &[], ANSWER);
+    }
 }

@@ -2,7 +2,7 @@
 //! provider's failover aggregate or as the router's native retry (see [`crate::failover`]), or
 //! as a dispatched call; and the upstream instance's side of a native attempt.
 
-use super::{fleet, slot_key, State};
+use super::{slot_key, State};
 use crate::effect::{Effect, UpstreamPlan};
 use crate::failover::{flow_value, Native};
 use crate::flow::Phase;
@@ -33,8 +33,7 @@ impl<H: Host> State<H> {
         if let Some(quota) = self.quota(now, send.provider) {
             if !shared::slot_acquire(&self.host, &slot_key(send.provider), quota) {
                 if self.config.store.fleet_cluster().is_some() {
-                    // Demand the fleet's renewal asks for (see `fleet::want`).
-                    shared::add(&self.host, &fleet::turned_away_key(send.provider), 1);
+                    self.turned_away(now, send.provider);
                 }
                 self.engine.on_outcome(
                     now,

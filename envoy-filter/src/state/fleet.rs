@@ -40,8 +40,13 @@ fn holding_key(provider: usize) -> String {
 
 /// The shared-data key of the attempts turned away from a provider for want of a slot since
 /// the last renewal (demand that went elsewhere: see `fleet::want`).
-pub(super) fn turned_away_key(provider: usize) -> String {
+fn turned_away_key(provider: usize) -> String {
     format!("unbusy:fleet:turned:{provider}")
+}
+
+/// The shared-data key of when an attempt was last turned away from a provider.
+fn turned_away_at_key(provider: usize) -> String {
+    format!("unbusy:fleet:turned_at:{provider}")
 }
 
 /// A holding as stored: held (4), lease end (8), and when the latest renewal was asked (8),
@@ -152,9 +157,16 @@ impl<H: Host> State<H> {
                 .quota(now, i)
                 .is_some_and(|q| shared::slots_held(&self.host, &slot_key(i)) >= q);
             if full {
-                shared::add(&self.host, &turned_away_key(i), 1);
+                self.turned_away(now, i);
             }
         }
+    }
+
+    /// Counts an attempt turned away from provider `i` for want of a slot: demand for the
+    /// next renewal (`fleet::want`).
+    pub(super) fn turned_away(&self, now: Nanos, i: usize) {
+        shared::add(&self.host, &turned_away_key(i), 1);
+        shared::raise(&self.host, &turned_away_at_key(i), now);
     }
 
     /// How many attempts this proxy may have in flight to provider `i`: its fleet holding with
@@ -272,7 +284,9 @@ impl<H: Host> State<H> {
             if turned > 0 {
                 shared::add(&self.host, &turned_away_key(i), -i64::from(turned));
             }
-            let want = fleet::want(in_flight, waiting, turned, max);
+            let last = shared::instant(&self.host, &turned_away_at_key(i));
+            let recently = last > 0 && now.saturating_sub(last) < ms(lease);
+            let want = fleet::want(in_flight, waiting, turned, recently, max);
             update(&self.host, &holding_key(i), |h, _| {
                 Some((fleet::asking(h, want), now))
             });
