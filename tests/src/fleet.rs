@@ -46,9 +46,18 @@ pub fn store(socket: &Path) -> (Proc, SocketAddr) {
 
 /// The store on `listen` against the Redis at `socket`.
 pub fn store_on(listen: &str, socket: &Path) -> (Proc, SocketAddr) {
+    store_with(
+        listen,
+        "--redis",
+        &format!("redis+unix://{}", socket.display()),
+    )
+}
+
+/// The store on `listen` against `redis` given with `flag` (`--redis URL`, or
+/// `--redis-cluster URL,URL...` for a Redis Cluster).
+pub fn store_with(listen: &str, flag: &str, redis: &str) -> (Proc, SocketAddr) {
     let mut child = Command::new(store_bin())
-        .args(["--listen", listen, "--redis"])
-        .arg(format!("redis+unix://{}", socket.display()))
+        .args(["--listen", listen, flag, redis])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

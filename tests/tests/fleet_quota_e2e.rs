@@ -29,9 +29,9 @@ use unbusy_tests::emulator::start;
 use unbusy_tests::envoy::{
     filter_config, filter_wasm, render, store_upstream, use_store, Render, Upstream,
 };
-use unbusy_tests::fleet::store;
+use unbusy_tests::fleet::{store, store_with};
 use unbusy_tests::harness::{chat, chat_body, request, Envoy};
-use unbusy_tests::redis::RedisServer;
+use unbusy_tests::redis::{RedisCluster, RedisServer};
 use unbusy_tests::world::{healthy, test_config};
 
 /// The fleet's limit: 20 requests a second, a burst of 20.
@@ -72,10 +72,31 @@ async fn leases(envoy: &Envoy) -> u64 {
         .sum()
 }
 
+/// Where the fleet's state is.
+enum Backend {
+    /// One `redis-server`.
+    Single,
+    /// A Redis Cluster of three primaries.
+    Cluster,
+}
+
 async fn run(proxies: usize, with_store: bool) -> Run {
-    let redis = RedisServer::start(&format!("quota-{proxies}-{with_store}"));
-    let socket = redis.socket();
-    let (_store, store_addr) = store(&socket);
+    run_on(proxies, with_store, &Backend::Single).await
+}
+
+async fn run_on(proxies: usize, with_store: bool, backend: &Backend) -> Run {
+    let (_redis, _cluster, (_store, store_addr)) = match backend {
+        Backend::Single => {
+            let redis = RedisServer::start(&format!("quota-{proxies}-{with_store}"));
+            let store = store(&redis.socket());
+            (Some(redis), None, store)
+        }
+        Backend::Cluster => {
+            let cluster = RedisCluster::start();
+            let store = store_with("127.0.0.1:0", "--redis-cluster", &cluster.urls());
+            (None, Some(cluster), store)
+        }
+    };
 
     let (_emu, addr) = start(healthy("primary", [1.0, 2.0], [2.0, 4.0]), 7, "127.0.0.1:0")
         .await
@@ -197,6 +218,24 @@ async fn fleet_holds_the_limit(proxies: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_one_global_limit() {
     fleet_holds_the_limit(2).await;
+    // The same through a store on a three-primary Redis Cluster (after the runs above, not
+    // beside them: the accuracy needs lease calls answered within their timeout).
+    let on_cluster = run_on(2, true, &Backend::Cluster).await;
+    let ratio = on_cluster.admitted as f64 / on_cluster.allowed;
+    println!(
+        "on a Redis Cluster: {} admitted of {:.0} allowed ({:.1}%), {} lease calls granted",
+        on_cluster.admitted,
+        on_cluster.allowed,
+        100.0 * ratio,
+        on_cluster.leases
+    );
+    assert!(on_cluster.leases > 0);
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "on a cluster: {} admitted of {:.0} allowed",
+        on_cluster.admitted,
+        on_cluster.allowed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
