@@ -17,21 +17,20 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
+use common::{ANSWER, T0};
+
 use proxy_wasm::types::Action;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
-use unbusy_core::config::Config;
 use unbusy_core::json;
 use unbusy_envoy::driver::{self, Shared};
 use unbusy_envoy::fake::{FakeCall, FakeHost, FakeProcess};
 use unbusy_envoy::host::Level;
-use unbusy_envoy::state::State;
 
-const T0: u64 = 1_700_000_000_000_000_000;
 const CHAT: &str = r#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"hi"}]}"#;
-const ANSWER: &str = r#"{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}"#;
 
 /// The store, as the test plays it: the semaphore's holders (leases are not needed here: no
 /// proxy dies) and the pauses (until, by the test's clock, in ms).
@@ -113,12 +112,10 @@ struct Worker {
 
 impl Worker {
     fn new(process: &Rc<FakeProcess>, config: &str, seed: u64) -> Self {
-        let host = FakeHost::worker(process);
-        let config = Config::from_json(config.as_bytes()).unwrap();
-        let state = State::new(host.clone(), config, seed).unwrap();
+        let (host, state) = common::worker(process, config, seed);
         Self {
             host,
-            state: Rc::new(RefCell::new(state)),
+            state,
             answered: 0,
         }
     }

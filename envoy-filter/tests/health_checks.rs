@@ -11,18 +11,17 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
+use common::T0;
+
 use proxy_wasm::types::Action;
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
-use unbusy_core::config::Config;
 use unbusy_core::health::ProbeState;
 use unbusy_envoy::driver::{self, Shared};
 use unbusy_envoy::fake::{FakeCall, FakeHost, FakeProcess};
 use unbusy_envoy::host::Level;
-use unbusy_envoy::state::State;
-
-const T0: u64 = 1_700_000_000_000_000_000;
 
 const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -41,12 +40,10 @@ struct Worker {
 
 impl Worker {
     fn new(process: &Rc<FakeProcess>, config: &str, seed: u64) -> Self {
-        let host = FakeHost::worker(process);
-        let config = Config::from_json(config.as_bytes()).unwrap();
-        let state = State::new(host.clone(), config, seed).unwrap();
+        let (host, state) = common::worker(process, config, seed);
         Self {
             host,
-            state: Rc::new(RefCell::new(state)),
+            state,
             answered: 0,
         }
     }

@@ -10,18 +10,17 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
+use common::{ANSWER, T0};
+
 use proxy_wasm::types::Action;
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
-use unbusy_core::config::Config;
 use unbusy_envoy::driver::{self, Shared};
 use unbusy_envoy::fake::{FakeHost, FakeProcess};
-use unbusy_envoy::state::State;
 
-const T0: u64 = 1_700_000_000_000_000_000;
-const ANSWER: &str = r#"{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}"#;
 const CONFIG: &str = r#"{"providers":[{"name":"a","cluster":"ca"}]}"#;
 
 fn chat(content: &str, temperature: &str) -> String {
@@ -39,13 +38,11 @@ struct Worker {
 impl Worker {
     fn new() -> Self {
         let process = FakeProcess::new(T0);
-        let host = FakeHost::worker(&process);
-        let config = Config::from_json(CONFIG.as_bytes()).unwrap();
-        let state = State::new(host.clone(), config, 1).unwrap();
+        let (host, state) = common::worker(&process, CONFIG, 1);
         Self {
             process,
             host,
-            state: Rc::new(RefCell::new(state)),
+            state,
         }
     }
 

@@ -12,25 +12,23 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
+use common::{ANSWER, T0};
+
 use proxy_wasm::types::Action;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
-use unbusy_core::config::Config;
 use unbusy_envoy::driver::{self, Shared};
 use unbusy_envoy::fake::{FakeCall, FakeHost, FakeProcess, FakeStream};
 use unbusy_envoy::host::Level;
-use unbusy_envoy::state::State;
-
-const T0: u64 = 1_700_000_000_000_000_000;
 
 const CONFIG: &str = r#"{"providers":[{"name":"a","cluster":"ca"}],
     "retry":{"max_attempts":1},
     "store":{"cluster":"unbusy_store"}}"#;
 const CHAT: &str = r#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"hi"}]}"#;
 const HOT: &str = r#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"hi"}]}"#;
-const ANSWER: &str = r#"{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}"#;
 
 /// One proxy: a process of its own with one worker.
 struct Proxy {
@@ -44,13 +42,11 @@ struct Proxy {
 impl Proxy {
     fn new(config: &str) -> Self {
         let process = FakeProcess::new(T0);
-        let host = FakeHost::worker(&process);
-        let config = Config::from_json(config.as_bytes()).unwrap();
-        let state = State::new(host.clone(), config, 7).unwrap();
+        let (host, state) = common::worker(&process, config, 7);
         Self {
             process,
             host,
-            state: Rc::new(RefCell::new(state)),
+            state,
             seen: 0,
         }
     }

@@ -14,8 +14,11 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
+use common::T0;
+
 use proxy_wasm::types::Action;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -26,9 +29,6 @@ use unbusy_envoy::driver::{self, Shared};
 use unbusy_envoy::fake::{FakeCall, FakeHost, FakeProcess};
 use unbusy_envoy::host::Level;
 use unbusy_envoy::quota::LEASE_REQUESTS;
-use unbusy_envoy::state::State;
-
-const T0: u64 = 1_700_000_000_000_000_000;
 
 /// 600 requests a minute (10 a second), burst 10, over two proxies.
 const LEASED: &str = r#"{"providers":[{"name":"a","cluster":"ca"}],
@@ -53,12 +53,10 @@ struct Worker {
 
 impl Worker {
     fn new(process: &Rc<FakeProcess>, config: &str, seed: u64) -> Self {
-        let host = FakeHost::worker(process);
-        let config = Config::from_json(config.as_bytes()).unwrap();
-        let state = State::new(host.clone(), config, seed).unwrap();
+        let (host, state) = common::worker(process, config, seed);
         Self {
             host,
-            state: Rc::new(RefCell::new(state)),
+            state,
             seen: 0,
         }
     }

@@ -13,19 +13,18 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
+use common::{ANSWER, T0};
+
 use proxy_wasm::types::Action;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
-use unbusy_core::config::Config;
 use unbusy_envoy::driver::{self, Attempt, Shared};
 use unbusy_envoy::fake::{FakeHost, FakeProcess, FakeStream};
-use unbusy_envoy::state::State;
-
-const T0: u64 = 1_700_000_000_000_000_000;
 
 const CHAT: &str = r#"{"model":"m","temperature":0,"messages":[{"role":"user","content":"hi"}]}"#;
-const ANSWER: &str = r#"{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}]}"#;
 
 /// One worker: its host (over the shared process) and its filter state.
 struct Worker {
@@ -35,13 +34,8 @@ struct Worker {
 
 impl Worker {
     fn new(process: &Rc<FakeProcess>, config: &str, seed: u64) -> Self {
-        let host = FakeHost::worker(process);
-        let config = Config::from_json(config.as_bytes()).unwrap();
-        let state = State::new(host.clone(), config, seed).unwrap();
-        Self {
-            host,
-            state: Rc::new(RefCell::new(state)),
-        }
+        let (host, state) = common::worker(process, config, seed);
+        Self { host, state }
     }
 
     /// A caller's chat request on stream `ctx` (headers, then the whole body), as Envoy calls
