@@ -345,3 +345,38 @@ pub async fn chat(addr: SocketAddr, body: &str, extra: &[(&str, &str)]) -> Resul
     )
     .await
 }
+
+/// The `q` quantile (0 to 1) of `values` by the nearest-rank rule (sorts them); 0 when empty.
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    if values.is_empty() {
+        return 0.0;
+    }
+    let i = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1;
+    values.get(i).copied().unwrap_or(0.0)
+}
+
+/// A binary's `main`: runs `job` on a multi-threaded runtime; its error is printed after
+/// `name` and the exit status is a failure.
+pub fn run_main<F>(name: &str, job: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

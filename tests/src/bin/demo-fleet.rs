@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use unbusy_tests::emulator::{start, Behaviour};
 use unbusy_tests::envoy::Upstream;
 use unbusy_tests::envoy::{filter_config, filter_wasm, render, store_upstream, use_store, Render};
-use unbusy_tests::harness::{chat, chat_body, Envoy};
+use unbusy_tests::harness::{chat, chat_body, percentile, run_main, Envoy};
 use unbusy_tests::redis::RedisServer;
 use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
 
@@ -42,33 +42,8 @@ struct Tally {
     provider_ms: Vec<f64>,
 }
 
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return 0.0;
-    }
-    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-    v.get(i).copied().unwrap_or(0.0)
-}
-
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("demo-fleet: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(demo()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("demo-fleet: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("demo-fleet", demo())
 }
 
 fn account() -> Behaviour {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use unbusy_tests::emulator::{start, Behaviour};
 use unbusy_tests::envoy::{filter_config, filter_wasm, Upstream};
-use unbusy_tests::harness::{chat, chat_body, Envoy, EnvoySpec};
+use unbusy_tests::harness::{chat, chat_body, percentile, run_main, Envoy, EnvoySpec};
 use unbusy_tests::png_chart::{render, Chart, Panel, Rgb, Series};
 use unbusy_tests::scenario::{FaultWindow, Latency, Provider};
 
@@ -161,33 +161,8 @@ fn write_png(samples: &[Sample], path: &std::path::Path) -> Result<(), String> {
     std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return 0.0;
-    }
-    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-    v.get(i).copied().unwrap_or(0.0)
-}
-
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("demo: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(demo()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("demo: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run_main("demo", demo())
 }
 
 async fn demo() -> Result<(), String> {
