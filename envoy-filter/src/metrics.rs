@@ -53,6 +53,11 @@ pub struct Metrics {
     in_flight: Vec<Option<MetricId>>,
     /// This VM's share of each in-flight gauge.
     in_flight_seen: Vec<u32>,
+    /// Each provider's concurrency quota (`max_concurrency`, or with a store the proxy's
+    /// holding of the fleet's): the same for every worker, so set, not added to.
+    quota: Vec<Option<MetricId>>,
+    /// The quota each gauge was last set to (`u32::MAX`: never).
+    quota_seen: Vec<u32>,
     breaker: Vec<Option<MetricId>>,
     duration: Option<MetricId>,
     tier: Option<MetricId>,
@@ -142,6 +147,8 @@ impl Metrics {
             }),
             in_flight: each(Gauge, &|p| format!("unbusy_in_flight.provider.{p}")),
             in_flight_seen: vec![0; providers.len()],
+            quota: each(Gauge, &|p| format!("unbusy_concurrency_quota.provider.{p}")),
+            quota_seen: vec![u32::MAX; providers.len()],
             breaker: each(Gauge, &|p| format!("unbusy_breaker_state.provider.{p}")),
             duration: host.define_metric(Histogram, "unbusy_request_duration_ms"),
             tier: host.define_metric(Gauge, "unbusy_degradation_tier"),
@@ -232,6 +239,20 @@ impl Metrics {
             let delta = i64::from(value) - i64::from(*last);
             *last = value;
             bump(host, self.in_flight.get(provider).copied().flatten(), delta);
+        }
+    }
+
+    /// Sets a provider's quota gauge, when it changed.
+    pub fn quota(&mut self, host: &impl Host, provider: usize, value: u32) {
+        if let Some(last) = self.quota_seen.get_mut(provider) {
+            if *last != value {
+                *last = value;
+                record(
+                    host,
+                    self.quota.get(provider).copied().flatten(),
+                    u64::from(value),
+                );
+            }
         }
     }
 

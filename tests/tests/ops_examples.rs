@@ -100,7 +100,7 @@ fn the_dashboard_shows_every_recorded_series_and_the_raw_states() {
     let d = dashboard();
     let queries = dashboard_queries(&d).unwrap();
     let recorded = recorded_series(&rules());
-    assert_eq!(recorded.len(), 11, "{recorded:?}");
+    assert_eq!(recorded.len(), 13, "{recorded:?}");
     for name in &recorded {
         assert!(
             queries.iter().any(|q| names(&q.expr, name)),

@@ -45,7 +45,7 @@ fn promtool(args: &[&str]) -> String {
 fn promtool_checks_the_config_and_rules_and_their_unit_tests_pass() {
     promtool(&["check", "config", "prometheus.yml"]);
     let rules = promtool(&["check", "rules", "rules/unbusy.rules.yml"]);
-    assert!(rules.contains("SUCCESS: 17 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 19 rules found"), "{rules}");
     let tests = promtool(&["test", "rules", "rules/unbusy.rules.test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
 }
@@ -287,7 +287,11 @@ async fn prometheus_scrapes_envoy_and_records_what_the_emulator_counted() {
         busy_503: 0.5,
         ..FaultWindow::default()
     }];
-    let config = test_config(&json!({"retry": {"max_attempts": 2, "base_ms": 10, "cap_ms": 20}}));
+    // A concurrency quota far above the load: it never binds, and the saturation series exist.
+    let config = test_config(&json!({
+        "retry": {"max_attempts": 2, "base_ms": 10, "cap_ms": 20},
+        "providers": [{"name": "primary", "max_concurrency": 64}],
+    }));
     let w = World::start_edited(
         vec![primary],
         &config,
@@ -460,6 +464,10 @@ async fn prometheus_scrapes_envoy_and_records_what_the_emulator_counted() {
     // has closed the upstream stream, which can be a scrape after the request was counted).
     let in_flight = "provider:unbusy:in_flight:sum{provider=\"primary\"}";
     assert_eq!(p.until(in_flight, |v| v == 0.0).await, Ok(0.0));
+    let quota = "provider:unbusy:concurrency_quota:max{provider=\"primary\"}";
+    assert_eq!(p.until(quota, |v| v == 64.0).await, Ok(64.0));
+    let saturation = "provider:unbusy:saturation:ratio{provider=\"primary\"}";
+    assert_eq!(p.until(saturation, |v| v == 0.0).await, Ok(0.0));
 
     // Every rule evaluated without error, and the error-rate alert is pending (its `for` is
     // five minutes).
@@ -470,7 +478,7 @@ async fn prometheus_scrapes_envoy_and_records_what_the_emulator_counted() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(all.len(), 17);
+    assert_eq!(all.len(), 19);
     for r in &all {
         assert_eq!(r["health"], "ok", "{r}");
     }

@@ -181,10 +181,15 @@ impl<H: Host> State<H> {
     /// Moves each provider's in-flight gauge to the engine's count. Called at every tick (20
     /// ms), not after every action: a request that is sent and answered between two ticks would
     /// otherwise cost two hostcalls that cancel out, and a gauge is only ever read by a scrape.
-    pub(super) fn publish_in_flight(&mut self) {
+    /// The quota gauge of each provider that has one, too (for saturation: in flight against
+    /// quota).
+    pub(super) fn publish_in_flight(&mut self, now: Nanos) {
         for i in 0..self.config.providers.len() {
             self.metrics
                 .in_flight(&self.host, i, self.engine.in_flight(i));
+            if let Some(quota) = self.quota(now, i) {
+                self.metrics.quota(&self.host, i, quota);
+            }
         }
     }
 

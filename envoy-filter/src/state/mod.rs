@@ -243,7 +243,7 @@ impl<H: Host> State<H> {
             self.engine.on_tick(now);
         }
         let effects = self.drain(now);
-        self.publish_in_flight();
+        self.publish_in_flight(now);
         effects
     }
 
