@@ -55,7 +55,7 @@ use crate::metrics::Metrics;
 use crate::quota::Quotas;
 use crate::routing::{Authorities, HeaderEdits};
 use crate::shared::{self, CacheBounds};
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use unbusy_core::classify::Classification;
 use unbusy_core::config::Config;
 use unbusy_core::engine::{Engine, RequestId};
