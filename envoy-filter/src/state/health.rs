@@ -169,7 +169,8 @@ impl<H: Host> State<H> {
                     .get(provider)
                     .map_or("", |p| p.name.as_str());
                 let what = match result {
-                    ProbeResult::Status(s) => format!("status {s}"),
+                    // As a u32: u16's own Display would be linked for this line alone.
+                    ProbeResult::Status(s) => format!("status {}", u32::from(s)),
                     ProbeResult::NoAnswer => "no answer".to_string(),
                 };
                 let verdict = if up { "up" } else { "down" };
