@@ -95,8 +95,9 @@ clippy: setup
 ## beside it, so the cargo output stays unoptimised and every run gives the same file.)
 ## `--merge-similar-functions` first folds functions that differ only in constants (generic
 ## copies); `--converge` repeats -Oz while it still shrinks the module; `--low-memory-unused`
-## lets it fold constant offsets into loads and stores, which holds because wasm-ld puts the stack first and
-## the data at 1 MiB (nothing lives in the first KiB). Both for the 300 KB goal (issue 13).
+## folds a constant added to a pointer into the load's offset, which does not wrap: that
+## differs only for a sum wrapping past 4 GiB into the first KiB, which no valid pointer does
+## (then it traps rather than touch low memory). For the 300 KB goal (issue 13).
 filter: setup-rust setup-js
 	$(CARGO) build -p unbusy-envoy --target wasm32-wasip1 --profile wasm-filter
 	$(NPM_DIR)/node_modules/.bin/wasm-opt --merge-similar-functions -Oz --converge --low-memory-unused --enable-bulk-memory --enable-nontrapping-float-to-int \
