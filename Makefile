@@ -93,9 +93,14 @@ clippy: setup
 ## filter: the Envoy filter, size-optimised: opt-level z and LTO, then binaryen's wasm-opt.
 ## (wasm-opt reads cargo's own copy in deps/ and the result replaces the hard link cargo made
 ## beside it, so the cargo output stays unoptimised and every run gives the same file.)
+## `--merge-similar-functions` first folds functions that differ only in constants (generic
+## copies); `--converge` repeats -Oz while it still shrinks the module; `--low-memory-unused`
+## folds a constant added to a pointer into the load's offset, which does not wrap: that
+## differs only for a sum wrapping past 4 GiB into the first KiB, which no valid pointer does
+## (then it traps rather than touch low memory). For the 300 KB goal (issue 13).
 filter: setup-rust setup-js
 	$(CARGO) build -p unbusy-envoy --target wasm32-wasip1 --profile wasm-filter
-	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
+	$(NPM_DIR)/node_modules/.bin/wasm-opt --merge-similar-functions -Oz --converge --low-memory-unused --enable-bulk-memory --enable-nontrapping-float-to-int \
 	  --enable-sign-ext --enable-reference-types --enable-multivalue --enable-mutable-globals \
 	  $(dir $(FILTER_WASM))deps/$(notdir $(FILTER_WASM)) -o $(FILTER_WASM).tmp
 	mv $(FILTER_WASM).tmp $(FILTER_WASM)
@@ -108,13 +113,13 @@ install: filter
 
 ## js: the npm package in wasm-js/npm: the engine for wasm32-unknown-unknown, its JS glue,
 ## then wasm-opt with the features rustc emits, and its bytes as an ES module (`unbusy/wasm`).
-## (`--converge` repeats -Oz while it still shrinks the module; the producers section only
-## names the toolchain.)
+## (`--merge-similar-functions`, `--converge` and `--low-memory-unused`: see `filter`; the
+## producers section only names the toolchain.)
 js: setup-rust setup-js
 	$(CARGO) build -p unbusy-js --target wasm32-unknown-unknown --profile wasm-filter
 	wasm-bindgen --target web --no-typescript --out-dir $(NPM_DIR)/pkg \
 	  target/wasm32-unknown-unknown/wasm-filter/unbusy_js.wasm
-	$(NPM_DIR)/node_modules/.bin/wasm-opt -Oz --converge --strip-producers --enable-bulk-memory --enable-nontrapping-float-to-int \
+	$(NPM_DIR)/node_modules/.bin/wasm-opt --merge-similar-functions -Oz --converge --low-memory-unused --strip-producers --enable-bulk-memory --enable-nontrapping-float-to-int \
 	  --enable-sign-ext --enable-reference-types --enable-multivalue --enable-mutable-globals \
 	  $(NPM_DIR)/pkg/unbusy_js_bg.wasm -o $(NPM_DIR)/pkg/unbusy_js_bg.wasm
 	node $(NPM_DIR)/scripts/inline-wasm.mjs

@@ -21,7 +21,10 @@ pub const NATIVE_RETRY_STATUS: u16 = 591;
 /// in preference order (priority, then listing order), as `unbusy up` renders it.
 pub fn failover_order(providers: &[ProviderConfig], first: usize) -> Vec<usize> {
     let mut rest: Vec<usize> = (0..providers.len()).filter(|&i| i != first).collect();
-    rest.sort_by_key(|&i| (providers.get(i).map_or(u32::MAX, |p| p.priority), i));
+    // The key ends with the index, so no two are equal and the core's small heapsort gives
+    // the stable sort's order without linking the standard library's (issue 13: size).
+    let key = |i: usize| (providers.get(i).map_or(u32::MAX, |p| p.priority), i);
+    unbusy_core::sorted_map::sort_by(&mut rest, |&a, &b| key(a) < key(b));
     rest
 }
 

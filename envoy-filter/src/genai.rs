@@ -20,7 +20,6 @@
 //! (`gpt-4.1`) comes out whole.
 
 use crate::host::{Host, MetricId, MetricKind};
-use std::collections::HashMap;
 use unbusy_core::genai::{error_type, Usage};
 use unbusy_core::time::Nanos;
 
@@ -64,8 +63,11 @@ pub struct Finished<'a> {
 /// The GenAI histograms of one VM.
 pub struct GenAiMetrics {
     providers: Vec<String>,
-    /// By model label (looked up by `&str`: no allocation once a model was seen).
-    series: HashMap<String, Vec<Series>>,
+    /// By model label (looked up by `&str`: no allocation once a model was seen). A list: the
+    /// labels are bounded (the configuration's models, `MODEL_LABELS_SEEN` others, `_OTHER`),
+    /// and a `HashMap` keyed by `String`
+    /// cost the filter its own hash table code (issue 13: the filter's size).
+    series: Vec<(String, Vec<Series>)>,
 }
 
 impl GenAiMetrics {
@@ -73,7 +75,7 @@ impl GenAiMetrics {
     pub fn new(providers: &[String]) -> Self {
         Self {
             providers: providers.to_vec(),
-            series: HashMap::new(),
+            series: Vec::new(),
         }
     }
 
@@ -81,10 +83,14 @@ impl GenAiMetrics {
     /// type), then one hostcall per value.
     pub fn finished(&mut self, host: &impl Host, f: &Finished<'_>) {
         let error = error_type(f.outcome);
-        if !self.series.contains_key(f.model) {
-            self.series.insert(f.model.to_string(), Vec::new());
-        }
-        let Some(list) = self.series.get_mut(f.model) else {
+        let m = match self.series.iter().position(|(m, _)| m == f.model) {
+            Some(m) => m,
+            None => {
+                self.series.push((f.model.to_string(), Vec::new()));
+                self.series.len() - 1
+            }
+        };
+        let Some((_, list)) = self.series.get_mut(m) else {
             return;
         };
         let i = match list

@@ -283,7 +283,16 @@ pub fn publish_pause(provider: &str, for_ms: u64, reason: &str) -> Call {
 pub fn poll_pauses(providers: &[&str]) -> Call {
     Call {
         method: "GET",
-        path: format!("/v1/pauses?providers={}", providers.join(",")),
+        path: providers.iter().enumerate().fold(
+            String::from("/v1/pauses?providers="),
+            |mut path, (i, p)| {
+                if i > 0 {
+                    path.push(',');
+                }
+                path.push_str(p);
+                path
+            },
+        ),
         headers: Vec::new(),
         body: Vec::new(),
     }

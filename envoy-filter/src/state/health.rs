@@ -133,17 +133,18 @@ impl<H: Host> State<H> {
 
     /// A probe of provider `provider` was dispatched: its answer comes back with `token`.
     pub fn probe_dispatched(&mut self, token: CallToken, provider: usize) {
-        self.probes.insert(token, provider);
+        self.probes.push((token, provider));
     }
 
     /// Whether a call's answer is a probe's.
     pub(super) fn probe_owns(&self, token: CallToken) -> bool {
-        self.probes.contains_key(&token)
+        self.probes.iter().any(|(t, _)| *t == token)
     }
 
     /// A probe's answer (its `:status`, `None` when Envoy called back without headers).
     pub(super) fn probe_answer(&mut self, token: CallToken, now: Nanos, status: Option<u16>) {
-        if let Some(provider) = self.probes.remove(&token) {
+        if let Some(i) = self.probes.iter().position(|(t, _)| *t == token) {
+            let (_, provider) = self.probes.swap_remove(i);
             let result = status.map_or(ProbeResult::NoAnswer, ProbeResult::Status);
             self.probe_result(provider, now, result);
         }
@@ -168,7 +169,8 @@ impl<H: Host> State<H> {
                     .get(provider)
                     .map_or("", |p| p.name.as_str());
                 let what = match result {
-                    ProbeResult::Status(s) => format!("status {s}"),
+                    // As a u32: u16's own Display would be linked for this line alone.
+                    ProbeResult::Status(s) => format!("status {}", u32::from(s)),
                     ProbeResult::NoAnswer => "no answer".to_string(),
                 };
                 let verdict = if up { "up" } else { "down" };
