@@ -122,24 +122,7 @@ impl Worker {
 
     /// A caller's chat request on stream `ctx`: whether it went on to a provider at once.
     fn request(&self, ctx: u32) -> bool {
-        self.host.open(
-            ctx,
-            &[
-                (":method", "POST"),
-                (":path", "/v1/chat/completions"),
-                (":authority", "proxy"),
-                ("authorization", "Bearer k"),
-                ("content-type", "application/json"),
-            ],
-        );
-        self.host.call_into(ctx);
-        assert_eq!(
-            driver::request_headers(&self.host, &self.state, ctx, false),
-            Action::Pause
-        );
-        self.host
-            .edit(ctx, |s| s.request_body = CHAT.as_bytes().to_vec());
-        driver::request_body(&self.host, &self.state, ctx, CHAT.len(), true) == Action::Continue
+        common::chat_request(&self.host, &self.state, ctx, "Bearer k", CHAT) == Action::Continue
     }
 
     /// Whether stream `ctx`'s request went on to a provider (at once or later).

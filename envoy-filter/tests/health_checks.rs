@@ -72,24 +72,7 @@ impl Worker {
 
     /// A caller's chat request on stream `ctx`; the cluster its first attempt went to.
     fn request(&self, ctx: u32) -> Option<String> {
-        self.host.open(
-            ctx,
-            &[
-                (":method", "POST"),
-                (":path", "/v1/chat/completions"),
-                (":authority", "proxy"),
-                ("authorization", "Bearer caller"),
-                ("content-type", "application/json"),
-            ],
-        );
-        self.host.call_into(ctx);
-        assert_eq!(
-            driver::request_headers(&self.host, &self.state, ctx, false),
-            Action::Pause
-        );
-        self.host
-            .edit(ctx, |s| s.request_body = CHAT.as_bytes().to_vec());
-        let action = driver::request_body(&self.host, &self.state, ctx, CHAT.len(), true);
+        let action = common::chat_request(&self.host, &self.state, ctx, "Bearer caller", CHAT);
         assert_eq!(
             action,
             Action::Continue,

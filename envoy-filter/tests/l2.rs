@@ -52,25 +52,7 @@ impl Proxy {
     }
 
     fn request(&self, ctx: u32, key: &str, body: &str) -> Action {
-        let auth = format!("Bearer {key}");
-        self.host.open(
-            ctx,
-            &[
-                (":method", "POST"),
-                (":path", "/v1/chat/completions"),
-                (":authority", "proxy"),
-                ("authorization", &auth),
-                ("content-type", "application/json"),
-            ],
-        );
-        self.host.call_into(ctx);
-        assert_eq!(
-            driver::request_headers(&self.host, &self.state, ctx, false),
-            Action::Pause
-        );
-        self.host
-            .edit(ctx, |s| s.request_body = body.as_bytes().to_vec());
-        driver::request_body(&self.host, &self.state, ctx, body.len(), true)
+        common::chat_request(&self.host, &self.state, ctx, &format!("Bearer {key}"), body)
     }
 
     /// The provider's answer on the stream (attempt 1 rides it).

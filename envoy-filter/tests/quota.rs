@@ -69,24 +69,7 @@ impl Worker {
 
     /// A request of the tenant whose key this `authorization` carries.
     fn request_as(&self, ctx: u32, authorization: &str) -> bool {
-        self.host.open(
-            ctx,
-            &[
-                (":method", "POST"),
-                (":path", "/v1/chat/completions"),
-                (":authority", "proxy"),
-                ("authorization", authorization),
-                ("content-type", "application/json"),
-            ],
-        );
-        self.host.call_into(ctx);
-        assert_eq!(
-            driver::request_headers(&self.host, &self.state, ctx, false),
-            Action::Pause
-        );
-        self.host
-            .edit(ctx, |s| s.request_body = HOT.as_bytes().to_vec());
-        let action = driver::request_body(&self.host, &self.state, ctx, HOT.len(), true);
+        let action = common::chat_request(&self.host, &self.state, ctx, authorization, HOT);
         let s = self.host.stream(ctx);
         let admitted = match action {
             Action::Continue => true,

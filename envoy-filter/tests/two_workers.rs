@@ -42,27 +42,7 @@ impl Worker {
     /// the filter. Returns the body callback's answer: `Continue` when the request went on to
     /// the router, `Pause` when it is held or answered locally.
     fn request(&self, ctx: u32, key: &str, body: &str) -> Action {
-        let auth = format!("Bearer {key}");
-        self.host.open(
-            ctx,
-            &[
-                (":method", "POST"),
-                (":path", "/v1/chat/completions"),
-                (":authority", "proxy"),
-                ("authorization", &auth),
-                ("content-type", "application/json"),
-            ],
-        );
-        self.host.call_into(ctx);
-        let action = driver::request_headers(&self.host, &self.state, ctx, false);
-        assert_eq!(
-            action,
-            Action::Pause,
-            "a managed request is held for its body"
-        );
-        self.host
-            .edit(ctx, |s| s.request_body = body.as_bytes().to_vec());
-        driver::request_body(&self.host, &self.state, ctx, body.len(), true)
+        common::chat_request(&self.host, &self.state, ctx, &format!("Bearer {key}"), body)
     }
 
     /// The router's answer to the attempt stream `ctx` carries, seen in context `from` (the
