@@ -145,12 +145,18 @@ impl<H: Host> State<H> {
         self.fleet.published = vec![0; self.config.providers.len()];
     }
 
-    /// An attempt goes to provider `chosen`: every other provider whose fleet quota this proxy
-    /// has used up (its engine went elsewhere for want of a slot there) gets one more attempt
-    /// turned away, the demand its next renewal asks for (`fleet::want`).
+    /// An attempt goes to provider `chosen`: every other provider of the same or a better
+    /// tier (one the engine would have preferred or weighed with it; a worse tier is only
+    /// used when this one is unusable, so it lost nothing) whose fleet quota this proxy has
+    /// used up gets one more attempt turned away, the demand its next renewal asks for
+    /// (`fleet::want`). The usual case, the most preferred provider chosen alone in its tier,
+    /// reads nothing.
     pub(super) fn count_turned_away(&self, now: Nanos, chosen: usize) {
+        let Some(tier) = self.config.providers.get(chosen).map(|p| p.priority) else {
+            return;
+        };
         for (i, p) in self.config.providers.iter().enumerate() {
-            if i == chosen || p.max_concurrency.is_none() {
+            if i == chosen || p.max_concurrency.is_none() || p.priority > tier {
                 continue;
             }
             let full = self
