@@ -8,8 +8,8 @@
 //! The same decisions must come out of an Envoy worker, a browser tab, an edge worker and a
 //! simulator that replays two minutes of traffic in milliseconds. So nothing in this crate reads a
 //! clock, a socket or a global random number generator:
-//! - **time is a parameter**: every call that depends on time takes `now`, a [`time::Nanos`]
-//!   count since an origin the host chooses (monotonic, never going backwards for one instance);
+//! - **time is a parameter**: every call that depends on time takes `now`, a [`time::Instant`]
+//!   (nanoseconds since an origin the host chooses) (monotonic, never going backwards for one instance);
 //! - **randomness is injected**: policies that jitter take a `&mut fastrand::Rng` that the host
 //!   seeded, so a simulation with the same seed gives the same result;
 //! - **state is fixed-size** where possible (rings of time buckets, bounded key tables), so a
@@ -39,6 +39,8 @@
 //! | [`config`] | the configuration schema with defaults and field-naming validation errors |
 //! | [`request`] | which endpoint a request calls and where it lives under each provider's base URL; whose it is (its tenant, by source); what a managed one asks for (per-request headers, model, stream, token estimate, cache key) and what an attempt changes in its body |
 //! | [`reply`] | OpenAI-compatible local error replies that SDKs back off on correctly |
+//!
+//! The engine's boundary speaks in [`ids`] (request, provider, attempt) and [`time::Instant`]s.
 //!
 //! Plumbing beside them: [`json`] (a strict JSON reader and writer) and [`sorted_map`] (the map
 //! the engine and the configuration use). Neither links float formatting or parsing, nor
@@ -127,6 +129,7 @@ pub mod engine;
 pub mod fleet;
 pub mod genai;
 pub mod health;
+pub mod ids;
 pub mod json;
 pub mod lease;
 pub mod progress;
