@@ -42,10 +42,12 @@ use crate::concurrency::{AimdLimit, Release};
 use crate::config::{Config, ConfigErrors};
 use crate::degrade::{pressure, Ladder, Tier};
 use crate::genai::ModelLabels;
+pub use crate::ids::RequestId;
+use crate::ids::{AttemptId, ProviderId};
 use crate::reply::{local_reply, LocalReply, ReplyKind};
 use crate::sorted_map::SortedMap;
 use crate::throttle::AdaptiveThrottle;
-use crate::time::{ms, Nanos, SECOND};
+use crate::time::{ms, Instant, Nanos, SECOND};
 use crate::window::Ring;
 use alloc::boxed::Box;
 use alloc::collections::{BinaryHeap, VecDeque};
@@ -54,9 +56,6 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::cmp::Reverse;
 use fastrand::Rng;
-
-/// Identifies a request for the life of the engine.
-pub type RequestId = u64;
 
 /// How important a request is to its caller; low-priority requests are shed first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -121,8 +120,9 @@ pub struct RequestMeta {
     pub priority: Priority,
     /// Estimated prompt tokens plus `max_tokens`, charged to token buckets.
     pub estimated_tokens: u64,
-    /// The caller's own deadline (an absolute instant), if earlier than the configured one.
-    pub deadline: Option<Nanos>,
+    /// The caller's own deadline, if earlier than the configured one (`None`: the configured
+    /// `deadlines.total_ms` from admission).
+    pub deadline: Option<Instant>,
     /// The cache key, if the request is cacheable.
     pub cache_key: Option<CacheKey>,
     /// What the host's cache holds for the key.
@@ -150,14 +150,15 @@ pub struct Rewrite {
 pub struct SendAttempt {
     /// The request.
     pub request: RequestId,
-    /// 1 for the first attempt.
-    pub attempt: u32,
-    /// The provider's index in the configuration.
-    pub provider: usize,
+    /// Which attempt ([`AttemptId::FIRST`] for the first).
+    pub attempt: AttemptId,
+    /// The provider.
+    pub provider: ProviderId,
     /// Real progress must start before this instant; the engine aborts the attempt otherwise.
-    pub first_token_deadline: Nanos,
+    /// (Always set: the request's deadline at the latest.)
+    pub first_token_deadline: Instant,
     /// The request's deadline.
-    pub deadline: Nanos,
+    pub deadline: Instant,
     /// What to change in the request.
     pub rewrite: Rewrite,
 }
@@ -186,7 +187,7 @@ pub enum Action {
         /// The request.
         request: RequestId,
         /// The attempt.
-        attempt: u32,
+        attempt: AttemptId,
         /// Why.
         reason: AbortReason,
     },
@@ -281,7 +282,7 @@ pub enum Event {
         request: RequestId,
         /// The provider of its last attempt (the one that answered, if any did); `None` when
         /// no attempt was sent (a cache hit, shed, rate limited before any).
-        provider: Option<usize>,
+        provider: Option<ProviderId>,
         /// Its model as a bounded metric label ([`crate::genai::ModelLabels`]).
         model: String,
         /// For a stream: from admission to the first real progress that reached the caller
@@ -291,8 +292,8 @@ pub enum Event {
     },
     /// An attempt finished (or was aborted).
     AttemptFinished {
-        /// The provider's index.
-        provider: usize,
+        /// The provider.
+        provider: ProviderId,
         /// How (a [`OutcomeClass::label`]).
         class: OutcomeClass,
         /// From send to the end.
@@ -300,8 +301,8 @@ pub enum Event {
     },
     /// An attempt's first real progress.
     FirstToken {
-        /// The provider's index.
-        provider: usize,
+        /// The provider.
+        provider: ProviderId,
         /// From send to first token.
         latency: Nanos,
     },
@@ -309,8 +310,8 @@ pub enum Event {
     BudgetExhausted,
     /// A provider's breaker changed state (0 closed, 1 half-open, 2 open).
     BreakerChanged {
-        /// The provider's index.
-        provider: usize,
+        /// The provider.
+        provider: ProviderId,
         /// The new state's gauge value.
         state: u8,
     },
@@ -321,8 +322,8 @@ pub enum Event {
     },
     /// An attempt was rejected locally by adaptive throttling.
     Throttled {
-        /// The provider's index.
-        provider: usize,
+        /// The provider.
+        provider: ProviderId,
     },
 }
 
@@ -472,7 +473,7 @@ const COOLDOWN_PRIORITY_PENALTY: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
-    attempt: u32,
+    attempt: AttemptId,
     provider: usize,
     sent_at: Nanos,
     first_token_deadline: Nanos,
@@ -630,7 +631,7 @@ impl Engine {
             requests: SortedMap::new(),
             timers: BinaryHeap::new(),
             waiters: SortedMap::new(),
-            next_id: 1,
+            next_id: RequestId::FIRST,
             next_ladder_at: 0,
             latest: 0,
             rng: Rng::with_seed(seed),
@@ -670,7 +671,8 @@ impl Engine {
     /// `max_concurrency` quota have in flight (Envoy's workers, through shared data). The
     /// quota then counts them: with it full, requests wait for a slot (in order) instead of
     /// being sent into a refusal, and when the count drops, waiting requests go at once.
-    pub fn set_external_in_flight(&mut self, now: Nanos, index: usize, in_flight: u32) {
+    pub fn set_external_in_flight(&mut self, now: Instant, provider: ProviderId, in_flight: u32) {
+        let (now, index) = (now.as_nanos(), provider.index());
         self.latest = self.latest.max(now);
         let Some(p) = self.providers.get_mut(index) else {
             return;
@@ -684,9 +686,10 @@ impl Engine {
 
     /// Until when provider `index`'s breaker is open (`None`: closed or probing), for hosts
     /// that share the verdict with other engines in front of the same provider.
-    pub fn breaker_open_until(&self, now: Nanos, index: usize) -> Option<Nanos> {
-        match self.providers.get(index)?.breaker.state(now) {
-            BreakerState::Open { until } => Some(until),
+    pub fn breaker_open_until(&self, now: Instant, provider: ProviderId) -> Option<Instant> {
+        let breaker = &self.providers.get(provider.index())?.breaker;
+        match breaker.state(now.as_nanos()) {
+            BreakerState::Open { until } => Some(Instant::from_nanos(until)),
             _ => None,
         }
     }
@@ -694,9 +697,9 @@ impl Engine {
     /// Until when retries avoid provider `index` after a run of rate limits with a retry hint
     /// (`None`: not cooling down), for hosts that share the verdict with other proxies in front
     /// of the same account (the limit is likely the account's).
-    pub fn cooldown_until(&self, now: Nanos, index: usize) -> Option<Nanos> {
-        let until = self.providers.get(index)?.cooldown_until;
-        (until > now).then_some(until)
+    pub fn cooldown_until(&self, now: Instant, provider: ProviderId) -> Option<Instant> {
+        let until = self.providers.get(provider.index())?.cooldown_until;
+        (until > now.as_nanos()).then_some(Instant::from_nanos(until))
     }
 
     /// How many requests are waiting for a provider's slot (or a breaker's probe) now.
@@ -708,10 +711,10 @@ impl Engine {
     /// for provider `index` until `until`: no attempts go there before then, as after a
     /// provider's own request to pause (requests fail over, or wait if nothing else can help).
     /// This engine's breaker is left as it is; the one that opened probes when it half-opens.
-    pub fn pause_provider(&mut self, now: Nanos, index: usize, until: Nanos) {
-        self.latest = self.latest.max(now);
-        if let Some(p) = self.providers.get_mut(index) {
-            p.paused_until = p.paused_until.max(until);
+    pub fn pause_provider(&mut self, now: Instant, provider: ProviderId, until: Instant) {
+        self.latest = self.latest.max(now.as_nanos());
+        if let Some(p) = self.providers.get_mut(provider.index()) {
+            p.paused_until = p.paused_until.max(until.as_nanos());
         }
     }
 
@@ -719,39 +722,46 @@ impl Engine {
     /// (`up` false) or up again: while down, it is not chosen for an attempt if another
     /// provider is usable, so a provider that went down while idle costs the next request
     /// nothing. Every provider starts up.
-    pub fn set_provider_health(&mut self, now: Nanos, index: usize, up: bool) {
-        self.latest = self.latest.max(now);
-        if let Some(p) = self.providers.get_mut(index) {
+    pub fn set_provider_health(&mut self, now: Instant, provider: ProviderId, up: bool) {
+        self.latest = self.latest.max(now.as_nanos());
+        if let Some(p) = self.providers.get_mut(provider.index()) {
             p.health_down = !up;
         }
     }
 
     /// Whether provider `index` is marked down by the host's health checks.
-    pub fn provider_down(&self, index: usize) -> bool {
-        self.providers.get(index).is_some_and(|p| p.health_down)
+    pub fn provider_down(&self, provider: ProviderId) -> bool {
+        self.providers
+            .get(provider.index())
+            .is_some_and(|p| p.health_down)
     }
 
     /// Attempts in flight to provider `index`.
-    pub fn in_flight(&self, index: usize) -> u32 {
-        self.providers.get(index).map_or(0, |p| p.limit.in_flight())
+    pub fn in_flight(&self, provider: ProviderId) -> u32 {
+        self.providers
+            .get(provider.index())
+            .map_or(0, |p| p.limit.in_flight())
     }
 
-    /// Provider `index`'s current concurrency limit.
-    pub fn concurrency_limit(&self, index: usize) -> u32 {
-        self.providers
-            .get(index)
-            .map_or(0, |p| p.limit.limit(self.latest))
+    /// Provider `provider`'s current concurrency limit (at least 1), or `None` while no limit
+    /// binds it (no quota configured or shown) or for an id that names no provider.
+    pub fn concurrency_limit(&self, provider: ProviderId) -> Option<u32> {
+        let p = self.providers.get(provider.index())?;
+        p.limit
+            .binds(self.latest)
+            .then(|| p.limit.limit(self.latest))
     }
 
     /// Provider `index`'s breaker state.
-    pub fn breaker_state(&self, index: usize, now: Nanos) -> Option<BreakerState> {
-        self.providers.get(index).map(|p| p.breaker.state(now))
+    pub fn breaker_state(&self, provider: ProviderId, now: Instant) -> Option<BreakerState> {
+        let p = self.providers.get(provider.index())?;
+        Some(p.breaker.state(now.as_nanos()))
     }
 
     /// The earliest instant at which [`Engine::on_tick`] has something to do. (The degradation
     /// ladder is re-evaluated on every call at most once a second; it needs no wake-up of its
     /// own, since it only matters to requests being admitted.)
-    pub fn next_wakeup(&self) -> Option<Nanos> {
+    pub fn next_wakeup(&self) -> Option<Instant> {
         // Waiters are woken when a provider takes attempts again (a spare tick when nobody
         // waits does nothing).
         let probe = if self.requests.is_empty() {
@@ -760,15 +770,16 @@ impl Engine {
             self.earliest_probe(self.latest)
         };
         let due = self.timers.peek().map(|Reverse((at, _))| *at);
-        match (probe, due) {
+        let at = match (probe, due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        };
+        at.map(Instant::from_nanos)
     }
 
     /// Admits a new request; its first action is queued. Returns its id.
-    pub fn admit(&mut self, now: Nanos, meta: RequestMeta) -> RequestId {
-        let id = self.admit_untidy(now, meta);
+    pub fn admit(&mut self, now: Instant, meta: RequestMeta) -> RequestId {
+        let id = self.admit_untidy(now.as_nanos(), meta);
         self.tidy_timers();
         id
     }
@@ -776,11 +787,11 @@ impl Engine {
     fn admit_untidy(&mut self, now: Nanos, meta: RequestMeta) -> RequestId {
         self.latest = self.latest.max(now);
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = id.successor();
         self.update_ladder(now);
         let total = self.config.deadlines.total();
         let deadline = meta.deadline.map_or(now.saturating_add(total), |d| {
-            d.min(now.saturating_add(total))
+            d.as_nanos().min(now.saturating_add(total))
         });
         let state = RequestState {
             meta,
@@ -898,12 +909,12 @@ impl Engine {
     }
 
     /// Records that the attempt's first real progress arrived (first token).
-    pub fn on_first_progress(&mut self, now: Nanos, request: RequestId, attempt: u32) {
-        self.on_first_progress_untidy(now, request, attempt);
+    pub fn on_first_progress(&mut self, now: Instant, request: RequestId, attempt: AttemptId) {
+        self.on_first_progress_untidy(now.as_nanos(), request, attempt);
         self.tidy_timers();
     }
 
-    fn on_first_progress_untidy(&mut self, now: Nanos, request: RequestId, attempt: u32) {
+    fn on_first_progress_untidy(&mut self, now: Nanos, request: RequestId, attempt: AttemptId) {
         self.latest = self.latest.max(now);
         let mut wake = false;
         let Some(r) = self.requests.get_mut(&request) else {
@@ -917,8 +928,10 @@ impl Engine {
                 r.first_progress_at.get_or_insert(now);
                 let latency = now.saturating_sub(f.sent_at);
                 let provider = f.provider;
-                self.events
-                    .push_back(Event::FirstToken { provider, latency });
+                self.events.push_back(Event::FirstToken {
+                    provider: ProviderId::new(provider),
+                    latency,
+                });
                 if let Some(p) = self.providers.get_mut(provider) {
                     if let Some(recent) = p.first_byte_in.get_mut(usize::from(stream)) {
                         recent.push(latency);
@@ -929,7 +942,7 @@ impl Engine {
                         // A probe is answering: the requests held for it go now.
                         p.last_breaker_gauge = gauge;
                         self.events.push_back(Event::BreakerChanged {
-                            provider,
+                            provider: ProviderId::new(provider),
                             state: gauge,
                         });
                         wake = true;
@@ -955,19 +968,20 @@ impl Engine {
 
     /// Records more real progress on an attempt (a later SSE event or body chunk): resets its
     /// stall deadline. Hosts may call it for every chunk; it is cheap.
-    pub fn on_progress(&mut self, now: Nanos, request: RequestId, attempt: u32) {
-        self.on_progress_untidy(now, request, attempt);
+    pub fn on_progress(&mut self, now: Instant, request: RequestId, attempt: AttemptId) {
+        self.on_progress_untidy(now.as_nanos(), request, attempt);
         self.tidy_timers();
     }
 
-    fn on_progress_untidy(&mut self, now: Nanos, request: RequestId, attempt: u32) {
+    fn on_progress_untidy(&mut self, now: Nanos, request: RequestId, attempt: AttemptId) {
         let first = self
             .requests
             .get(&request)
             .and_then(|r| r.in_flight)
             .is_some_and(|f| f.attempt == attempt && !f.progressed);
         if first {
-            return self.on_first_progress(now, request, attempt);
+            self.on_first_progress_untidy(now, request, attempt);
+            return;
         }
         self.latest = self.latest.max(now);
         if let Some(f) = self
@@ -983,12 +997,12 @@ impl Engine {
     /// Records how an attempt ended and queues what comes next.
     pub fn on_outcome(
         &mut self,
-        now: Nanos,
+        now: Instant,
         request: RequestId,
-        attempt: u32,
+        attempt: AttemptId,
         outcome: Classification,
     ) {
-        self.on_outcome_untidy(now, request, attempt, outcome);
+        self.on_outcome_untidy(now.as_nanos(), request, attempt, outcome);
         self.tidy_timers();
     }
 
@@ -996,7 +1010,7 @@ impl Engine {
         &mut self,
         now: Nanos,
         request: RequestId,
-        attempt: u32,
+        attempt: AttemptId,
         outcome: Classification,
     ) {
         self.latest = self.latest.max(now);
@@ -1016,7 +1030,7 @@ impl Engine {
         }
         match class {
             OutcomeClass::Success => {
-                if attempt >= 2 {
+                if attempt.is_retry() {
                     self.budget.refund(now);
                 }
                 let cacheable = self
@@ -1054,8 +1068,8 @@ impl Engine {
     }
 
     /// The caller gave up: frees what the request held. Nothing more is queued for it.
-    pub fn cancel(&mut self, now: Nanos, request: RequestId) {
-        self.cancel_untidy(now, request);
+    pub fn cancel(&mut self, now: Instant, request: RequestId) {
+        self.cancel_untidy(now.as_nanos(), request);
         self.tidy_timers();
     }
 
@@ -1073,8 +1087,8 @@ impl Engine {
 
     /// Handles everything due at `now`: backoff waits that ended, first-token deadlines, request
     /// deadlines and the degradation ladder.
-    pub fn on_tick(&mut self, now: Nanos) {
-        self.on_tick_untidy(now);
+    pub fn on_tick(&mut self, now: Instant) {
+        self.on_tick_untidy(now.as_nanos());
         self.tidy_timers();
     }
 
@@ -1256,7 +1270,7 @@ impl Engine {
             h.ok = h.ok.saturating_add(1);
         }
         self.events.push_back(Event::AttemptFinished {
-            provider: f.provider,
+            provider: ProviderId::new(f.provider),
             class,
             latency: now.saturating_sub(f.sent_at),
         });
@@ -1312,7 +1326,7 @@ impl Engine {
         if gauge != p.last_breaker_gauge {
             p.last_breaker_gauge = gauge;
             self.events.push_back(Event::BreakerChanged {
-                provider: f.provider,
+                provider: ProviderId::new(f.provider),
                 state: gauge,
             });
         }
@@ -1408,7 +1422,9 @@ impl Engine {
             // Throttling sheds retries only: a request's first attempt is what a caller without
             // us would send, and holding it back could only answer less.
             if throttle_enabled && retry && p.throttle.should_reject(now, &mut self.rng) {
-                self.events.push_back(Event::Throttled { provider: index });
+                self.events.push_back(Event::Throttled {
+                    provider: ProviderId::new(index),
+                });
                 let Some(r) = self.requests.get_mut(&id) else {
                     return;
                 };
@@ -1752,24 +1768,27 @@ impl Engine {
             });
         let first_token_deadline = now.saturating_add(first_byte_within).min(r.deadline);
         r.last_provider = Some(provider);
+        // `attempts` was just counted up from 0, so it is never 0 here.
+        let attempt = AttemptId::new(r.attempts).unwrap_or(AttemptId::FIRST);
         r.in_flight = Some(InFlight {
-            attempt: r.attempts,
+            attempt,
             provider,
             sent_at: now,
             first_token_deadline,
             progressed: false,
             last_progress: now,
         });
-        let (attempt, deadline) = (r.attempts, r.deadline);
+        let deadline = r.deadline;
         let model = r.meta.model.clone();
         self.arm(id);
+        let provider = ProviderId::new(provider);
         let rewrite = self.rewrite(provider, &model, degrade);
         self.actions.push_back(Action::Send(SendAttempt {
             request: id,
             attempt,
             provider,
-            first_token_deadline,
-            deadline,
+            first_token_deadline: Instant::from_nanos(first_token_deadline),
+            deadline: Instant::from_nanos(deadline),
             rewrite,
         }));
     }
@@ -1778,7 +1797,7 @@ impl Engine {
     /// its cluster or base URL, its credentials, its model name (a degraded fallback first when
     /// `degraded`, then the provider's mapping) and, degraded, the `max_tokens` cap. Hosts that
     /// learn an attempt reached another provider than the one chosen use it too.
-    pub fn rewrite(&self, provider: usize, model: &str, degraded: bool) -> Rewrite {
+    pub fn rewrite(&self, provider: ProviderId, model: &str, degraded: bool) -> Rewrite {
         let cfg = &self.config;
         let mut model = String::from(model);
         let mut mapped = false;
@@ -1788,7 +1807,7 @@ impl Engine {
                 mapped = true;
             }
         }
-        let target = cfg.providers.get(provider);
+        let target = cfg.providers.get(provider.index());
         if let Some(provider_model) = target.and_then(|p| p.models.get(&model)) {
             model = provider_model.clone();
             mapped = true;
@@ -1902,7 +1921,7 @@ impl Engine {
                 attempts: r.attempts,
                 latency: now.saturating_sub(r.admitted_at),
                 request: id,
-                provider: r.last_provider,
+                provider: r.last_provider.map(ProviderId::new),
                 model: self.model_labels.label(&r.meta.model).into(),
                 first_chunk,
             });

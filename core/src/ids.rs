@@ -7,6 +7,32 @@
 //! ([`core::num::NonZero`]) rather than leaving 0 free to mean "none": an absent id is an
 //! `Option`. Hosts that keep ids as plain numbers (the npm package's JS, a header) convert
 //! explicitly with `new`/`get`.
+//!
+//! A plain index is not a provider id:
+//!
+//! ```compile_fail,E0308
+//! use unbusy_core::config::{Config, ProviderConfig};
+//! use unbusy_core::engine::Engine;
+//! let config = Config {
+//!     providers: vec![ProviderConfig { name: "a".into(), cluster: Some("a".into()), ..Default::default() }],
+//!     ..Config::default()
+//! };
+//! let engine = Engine::new(config, 1).unwrap();
+//! let index: usize = 0;
+//! let _ = engine.in_flight(index); // expects a ProviderId
+//! ```
+//!
+//! ```rust
+//! # use unbusy_core::config::{Config, ProviderConfig};
+//! # use unbusy_core::engine::Engine;
+//! use unbusy_core::ids::ProviderId;
+//! # let config = Config {
+//! #     providers: vec![ProviderConfig { name: "a".into(), cluster: Some("a".into()), ..Default::default() }],
+//! #     ..Config::default()
+//! # };
+//! # let engine = Engine::new(config, 1).unwrap();
+//! assert_eq!(engine.in_flight(ProviderId::new(0)), 0);
+//! ```
 
 use core::num::{NonZeroU32, NonZeroU64};
 
@@ -28,6 +54,14 @@ impl RequestId {
     /// The id as a plain number (never 0).
     pub const fn get(self) -> u64 {
         self.0.get()
+    }
+
+    /// The engine's first request.
+    pub(crate) const FIRST: Self = Self(NonZeroU64::MIN);
+
+    /// The id the engine gives the request after this one's (saturating: 2^64 requests away).
+    pub(crate) const fn successor(self) -> Self {
+        Self(self.0.saturating_add(1))
     }
 }
 

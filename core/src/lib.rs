@@ -56,7 +56,8 @@
 //! use unbusy_core::classify::{Classification, OutcomeClass};
 //! use unbusy_core::config::Config;
 //! use unbusy_core::engine::{Action, CacheLookup, Engine, Priority, RequestMeta};
-//! use unbusy_core::time::ms;
+//! use unbusy_core::ids::AttemptId;
+//! use unbusy_core::time::{ms, Instant};
 //!
 //! let config = Config::from_json(
 //!     br#"{"providers":[{"name":"deepseek","base_url":"https://api.deepseek.com"}]}"#,
@@ -73,16 +74,18 @@
 //!     cached: CacheLookup::Miss,
 //! };
 //!
-//! // Admitted at t = 0: the engine asks for a first attempt, to the provider's base URL.
-//! let id = engine.admit(0, request.clone());
+//! // Admitted at t0 (the host's origin of time): the engine asks for a first attempt, to the
+//! // provider's base URL.
+//! let t0 = Instant::ORIGIN;
+//! let id = engine.admit(t0, request.clone());
 //! let Some(Action::Send(send)) = engine.poll_action() else { unreachable!() };
-//! assert_eq!((send.request, send.attempt), (id, 1));
+//! assert_eq!((send.request, send.attempt), (id, AttemptId::FIRST));
 //! assert_eq!(send.rewrite.base_url.as_deref(), Some("https://api.deepseek.com"));
 //!
 //! // The answer's first real byte at 300 ms, the whole answer at 900 ms: pass it on.
-//! engine.on_first_progress(ms(300), id, send.attempt);
+//! engine.on_first_progress(t0 + ms(300), id, send.attempt);
 //! let answered = Classification { class: OutcomeClass::Success, retry_after: None };
-//! engine.on_outcome(ms(900), id, send.attempt, answered);
+//! engine.on_outcome(t0 + ms(900), id, send.attempt, answered);
 //! assert_eq!(
 //!     engine.poll_action(),
 //!     Some(Action::Deliver { request: id, store_in_cache: false })
@@ -90,15 +93,15 @@
 //!
 //! // Another request is answered "busy": nothing to do until the backoff has passed; the host
 //! // calls `on_tick` at `next_wakeup`, and the retry comes.
-//! let id = engine.admit(ms(1000), request);
+//! let id = engine.admit(t0 + ms(1000), request);
 //! let Some(Action::Send(send)) = engine.poll_action() else { unreachable!() };
 //! let busy = Classification { class: OutcomeClass::Busy, retry_after: None };
-//! engine.on_outcome(ms(1100), id, send.attempt, busy);
+//! engine.on_outcome(t0 + ms(1100), id, send.attempt, busy);
 //! assert_eq!(engine.poll_action(), None);
 //! let wake = engine.next_wakeup().expect("a retry is scheduled");
 //! engine.on_tick(wake);
 //! let Some(Action::Send(retry)) = engine.poll_action() else { unreachable!() };
-//! assert_eq!((retry.request, retry.attempt), (id, 2));
+//! assert_eq!((retry.request, retry.attempt.get()), (id, 2));
 //! # Ok::<(), unbusy_core::config::ConfigErrors>(())
 //! ```
 //!

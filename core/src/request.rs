@@ -48,7 +48,7 @@ use crate::config::{Config, EndpointsConfig, Passthrough, TenancyConfig};
 use crate::engine::{CacheLookup, Priority, RequestMeta, Rewrite};
 use crate::json;
 use crate::reply::{local_reply, LocalReply, ReplyKind};
-use crate::time::{ms, Nanos};
+use crate::time::{ms, Instant, Nanos};
 use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -363,14 +363,14 @@ pub struct RequestInfo {
 
 impl RequestInfo {
     /// The engine's view of the request, admitted at `now` with what the cache holds for it.
-    pub fn meta(&self, now: Nanos, cached: CacheLookup) -> RequestMeta {
+    pub fn meta(&self, now: Instant, cached: CacheLookup) -> RequestMeta {
         RequestMeta {
             tenant: self.tenant,
             model: self.model.clone(),
             stream: self.stream,
             priority: self.priority,
             estimated_tokens: self.estimated_tokens,
-            deadline: self.deadline_in.map(|d| now.saturating_add(d)),
+            deadline: self.deadline_in.map(|d| now + d),
             cache_key: self.cache_key,
             cached,
         }
@@ -904,7 +904,11 @@ mod tests {
         }
         let r = read(&[("X-Unbusy-Deadline-Ms", "1500")], DETERMINISTIC, &c).unwrap();
         assert_eq!(r.deadline_in, Some(ms(1500)));
-        assert_eq!(r.meta(ms(10), CacheLookup::Miss).deadline, Some(ms(1510)));
+        let at = Instant::from_nanos;
+        assert_eq!(
+            r.meta(at(ms(10)), CacheLookup::Miss).deadline,
+            Some(at(ms(1510)))
+        );
         let huge = read(
             &[(DEADLINE_HEADER, "99999999999999999999999")],
             DETERMINISTIC,

@@ -11,13 +11,13 @@
 //! All arithmetic on instants saturates: a host that hands us a bogus time gets a bogus
 //! decision, never an overflow panic.
 //!
-//! ```compile_fail
+//! ```compile_fail,E0308
 //! use unbusy_core::time::Instant;
 //! let a = Instant::from_nanos(1);
 //! let _ = a + a; // an instant plus an instant means nothing
 //! ```
 //!
-//! ```compile_fail
+//! ```compile_fail,E0308
 //! use unbusy_core::time::{ms, Instant};
 //! fn deadline_in(now: Instant) -> Instant { now + ms(5) }
 //! let _ = deadline_in(ms(5)); // a duration is not an instant

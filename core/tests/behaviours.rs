@@ -11,7 +11,7 @@
 )]
 
 mod support;
-use support::{actions, meta, outcome};
+use support::{actions, instant, meta, nanos, nth, outcome, pid};
 
 use unbusy_core::cache_key::{tenant_id, CacheKey};
 use unbusy_core::classify::{Classification, OutcomeClass};
@@ -109,7 +109,7 @@ impl Host {
             if let Action::Send(s) = &a {
                 if let Some(c) = (self.answer)(s) {
                     self.pending
-                        .push((self.now + self.latency, s.request, s.attempt, c));
+                        .push((self.now + self.latency, s.request, s.attempt.get(), c));
                 }
             }
             self.log.push((self.now, a));
@@ -121,7 +121,7 @@ impl Host {
 
     fn admit(&mut self, at: Nanos, meta: RequestMeta) -> RequestId {
         self.now = self.now.max(at);
-        let id = self.e.admit(self.now, meta);
+        let id = self.e.admit(instant(self.now), meta);
         self.drain();
         id
     }
@@ -135,7 +135,7 @@ impl Host {
                 .enumerate()
                 .min_by_key(|(_, p)| p.0)
                 .map(|(i, p)| (i, p.0));
-            let next_tick = self.e.next_wakeup();
+            let next_tick = self.e.next_wakeup().map(nanos);
             let next = match (next_outcome, next_tick) {
                 (Some((_, o)), Some(t)) => o.min(t),
                 (Some((_, o)), None) => o,
@@ -149,9 +149,10 @@ impl Host {
             match next_outcome {
                 Some((i, at)) if at == next => {
                     let (_, request, attempt, c) = self.pending.swap_remove(i);
-                    self.e.on_outcome(self.now, request, attempt, c);
+                    self.e
+                        .on_outcome(instant(self.now), request, nth(attempt), c);
                 }
-                _ => self.e.on_tick(self.now),
+                _ => self.e.on_tick(instant(self.now)),
             }
             self.drain();
         }
@@ -181,11 +182,11 @@ fn brownout(e: &mut Engine) -> Nanos {
     let mut t = 0;
     for i in 0..12 {
         t = ms(500 * i);
-        let id = e.admit(t, meta(i));
+        let id = e.admit(instant(t), meta(i));
         let a = actions(e);
         let s = the_send(&a);
         let answer = if i % 3 == 2 { success() } else { busy() };
-        e.on_outcome(t + ms(1), id, s.attempt, answer);
+        e.on_outcome(instant(t + ms(1)), id, nth(s.attempt), answer);
         actions(e);
     }
     t + ms(500)
@@ -195,13 +196,13 @@ fn brownout(e: &mut Engine) -> Nanos {
 fn tier_2_serves_a_stale_entry_instead_of_calling_a_provider() {
     let mut e = one_provider(r#""retry":{"max_attempts":1}"#);
     // While the provider is healthy, a stale entry is not good enough: the provider is asked.
-    let id = e.admit(0, stale(100));
+    let id = e.admit(instant(0), stale(100));
     assert_eq!(the_send(&actions(&mut e)).request, id);
-    e.cancel(1, id);
+    e.cancel(instant(1), id);
     let t = brownout(&mut e);
     // Under pressure 2/3 the ladder is at tier 2: the stale entry is served at once, and no
     // attempt goes to the struggling provider.
-    let id = e.admit(t, stale(200));
+    let id = e.admit(instant(t), stale(200));
     assert_eq!(e.tier(), Tier::Data);
     assert_eq!(
         actions(&mut e),
@@ -211,7 +212,7 @@ fn tier_2_serves_a_stale_entry_instead_of_calling_a_provider() {
         }]
     );
     // Tier 2 does not fail fast: a request with nothing cached still goes to the provider.
-    let id = e.admit(t + ms(1), meta(300));
+    let id = e.admit(instant(t + ms(1)), meta(300));
     assert_eq!(the_send(&actions(&mut e)).request, id);
 }
 
@@ -220,7 +221,7 @@ fn with_degradation_disabled_no_stale_entry_is_served_while_the_provider_answers
     let mut e = one_provider(r#""retry":{"max_attempts":1},"degradation":{"enabled":false}"#);
     let t = brownout(&mut e);
     // The ladder is off: the provider still answers a third of requests, so it is asked.
-    let id = e.admit(t, stale(200));
+    let id = e.admit(instant(t), stale(200));
     let a = actions(&mut e);
     assert!(
         matches!(a.as_slice(), [Action::Send(s)] if s.request == id),
@@ -233,12 +234,13 @@ fn with_degradation_disabled_no_stale_entry_is_served_while_the_provider_answers
 /// for 5 s. Returns when it probes again.
 fn outage(e: &mut Engine) -> Nanos {
     for i in 1..=10 {
-        let id = e.admit(ms(i), meta(i));
+        let id = e.admit(instant(ms(i)), meta(i));
         let a = actions(e);
-        e.on_outcome(ms(i), id, the_send(&a).attempt, busy());
+        e.on_outcome(instant(ms(i)), id, nth(the_send(&a).attempt), busy());
         actions(e);
     }
-    e.breaker_open_until(ms(10), 0)
+    e.breaker_open_until(instant(ms(10)), pid(0))
+        .map(nanos)
         .expect("the breaker is open")
 }
 
@@ -250,16 +252,16 @@ fn tier_3_holds_a_request_that_a_probe_will_serve_in_time() {
     let probe_at = outage(&mut e);
     // Every breaker is open: the ladder is at tier 3. The breaker probes in 5 s, well within
     // the request's minute: it is not failed, it waits for the probe.
-    let id = e.admit(secs(2), meta(1));
+    let id = e.admit(instant(secs(2)), meta(1));
     assert_eq!(e.tier(), Tier::Service);
     assert_eq!(
         actions(&mut e),
         vec![],
         "failed although a probe comes in time"
     );
-    let wake = e.next_wakeup().unwrap();
+    let wake = e.next_wakeup().map(nanos).unwrap();
     assert!(wake <= probe_at, "{wake} > {probe_at}");
-    e.on_tick(probe_at);
+    e.on_tick(instant(probe_at));
     assert_eq!(the_send(&actions(&mut e)).request, id);
 }
 
@@ -275,9 +277,9 @@ fn tier_3_fails_fast_when_no_provider_can_help_in_time() {
     let now = secs(2);
     assert!(probe_at > now + secs(1));
     e.admit(
-        now,
+        instant(now),
         RequestMeta {
-            deadline: Some(now + secs(1)),
+            deadline: Some(instant(now + secs(1))),
             ..meta(1)
         },
     );
@@ -288,7 +290,7 @@ fn tier_3_fails_fast_when_no_provider_can_help_in_time() {
     assert_eq!(header(&reply, "x-should-retry"), Some("true"));
     // Low-priority traffic is shed at tier 3 (it includes tier 1), even with help in time.
     e.admit(
-        now,
+        instant(now),
         RequestMeta {
             priority: Priority::Low,
             ..meta(2)
@@ -309,7 +311,7 @@ fn with_degradation_disabled_nothing_is_shed_or_failed_fast_by_the_ladder() {
     assert!(!e.degrades_features());
     // A low-priority request is not shed: it waits for the probe like any other.
     let low = e.admit(
-        now,
+        instant(now),
         RequestMeta {
             priority: Priority::Low,
             ..meta(2)
@@ -320,9 +322,9 @@ fn with_degradation_disabled_nothing_is_shed_or_failed_fast_by_the_ladder() {
     // hang its caller), but the ordinary one: come back when the breaker probes, not after the
     // ladder's dwell time.
     e.admit(
-        now,
+        instant(now),
         RequestMeta {
-            deadline: Some(now + secs(1)),
+            deadline: Some(instant(now + secs(1))),
             ..meta(1)
         },
     );
@@ -335,7 +337,7 @@ fn with_degradation_disabled_nothing_is_shed_or_failed_fast_by_the_ladder() {
         Some(want.as_str()),
         "{reply:?}"
     );
-    e.on_tick(probe_at);
+    e.on_tick(instant(probe_at));
     assert_eq!(the_send(&actions(&mut e)).request, low);
 }
 
@@ -352,13 +354,13 @@ fn an_exhausted_retry_budget_holds_retries_until_it_refills() {
            "degradation":{"enabled":false}"#,
     );
     // Every first attempt fails; retries are never answered (they stay in flight).
-    let mut h = Host::new(e, ms(10), |s| (s.attempt == 1).then(busy));
+    let mut h = Host::new(e, ms(10), |s| (s.attempt.get() == 1).then(busy));
     let a = h.admit(0, meta(1));
     let b = h.admit(0, meta(2));
     h.run_until(secs(2));
     let retry_at = |id| {
         h.sends()
-            .find(|(_, s)| s.request == id && s.attempt == 2)
+            .find(|(_, s)| s.request == id && s.attempt.get() == 2)
             .map(|(t, _)| t)
     };
     // The first failure spends the one retry the budget holds: it goes after its backoff.
@@ -419,7 +421,7 @@ fn with_throttling_retries_to_a_failing_provider_are_shed_locally_but_first_atte
         "{sent} attempts reached the failing provider"
     );
     // (`failing_provider` checked that the late requests' first attempts went at once.)
-    let firsts = h.sends().filter(|(_, s)| s.attempt == 1).count();
+    let firsts = h.sends().filter(|(_, s)| s.attempt.get() == 1).count();
     assert_eq!(firsts, 15);
 }
 
@@ -433,17 +435,17 @@ fn the_global_request_limit_takes_its_burst_at_once_then_paces_every_tenant() {
         one_provider(r#""limits":{"global":{"requests_per_minute":60,"burst_requests":3}}"#);
     // Three requests at once, from three tenants: the burst.
     for tenant in 1..=3 {
-        e.admit(0, meta(tenant));
+        e.admit(instant(0), meta(tenant));
         the_send(&actions(&mut e));
     }
     // A fourth tenant is refused too: the limit is global. Room again in one second (60/min).
-    e.admit(0, meta(4));
+    e.admit(instant(0), meta(4));
     let reply = the_reply(&actions(&mut e));
     assert_eq!(reply.status, 429);
     assert_eq!(header(&reply, "retry-after"), Some("1"));
-    e.admit(secs(1), meta(4));
+    e.admit(instant(secs(1)), meta(4));
     the_send(&actions(&mut e));
-    e.admit(secs(1), meta(5));
+    e.admit(instant(secs(1)), meta(5));
     assert_eq!(the_reply(&actions(&mut e)).status, 429);
 }
 
@@ -456,19 +458,19 @@ fn the_global_token_limit_charges_estimated_tokens_within_its_burst() {
         estimated_tokens: n,
         ..meta(tenant)
     };
-    e.admit(0, tokens(600, 1));
+    e.admit(instant(0), tokens(600, 1));
     the_send(&actions(&mut e));
     // 400 left: 600 more need 200 to refill, two seconds.
-    e.admit(0, tokens(600, 2));
+    e.admit(instant(0), tokens(600, 2));
     let reply = the_reply(&actions(&mut e));
     assert_eq!(reply.status, 429);
     assert_eq!(header(&reply, "retry-after"), Some("2"));
     // More than the burst never fits: no wait helps, so the caller is told so.
-    e.admit(0, tokens(1001, 3));
+    e.admit(instant(0), tokens(1001, 3));
     let too_large = the_reply(&actions(&mut e));
     assert_eq!(too_large.status, 413);
     assert_eq!(header(&too_large, "x-should-retry"), Some("false"));
-    e.admit(secs(2), tokens(600, 2));
+    e.admit(instant(secs(2)), tokens(600, 2));
     the_send(&actions(&mut e));
 }
 
@@ -484,22 +486,22 @@ fn per_tenant_request_and_token_limits_bind_each_tenant_alone() {
     };
     // Tenant 1: two requests at once (its request burst), the third waits 100 ms (600/min).
     for _ in 0..2 {
-        e.admit(0, tokens(100, 1));
+        e.admit(instant(0), tokens(100, 1));
         the_send(&actions(&mut e));
     }
-    e.admit(0, tokens(100, 1));
+    e.admit(instant(0), tokens(100, 1));
     let reply = the_reply(&actions(&mut e));
     assert_eq!(reply.status, 429);
     assert_eq!(header(&reply, "retry-after-ms"), Some("100"));
     // Tenant 2: its token burst in one request, then nothing more for now.
-    e.admit(0, tokens(500, 2));
+    e.admit(instant(0), tokens(500, 2));
     the_send(&actions(&mut e));
-    e.admit(0, tokens(100, 2));
+    e.admit(instant(0), tokens(100, 2));
     assert_eq!(the_reply(&actions(&mut e)).status, 429);
     // Tenant 3 is untouched by the others.
-    e.admit(0, tokens(500, 3));
+    e.admit(instant(0), tokens(500, 3));
     the_send(&actions(&mut e));
-    e.admit(ms(100), tokens(100, 1));
+    e.admit(instant(ms(100)), tokens(100, 1));
     the_send(&actions(&mut e));
 }
 
@@ -510,19 +512,19 @@ fn a_refused_request_uses_up_no_limit() {
         r#""limits":{"per_tenant":{"requests_per_minute":1},
                      "global":{"requests_per_minute":120,"burst_requests":2}}"#,
     );
-    e.admit(0, meta(1));
+    e.admit(instant(0), meta(1));
     the_send(&actions(&mut e));
     // Refused by its tenant's limit: the global limit is not charged for it...
-    e.admit(0, meta(1));
+    e.admit(instant(0), meta(1));
     assert_eq!(the_reply(&actions(&mut e)).status, 429);
     // ...so another tenant still gets the second global slot.
-    e.admit(0, meta(2));
+    e.admit(instant(0), meta(2));
     the_send(&actions(&mut e));
     // Refused by the global limit: the tenant's own limit is not charged for it...
-    e.admit(0, meta(3));
+    e.admit(instant(0), meta(3));
     assert_eq!(the_reply(&actions(&mut e)).status, 429);
     // ...so it gets in as soon as the global limit has room.
-    e.admit(ms(500), meta(3));
+    e.admit(instant(ms(500)), meta(3));
     the_send(&actions(&mut e));
 }
 
@@ -533,13 +535,13 @@ fn more_tenants_than_slots_are_each_still_limited_and_never_limited_by_each_othe
         one_provider(r#""limits":{"tenant_slots":8,"per_tenant":{"requests_per_minute":1}}"#);
     for tenant in 1..=100 {
         let t = ms(tenant);
-        e.admit(t, meta(tenant));
+        e.admit(instant(t), meta(tenant));
         let a = actions(&mut e);
         assert!(
             matches!(a.as_slice(), [Action::Send(_)]),
             "tenant {tenant}'s first request refused: {a:?}"
         );
-        e.admit(t, meta(tenant));
+        e.admit(instant(t), meta(tenant));
         let reply = the_reply(&actions(&mut e));
         assert_eq!(reply.status, 429, "tenant {tenant}'s second request");
     }
@@ -551,20 +553,20 @@ fn tenants_that_went_idle_make_room_before_a_limited_tenant_is_forgotten() {
         one_provider(r#""limits":{"tenant_slots":8,"per_tenant":{"requests_per_minute":1}}"#);
     // Fifty tenants came and went a while ago (their buckets are full again).
     for tenant in 1000..1050 {
-        e.admit(ms(tenant - 1000), meta(tenant));
+        e.admit(instant(ms(tenant - 1000)), meta(tenant));
         actions(&mut e);
     }
     // Tenant 1 uses its one request of the minute.
     let now = secs(100);
-    e.admit(now, meta(1));
+    e.admit(instant(now), meta(1));
     the_send(&actions(&mut e));
     // Seven new tenants arrive: with tenant 1 they fill the eight slots, displacing idle ones.
     for tenant in 2..=8 {
-        e.admit(now + ms(tenant), meta(tenant));
+        e.admit(instant(now + ms(tenant)), meta(tenant));
         the_send(&actions(&mut e));
     }
     // Tenant 1 is still remembered, and still limited.
-    e.admit(now + ms(10), meta(1));
+    e.admit(instant(now + ms(10)), meta(1));
     assert_eq!(the_reply(&actions(&mut e)).status, 429);
 }
 
@@ -583,11 +585,11 @@ fn each_identity_is_its_own_tenant() {
     assert_ne!(a, b);
     assert_ne!(tenant_id(b"anonymous"), a);
     let mut e = one_provider(r#""limits":{"per_tenant":{"requests_per_minute":1}}"#);
-    e.admit(0, meta(a));
+    e.admit(instant(0), meta(a));
     the_send(&actions(&mut e));
-    e.admit(0, meta(b));
+    e.admit(instant(0), meta(b));
     the_send(&actions(&mut e));
-    e.admit(0, meta(tenant_id(b"Bearer sk-a")));
+    e.admit(instant(0), meta(tenant_id(b"Bearer sk-a")));
     assert_eq!(the_reply(&actions(&mut e)).status, 429);
 }
 
@@ -603,23 +605,33 @@ fn rate_limited(after: Nanos) -> Classification {
 fn a_retry_hint_longer_than_max_hint_is_not_waited_for() {
     let mut e = one_provider(r#""retry":{"max_hint_ms":5000}"#);
     // 4 s is within the 5 s honoured: the request waits it out, then retries.
-    let waits = e.admit(0, meta(1));
+    let waits = e.admit(instant(0), meta(1));
     let a = actions(&mut e);
-    e.on_outcome(ms(10), waits, the_send(&a).attempt, rate_limited(secs(4)));
+    e.on_outcome(
+        instant(ms(10)),
+        waits,
+        nth(the_send(&a).attempt),
+        rate_limited(secs(4)),
+    );
     assert_eq!(actions(&mut e), vec![]);
-    let wake = e.next_wakeup().unwrap();
+    let wake = e.next_wakeup().map(nanos).unwrap();
     assert!(
         (ms(10) + secs(4)..ms(10) + secs(5)).contains(&wake),
         "{wake}"
     );
     // 6 s is longer: with nowhere else to go, the caller is told at once, with that hint.
-    let id = e.admit(ms(20), meta(2));
+    let id = e.admit(instant(ms(20)), meta(2));
     let a = actions(&mut e);
-    e.on_outcome(ms(30), id, the_send(&a).attempt, rate_limited(secs(6)));
+    e.on_outcome(
+        instant(ms(30)),
+        id,
+        nth(the_send(&a).attempt),
+        rate_limited(secs(6)),
+    );
     let reply = the_reply(&actions(&mut e));
     assert_eq!(reply.status, 429);
     assert_eq!(header(&reply, "retry-after"), Some("6"));
-    e.on_tick(wake);
+    e.on_tick(instant(wake));
     assert_eq!(the_send(&actions(&mut e)).request, waits);
 }
 
@@ -629,14 +641,14 @@ fn a_retry_hint_longer_than_max_hint_fails_over_at_once() {
         r#"[{"name":"a","cluster":"a"},{"name":"b","cluster":"b","priority":1}]"#,
         r#","retry":{"max_hint_ms":5000}"#,
     );
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     let first = the_send(&actions(&mut e));
-    assert_eq!(first.provider, 0);
-    e.on_outcome(ms(10), id, 1, rate_limited(secs(30)));
+    assert_eq!(first.provider.index(), 0);
+    e.on_outcome(instant(ms(10)), id, nth(1), rate_limited(secs(30)));
     let second = the_send(&actions(&mut e));
-    assert_eq!((second.attempt, second.provider), (2, 1));
+    assert_eq!((second.attempt.get(), second.provider.index()), (2, 1));
     // The backup asks for too long as well: nothing left to try within the hint cap.
-    e.on_outcome(ms(20), id, 2, rate_limited(secs(30)));
+    e.on_outcome(instant(ms(20)), id, nth(2), rate_limited(secs(30)));
     let reply = the_reply(&actions(&mut e));
     assert_eq!(reply.status, 429);
     assert_eq!(header(&reply, "retry-after"), Some("30"));
@@ -645,7 +657,7 @@ fn a_retry_hint_longer_than_max_hint_fails_over_at_once() {
 /// The delays before each retry of one request whose every attempt fails at once, read from
 /// the engine's wake-ups.
 fn retry_delays(e: &mut Engine) -> Vec<Nanos> {
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     let mut a = actions(e);
     let mut now = 0;
     let mut delays = Vec::new();
@@ -656,15 +668,15 @@ fn retry_delays(e: &mut Engine) -> Vec<Nanos> {
             other => panic!("{other:?}"),
         };
         now += ms(1);
-        e.on_outcome(now, id, s.attempt, busy());
+        e.on_outcome(instant(now), id, nth(s.attempt), busy());
         a = actions(e);
         if !a.is_empty() {
             continue;
         }
-        let wake = e.next_wakeup().unwrap();
+        let wake = e.next_wakeup().map(nanos).unwrap();
         delays.push(wake - now);
         now = wake;
-        e.on_tick(now);
+        e.on_tick(instant(now));
         a = actions(e);
     }
 }
@@ -726,7 +738,7 @@ fn quota_full() -> Classification {
 fn in_flight(e: &mut Engine, n: u64) -> Vec<RequestId> {
     (0..n)
         .map(|i| {
-            let id = e.admit(0, meta(i));
+            let id = e.admit(instant(0), meta(i));
             the_send(&actions(e));
             id
         })
@@ -738,29 +750,29 @@ fn a_bare_429_teaches_a_limit_of_backoff_ratio_times_what_was_in_flight_and_pace
     let mut e = one_provider(AIMD);
     let ids = in_flight(&mut e, 8);
     assert_eq!(
-        e.concurrency_limit(0),
-        u32::MAX,
+        e.concurrency_limit(pid(0)),
+        None,
         "no limit before a quota shows"
     );
     // A 429 without a retry hint with eight in flight: the quota is below eight. Learned
     // limit: 0.5 x 8.
-    e.on_outcome(ms(100), ids[0], 1, quota_full());
+    e.on_outcome(instant(ms(100)), ids[0], nth(1), quota_full());
     assert_eq!(actions(&mut e), vec![]);
-    assert_eq!(e.concurrency_limit(0), 4);
+    assert_eq!(e.concurrency_limit(pid(0)), Some(4));
     // Its retry is due at 200 ms, but seven attempts are in flight: it waits for a slot.
-    e.on_tick(ms(200));
+    e.on_tick(instant(ms(200)));
     assert_eq!(
         actions(&mut e),
         vec![],
         "a retry went past the learned limit"
     );
     // A new request's first attempt is not held back by a learned limit.
-    let fresh = e.admit(ms(250), meta(99));
+    let fresh = e.admit(instant(ms(250)), meta(99));
     assert_eq!(the_send(&actions(&mut e)).request, fresh);
     // As answers come in, the retry waits exactly while the limit has no room.
     let mut retried = false;
     for (i, id) in ids[1..].iter().chain([&fresh]).enumerate() {
-        e.on_outcome(ms(300 + 10 * i as u64), *id, 1, success());
+        e.on_outcome(instant(ms(300 + 10 * i as u64)), *id, nth(1), success());
         let sent = actions(&mut e)
             .iter()
             .any(|a| matches!(a, Action::Send(s) if s.request == ids[0]));
@@ -769,13 +781,13 @@ fn a_bare_429_teaches_a_limit_of_backoff_ratio_times_what_was_in_flight_and_pace
         }
         if sent {
             retried = true;
-            assert!(e.in_flight(0) <= e.concurrency_limit(0));
+            assert!(Some(e.in_flight(pid(0))) <= e.concurrency_limit(pid(0)));
         } else {
             assert!(
-                e.in_flight(0) >= e.concurrency_limit(0),
-                "the retry waited with room: {} in flight, limit {}",
-                e.in_flight(0),
-                e.concurrency_limit(0)
+                Some(e.in_flight(pid(0))) >= e.concurrency_limit(pid(0)),
+                "the retry waited with room: {} in flight, limit {:?}",
+                e.in_flight(pid(0)),
+                e.concurrency_limit(pid(0))
             );
         }
     }
@@ -786,14 +798,14 @@ fn a_bare_429_teaches_a_limit_of_backoff_ratio_times_what_was_in_flight_and_pace
 fn a_burst_of_bare_429s_shrinks_the_limit_once_per_decrease_cooldown() {
     let mut e = one_provider(AIMD);
     let ids = in_flight(&mut e, 8);
-    e.on_outcome(ms(100), ids[0], 1, quota_full());
-    assert_eq!(e.concurrency_limit(0), 4);
+    e.on_outcome(instant(ms(100)), ids[0], nth(1), quota_full());
+    assert_eq!(e.concurrency_limit(pid(0)), Some(4));
     // The same burst of overload, 100 ms later: within the 1 s cooldown, no second cut.
-    e.on_outcome(ms(200), ids[1], 1, quota_full());
-    assert_eq!(e.concurrency_limit(0), 4);
+    e.on_outcome(instant(ms(200)), ids[1], nth(1), quota_full());
+    assert_eq!(e.concurrency_limit(pid(0)), Some(4));
     // A second later it is a new verdict: halved again.
-    e.on_outcome(ms(1100), ids[2], 1, quota_full());
-    assert_eq!(e.concurrency_limit(0), 2);
+    e.on_outcome(instant(ms(1100)), ids[2], nth(1), quota_full());
+    assert_eq!(e.concurrency_limit(pid(0)), Some(2));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -811,19 +823,23 @@ fn the_breaker_judges_the_success_rate_only_over_min_volume_outcomes() {
     for i in 0..20u64 {
         let t = ms(300 * i);
         assert_eq!(
-            e.breaker_state(0, t).map(|b| b.gauge()),
+            e.breaker_state(pid(0), instant(t)).map(|b| b.gauge()),
             Some(0),
             "open after only {i} outcomes"
         );
-        let id = e.admit(t, meta(i));
+        let id = e.admit(instant(t), meta(i));
         let a = actions(&mut e);
-        e.on_outcome(t + ms(1), id, the_send(&a).attempt, busy());
+        e.on_outcome(instant(t + ms(1)), id, nth(the_send(&a).attempt), busy());
         actions(&mut e);
     }
     let t = ms(300 * 19) + ms(1);
-    assert_eq!(e.breaker_state(0, t).map(|b| b.gauge()), Some(2), "open");
+    assert_eq!(
+        e.breaker_state(pid(0), instant(t)).map(|b| b.gauge()),
+        Some(2),
+        "open"
+    );
     // Open: the next request is held for the probe, not sent.
-    e.admit(t, meta(100));
+    e.admit(instant(t), meta(100));
     assert_eq!(actions(&mut e), vec![]);
 }
 
@@ -835,33 +851,41 @@ fn a_half_open_breaker_closes_only_after_probe_successes_answers() {
            "retry":{"max_attempts":1},"degradation":{"enabled":false}"#,
     );
     for i in 0..2 {
-        let id = e.admit(ms(2 * i), meta(i));
+        let id = e.admit(instant(ms(2 * i)), meta(i));
         let a = actions(&mut e);
-        e.on_outcome(ms(2 * i + 1), id, the_send(&a).attempt, busy());
+        e.on_outcome(
+            instant(ms(2 * i + 1)),
+            id,
+            nth(the_send(&a).attempt),
+            busy(),
+        );
         actions(&mut e);
     }
-    assert_eq!(e.breaker_state(0, ms(10)).map(|b| b.gauge()), Some(2));
+    assert_eq!(
+        e.breaker_state(pid(0), instant(ms(10))).map(|b| b.gauge()),
+        Some(2)
+    );
     // Half-open after 1 s: three requests, one probe at a time.
     let mut now = ms(1100);
-    let first = e.admit(now, meta(10));
+    let first = e.admit(instant(now), meta(10));
     let mut probe = the_send(&actions(&mut e));
     assert_eq!(probe.request, first);
-    e.admit(now, meta(11));
-    e.admit(now, meta(12));
+    e.admit(instant(now), meta(11));
+    e.admit(instant(now), meta(12));
     assert_eq!(actions(&mut e), vec![], "one probe at a time");
     for answered in 1..=3 {
         now += ms(100);
         // (No first-token report: a probe's first real byte would close the breaker at once.)
-        e.on_outcome(now, probe.request, probe.attempt, success());
+        e.on_outcome(instant(now), probe.request, nth(probe.attempt), success());
         let a = actions(&mut e);
-        let gauge = e.breaker_state(0, now).map(|b| b.gauge());
+        let gauge = e.breaker_state(pid(0), instant(now)).map(|b| b.gauge());
         if answered < 3 {
             assert_eq!(
                 gauge,
                 Some(1),
                 "closed after {answered} successful probe(s)"
             );
-            assert_eq!(e.in_flight(0), 1);
+            assert_eq!(e.in_flight(pid(0)), 1);
             probe = a
                 .iter()
                 .find_map(|a| match a {
@@ -880,9 +904,9 @@ fn a_half_open_breaker_closes_only_after_probe_successes_answers() {
 // ---------------------------------------------------------------------------------------------
 
 fn delivered(e: &mut Engine, meta: RequestMeta) -> Vec<Action> {
-    let id = e.admit(0, meta);
+    let id = e.admit(instant(0), meta);
     let a = actions(e);
-    e.on_outcome(ms(100), id, the_send(&a).attempt, success());
+    e.on_outcome(instant(ms(100)), id, nth(the_send(&a).attempt), success());
     actions(e)
 }
 
@@ -933,10 +957,10 @@ fn with_the_cache_disabled_no_answer_is_stored() {
 /// the time after the last.
 fn answered_after(e: &mut Engine, mut now: Nanos, n: u32, first_byte: Nanos) -> Nanos {
     for _ in 0..n {
-        let id = e.admit(now, meta(1));
+        let id = e.admit(instant(now), meta(1));
         let send = the_send(&actions(e));
-        e.on_first_progress(now + first_byte, id, send.attempt);
-        e.on_outcome(now + first_byte, id, send.attempt, success());
+        e.on_first_progress(instant(now + first_byte), id, nth(send.attempt));
+        e.on_outcome(instant(now + first_byte), id, nth(send.attempt), success());
         let _ = actions(e);
         now += first_byte + ms(10);
     }
@@ -948,31 +972,31 @@ fn the_first_byte_wait_shortens_to_what_the_provider_has_shown_and_no_further() 
     let mut e = one_provider(r#""deadlines":{"response_ms":25000,"total_ms":60000}"#);
     // Before it has seen enough answers, the configured wait holds.
     let now = answered_after(&mut e, 0, 7, ms(1500));
-    e.admit(now, meta(1));
+    e.admit(instant(now), meta(1));
     let send = the_send(&actions(&mut e));
-    assert_eq!(send.first_token_deadline, now + secs(25));
-    e.cancel(now, send.request);
+    assert_eq!(send.first_token_deadline, instant(now + secs(25)));
+    e.cancel(instant(now), send.request);
     let _ = actions(&mut e);
     // After 8 answers within 1.5 s, an attempt waits 4 x 1.5 s for its first byte.
     let now = answered_after(&mut e, now + ms(10), 1, ms(1500));
-    e.admit(now, meta(1));
+    e.admit(instant(now), meta(1));
     let send = the_send(&actions(&mut e));
-    assert_eq!(send.first_token_deadline, now + secs(6));
-    e.cancel(now, send.request);
+    assert_eq!(send.first_token_deadline, instant(now + secs(6)));
+    e.cancel(instant(now), send.request);
     let _ = actions(&mut e);
     // Never below the floor, never above the configured wait.
     let mut fast = one_provider("");
     let now = answered_after(&mut fast, 0, 8, ms(50));
-    fast.admit(now, meta(1));
+    fast.admit(instant(now), meta(1));
     assert_eq!(
         the_send(&actions(&mut fast)).first_token_deadline,
-        now + secs(2)
+        instant(now + secs(2))
     );
     let mut slow = one_provider(r#""deadlines":{"response_ms":25000,"total_ms":120000}"#);
     let now = answered_after(&mut slow, 0, 8, secs(10));
-    slow.admit(now, meta(1));
+    slow.admit(instant(now), meta(1));
     assert_eq!(
         the_send(&actions(&mut slow)).first_token_deadline,
-        now + secs(25)
+        instant(now + secs(25))
     );
 }

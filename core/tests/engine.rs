@@ -10,7 +10,7 @@
 )]
 
 mod support;
-use support::{actions, meta, outcome, provider};
+use support::{actions, instant, meta, nanos, nth, outcome, pid, provider};
 
 use std::collections::HashMap;
 use unbusy_core::cache_key::CacheKey;
@@ -29,7 +29,7 @@ fn config(providers: Vec<ProviderConfig>) -> Config {
 
 fn sent(a: &[Action]) -> (u32, usize) {
     match a {
-        [Action::Send(s)] => (s.attempt, s.provider),
+        [Action::Send(s)] => (s.attempt.get(), s.provider.index()),
         other => panic!("expected one send, got {other:?}"),
     }
 }
@@ -38,15 +38,20 @@ fn sent(a: &[Action]) -> (u32, usize) {
 fn success_is_delivered_and_cached_when_cacheable() {
     let mut e = Engine::new(config(vec![provider("deepseek", 0)]), 1).unwrap();
     let id = e.admit(
-        0,
+        instant(0),
         RequestMeta {
             cache_key: Some(CacheKey(7)),
             ..meta(1)
         },
     );
     assert_eq!(sent(&actions(&mut e)), (1, 0));
-    e.on_first_progress(ms(400), id, 1);
-    e.on_outcome(ms(900), id, 1, outcome(OutcomeClass::Success, None));
+    e.on_first_progress(instant(ms(400)), id, nth(1));
+    e.on_outcome(
+        instant(ms(900)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::Success, None),
+    );
     assert_eq!(
         actions(&mut e),
         vec![Action::Deliver {
@@ -55,7 +60,7 @@ fn success_is_delivered_and_cached_when_cacheable() {
         }]
     );
     assert_eq!(e.active_requests(), 0);
-    assert_eq!(e.in_flight(0), 0);
+    assert_eq!(e.in_flight(pid(0)), 0);
 }
 
 #[test]
@@ -65,9 +70,14 @@ fn busy_primary_fails_over_to_backup_at_once() {
         1,
     )
     .unwrap();
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     assert_eq!(sent(&actions(&mut e)), (1, 0));
-    e.on_outcome(ms(50), id, 1, outcome(OutcomeClass::Busy, Some(secs(5))));
+    e.on_outcome(
+        instant(ms(50)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::Busy, Some(secs(5))),
+    );
     // The primary's hint does not delay the backup.
     assert_eq!(sent(&actions(&mut e)), (2, 1));
 }
@@ -75,33 +85,33 @@ fn busy_primary_fails_over_to_backup_at_once() {
 #[test]
 fn single_provider_retry_honours_the_hint() {
     let mut e = Engine::new(config(vec![provider("deepseek", 0)]), 1).unwrap();
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     actions(&mut e);
     e.on_outcome(
-        ms(10),
+        instant(ms(10)),
         id,
-        1,
+        nth(1),
         outcome(OutcomeClass::RateLimited, Some(secs(2))),
     );
     assert!(actions(&mut e).is_empty());
-    let wake = e.next_wakeup().unwrap();
+    let wake = e.next_wakeup().map(nanos).unwrap();
     assert!(
         wake >= ms(10) + secs(2) && wake <= ms(10) + secs(2) + ms(250),
         "{wake}"
     );
-    e.on_tick(wake - 1);
+    e.on_tick(instant(wake - 1));
     assert!(actions(&mut e).is_empty());
-    e.on_tick(wake);
+    e.on_tick(instant(wake));
     assert_eq!(sent(&actions(&mut e)), (2, 0));
 }
 
 #[test]
 fn caller_errors_are_passed_through_not_retried() {
     let mut e = Engine::new(config(vec![provider("a", 0), provider("b", 0)]), 1).unwrap();
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     actions(&mut e);
     let bad = OutcomeClass::CallerError(unbusy_core::classify::CallerErrorKind::BadRequest);
-    e.on_outcome(ms(10), id, 1, outcome(bad, None));
+    e.on_outcome(instant(ms(10)), id, nth(1), outcome(bad, None));
     assert_eq!(
         actions(&mut e),
         vec![Action::Deliver {
@@ -119,7 +129,7 @@ fn keepalive_past_first_token_deadline_fails_over() {
     )
     .unwrap();
     let id = e.admit(
-        0,
+        instant(0),
         RequestMeta {
             stream: true,
             ..meta(1)
@@ -129,21 +139,26 @@ fn keepalive_past_first_token_deadline_fails_over() {
         [Action::Send(s)] => s.clone(),
         other => panic!("{other:?}"),
     };
-    assert_eq!(first.first_token_deadline, secs(15));
-    assert_eq!(e.next_wakeup(), Some(secs(15)));
-    e.on_tick(secs(15));
+    assert_eq!(first.first_token_deadline, instant(secs(15)));
+    assert_eq!(e.next_wakeup().map(nanos), Some(secs(15)));
+    e.on_tick(instant(secs(15)));
     let a = actions(&mut e);
     assert_eq!(
         a[0],
         Action::Abort {
             request: id,
-            attempt: 1,
+            attempt: nth(1),
             reason: AbortReason::FirstTokenDeadline
         }
     );
     assert_eq!(sent(&a[1..]), (2, 1));
     // A late report from the aborted attempt changes nothing.
-    e.on_outcome(secs(16), id, 1, outcome(OutcomeClass::Success, None));
+    e.on_outcome(
+        instant(secs(16)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::Success, None),
+    );
     assert!(actions(&mut e).is_empty());
 }
 
@@ -152,9 +167,9 @@ fn tenant_limit_refuses_with_retry_after_and_spares_other_tenants() {
     let mut c = config(vec![provider("deepseek", 0)]);
     c.limits.per_tenant.requests_per_minute = Some(1);
     let mut e = Engine::new(c, 1).unwrap();
-    e.admit(0, meta(1));
+    e.admit(instant(0), meta(1));
     assert!(matches!(actions(&mut e).as_slice(), [Action::Send(_)]));
-    e.admit(ms(1), meta(1));
+    e.admit(instant(ms(1)), meta(1));
     match actions(&mut e).as_slice() {
         [Action::Reply { reply, .. }] => {
             assert_eq!(reply.status, 429);
@@ -167,7 +182,7 @@ fn tenant_limit_refuses_with_retry_after_and_spares_other_tenants() {
         }
         other => panic!("{other:?}"),
     }
-    e.admit(ms(2), meta(2));
+    e.admit(instant(ms(2)), meta(2));
     assert!(matches!(actions(&mut e).as_slice(), [Action::Send(_)]));
 }
 
@@ -175,7 +190,7 @@ fn tenant_limit_refuses_with_retry_after_and_spares_other_tenants() {
 fn cache_fresh_and_stale() {
     let mut e = Engine::new(config(vec![provider("deepseek", 0)]), 1).unwrap();
     let id = e.admit(
-        0,
+        instant(0),
         RequestMeta {
             cached: CacheLookup::Fresh,
             ..meta(1)
@@ -193,14 +208,19 @@ fn cache_fresh_and_stale() {
     c.retry.max_attempts = 1;
     let mut e = Engine::new(c, 1).unwrap();
     let id = e.admit(
-        0,
+        instant(0),
         RequestMeta {
             cached: CacheLookup::Stale,
             ..meta(1)
         },
     );
     actions(&mut e);
-    e.on_outcome(ms(5), id, 1, outcome(OutcomeClass::Busy, None));
+    e.on_outcome(
+        instant(ms(5)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::Busy, None),
+    );
     assert_eq!(
         actions(&mut e),
         vec![Action::ServeCache {
@@ -215,15 +235,20 @@ fn concurrency_quota_paces_instead_of_sending() {
     let mut p = provider("deepseek", 0);
     p.max_concurrency = Some(1);
     let mut e = Engine::new(config(vec![p]), 1).unwrap();
-    let first = e.admit(0, meta(1));
+    let first = e.admit(instant(0), meta(1));
     assert_eq!(sent(&actions(&mut e)), (1, 0));
-    let second = e.admit(ms(1), meta(2));
+    let second = e.admit(instant(ms(1)), meta(2));
     assert!(
         actions(&mut e).is_empty(),
         "the second request must wait for the slot"
     );
-    assert_eq!(e.in_flight(0), 1);
-    e.on_outcome(ms(500), first, 1, outcome(OutcomeClass::Success, None));
+    assert_eq!(e.in_flight(pid(0)), 1);
+    e.on_outcome(
+        instant(ms(500)),
+        first,
+        nth(1),
+        outcome(OutcomeClass::Success, None),
+    );
     let a = actions(&mut e);
     assert_eq!(
         a[0],
@@ -233,7 +258,7 @@ fn concurrency_quota_paces_instead_of_sending() {
         }
     );
     match &a[1] {
-        Action::Send(s) => assert_eq!((s.request, s.attempt), (second, 1)),
+        Action::Send(s) => assert_eq!((s.request, s.attempt.get()), (second, 1)),
         other => panic!("{other:?}"),
     }
 }
@@ -246,26 +271,26 @@ fn a_quota_shared_with_other_engines_counts_their_attempts_and_wakes_when_they_e
     let mut p = provider("deepseek", 0);
     p.max_concurrency = Some(3);
     let mut e = Engine::new(config(vec![p]), 1).unwrap();
-    e.set_external_in_flight(0, 0, 3);
-    let first = e.admit(ms(1), meta(1));
-    let second = e.admit(ms(2), meta(2));
+    e.set_external_in_flight(instant(0), pid(0), 3);
+    let first = e.admit(instant(ms(1)), meta(1));
+    let second = e.admit(instant(ms(2)), meta(2));
     assert!(actions(&mut e).is_empty(), "the shared quota is full");
-    e.set_external_in_flight(ms(100), 0, 2);
+    e.set_external_in_flight(instant(ms(100)), pid(0), 2);
     match actions(&mut e).as_slice() {
         [Action::Send(s)] => assert_eq!(s.request, first),
         other => panic!("{other:?}"),
     }
-    e.set_external_in_flight(ms(150), 0, 2);
+    e.set_external_in_flight(instant(ms(150)), pid(0), 2);
     assert!(
         actions(&mut e).is_empty(),
         "no change, no room: 1 mine + 2 theirs"
     );
-    e.set_external_in_flight(ms(200), 0, 0);
+    e.set_external_in_flight(instant(ms(200)), pid(0), 0);
     match actions(&mut e).as_slice() {
         [Action::Send(s)] => assert_eq!(s.request, second),
         other => panic!("{other:?}"),
     }
-    assert_eq!(e.in_flight(0), 2);
+    assert_eq!(e.in_flight(pid(0)), 2);
 }
 
 #[test]
@@ -276,20 +301,31 @@ fn a_breaker_opened_elsewhere_pauses_the_provider_here_until_it_would_probe() {
     let mut other = Engine::new(c, 2).unwrap();
     // Two failures in a row open the breaker on one engine...
     for i in 0..2 {
-        let id = opener.admit(ms(i), meta(1));
+        let id = opener.admit(instant(ms(i)), meta(1));
         let (attempt, provider) = sent(&actions(&mut opener));
         assert_eq!(provider, 0);
-        opener.on_outcome(ms(i) + 1, id, attempt, outcome(OutcomeClass::Busy, None));
+        opener.on_outcome(
+            instant(ms(i) + 1),
+            id,
+            nth(attempt),
+            outcome(OutcomeClass::Busy, None),
+        );
         actions(&mut opener);
     }
-    let until = opener.breaker_open_until(ms(10), 0).expect("open");
+    let until = opener
+        .breaker_open_until(instant(ms(10)), pid(0))
+        .map(nanos)
+        .expect("open");
     assert!(until > ms(10));
-    assert_eq!(other.breaker_open_until(ms(10), 0), None);
+    assert_eq!(
+        other.breaker_open_until(instant(ms(10)), pid(0)).map(nanos),
+        None
+    );
     // ...and the other, told so, sends straight to the backup until then.
-    other.pause_provider(ms(10), 0, until);
-    other.admit(ms(11), meta(2));
+    other.pause_provider(instant(ms(10)), pid(0), instant(until));
+    other.admit(instant(ms(11)), meta(2));
     assert_eq!(sent(&actions(&mut other)).1, 1, "paused: the backup first");
-    other.admit(until, meta(3));
+    other.admit(instant(until), meta(3));
     assert_eq!(sent(&actions(&mut other)).1, 0, "the pause is over");
 }
 
@@ -298,13 +334,23 @@ fn everything_down_fails_fast_with_an_sdk_friendly_reply() {
     let mut c = config(vec![provider("deepseek", 0)]);
     c.retry.max_attempts = 2;
     let mut e = Engine::new(c, 1).unwrap();
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     actions(&mut e);
-    e.on_outcome(ms(5), id, 1, outcome(OutcomeClass::Busy, None));
-    let wake = e.next_wakeup().unwrap();
-    e.on_tick(wake);
+    e.on_outcome(
+        instant(ms(5)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::Busy, None),
+    );
+    let wake = e.next_wakeup().map(nanos).unwrap();
+    e.on_tick(instant(wake));
     let (attempt, _) = sent(&actions(&mut e));
-    e.on_outcome(wake + ms(5), id, attempt, outcome(OutcomeClass::Busy, None));
+    e.on_outcome(
+        instant(wake + ms(5)),
+        id,
+        nth(attempt),
+        outcome(OutcomeClass::Busy, None),
+    );
     match actions(&mut e).as_slice() {
         [Action::Reply { reply, .. }] => {
             assert_eq!(reply.status, 503);
@@ -322,44 +368,44 @@ fn everything_down_fails_fast_with_an_sdk_friendly_reply() {
 fn a_stream_that_stalls_after_its_first_token_is_cut_not_retried() {
     let mut e = Engine::new(config(vec![provider("a", 0), provider("b", 1)]), 1).unwrap();
     let id = e.admit(
-        0,
+        instant(0),
         RequestMeta {
             stream: true,
             ..meta(1)
         },
     );
     actions(&mut e);
-    e.on_first_progress(secs(1), id, 1);
-    e.on_progress(secs(5), id, 1);
+    e.on_first_progress(instant(secs(1)), id, nth(1));
+    e.on_progress(instant(secs(5)), id, nth(1));
     // stall_ms defaults to 30 s after the latest progress.
-    assert_eq!(e.next_wakeup(), Some(secs(35)));
-    e.on_tick(secs(35) - 1);
+    assert_eq!(e.next_wakeup().map(nanos), Some(secs(35)));
+    e.on_tick(instant(secs(35) - 1));
     assert!(actions(&mut e).is_empty());
-    e.on_tick(secs(35));
+    e.on_tick(instant(secs(35)));
     assert_eq!(
         actions(&mut e),
         vec![Action::Abort {
             request: id,
-            attempt: 1,
+            attempt: nth(1),
             reason: AbortReason::Stalled
         }]
     );
     assert_eq!(e.active_requests(), 0);
-    assert_eq!(e.in_flight(0), 0);
+    assert_eq!(e.in_flight(pid(0)), 0);
 }
 
 #[test]
 fn a_non_streaming_answer_that_stalls_is_retried_elsewhere() {
     let mut e = Engine::new(config(vec![provider("a", 0), provider("b", 1)]), 1).unwrap();
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     let first = match actions(&mut e).as_slice() {
         [Action::Send(s)] => s.clone(),
         other => panic!("{other:?}"),
     };
     // Non-streaming attempts get deadlines.response_ms (25 s), not first_token_ms (15 s).
-    assert_eq!(first.first_token_deadline, secs(25));
-    e.on_first_progress(secs(2), id, 1);
-    e.on_tick(secs(32));
+    assert_eq!(first.first_token_deadline, instant(secs(25)));
+    e.on_first_progress(instant(secs(2)), id, nth(1));
+    e.on_tick(instant(secs(32)));
     let a = actions(&mut e);
     assert!(matches!(
         a[0],
@@ -379,12 +425,12 @@ fn a_retry_hint_answers_only_the_request_that_got_it() {
     let mut hinted = Vec::new();
     for i in 0..5 {
         t += ms(10);
-        let id = e.admit(t, meta(i));
+        let id = e.admit(instant(t), meta(i));
         assert_eq!(sent(&actions(&mut e)), (1, 0));
         e.on_outcome(
-            t + ms(5),
+            instant(t + ms(5)),
             id,
-            1,
+            nth(1),
             outcome(OutcomeClass::RateLimited, Some(secs(10))),
         );
         assert!(actions(&mut e).is_empty(), "request {i} waits for its hint");
@@ -392,15 +438,20 @@ fn a_retry_hint_answers_only_the_request_that_got_it() {
     }
     // Another request's retry after a plain server error is not held back by their hints: it
     // goes after its own backoff (at most the 250 ms base for a first retry), long before 10 s.
-    let id = e.admit(t + ms(100), meta(9));
+    let id = e.admit(instant(t + ms(100)), meta(9));
     assert_eq!(sent(&actions(&mut e)), (1, 0));
-    e.on_outcome(t + ms(110), id, 1, outcome(OutcomeClass::ServerError, None));
+    e.on_outcome(
+        instant(t + ms(110)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::ServerError, None),
+    );
     assert!(actions(&mut e).is_empty());
     let mut now = t + ms(110);
     let mut retried_at = None;
-    while let Some(at) = e.next_wakeup().filter(|at| *at < t + secs(5)) {
+    while let Some(at) = e.next_wakeup().map(nanos).filter(|at| *at < t + secs(5)) {
         now = at;
-        e.on_tick(now);
+        e.on_tick(instant(now));
         for a in actions(&mut e) {
             if let Action::Send(s) = a {
                 assert_eq!(s.request, id, "a hinted request went early");
@@ -414,11 +465,16 @@ fn a_retry_hint_answers_only_the_request_that_got_it() {
         "retried at {retried_at}"
     );
     // The hinted ones go once their own hint has passed, and not before.
-    e.on_outcome(now, id, 2, outcome(OutcomeClass::Success, None));
+    e.on_outcome(
+        instant(now),
+        id,
+        nth(2),
+        outcome(OutcomeClass::Success, None),
+    );
     actions(&mut e);
     let mut went = Vec::new();
-    while let Some(at) = e.next_wakeup().filter(|at| *at < t + secs(13)) {
-        e.on_tick(at);
+    while let Some(at) = e.next_wakeup().map(nanos).filter(|at| *at < t + secs(13)) {
+        e.on_tick(instant(at));
         for a in actions(&mut e) {
             if let Action::Send(s) = a {
                 went.push((s.request, at));
@@ -434,7 +490,7 @@ fn a_retry_hint_answers_only_the_request_that_got_it() {
             .unwrap();
         assert!(
             at >= got_at + secs(10),
-            "request {id} retried at {at}, before its hint"
+            "request {id:?} retried at {at}, before its hint"
         );
     }
 }
@@ -442,18 +498,23 @@ fn a_retry_hint_answers_only_the_request_that_got_it() {
 #[test]
 fn an_isolated_rate_limit_does_not_pause_the_provider() {
     let mut e = Engine::new(config(vec![provider("a", 0)]), 1).unwrap();
-    let id = e.admit(0, meta(1));
+    let id = e.admit(instant(0), meta(1));
     actions(&mut e);
     e.on_outcome(
-        ms(5),
+        instant(ms(5)),
         id,
-        1,
+        nth(1),
         outcome(OutcomeClass::RateLimited, Some(secs(5))),
     );
     actions(&mut e);
-    let other = e.admit(ms(6), meta(2));
+    let other = e.admit(instant(ms(6)), meta(2));
     assert_eq!(sent(&actions(&mut e)), (1, 0));
-    e.on_outcome(ms(7), other, 1, outcome(OutcomeClass::Success, None));
+    e.on_outcome(
+        instant(ms(7)),
+        other,
+        nth(1),
+        outcome(OutcomeClass::Success, None),
+    );
 }
 
 #[test]
@@ -463,28 +524,33 @@ fn open_breaker_makes_requests_wait_for_the_probe_not_fail() {
     let mut t = 0;
     for _ in 0..10 {
         t += ms(1);
-        let id = e.admit(t, meta(1));
+        let id = e.admit(instant(t), meta(1));
         let (attempt, _) = sent(&actions(&mut e));
-        e.on_outcome(t, id, attempt, outcome(OutcomeClass::Busy, None));
+        e.on_outcome(
+            instant(t),
+            id,
+            nth(attempt),
+            outcome(OutcomeClass::Busy, None),
+        );
         // Each is retried later or given up; cancel to keep the test about new requests.
         actions(&mut e);
-        e.cancel(t, id);
+        e.cancel(instant(t), id);
     }
     assert!(matches!(
-        e.breaker_state(0, t),
+        e.breaker_state(pid(0), instant(t)),
         Some(unbusy_core::breaker::BreakerState::Open { .. })
     ));
-    let waiting = e.admit(t + ms(1), meta(3));
+    let waiting = e.admit(instant(t + ms(1)), meta(3));
     assert!(actions(&mut e).is_empty(), "must wait, not fail");
-    let wake = e.next_wakeup().unwrap();
+    let wake = e.next_wakeup().map(nanos).unwrap();
     assert!(wake <= t + secs(5), "wakes when the breaker probes: {wake}");
-    e.on_tick(t + secs(5));
+    e.on_tick(instant(t + secs(5)));
     let (attempt, p) = sent(&actions(&mut e));
     assert_eq!((attempt, p), (1, 0));
     e.on_outcome(
-        t + secs(6),
+        instant(t + secs(6)),
         waiting,
-        1,
+        nth(1),
         outcome(OutcomeClass::Success, None),
     );
     assert!(matches!(actions(&mut e)[0], Action::Deliver { .. }));
@@ -500,13 +566,18 @@ fn an_outage_longer_than_the_wait_limit_fails_fast_with_retry_after() {
     let mut t = 0;
     for _ in 0..10 {
         t += ms(1);
-        let id = e.admit(t, meta(1));
+        let id = e.admit(instant(t), meta(1));
         let (attempt, _) = sent(&actions(&mut e));
-        e.on_outcome(t, id, attempt, outcome(OutcomeClass::Busy, None));
+        e.on_outcome(
+            instant(t),
+            id,
+            nth(attempt),
+            outcome(OutcomeClass::Busy, None),
+        );
         actions(&mut e);
-        e.cancel(t, id);
+        e.cancel(instant(t), id);
     }
-    e.admit(t + ms(1), meta(3));
+    e.admit(instant(t + ms(1)), meta(3));
     match actions(&mut e).as_slice() {
         [Action::Reply { reply, .. }] => {
             assert_eq!(reply.status, 503);
@@ -534,7 +605,7 @@ fn each_attempt_carries_its_providers_rewrites() {
     backup.base_url = Some("https://backup.example/v1".into());
     let mut e = Engine::new(config(vec![primary, backup]), 1).unwrap();
     let id = e.admit(
-        0,
+        instant(0),
         RequestMeta {
             model: "gpt-4o".into(),
             ..meta(1)
@@ -547,7 +618,12 @@ fn each_attempt_carries_its_providers_rewrites() {
     assert_eq!(first.cluster.as_deref(), Some("deepseek"));
     assert_eq!(first.authorization.as_deref(), Some("Bearer sk-primary"));
     assert_eq!(first.model.as_deref(), Some("deepseek-chat"));
-    e.on_outcome(ms(5), id, 1, outcome(OutcomeClass::Busy, None));
+    e.on_outcome(
+        instant(ms(5)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::Busy, None),
+    );
     let second = match actions(&mut e).as_slice() {
         [Action::Send(s)] => s.rewrite.clone(),
         other => panic!("{other:?}"),
@@ -603,10 +679,14 @@ fn run_world(seed: u64) -> Exercised {
         now += rng.u64(0..ms(300));
         if rng.u8(0..4) == 0 {
             external = rng.u32(0..=quota);
-            e.set_external_in_flight(now, 0, external);
+            e.set_external_in_flight(instant(now), pid(0), external);
         }
         if rng.u8(0..40) == 0 {
-            e.pause_provider(now, rng.usize(0..3), now + rng.u64(0..ms(2_000)));
+            e.pause_provider(
+                instant(now),
+                pid(rng.usize(0..3)),
+                instant(now + rng.u64(0..ms(2_000))),
+            );
         }
         if step < 300 && rng.bool() {
             let cached = match rng.u8(0..10) {
@@ -615,7 +695,7 @@ fn run_world(seed: u64) -> Exercised {
                 _ => CacheLookup::Miss,
             };
             let id = e.admit(
-                now,
+                instant(now),
                 RequestMeta {
                     stream: rng.bool(),
                     cache_key: (cached != CacheLookup::Miss).then_some(CacheKey(u128::from(step))),
@@ -627,7 +707,7 @@ fn run_world(seed: u64) -> Exercised {
         }
         if rng.u8(0..20) == 0 {
             if let Some(&(_, id, _)) = in_flight.first() {
-                e.cancel(now, id);
+                e.cancel(instant(now), id);
                 in_flight.retain(|(_, r, _)| *r != id);
                 admitted.remove(&id);
             }
@@ -648,13 +728,13 @@ fn run_world(seed: u64) -> Exercised {
                 _ => outcome(OutcomeClass::Success, None),
             };
             if rng.bool() {
-                e.on_first_progress(now, id, attempt);
+                e.on_first_progress(instant(now), id, nth(attempt));
             }
-            e.on_outcome(now, id, attempt, result);
+            e.on_outcome(instant(now), id, nth(attempt), result);
         }
-        if let Some(t) = e.next_wakeup() {
+        if let Some(t) = e.next_wakeup().map(nanos) {
             if t <= now {
-                e.on_tick(now);
+                e.on_tick(instant(now));
             }
         }
         while let Some(action) = e.poll_action() {
@@ -664,30 +744,33 @@ fn run_world(seed: u64) -> Exercised {
                     let (admitted_at, attempts) =
                         admitted.get_mut(&id).expect("send for a live request");
                     *attempts += 1;
-                    assert_eq!(s.attempt, *attempts, "attempts are numbered in order");
+                    assert_eq!(s.attempt.get(), *attempts, "attempts are numbered in order");
                     assert!(
-                        s.attempt <= max_attempts,
+                        s.attempt.get() <= max_attempts,
                         "attempt {} > max {max_attempts}",
-                        s.attempt
+                        s.attempt.get()
                     );
-                    assert!(now < s.deadline, "attempt started at or past the deadline");
-                    assert!(s.deadline <= *admitted_at + secs(22));
+                    assert!(
+                        instant(now) < s.deadline,
+                        "attempt started at or past the deadline"
+                    );
+                    assert!(s.deadline <= instant(*admitted_at + secs(22)));
                     // A provider's known quota is never exceeded, counting the other workers'
                     // attempts when a new one starts there.
                     assert!(
-                        e.in_flight(0) <= quota,
+                        e.in_flight(pid(0)) <= quota,
                         "{} in flight over a quota of {quota}",
-                        e.in_flight(0)
+                        e.in_flight(pid(0))
                     );
-                    if s.provider == 0 {
+                    if s.provider == pid(0) {
                         assert!(
-                            e.in_flight(0) + external <= quota,
+                            e.in_flight(pid(0)) + external <= quota,
                             "{} + {external} elsewhere over a quota of {quota}",
-                            e.in_flight(0)
+                            e.in_flight(pid(0))
                         );
                     }
-                    let limit = e.concurrency_limit(s.provider);
-                    assert!(limit == u32::MAX || limit <= 100_000, "limit {limit}");
+                    let limit = e.concurrency_limit(pid(s.provider));
+                    assert!(limit.is_none_or(|l| l <= 100_000), "limit {limit:?}");
                     // One attempt in six stalls: keep-alive bytes only, no outcome until the
                     // engine aborts it at its first-token deadline (or the request's).
                     let ends = if rng.u8(0..6) == 0 {
@@ -695,27 +778,27 @@ fn run_world(seed: u64) -> Exercised {
                     } else {
                         now + rng.u64(0..ms(3_000))
                     };
-                    in_flight.push((ends, id, s.attempt));
+                    in_flight.push((ends, id, s.attempt.get()));
                 }
                 Action::Abort {
                     attempt, reason, ..
                 } => {
                     seen.stall_aborts += u32::from(reason == AbortReason::FirstTokenDeadline);
-                    in_flight.retain(|(_, r, a)| !(*r == id && *a == attempt));
+                    in_flight.retain(|(_, r, a)| !(*r == id && *a == attempt.get()));
                 }
                 Action::ServeCache { .. } => {
                     seen.cache_answers += 1;
-                    assert!(admitted.remove(&id).is_some(), "finished twice: {id}");
+                    assert!(admitted.remove(&id).is_some(), "finished twice: {id:?}");
                     finished += 1;
                 }
                 Action::Reply { ref reply, .. } if reply.status == 429 => {
                     seen.limit_replies += 1;
-                    assert!(admitted.remove(&id).is_some(), "finished twice: {id}");
+                    assert!(admitted.remove(&id).is_some(), "finished twice: {id:?}");
                     in_flight.retain(|(_, r, _)| *r != id);
                     finished += 1;
                 }
                 Action::Deliver { .. } | Action::Reply { .. } => {
-                    assert!(admitted.remove(&id).is_some(), "finished twice: {id}");
+                    assert!(admitted.remove(&id).is_some(), "finished twice: {id:?}");
                     in_flight.retain(|(_, r, _)| *r != id);
                     finished += 1;
                 }
@@ -727,19 +810,24 @@ fn run_world(seed: u64) -> Exercised {
     for _ in 0..200 {
         now += ms(500);
         for (_, id, attempt) in std::mem::take(&mut in_flight) {
-            e.on_outcome(now, id, attempt, outcome(OutcomeClass::Busy, None));
+            e.on_outcome(
+                instant(now),
+                id,
+                nth(attempt),
+                outcome(OutcomeClass::Busy, None),
+            );
         }
-        e.on_tick(now);
+        e.on_tick(instant(now));
         while let Some(action) = e.poll_action() {
             match action {
                 Action::Send(s) => {
-                    assert!(now < s.deadline);
-                    in_flight.push((now, s.request, s.attempt));
+                    assert!(instant(now) < s.deadline);
+                    in_flight.push((now, s.request, s.attempt.get()));
                 }
                 Action::Abort {
                     request, attempt, ..
                 } => {
-                    in_flight.retain(|(_, r, a)| !(*r == request && *a == attempt));
+                    in_flight.retain(|(_, r, a)| !(*r == request && *a == attempt.get()));
                 }
                 other => {
                     admitted.remove(&other.request());
@@ -760,7 +848,11 @@ fn run_world(seed: u64) -> Exercised {
     );
     assert!(finished > 0);
     for p in 0..3 {
-        assert_eq!(e.in_flight(p), 0, "seed {seed}: provider {p} leaked a slot");
+        assert_eq!(
+            e.in_flight(pid(p)),
+            0,
+            "seed {seed}: provider {p} leaked a slot"
+        );
     }
     seen
 }
@@ -809,7 +901,7 @@ fn a_finished_request_names_its_provider_model_and_first_chunk() {
     };
     let mut e = Engine::new(config(vec![provider("a", 0), provider("b", 1)]), 1).unwrap();
     let id = e.admit(
-        ms(10),
+        instant(ms(10)),
         RequestMeta {
             model: "deepseek-v3.2".into(),
             stream: true,
@@ -817,10 +909,20 @@ fn a_finished_request_names_its_provider_model_and_first_chunk() {
         },
     );
     assert_eq!(sent(&actions(&mut e)), (1, 0));
-    e.on_outcome(ms(50), id, 1, outcome(OutcomeClass::Busy, None));
+    e.on_outcome(
+        instant(ms(50)),
+        id,
+        nth(1),
+        outcome(OutcomeClass::Busy, None),
+    );
     assert_eq!(sent(&actions(&mut e)), (2, 1));
-    e.on_first_progress(ms(310), id, 2);
-    e.on_outcome(ms(900), id, 2, outcome(OutcomeClass::Success, None));
+    e.on_first_progress(instant(ms(310)), id, nth(2));
+    e.on_outcome(
+        instant(ms(900)),
+        id,
+        nth(2),
+        outcome(OutcomeClass::Success, None),
+    );
     actions(&mut e);
     assert_eq!(
         finished(&mut e),
@@ -829,7 +931,7 @@ fn a_finished_request_names_its_provider_model_and_first_chunk() {
             attempts: 2,
             latency: ms(890),
             request: id,
-            provider: Some(1),
+            provider: Some(pid(1)),
             model: "deepseek-v3.2".into(),
             first_chunk: Some(ms(300)),
         }]
@@ -838,15 +940,20 @@ fn a_finished_request_names_its_provider_model_and_first_chunk() {
     // Not a stream: no first chunk. Past 16 distinct unconfigured models: `_OTHER`.
     for n in 0..17 {
         let id = e.admit(
-            secs(2),
+            instant(secs(2)),
             RequestMeta {
                 model: format!("model-{n}"),
                 ..meta(1)
             },
         );
         actions(&mut e);
-        e.on_first_progress(secs(3), id, 1);
-        e.on_outcome(secs(3), id, 1, outcome(OutcomeClass::Success, None));
+        e.on_first_progress(instant(secs(3)), id, nth(1));
+        e.on_outcome(
+            instant(secs(3)),
+            id,
+            nth(1),
+            outcome(OutcomeClass::Success, None),
+        );
         actions(&mut e);
         let events = finished(&mut e);
         let [Event::RequestFinished {
