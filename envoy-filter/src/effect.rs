@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 use unbusy_core::engine::RequestId;
+use unbusy_core::ids::AttemptId;
 
 /// What the host must do after a callback, outside the state's borrow.
 #[derive(Debug)]
@@ -80,7 +81,7 @@ pub enum Effect {
         /// The engine's request.
         request: RequestId,
         /// The attempt.
-        attempt: u32,
+        attempt: AttemptId,
         /// The provider's cluster.
         cluster: String,
         /// Headers.

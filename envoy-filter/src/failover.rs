@@ -53,7 +53,7 @@ impl Native {
     /// Attempt `send`, entering the aggregate of its provider.
     pub fn enter(providers: &[ProviderConfig], send: &SendAttempt) -> Self {
         Self {
-            ahead: failover_order(providers, send.provider),
+            ahead: failover_order(providers, send.provider.index()),
             pending: Some(send.clone()),
         }
     }
@@ -61,7 +61,7 @@ impl Native {
     /// Whether the router can carry `send` as its next retry: its provider is the aggregate's
     /// next one. If so, the router is about to carry it.
     pub fn retry(&mut self, send: &SendAttempt) -> bool {
-        if self.ahead.first() != Some(&send.provider) {
+        if self.ahead.first() != Some(&send.provider.index()) {
             return false;
         }
         self.ahead.remove(0);

@@ -13,6 +13,7 @@ use crate::routing::CallerRequest;
 use crate::shared::Cached;
 use unbusy_core::cache_key::CacheKey;
 use unbusy_core::engine::{RequestId, RequestMeta};
+use unbusy_core::ids::{AttemptId, ProviderId};
 use unbusy_core::reply::CacheNote;
 
 /// Where a managed request stands.
@@ -54,16 +55,16 @@ pub struct Flow {
     pub l2_hit: bool,
     /// Where it stands.
     pub phase: Phase,
-    /// The current attempt (0 before the first).
-    pub attempt: u32,
-    /// The current attempt's provider.
-    pub provider: usize,
+    /// The current attempt (`None` before the first).
+    pub attempt: Option<AttemptId>,
+    /// The current attempt's provider (`None` before the first attempt).
+    pub provider: Option<ProviderId>,
     /// The attempt the router carries (its answer arrives through response callbacks).
-    pub router_attempt: Option<u32>,
+    pub router_attempt: Option<AttemptId>,
     /// The current attempt's answer.
     pub answer: Answer,
     /// The provider whose cross-worker concurrency slot the current attempt holds.
-    pub slot: Option<usize>,
+    pub slot: Option<ProviderId>,
     /// The context whose response callbacks carry the router's attempt: the caller's stream,
     /// or the upstream instance's context for the current native attempt.
     pub carrier: u32,
@@ -90,8 +91,8 @@ impl Flow {
             l2_wait: None,
             l2_hit: false,
             phase: Phase::RequestHeld,
-            attempt: 0,
-            provider: 0,
+            attempt: None,
+            provider: None,
             router_attempt: None,
             answer: Answer::default(),
             slot: None,

@@ -21,6 +21,7 @@
 
 use crate::host::{Host, MetricId, MetricKind};
 use unbusy_core::genai::{error_type, Usage};
+use unbusy_core::ids::ProviderId;
 use unbusy_core::time::Nanos;
 
 /// The provider label of a request no provider answered (a cache hit, one refused before any
@@ -39,15 +40,15 @@ enum Instrument {
 /// A model's series for one provider and error type: each instrument's id once defined
 /// (`Some(None)`: the host refused it).
 struct Series {
-    provider: Option<usize>,
+    provider: Option<ProviderId>,
     error: Option<&'static str>,
     ids: [Option<Option<MetricId>>; 4],
 }
 
 /// What a finished request records.
 pub struct Finished<'a> {
-    /// The provider index of its last attempt.
-    pub provider: Option<usize>,
+    /// The provider of its last attempt.
+    pub provider: Option<ProviderId>,
     /// Its bounded model label.
     pub model: &'a str,
     /// How it ended.
@@ -112,7 +113,7 @@ impl GenAiMetrics {
         };
         let provider = f
             .provider
-            .and_then(|i| self.providers.get(i))
+            .and_then(|p| self.providers.get(p.index()))
             .map_or(NO_PROVIDER, String::as_str);
         let mut record = |what: Instrument, value: u64| {
             let Some(slot) = series.ids.get_mut(what as usize) else {
@@ -191,7 +192,7 @@ mod tests {
         let host = FakeHost::worker(&process);
         let mut m = GenAiMetrics::new(&["a".into(), "b".into()]);
         let f = Finished {
-            provider: Some(1),
+            provider: Some(ProviderId::new(1)),
             model: "m.1",
             outcome: RequestOutcome::Success,
             latency: 1_500_000_000,

@@ -202,7 +202,7 @@ impl Metrics {
             } => {
                 let id = self
                     .attempts
-                    .get(*provider)
+                    .get(provider.index())
                     .and_then(|r| r.get(result_index(*class)))
                     .copied()
                     .flatten();
@@ -211,7 +211,7 @@ impl Metrics {
             Event::FirstToken { provider, latency } => {
                 record(
                     host,
-                    self.first_token.get(*provider).copied().flatten(),
+                    self.first_token.get(provider.index()).copied().flatten(),
                     ms(*latency),
                 );
             }
@@ -220,7 +220,7 @@ impl Metrics {
             Event::BreakerChanged { provider, state } => {
                 record(
                     host,
-                    self.breaker.get(*provider).copied().flatten(),
+                    self.breaker.get(provider.index()).copied().flatten(),
                     u64::from(*state),
                 );
             }

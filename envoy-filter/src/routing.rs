@@ -14,7 +14,7 @@ use unbusy_core::answer::MANAGED_ACCEPT_ENCODING;
 use unbusy_core::config::ProviderConfig;
 use unbusy_core::engine::SendAttempt;
 use unbusy_core::request::{base_path, query_of, rewrite_body, Endpoint};
-use unbusy_core::time::Nanos;
+use unbusy_core::time::{Instant, Nanos};
 
 /// The request header that ties the router's attempts to their managed request (set by the
 /// filter, removed by its upstream instance before the request leaves Envoy).
@@ -303,8 +303,12 @@ pub fn dispatched(
         headers.push(("authorization".into(), a));
     }
     headers.push(("accept-encoding".into(), MANAGED_ACCEPT_ENCODING.into()));
-    headers.push(("x-unbusy-attempt".into(), send.attempt.to_string()));
-    let timeout = Duration::from_nanos(send.deadline.saturating_sub(now).max(1_000_000));
+    headers.push(("x-unbusy-attempt".into(), send.attempt.get().to_string()));
+    let timeout = Duration::from_nanos(
+        send.deadline
+            .saturating_since(Instant::from_nanos(now))
+            .max(1_000_000),
+    );
     Call {
         cluster,
         headers,

@@ -10,6 +10,7 @@ use crate::host::Host;
 use crate::shared;
 use unbusy_core::engine::{Action, Event};
 use unbusy_core::genai::usage;
+use unbusy_core::ids::ProviderId;
 use unbusy_core::reply::{local_reply, ReplyKind};
 use unbusy_core::time::Nanos;
 
@@ -50,7 +51,7 @@ impl<H: Host> State<H> {
                     let Some(flow) = self.flows.get_mut(&ctx) else {
                         continue;
                     };
-                    let from_router = flow.router_attempt == Some(flow.attempt);
+                    let from_router = flow.router_attempt.is_some_and(|a| flow.attempt == Some(a));
                     if flow.phase != Phase::Streaming {
                         flow.answer.usage = usage(&flow.answer.body);
                     }
@@ -186,7 +187,7 @@ impl<H: Host> State<H> {
     pub(super) fn publish_in_flight(&mut self, now: Nanos) {
         for i in 0..self.config.providers.len() {
             self.metrics
-                .in_flight(&self.host, i, self.engine.in_flight(i));
+                .in_flight(&self.host, i, self.engine.in_flight(ProviderId::new(i)));
             if let Some(quota) = self.quota(now, i) {
                 self.metrics.quota(&self.host, i, quota);
             }

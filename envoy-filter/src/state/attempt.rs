@@ -11,7 +11,8 @@ use crate::routing;
 use crate::shared;
 use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::engine::{RequestId, SendAttempt};
-use unbusy_core::time::Nanos;
+use unbusy_core::ids::{AttemptId, ProviderId};
+use unbusy_core::time::{Instant, Nanos};
 
 impl<H: Host> State<H> {
     /// Carries out the engine's `Send`.
@@ -27,16 +28,17 @@ impl<H: Host> State<H> {
         // answered as the provider itself would (429 without a hint: a quota verdict), so the
         // engine fails over, queues or backs off exactly as for the real thing.
         // With a store, the quota is the proxy's share of the fleet's (see `fleet`).
+        let index = send.provider.index();
         if self.config.store.fleet_cluster().is_some() {
-            self.count_turned_away(now, send.provider);
+            self.count_turned_away(now, index);
         }
-        if let Some(quota) = self.quota(now, send.provider) {
-            if !shared::slot_acquire(&self.host, &slot_key(send.provider), quota) {
+        if let Some(quota) = self.quota(now, index) {
+            if !shared::slot_acquire(&self.host, &slot_key(index), quota) {
                 if self.config.store.fleet_cluster().is_some() {
-                    self.turned_away(now, send.provider);
+                    self.turned_away(now, index);
                 }
                 self.engine.on_outcome(
-                    now,
+                    Instant::from_nanos(now),
                     send.request,
                     send.attempt,
                     Classification {
@@ -50,13 +52,13 @@ impl<H: Host> State<H> {
                 flow.slot = Some(send.provider);
             }
         }
-        let authority = self.authorities.get(send.provider);
+        let authority = self.authorities.get(index);
         let providers = &self.config.providers;
         let native = self
             .registry_index
             .filter(|_| self.host.upstream_present())
             .and_then(|index| {
-                let cluster = providers.get(send.provider)?.failover_cluster.clone()?;
+                let cluster = providers.get(index)?.failover_cluster.clone()?;
                 Some((index, cluster, Native::enter(providers, send)))
             });
         let Some(flow) = self.flows.get_mut(&ctx) else {
@@ -68,8 +70,8 @@ impl<H: Host> State<H> {
                 // upstream instance rewrites each for the provider it reaches.
                 flow.phase = Phase::Router;
                 flow.router_attempt = Some(send.attempt);
-                flow.attempt = send.attempt;
-                flow.provider = send.provider;
+                flow.attempt = Some(send.attempt);
+                flow.provider = Some(send.provider);
                 flow.native = Some(native);
                 effects.push(Effect::ResumeRequest {
                     ctx,
@@ -84,8 +86,8 @@ impl<H: Host> State<H> {
             if flow.native.as_mut().is_some_and(|n| n.retry(send)) {
                 flow.phase = Phase::Router;
                 flow.router_attempt = Some(send.attempt);
-                flow.attempt = send.attempt;
-                flow.provider = send.provider;
+                flow.attempt = Some(send.attempt);
+                flow.provider = Some(send.provider);
                 flow.held = false;
                 let index = self.registry_index.unwrap_or(0);
                 effects.push(Effect::RetryNatively {
@@ -98,8 +100,8 @@ impl<H: Host> State<H> {
         }
         if flow.phase == Phase::RequestHeld {
             let (headers, body) = routing::first_attempt(&flow.caller, send, authority);
-            flow.attempt = send.attempt;
-            flow.provider = send.provider;
+            flow.attempt = Some(send.attempt);
+            flow.provider = Some(send.provider);
             flow.phase = Phase::Router;
             flow.router_attempt = Some(send.attempt);
             effects.push(Effect::ResumeRequest { ctx, headers, body });
@@ -118,11 +120,11 @@ impl<H: Host> State<H> {
         now: Nanos,
         send: &SendAttempt,
     ) -> Option<Effect> {
-        let authority = self.authorities.get(send.provider);
+        let authority = self.authorities.get(send.provider.index());
         let flow = self.flows.get_mut(&ctx)?;
         let call = routing::dispatched(&flow.caller, send, authority, now);
-        flow.attempt = send.attempt;
-        flow.provider = send.provider;
+        flow.attempt = Some(send.attempt);
+        flow.provider = Some(send.provider);
         flow.phase = Phase::Waiting;
         Some(Effect::Dispatch {
             ctx,
@@ -136,17 +138,28 @@ impl<H: Host> State<H> {
     }
 
     /// Envoy accepted a dispatch: its answer will come with `token`.
-    pub fn dispatched(&mut self, token: CallToken, ctx: u32, request: RequestId, attempt: u32) {
+    pub fn dispatched(
+        &mut self,
+        token: CallToken,
+        ctx: u32,
+        request: RequestId,
+        attempt: AttemptId,
+    ) {
         self.calls.insert(token, (ctx, request, attempt));
     }
 
     /// A dispatch could not even start (unknown cluster, no healthy host): a refused attempt.
-    pub fn dispatch_failed(&mut self, now: Nanos, request: RequestId, attempt: u32) -> Vec<Effect> {
+    pub fn dispatch_failed(
+        &mut self,
+        now: Nanos,
+        request: RequestId,
+        attempt: AttemptId,
+    ) -> Vec<Effect> {
         if let Some(ctx) = self.by_request.get(&request).copied() {
             self.release_slot(ctx);
         }
         self.engine.on_outcome(
-            now,
+            Instant::from_nanos(now),
             request,
             attempt,
             classify_fault(TransportFault::Refused),
@@ -172,19 +185,24 @@ impl<H: Host> State<H> {
         flow.carrier = from;
         flow.held = false;
         let reached = picked.and_then(|n| self.config.providers.iter().position(|p| p.name == n));
-        if let Some(r) = reached.filter(|&r| r != send.provider) {
+        if let Some(r) = reached.filter(|&r| r != send.provider.index()) {
             // The router reached another provider than the engine chose (the aggregate's
             // order differs from the configuration's): rewrite for the one it reached, so
             // its own credentials and model names go to it.
             self.host
                 .warn("unbusy: the failover cluster reached a provider out of the expected order");
-            send.provider = r;
-            send.rewrite =
-                self.engine
-                    .rewrite(r, &flow.caller.model, self.engine.degrades_features());
+            send.provider = ProviderId::new(r);
+            send.rewrite = self.engine.rewrite(
+                send.provider,
+                &flow.caller.model,
+                self.engine.degrades_features(),
+            );
         }
-        let (headers, body) =
-            routing::native_attempt(&flow.caller, &send, self.authorities.get(send.provider));
+        let (headers, body) = routing::native_attempt(
+            &flow.caller,
+            &send,
+            self.authorities.get(send.provider.index()),
+        );
         Some(UpstreamPlan { headers, body })
     }
 

@@ -19,7 +19,8 @@ use crate::host::{CallToken, Host};
 use crate::shared;
 use crate::store::{self, Call};
 use unbusy_core::fleet::{self, Holding};
-use unbusy_core::time::{ms, Nanos};
+use unbusy_core::ids::ProviderId;
+use unbusy_core::time::{ms, Instant, Nanos};
 
 /// The shared-data key of the proxy's holder id in the store's semaphores.
 const HOLDER: &str = "unbusy:fleet:holder";
@@ -203,8 +204,14 @@ impl<H: Host> State<H> {
             if !store_name(&p.name) {
                 continue;
             }
-            let breaker = self.engine.breaker_open_until(now, i);
-            let cooldown = self.engine.cooldown_until(now, i);
+            let breaker = self
+                .engine
+                .breaker_open_until(Instant::from_nanos(now), ProviderId::new(i))
+                .map(Instant::as_nanos);
+            let cooldown = self
+                .engine
+                .cooldown_until(Instant::from_nanos(now), ProviderId::new(i))
+                .map(Instant::as_nanos);
             let (until, reason) = match (breaker, cooldown) {
                 (Some(b), Some(c)) if c > b => (c, "retry_after"),
                 (Some(b), _) => (b, "breaker_open"),

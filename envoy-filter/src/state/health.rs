@@ -24,7 +24,8 @@ use crate::routing::Call;
 use crate::shared;
 use std::time::Duration;
 use unbusy_core::health::{probe_path, HealthSettings, ProbeResult, ProbeState};
-use unbusy_core::time::Nanos;
+use unbusy_core::ids::ProviderId;
+use unbusy_core::time::{Instant, Nanos};
 
 /// Compare-and-swap rounds for a probe's result (past them the result is dropped; the next
 /// probe counts again).
@@ -190,8 +191,12 @@ impl<H: Host> State<H> {
         }
         for i in 0..self.config.providers.len() {
             let down = read(&self.host, i).0.down;
-            if down != self.engine.provider_down(i) {
-                self.engine.set_provider_health(now, i, !down);
+            if down != self.engine.provider_down(ProviderId::new(i)) {
+                self.engine.set_provider_health(
+                    Instant::from_nanos(now),
+                    ProviderId::new(i),
+                    !down,
+                );
                 if let Some(Some(id)) = self.down_gauges.get(i) {
                     self.host.record_metric(*id, u64::from(down));
                 }

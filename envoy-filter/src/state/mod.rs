@@ -59,9 +59,10 @@ use hashbrown::HashMap;
 use unbusy_core::classify::Classification;
 use unbusy_core::config::Config;
 use unbusy_core::engine::{Engine, RequestId};
+use unbusy_core::ids::{AttemptId, ProviderId};
 use unbusy_core::reply::{note, LocalReply};
 use unbusy_core::request::{handling, Handling};
-use unbusy_core::time::Nanos;
+use unbusy_core::time::{Instant, Nanos};
 
 /// The shared-data key of a provider's breaker verdict (until when it is open).
 fn breaker_key(provider: usize) -> String {
@@ -74,7 +75,7 @@ fn slot_key(provider: usize) -> String {
 }
 
 /// A dispatched attempt awaiting its answer: the stream, the engine's request, the attempt.
-type Call = (u32, RequestId, u32);
+type Call = (u32, RequestId, AttemptId);
 
 /// The state of one filter VM (one per Envoy worker thread).
 pub struct State<H: Host> {
@@ -215,7 +216,7 @@ impl<H: Host> State<H> {
         self.release_slot(ctx);
         if let Some(request) = self.flows.remove(&ctx).and_then(|f| f.request) {
             if self.by_request.remove(&request).is_some() {
-                self.engine.cancel(now, request);
+                self.engine.cancel(Instant::from_nanos(now), request);
             }
         }
         self.drain(now)
@@ -240,9 +241,14 @@ impl<H: Host> State<H> {
     /// The periodic tick: the engine's timers.
     pub fn tick(&mut self, now: Nanos) -> Vec<Effect> {
         self.share_views(now);
-        if self.engine.next_wakeup().is_some_and(|t| t <= now) || self.engine.active_requests() > 0
+        if self
+            .engine
+            .next_wakeup()
+            .map(Instant::as_nanos)
+            .is_some_and(|t| t <= now)
+            || self.engine.active_requests() > 0
         {
-            self.engine.on_tick(now);
+            self.engine.on_tick(Instant::from_nanos(now));
         }
         let effects = self.drain(now);
         self.publish_in_flight(now);
@@ -263,23 +269,39 @@ impl<H: Host> State<H> {
         self.sync_health(now);
         for (i, p) in self.config.providers.iter().enumerate() {
             let breaker = breaker_key(i);
-            if let Some(until) = self.engine.breaker_open_until(now, i) {
+            if let Some(until) = self
+                .engine
+                .breaker_open_until(Instant::from_nanos(now), ProviderId::new(i))
+                .map(Instant::as_nanos)
+            {
                 shared::raise(&self.host, &breaker, until);
             }
             let until = shared::instant(&self.host, &breaker);
             if until > now {
-                self.engine.pause_provider(now, i, until);
+                self.engine.pause_provider(
+                    Instant::from_nanos(now),
+                    ProviderId::new(i),
+                    Instant::from_nanos(until),
+                );
             }
             let Some(max) = p.max_concurrency else {
                 continue;
             };
             let total = shared::slots_held(&self.host, &slot_key(i));
-            let mine = self.flows.values().filter(|f| f.slot == Some(i)).count() as u32;
+            let mine = self
+                .flows
+                .values()
+                .filter(|f| f.slot == Some(ProviderId::new(i)))
+                .count() as u32;
             // With a store, the proxy's fleet holding is its quota: the slots it does not hold
             // count as taken.
             let quota = self.quota(now, i).unwrap_or(max);
             let external = fleet_external(total.saturating_sub(mine), max, quota);
-            self.engine.set_external_in_flight(now, i, external);
+            self.engine.set_external_in_flight(
+                Instant::from_nanos(now),
+                ProviderId::new(i),
+                external,
+            );
         }
     }
 
@@ -289,17 +311,18 @@ impl<H: Host> State<H> {
         ctx: u32,
         now: Nanos,
         request: RequestId,
-        attempt: u32,
+        attempt: AttemptId,
         outcome: Classification,
     ) {
         self.release_slot(ctx);
-        self.engine.on_outcome(now, request, attempt, outcome);
+        self.engine
+            .on_outcome(Instant::from_nanos(now), request, attempt, outcome);
     }
 
     /// Gives back the cross-worker slot the stream's attempt holds, if any.
     fn release_slot(&mut self, ctx: u32) {
         if let Some(p) = self.flows.get_mut(&ctx).and_then(|f| f.slot.take()) {
-            shared::slot_release(&self.host, &slot_key(p));
+            shared::slot_release(&self.host, &slot_key(p.index()));
         }
     }
 
@@ -308,10 +331,12 @@ impl<H: Host> State<H> {
         let Some(flow) = self.flows.get(&ctx) else {
             return String::new();
         };
-        let provider = self.config.providers.get(flow.provider);
+        let provider = flow
+            .provider
+            .and_then(|p| self.config.providers.get(p.index()));
         note(
             provider.map(|p| p.name.as_str()),
-            flow.attempt,
+            flow.attempt.map_or(0, AttemptId::get),
             flow.cache_note,
             self.engine.tier().level(),
         )

@@ -10,7 +10,7 @@ use unbusy_core::bucket::Decision;
 use unbusy_core::engine::{CacheLookup, RequestMeta};
 use unbusy_core::reply::{local_reply, CacheNote, ReplyKind};
 use unbusy_core::request::{read, BadRequest};
-use unbusy_core::time::Nanos;
+use unbusy_core::time::{Instant, Nanos};
 
 impl<H: Host> State<H> {
     /// The whole request body arrived: checks, limits, cache, admission.
@@ -77,7 +77,7 @@ impl<H: Host> State<H> {
         }
         flow.cached = entry;
         flow.tenant = info.tenant;
-        let meta = info.meta(now, cached);
+        let meta = info.meta(Instant::from_nanos(now), cached);
         // An L1 miss of a cacheable request asks the fleet's L2 cache first (held meanwhile).
         if let (Some(k), CacheLookup::Miss) = (key, cached) {
             if let Some(lookup) = self.l2_lookup(ctx, now, info.tenant, k) {
@@ -93,7 +93,7 @@ impl<H: Host> State<H> {
     /// Admits a request whose cache lookups are done, and carries out the engine's first steps.
     pub(super) fn admit(&mut self, ctx: u32, now: Nanos, meta: RequestMeta) -> Vec<Effect> {
         self.share_views(now);
-        let request = self.engine.admit(now, meta);
+        let request = self.engine.admit(Instant::from_nanos(now), meta);
         if let Some(flow) = self.flows.get_mut(&ctx) {
             flow.request = Some(request);
         }

@@ -13,8 +13,9 @@ use crate::judging::{
 use crate::routing::header;
 use unbusy_core::classify::{classify_fault, Classification, OutcomeClass, TransportFault};
 use unbusy_core::engine::RequestId;
+use unbusy_core::ids::AttemptId;
 use unbusy_core::progress::Feed;
-use unbusy_core::time::Nanos;
+use unbusy_core::time::{Instant, Nanos};
 
 impl<H: Host> State<H> {
     /// The headers of the router's answer to an attempt, seen by context `from`: the caller's
@@ -156,7 +157,8 @@ impl<H: Host> State<H> {
                     if end_of_stream {
                         answer.decode_finish();
                     }
-                    self.engine.on_first_progress(now, request, attempt);
+                    self.engine
+                        .on_first_progress(Instant::from_nanos(now), request, attempt);
                     let mut effects = Vec::new();
                     if end_of_stream {
                         effects = self.finish_router(ctx, now, request, attempt);
@@ -200,7 +202,8 @@ impl<H: Host> State<H> {
                 answer.feed_done(&chunk);
                 answer.usage_scan.feed(&chunk);
                 answer.keep(&chunk, self.config.cache.max_entry_bytes);
-                self.engine.on_progress(now, request, attempt);
+                self.engine
+                    .on_progress(Instant::from_nanos(now), request, attempt);
                 if end_of_stream {
                     effects.extend(self.finish_router(ctx, now, request, attempt));
                 }
@@ -217,10 +220,15 @@ impl<H: Host> State<H> {
                     // caller, and this one is held until it is judged.
                     if reading == Reading::BufferingBody && !stream {
                         match answer.feed_progress(now, &new) {
-                            Feed::FirstProgress => {
-                                self.engine.on_first_progress(now, request, attempt)
+                            Feed::FirstProgress => self.engine.on_first_progress(
+                                Instant::from_nanos(now),
+                                request,
+                                attempt,
+                            ),
+                            Feed::Progress => {
+                                self.engine
+                                    .on_progress(Instant::from_nanos(now), request, attempt)
                             }
-                            Feed::Progress => self.engine.on_progress(now, request, attempt),
                             _ => {}
                         }
                     }
@@ -240,7 +248,8 @@ impl<H: Host> State<H> {
                 };
                 answer.cacheable = verdict.cacheable && body.len() <= MAX_HELD_RESPONSE_BYTES;
                 if progress_to_report(&verdict, stream) {
-                    self.engine.on_first_progress(now, request, attempt);
+                    self.engine
+                        .on_first_progress(Instant::from_nanos(now), request, attempt);
                 }
                 self.outcome(ctx, now, request, attempt, verdict.classification);
                 let effects = self.drain(now);
@@ -263,7 +272,7 @@ impl<H: Host> State<H> {
         ctx: u32,
         now: Nanos,
         request: RequestId,
-        attempt: u32,
+        attempt: AttemptId,
     ) -> Vec<Effect> {
         // A stream that reached the caller is an answer only if it ended with `[DONE]`; cut
         // short, it counts as the provider's failure and is never cached.
@@ -323,7 +332,7 @@ impl<H: Host> State<H> {
         let Some(flow) = self.flows.get_mut(&ctx) else {
             return Vec::new();
         };
-        if flow.request != Some(request) || flow.attempt != attempt {
+        if flow.request != Some(request) || flow.attempt != Some(attempt) {
             return Vec::new(); // aborted: the engine already moved on
         }
         let status = header(&headers, ":status")
@@ -340,7 +349,8 @@ impl<H: Host> State<H> {
                     undecodable()
                 };
                 if progress_to_report(&verdict, stream) {
-                    self.engine.on_first_progress(now, request, attempt);
+                    self.engine
+                        .on_first_progress(Instant::from_nanos(now), request, attempt);
                 }
                 (verdict.classification, verdict.cacheable)
             }
