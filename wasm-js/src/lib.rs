@@ -40,13 +40,14 @@ use unbusy_core::config::Config;
 use unbusy_core::engine::{Action, CacheLookup, Engine, Event, Rewrite};
 use unbusy_core::genai::{self, Usage};
 use unbusy_core::health::{probe_path, HealthSettings, ProbeResult, Prober};
+use unbusy_core::ids::{AttemptId, ProviderId, RequestId};
 use unbusy_core::json;
 use unbusy_core::progress::{Feed, Framing, ProgressDetector};
 use unbusy_core::reply::{note, CacheNote};
 use unbusy_core::request::{
     query_of, read, rewrite_body, BadRequest, Endpoint, RequestInfo, READ_HEADERS,
 };
-use unbusy_core::time::Nanos;
+use unbusy_core::time::{Instant, Nanos};
 use wasm_bindgen::prelude::*;
 
 fn ns(ms: f64) -> Nanos {
@@ -59,6 +60,17 @@ fn ns(ms: f64) -> Nanos {
 
 fn ms(ns: Nanos) -> f64 {
     ns as f64 / 1e6
+}
+
+/// `now` from JS (ms since its origin) as the engine's instant.
+fn at(now: f64) -> Instant {
+    Instant::from_nanos(ns(now))
+}
+
+/// A request and attempt as JS numbers them (the numbers `nextAction` gave), as the engine's
+/// ids; `None` for numbers no request or attempt has (0, NaN), which then change nothing.
+fn ids(request: f64, attempt: u32) -> Option<(RequestId, AttemptId)> {
+    Some((RequestId::new(request as u64)?, AttemptId::new(attempt)?))
 }
 
 /// The engine, as the npm package drives it.
@@ -187,7 +199,7 @@ fn event_json(e: &Event, usage: Option<Usage>) -> String {
                 .str("model", model)
                 .opt_str("errorType", unbusy_core::genai::error_type(*outcome));
             if let Some(p) = provider {
-                o = o.num("provider", *p as f64);
+                o = o.num("provider", p.index() as f64);
             }
             if let Some(t) = first_chunk {
                 o = o.num("firstChunkMs", ms(*t));
@@ -205,24 +217,24 @@ fn event_json(e: &Event, usage: Option<Usage>) -> String {
             latency,
         } => Obj::new()
             .str("type", "attemptFinished")
-            .num("provider", *provider as f64)
+            .num("provider", provider.index() as f64)
             .str("result", class.label())
             .num("latencyMs", ms(*latency)),
         Event::FirstToken { provider, latency } => Obj::new()
             .str("type", "firstToken")
-            .num("provider", *provider as f64)
+            .num("provider", provider.index() as f64)
             .num("latencyMs", ms(*latency)),
         Event::BudgetExhausted => Obj::new().str("type", "budgetExhausted"),
         Event::BreakerChanged { provider, state } => Obj::new()
             .str("type", "breakerChanged")
-            .num("provider", *provider as f64)
+            .num("provider", provider.index() as f64)
             .num("state", f64::from(*state)),
         Event::TierChanged { tier } => Obj::new()
             .str("type", "tierChanged")
             .num("tier", f64::from(tier.level())),
         Event::Throttled { provider } => Obj::new()
             .str("type", "throttled")
-            .num("provider", *provider as f64),
+            .num("provider", provider.index() as f64),
     }
     .end()
 }
@@ -334,7 +346,7 @@ impl JsEngine {
         } else {
             CacheLookup::Miss
         };
-        self.engine.admit(ns(now), info.meta(ns(now), cached)) as f64
+        self.engine.admit(at(now), info.meta(at(now), cached)).get() as f64
     }
 
     /// The `x-unbusy` note of an answer (`reply::note`): the provider of the last attempt, how
@@ -366,14 +378,17 @@ impl JsEngine {
     /// The attempt's first real progress arrived.
     #[wasm_bindgen(js_name = onFirstProgress)]
     pub fn on_first_progress(&mut self, now: f64, request: f64, attempt: u32) {
-        self.engine
-            .on_first_progress(ns(now), request as u64, attempt);
+        if let Some((request, attempt)) = ids(request, attempt) {
+            self.engine.on_first_progress(at(now), request, attempt);
+        }
     }
 
     /// More real progress arrived.
     #[wasm_bindgen(js_name = onProgress)]
     pub fn on_progress(&mut self, now: f64, request: f64, attempt: u32) {
-        self.engine.on_progress(ns(now), request as u64, attempt);
+        if let Some((request, attempt)) = ids(request, attempt) {
+            self.engine.on_progress(at(now), request, attempt);
+        }
     }
 
     /// An attempt ended with a complete HTTP answer: `headers` is `[[name, value], ...]` as
@@ -404,12 +419,13 @@ impl JsEngine {
         // The first real byte of an answer held whole, once it is known to be one: an answer
         // that is not one reached nobody (for a stream request, progress would mean bytes
         // reached the caller, and it could not be retried).
-        if a.progressed && a.classification.class == OutcomeClass::Success {
+        if let Some((request, attempt)) = ids(request, attempt) {
+            if a.progressed && a.classification.class == OutcomeClass::Success {
+                self.engine.on_first_progress(at(now), request, attempt);
+            }
             self.engine
-                .on_first_progress(ns(now), request as u64, attempt);
+                .on_outcome(at(now), request, attempt, a.classification);
         }
-        self.engine
-            .on_outcome(ns(now), request as u64, attempt, a.classification);
         u8::from(a.cacheable)
     }
 
@@ -432,9 +448,12 @@ impl JsEngine {
         } else {
             OutcomeClass::ServerError
         };
+        let Some((request, attempt)) = ids(request, attempt) else {
+            return;
+        };
         self.engine.on_outcome(
-            ns(now),
-            request as u64,
+            at(now),
+            request,
             attempt,
             Classification {
                 class,
@@ -452,24 +471,30 @@ impl JsEngine {
             "stall" => TransportFault::Stall,
             _ => TransportFault::Reset,
         };
-        self.engine
-            .on_outcome(ns(now), request as u64, attempt, classify_fault(fault));
+        if let Some((request, attempt)) = ids(request, attempt) {
+            self.engine
+                .on_outcome(at(now), request, attempt, classify_fault(fault));
+        }
     }
 
     /// The caller gave up.
     pub fn cancel(&mut self, now: f64, request: f64) {
-        self.engine.cancel(ns(now), request as u64);
+        if let Some(request) = RequestId::new(request as u64) {
+            self.engine.cancel(at(now), request);
+        }
     }
 
     /// Timers due at `now`.
     pub fn tick(&mut self, now: f64) {
-        self.engine.on_tick(ns(now));
+        self.engine.on_tick(at(now));
     }
 
     /// When `tick` has something to do next (ms), or NaN.
     #[wasm_bindgen(js_name = nextWakeup)]
     pub fn next_wakeup(&self) -> f64 {
-        self.engine.next_wakeup().map_or(f64::NAN, ms)
+        self.engine
+            .next_wakeup()
+            .map_or(f64::NAN, |t| ms(t.as_nanos()))
     }
 
     /// Moves the next queued action into the action buffer (see `actionBuffer`) and returns its
@@ -503,9 +528,9 @@ impl JsEngine {
                 self.rewrite = s.rewrite;
                 [
                     1.0,
-                    s.request as f64,
-                    f64::from(s.attempt),
-                    s.provider as f64,
+                    s.request.get() as f64,
+                    f64::from(s.attempt.get()),
+                    s.provider.index() as f64,
                     cap.map_or(f64::NAN, f64::from),
                     if has_model { 1.0 } else { 0.0 },
                 ]
@@ -516,8 +541,8 @@ impl JsEngine {
                 reason,
             } => [
                 2.0,
-                request as f64,
-                f64::from(attempt),
+                request.get() as f64,
+                f64::from(attempt.get()),
                 abort_code(&reason),
                 0.0,
                 0.0,
@@ -527,7 +552,7 @@ impl JsEngine {
                 store_in_cache,
             } => [
                 3.0,
-                request as f64,
+                request.get() as f64,
                 f64::from(u8::from(store_in_cache)),
                 tier,
                 0.0,
@@ -535,7 +560,7 @@ impl JsEngine {
             ],
             Action::ServeCache { request, stale } => [
                 4.0,
-                request as f64,
+                request.get() as f64,
                 f64::from(u8::from(stale)),
                 tier,
                 0.0,
@@ -544,7 +569,7 @@ impl JsEngine {
             Action::Reply { request, reply } => {
                 let status = f64::from(reply.status);
                 self.reply = Some(reply);
-                [5.0, request as f64, status, tier, 0.0, 0.0]
+                [5.0, request.get() as f64, status, tier, 0.0, 0.0]
             }
         };
         self.action[0] as u32
@@ -610,7 +635,7 @@ impl JsEngine {
         while let Some(e) = self.engine.poll_event() {
             out.push(if out.is_empty() { '[' } else { ',' });
             let usage = match &e {
-                Event::RequestFinished { request, .. } => self.take_usage(*request),
+                Event::RequestFinished { request, .. } => self.take_usage(request.get()),
                 _ => None,
             };
             out.push_str(&event_json(&e, usage));
@@ -675,7 +700,8 @@ impl JsEngine {
         else {
             return -1;
         };
-        self.engine.set_provider_health(ns(now), provider, up);
+        self.engine
+            .set_provider_health(at(now), ProviderId::new(provider), up);
         i32::from(up)
     }
 
