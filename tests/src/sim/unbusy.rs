@@ -10,9 +10,10 @@ use unbusy_core::classify::{
 };
 use unbusy_core::config::{Config, ConfigErrors, ProviderConfig};
 use unbusy_core::engine::{Action, CacheLookup, Engine, RequestId};
+use unbusy_core::ids::{AttemptId, ProviderId};
 use unbusy_core::reply::LocalReply;
 use unbusy_core::request::read;
-use unbusy_core::time::Nanos;
+use unbusy_core::time::{Instant, Nanos};
 
 /// The configuration the `unbusy` policy runs with: defaults plus the scenario's providers
 /// (a provider's capacity becomes its `max_concurrency`, the quota a user would configure).
@@ -48,8 +49,8 @@ pub struct UnbusyPolicy {
     by_engine: HashMap<RequestId, ReqId>,
     engine_id: Vec<Option<RequestId>>,
     keys: Vec<Option<CacheKey>>,
-    attempt_of: HashMap<(RequestId, u32), AttId>,
-    engine_attempt: Vec<(RequestId, u32)>,
+    attempt_of: HashMap<(RequestId, AttemptId), AttId>,
+    engine_attempt: Vec<Option<(RequestId, AttemptId)>>,
     tick_at: Option<Nanos>,
     /// Print every action and event to stderr (`UNBUSY_SIM_TRACE=1`).
     trace: bool,
@@ -87,26 +88,29 @@ impl UnbusyPolicy {
                         eprintln!(
                             "{:>10.3} send r{} a{} p{} in_flight {:?} limits {:?} breakers {:?}",
                             w.now as f64 / 1e9,
-                            s.request,
-                            s.attempt,
-                            s.provider,
+                            s.request.get(),
+                            s.attempt.get(),
+                            s.provider.index(),
                             (0..w.providers.len())
-                                .map(|i| self.engine.in_flight(i))
+                                .map(|i| self.engine.in_flight(ProviderId::new(i)))
                                 .collect::<Vec<_>>(),
                             (0..w.providers.len())
-                                .map(|i| self.engine.concurrency_limit(i))
+                                .map(|i| self.engine.concurrency_limit(ProviderId::new(i)))
                                 .collect::<Vec<_>>(),
                             (0..w.providers.len())
-                                .map(|i| self.engine.breaker_state(i, w.now).map(|b| b.gauge()))
+                                .map(|i| self
+                                    .engine
+                                    .breaker_state(ProviderId::new(i), Instant::from_nanos(w.now))
+                                    .map(|b| b.gauge()))
                                 .collect::<Vec<_>>(),
                         );
                     }
-                    let att = w.send(req, s.provider);
+                    let att = w.send(req, s.provider.index());
                     self.attempt_of.insert((s.request, s.attempt), att);
                     if self.engine_attempt.len() <= att {
-                        self.engine_attempt.resize(att + 1, (0, 0));
+                        self.engine_attempt.resize(att + 1, None);
                     }
-                    self.engine_attempt[att] = (s.request, s.attempt);
+                    self.engine_attempt[att] = Some((s.request, s.attempt));
                 }
                 Action::Abort {
                     request, attempt, ..
@@ -151,8 +155,9 @@ impl UnbusyPolicy {
                 Action::Reply { request, reply } => {
                     if self.trace {
                         eprintln!(
-                            "{:>10.3} reply r{request} {} {}",
+                            "{:>10.3} reply r{} {} {}",
                             w.now as f64 / 1e9,
+                            request.get(),
                             reply.status,
                             reply.body
                         );
@@ -169,7 +174,7 @@ impl UnbusyPolicy {
                 eprintln!("{:>10.3} {e:?}", w.now as f64 / 1e9);
             }
         }
-        if let Some(next) = self.engine.next_wakeup() {
+        if let Some(next) = self.engine.next_wakeup().map(Instant::as_nanos) {
             let next = next.max(w.now + 1);
             if self.tick_at.is_none_or(|t| next < t) {
                 self.tick_at = Some(next);
@@ -249,39 +254,51 @@ impl Policy for UnbusyPolicy {
         }
         self.keys[req] = key;
         let cached = self.lookup(w, req, key);
-        let mut meta = info.meta(w.now, cached);
-        meta.deadline = Some(w.requests[req].deadline);
-        let id = self.engine.admit(w.now, meta);
+        let now = Instant::from_nanos(w.now);
+        let mut meta = info.meta(now, cached);
+        meta.deadline = Some(Instant::from_nanos(w.requests[req].deadline));
+        let id = self.engine.admit(now, meta);
         self.by_engine.insert(id, req);
         self.engine_id[req] = Some(id);
         self.carry_out(w);
     }
 
     fn on_first_token(&mut self, w: &mut World, att: AttId) {
-        let (request, attempt) = self.engine_attempt[att];
-        self.engine.on_first_progress(w.now, request, attempt);
+        let Some((request, attempt)) = self.engine_attempt[att] else {
+            return;
+        };
+        self.engine
+            .on_first_progress(Instant::from_nanos(w.now), request, attempt);
         self.carry_out(w);
     }
 
     fn on_progress(&mut self, w: &mut World, att: AttId) {
-        let (request, attempt) = self.engine_attempt[att];
-        self.engine.on_progress(w.now, request, attempt);
+        let Some((request, attempt)) = self.engine_attempt[att] else {
+            return;
+        };
+        self.engine
+            .on_progress(Instant::from_nanos(w.now), request, attempt);
         self.carry_out(w);
     }
 
     fn on_attempt_end(&mut self, w: &mut World, att: AttId) {
-        let (request, attempt) = self.engine_attempt[att];
+        let Some((request, attempt)) = self.engine_attempt[att] else {
+            return;
+        };
         self.attempt_of.remove(&(request, attempt));
         let outcome = classification(w.attempts[att].result);
         if self.trace {
             eprintln!(
-                "{:>10.3} end r{request} a{attempt} p{} {:?}",
+                "{:>10.3} end r{} a{} p{} {:?}",
                 w.now as f64 / 1e9,
+                request.get(),
+                attempt.get(),
                 w.attempts[att].provider,
                 outcome
             );
         }
-        self.engine.on_outcome(w.now, request, attempt, outcome);
+        self.engine
+            .on_outcome(Instant::from_nanos(w.now), request, attempt, outcome);
         self.carry_out(w);
     }
 
@@ -290,14 +307,14 @@ impl Policy for UnbusyPolicy {
             return; // superseded by an earlier tick that already ran
         }
         self.tick_at = None;
-        self.engine.on_tick(w.now);
+        self.engine.on_tick(Instant::from_nanos(w.now));
         self.carry_out(w);
     }
 
     fn on_caller_gave_up(&mut self, w: &mut World, req: ReqId) {
         if let Some(id) = self.engine_id[req] {
             if self.by_engine.remove(&id).is_some() {
-                self.engine.cancel(w.now, id);
+                self.engine.cancel(Instant::from_nanos(w.now), id);
             }
         }
         self.carry_out(w);
