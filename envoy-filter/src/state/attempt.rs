@@ -28,14 +28,14 @@ impl<H: Host> State<H> {
         // answered as the provider itself would (429 without a hint: a quota verdict), so the
         // engine fails over, queues or backs off exactly as for the real thing.
         // With a store, the quota is the proxy's share of the fleet's (see `fleet`).
-        let index = send.provider.index();
+        let provider = send.provider.index();
         if self.config.store.fleet_cluster().is_some() {
-            self.count_turned_away(now, index);
+            self.count_turned_away(now, provider);
         }
-        if let Some(quota) = self.quota(now, index) {
-            if !shared::slot_acquire(&self.host, &slot_key(index), quota) {
+        if let Some(quota) = self.quota(now, provider) {
+            if !shared::slot_acquire(&self.host, &slot_key(provider), quota) {
                 if self.config.store.fleet_cluster().is_some() {
-                    self.turned_away(now, index);
+                    self.turned_away(now, provider);
                 }
                 self.engine.on_outcome(
                     Instant::from_nanos(now),
@@ -52,13 +52,13 @@ impl<H: Host> State<H> {
                 flow.slot = Some(send.provider);
             }
         }
-        let authority = self.authorities.get(index);
+        let authority = self.authorities.get(provider);
         let providers = &self.config.providers;
         let native = self
             .registry_index
             .filter(|_| self.host.upstream_present())
             .and_then(|index| {
-                let cluster = providers.get(index)?.failover_cluster.clone()?;
+                let cluster = providers.get(provider)?.failover_cluster.clone()?;
                 Some((index, cluster, Native::enter(providers, send)))
             });
         let Some(flow) = self.flows.get_mut(&ctx) else {
