@@ -415,3 +415,20 @@ fn the_loser_of_a_check_then_charge_race_is_refunded() {
         "A's tenant charge was given back"
     );
 }
+
+/// A native first attempt enters the failover aggregate of the provider the engine chose,
+/// whatever that provider's index (here the second, preferred by its priority) and the flow
+/// registry's index (here 0): the two are different numbers and must not be confused.
+#[test]
+fn a_native_first_attempt_enters_the_chosen_providers_aggregate() {
+    let process = FakeProcess::new(T0);
+    let config = r#"{"providers":[
+            {"name":"a","cluster":"ca","failover_cluster":"fa","priority":1},
+            {"name":"b","cluster":"cb","failover_cluster":"fb"}]}"#;
+    let w = Worker::new(&process, config, 1);
+    w.host.set_upstream_present(true);
+    w.state.borrow_mut().registry_index = Some(0);
+    assert_eq!(w.request(10, "caller", CHAT), Action::Continue);
+    assert_eq!(w.stream(10).request_header("x-unbusy-cluster"), Some("fb"));
+    assert_eq!(w.stream(10).request_header("x-unbusy-flow"), Some("0:10"));
+}
