@@ -1,0 +1,276 @@
+//! Engine rules that a host relies on and no other test pins: what the engine reports about
+//! itself (its configuration, its requests, who waits for a slot, a provider's cooldown), what
+//! it learns from answers (the fastest answer bounds when an attempt may still start), how a
+//! shared quota's slots freed by other workers wake waiting requests, and how a provider just
+//! back from an outage takes retries. Each test was checked to fail under the mutant of the
+//! rule it states (see `make mutants`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+use support::{actions, meta, outcome};
+
+use unbusy_core::classify::{Classification, OutcomeClass};
+use unbusy_core::config::Config;
+use unbusy_core::engine::{Action, Engine, RequestId, RequestMeta, SendAttempt};
+use unbusy_core::time::{ms, secs, Nanos};
+
+fn engine(json: &str) -> Engine {
+    let config = Config::from_json(json.as_bytes()).unwrap_or_else(|e| panic!("{e}: {json}"));
+    Engine::new(config, 11).unwrap()
+}
+
+fn sends(a: &[Action]) -> Vec<SendAttempt> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn the_send(a: &[Action]) -> SendAttempt {
+    match sends(a).as_slice() {
+        [s] => s.clone(),
+        other => panic!("expected one send, got {other:?} among {a:?}"),
+    }
+}
+
+fn success() -> Classification {
+    outcome(OutcomeClass::Success, None)
+}
+
+fn busy() -> Classification {
+    outcome(OutcomeClass::Busy, None)
+}
+
+fn rate_limited(hint: Nanos) -> Classification {
+    outcome(OutcomeClass::RateLimited, Some(hint))
+}
+
+#[test]
+fn the_engine_reports_the_configuration_it_was_built_with() {
+    let e = engine(
+        r#"{"providers":[{"name":"first","cluster":"a"},{"name":"second","cluster":"b","priority":3}],
+            "retry":{"max_attempts":4}}"#,
+    );
+    let names: Vec<&str> = e
+        .config()
+        .providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(e.config().providers[1].priority, 3);
+    assert_eq!(e.config().retry.max_attempts, 4);
+}
+
+#[test]
+fn requests_are_counted_while_active_and_while_they_wait_for_a_slot() {
+    let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":1}]}"#);
+    assert_eq!((e.active_requests(), e.waiting_for_capacity()), (0, 0));
+    let first = e.admit(0, meta(1));
+    let sent = the_send(&actions(&mut e));
+    assert_eq!(sent.request, first);
+    let second = e.admit(ms(1), meta(2));
+    assert_eq!(actions(&mut e), vec![], "the quota's one slot is taken");
+    assert_eq!((e.active_requests(), e.waiting_for_capacity()), (2, 1));
+    // The first answer frees the slot: the second goes, and waits no longer.
+    e.on_outcome(ms(100), first, sent.attempt, success());
+    let next = the_send(&actions(&mut e));
+    assert_eq!(next.request, second);
+    assert_eq!((e.active_requests(), e.waiting_for_capacity()), (1, 0));
+    e.on_outcome(ms(200), second, next.attempt, success());
+    actions(&mut e);
+    assert_eq!((e.active_requests(), e.waiting_for_capacity()), (0, 0));
+}
+
+#[test]
+fn slots_of_a_shared_quota_freed_by_other_workers_send_a_waiting_request_at_once() {
+    let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":2}]}"#);
+    // Other workers hold both slots of the account's quota.
+    e.set_external_in_flight(0, 0, 2);
+    let id = e.admit(ms(1), meta(1));
+    assert_eq!(actions(&mut e), vec![], "no slot left");
+    // Reported again, unchanged: still no slot.
+    e.set_external_in_flight(ms(2), 0, 2);
+    assert_eq!(actions(&mut e), vec![]);
+    assert_eq!(e.waiting_for_capacity(), 1);
+    // One of them finished: the waiting request goes now, not at some later tick.
+    e.set_external_in_flight(ms(3), 0, 1);
+    assert_eq!(the_send(&actions(&mut e)).request, id);
+}
+
+/// Two providers, the first preferred; retries after 10 to 20 ms.
+const TWO: &str = r#"{"providers":[{"name":"a","cluster":"a"},{"name":"b","cluster":"b","priority":1}],
+    "retry":{"base_ms":10,"cap_ms":20,"max_attempts":3},"degradation":{"enabled":false}"#;
+
+/// Runs request `id` to its end, answering each attempt at provider `a` with `at_a` and at `b`
+/// with `at_b` 1 ms after it is sent, ticking at every wake-up; returns the providers its
+/// attempts went to and the time it ended.
+fn run(
+    e: &mut Engine,
+    mut now: Nanos,
+    id: RequestId,
+    mut pending: Vec<SendAttempt>,
+    answer: impl Fn(usize) -> Classification,
+) -> (Vec<usize>, Nanos) {
+    let mut went = Vec::new();
+    for _ in 0..100 {
+        if let Some(s) = pending.pop() {
+            assert_eq!(s.request, id);
+            went.push(s.provider);
+            now += ms(1);
+            e.on_outcome(now, id, s.attempt, answer(s.provider));
+        } else if let Some(t) = e.next_wakeup() {
+            now = now.max(t);
+            e.on_tick(now);
+        } else {
+            return (went, now);
+        }
+        let a = actions(e);
+        pending.extend(sends(&a));
+        if a.iter()
+            .any(|a| matches!(a, Action::Deliver { .. } | Action::Reply { .. }))
+        {
+            return (went, now);
+        }
+    }
+    panic!("request {id:?} never ended");
+}
+
+#[test]
+fn after_three_hinted_rate_limits_in_a_row_retries_prefer_other_providers_until_the_hint_passes() {
+    let mut e = engine(&format!("{TWO}}}"));
+    let mut now = 0;
+    // Three requests in a row are refused by `a` with a 2 s hint.
+    for i in 0..3 {
+        assert_eq!(
+            e.cooldown_until(now, 0),
+            None,
+            "cooling down after {i} hint(s)"
+        );
+        let id = e.admit(now, meta(i));
+        let s = the_send(&actions(&mut e));
+        assert_eq!(s.provider, 0);
+        now += ms(1);
+        e.on_outcome(now, id, s.attempt, rate_limited(secs(2)));
+        actions(&mut e);
+    }
+    let until = now + secs(2);
+    assert_eq!(e.cooldown_until(now, 0), Some(until));
+    assert_eq!(e.cooldown_until(until - 1, 0), Some(until));
+    assert_eq!(e.cooldown_until(until, 0), None, "the hint has passed");
+    assert_eq!(e.cooldown_until(now, 1), None, "b was never refused");
+    assert_eq!(e.cooldown_until(now, 7), None, "no such provider");
+
+    // While `a` cools down, a first attempt still goes to it (a caller would send it anyway);
+    // once both providers failed the request, its last retry goes to `b`, not the preferred `a`.
+    let id = e.admit(now, meta(10));
+    let first = sends(&actions(&mut e));
+    assert_eq!(first.iter().map(|s| s.provider).collect::<Vec<_>>(), [0]);
+    let (went, end) = run(&mut e, now, id, first, |_| busy());
+    assert!(
+        end < until,
+        "the request ended at {end}, after the cooldown"
+    );
+    assert_eq!(went, [0, 1, 1], "attempts went to providers {went:?}");
+
+    // After the hint has passed, the same request's last retry goes back to `a`.
+    let later = until + ms(1);
+    let id = e.admit(later, meta(11));
+    let first = sends(&actions(&mut e));
+    let (went, _) = run(&mut e, later, id, first, |_| busy());
+    assert_eq!(went, [0, 1, 0], "attempts went to providers {went:?}");
+}
+
+#[test]
+fn an_attempt_never_starts_with_less_time_left_than_the_fastest_answer_seen() {
+    let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p"}]}"#);
+    // Answers take 1 s, then 1.2 s, 1.4 s, …: the fastest is 1 s.
+    let mut now = 0;
+    let ask = |e: &mut Engine, now: Nanos, tenant: u64| {
+        let id = e.admit(
+            now,
+            RequestMeta {
+                deadline: Some(now + ms(900)),
+                ..meta(tenant)
+            },
+        );
+        (id, actions(e))
+    };
+    for i in 0..20u64 {
+        if i == 7 {
+            // Seven answers are not enough to judge by: a request with 900 ms left is sent.
+            let (id, a) = ask(&mut e, now, 100);
+            assert_eq!(the_send(&a).request, id, "held back after {i} answers");
+            e.cancel(now, id);
+            actions(&mut e);
+        }
+        let id = e.admit(now, meta(i));
+        let s = the_send(&actions(&mut e));
+        now += ms(1000 + 200 * (i % 5));
+        e.on_outcome(now, id, s.attempt, success());
+        actions(&mut e);
+    }
+    // With twenty answers known (more than the sixteen remembered), none faster than 1 s: a
+    // request with 900 ms left cannot be answered in time and is told so at once.
+    let (_, a) = ask(&mut e, now, 101);
+    assert!(sends(&a).is_empty(), "sent with too little time: {a:?}");
+    assert!(
+        matches!(a.as_slice(), [Action::Reply { reply, .. }]
+            if reply.status == 503 && reply.body.contains("before the deadline")),
+        "{a:?}"
+    );
+    // One with 1.1 s left still goes.
+    let id = e.admit(
+        now,
+        RequestMeta {
+            deadline: Some(now + ms(1100)),
+            ..meta(102)
+        },
+    );
+    assert_eq!(the_send(&actions(&mut e)).request, id);
+}
+
+#[test]
+fn a_provider_back_from_an_outage_takes_held_requests_back_gradually_and_fresh_ones_at_once() {
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
+                       "half_open_probes":1,"probe_ramp":true},
+            "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
+    );
+    for i in 0..2 {
+        let id = e.admit(ms(i), meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        actions(&mut e);
+    }
+    let until = e.breaker_open_until(ms(2), 0).expect("open");
+    // Four requests arrive during the outage and wait for the provider.
+    for i in 0..4 {
+        e.admit(ms(500), meta(10 + i));
+    }
+    assert_eq!(actions(&mut e), vec![]);
+    // Half-open: one probe; its first real byte closes the breaker.
+    e.on_tick(until);
+    let probe = the_send(&actions(&mut e));
+    e.on_first_progress(until + ms(10), probe.request, probe.attempt);
+    let a = actions(&mut e);
+    assert!(sends(&a).is_empty(), "held requests rushed back: {a:?}");
+    assert_eq!(
+        e.in_flight(0),
+        1,
+        "the recovery ramp allows one in flight yet"
+    );
+    // A fresh request is not one that waited: a caller would send it anyway, and it goes.
+    let fresh = e.admit(until + ms(20), meta(99));
+    assert_eq!(the_send(&actions(&mut e)).request, fresh);
+    assert_eq!(e.in_flight(0), 2);
+}
