@@ -17,7 +17,8 @@ use support::{actions, meta, outcome};
 
 use unbusy_core::classify::{Classification, OutcomeClass};
 use unbusy_core::config::Config;
-use unbusy_core::engine::{Action, Engine, RequestId, RequestMeta, SendAttempt};
+use unbusy_core::degrade::Tier;
+use unbusy_core::engine::{Action, Engine, Event, RequestId, RequestMeta, SendAttempt};
 use unbusy_core::time::{ms, secs, Nanos};
 
 fn engine(json: &str) -> Engine {
@@ -273,4 +274,83 @@ fn a_provider_back_from_an_outage_takes_held_requests_back_gradually_and_fresh_o
     let fresh = e.admit(until + ms(20), meta(99));
     assert_eq!(the_send(&actions(&mut e)).request, fresh);
     assert_eq!(e.in_flight(0), 2);
+}
+
+#[test]
+fn a_probes_first_byte_closes_the_breaker_and_without_a_ramp_every_held_request_goes_at_once() {
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
+                       "half_open_probes":1,"probe_ramp":false},
+            "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
+    );
+    for i in 0..2 {
+        let id = e.admit(ms(i), meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        actions(&mut e);
+    }
+    let until = e.breaker_open_until(ms(2), 0).expect("open");
+    for i in 0..3 {
+        e.admit(ms(500), meta(10 + i));
+    }
+    e.on_tick(until);
+    let probe = the_send(&actions(&mut e));
+    while e.poll_event().is_some() {}
+    e.on_first_progress(until + ms(10), probe.request, probe.attempt);
+    let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
+    assert!(
+        events.iter().any(|ev| matches!(
+            ev,
+            Event::BreakerChanged {
+                provider: 0,
+                state: 0
+            }
+        )),
+        "no closed breaker reported: {events:?}"
+    );
+    assert_eq!(sends(&actions(&mut e)).len(), 2, "the other held requests");
+    // A later byte of the same answer changes nothing more.
+    e.on_first_progress(until + ms(20), probe.request, probe.attempt);
+    assert_eq!(actions(&mut e), vec![]);
+    assert!(
+        !std::iter::from_fn(|| e.poll_event()).any(|ev| matches!(ev, Event::BreakerChanged { .. })),
+        "a breaker change reported twice"
+    );
+}
+
+#[test]
+fn answers_turning_far_slower_than_usual_raise_the_degradation_tier() {
+    let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p"}]}"#);
+    // A minute of answers whose first byte comes in 100 to 140 ms, one a second.
+    let mut now = 0;
+    for i in 0..60u64 {
+        now = secs(i);
+        let id = e.admit(now, meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_first_progress(now + ms(100 + 10 * (i % 5)), id, s.attempt);
+        e.on_outcome(now + ms(200), id, s.attempt, success());
+        actions(&mut e);
+    }
+    assert_eq!(e.tier(), Tier::Normal);
+    // Then, within a second, six whose first byte takes 3 s: far outside what was usual.
+    let start = now + secs(1);
+    let slow: Vec<(RequestId, SendAttempt)> = (0..6)
+        .map(|i| {
+            let id = e.admit(start + ms(100 * i), meta(100 + i));
+            (id, the_send(&actions(&mut e)))
+        })
+        .collect();
+    for (i, (id, s)) in slow.iter().enumerate() {
+        let at = start + ms(100 * i as u64) + secs(3);
+        e.on_first_progress(at, *id, s.attempt);
+        e.on_outcome(at + ms(10), *id, s.attempt, success());
+        actions(&mut e);
+    }
+    e.on_tick(start + secs(5));
+    assert_eq!(
+        e.tier(),
+        Tier::Feature,
+        "slow answers did not raise the tier"
+    );
 }
