@@ -354,3 +354,55 @@ fn answers_turning_far_slower_than_usual_raise_the_degradation_tier() {
         "slow answers did not raise the tier"
     );
 }
+
+#[test]
+fn at_its_first_byte_deadline_an_attempt_is_replaced_only_if_a_replacement_could_finish_in_time() {
+    let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p"}]}"#);
+    // Ten answers: first byte after 100 ms, whole answer after 1 s.
+    let mut now = 0;
+    for i in 0..10u64 {
+        let id = e.admit(now, meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_first_progress(now + ms(100), id, s.attempt);
+        now += secs(1);
+        e.on_outcome(now, id, s.attempt, success());
+        actions(&mut e);
+    }
+    let ask = |e: &mut Engine, now: Nanos, tenant: u64, left: Nanos| {
+        let id = e.admit(
+            now,
+            RequestMeta {
+                deadline: Some(now + left),
+                ..meta(tenant)
+            },
+        );
+        (id, the_send(&actions(e)))
+    };
+    // Five seconds left when the first byte is overdue: a replacement can still finish (an
+    // answer takes 1 s here), so the silent attempt is cut and replaced.
+    let (roomy, first) = ask(&mut e, now, 20, secs(5));
+    assert!(first.first_token_deadline < now + secs(4), "{first:?}");
+    e.on_tick(first.first_token_deadline);
+    let a = actions(&mut e);
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::Abort { request, .. } if *request == roomy)),
+        "the overdue attempt was not cut: {a:?}"
+    );
+    e.cancel(first.first_token_deadline, roomy);
+    actions(&mut e);
+    // 2.5 s left: when its first byte is overdue (after 2 s, the least a learned wait is), no
+    // replacement could finish in the half second left, so the attempt is the request's last chance, as it would be without us: it is left
+    // to answer, and its answer is delivered.
+    let now = first.first_token_deadline + ms(1);
+    let (tight, attempt) = ask(&mut e, now, 21, ms(2500));
+    assert!(attempt.first_token_deadline < now + ms(2500), "{attempt:?}");
+    e.on_tick(attempt.first_token_deadline);
+    assert_eq!(actions(&mut e), vec![], "the last chance was cut");
+    e.on_outcome(now + ms(2400), tight, attempt.attempt, success());
+    let a = actions(&mut e);
+    assert!(
+        matches!(a.as_slice(), [Action::Deliver { request, .. }] if *request == tight),
+        "{a:?}"
+    );
+}
