@@ -391,6 +391,20 @@ fn at_its_first_byte_deadline_an_attempt_is_replaced_only_if_a_replacement_could
     );
     e.cancel(first.first_token_deadline, roomy);
     actions(&mut e);
+    // Exactly as long left as the fastest answer took: a replacement can still finish.
+    let now = first.first_token_deadline + ms(1);
+    let (exact, attempt) = ask(&mut e, now, 22, secs(3));
+    assert_eq!(attempt.first_token_deadline, now + secs(2));
+    e.on_tick(attempt.first_token_deadline);
+    let a = actions(&mut e);
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::Abort { request, .. } if *request == exact)),
+        "the overdue attempt with time for a replacement was not cut: {a:?}"
+    );
+    e.cancel(attempt.first_token_deadline, exact);
+    actions(&mut e);
+    let first = attempt;
     // 2.5 s left: when its first byte is overdue (after 2 s, the least a learned wait is), no
     // replacement could finish in the half second left, so the attempt is the request's last chance, as it would be without us: it is left
     // to answer, and its answer is delivered.
