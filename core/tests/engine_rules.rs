@@ -420,3 +420,39 @@ fn at_its_first_byte_deadline_an_attempt_is_replaced_only_if_a_replacement_could
         "{a:?}"
     );
 }
+
+#[test]
+fn after_a_quiet_spell_the_first_seconds_of_failures_do_not_yet_raise_the_tier() {
+    // The breaker left out (it would open on the failures), one attempt per request.
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "breaker":{"consecutive_failures":0,"min_volume":100000},
+            "retry":{"max_attempts":1}}"#,
+    );
+    let answer_at = |e: &mut Engine, t: Nanos, tenant: u64, answer: Classification| {
+        let id = e.admit(t, meta(tenant));
+        let s = the_send(&actions(e));
+        e.on_outcome(t + ms(1), id, s.attempt, answer);
+        actions(e);
+    };
+    for i in 0..6 {
+        answer_at(&mut e, secs(i), i, success());
+    }
+    // Half a minute without traffic, then ten failures in a second: too early to judge the
+    // provider's health (its first seconds of traffic after the quiet spell).
+    for i in 0..10 {
+        answer_at(&mut e, secs(30) + ms(100 * i), 100 + i, busy());
+    }
+    e.on_tick(secs(31) + ms(100));
+    assert_eq!(e.tier(), Tier::Normal, "judged on a second of traffic");
+    // Failures going on for more than five seconds are judged: the tier rises.
+    for i in 0..50 {
+        answer_at(&mut e, secs(31) + ms(100 * i), 200 + i, busy());
+    }
+    e.on_tick(secs(37));
+    assert_ne!(
+        e.tier(),
+        Tier::Normal,
+        "five seconds of failures not judged"
+    );
+}
