@@ -456,3 +456,77 @@ fn after_a_quiet_spell_the_first_seconds_of_failures_do_not_yet_raise_the_tier()
         "five seconds of failures not judged"
     );
 }
+
+#[test]
+fn only_hinted_rate_limits_in_a_row_start_a_cooldown_a_success_between_them_resets_the_count() {
+    let mut e = engine(&format!("{TWO}}}"));
+    let mut now = 0;
+    for (i, hinted) in [true, true, false, true, true].into_iter().enumerate() {
+        let id = e.admit(now, meta(i as u64));
+        let s = the_send(&actions(&mut e));
+        assert_eq!(s.provider, 0);
+        now += ms(1);
+        let answer = if hinted {
+            rate_limited(secs(2))
+        } else {
+            success()
+        };
+        e.on_outcome(now, id, s.attempt, answer);
+        actions(&mut e);
+        e.cancel(now, id);
+        actions(&mut e);
+    }
+    assert_eq!(
+        e.cooldown_until(now, 0),
+        None,
+        "four hints, but not three in a row"
+    );
+    let id = e.admit(now, meta(9));
+    let s = the_send(&actions(&mut e));
+    now += ms(1);
+    e.on_outcome(now, id, s.attempt, rate_limited(secs(2)));
+    assert_eq!(
+        e.cooldown_until(now, 0),
+        Some(now + secs(2)),
+        "three in a row"
+    );
+}
+
+#[test]
+fn a_learned_limit_comes_from_bare_429s_only_and_grows_back_with_successes() {
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "concurrency":{"backoff_ratio":0.5,"decrease_cooldown_ms":1000},
+            "retry":{"jitter":"none","base_ms":100,"cap_ms":100},
+            "degradation":{"enabled":false}}"#,
+    );
+    let ids: Vec<RequestId> = (0..8)
+        .map(|i| {
+            let id = e.admit(0, meta(i));
+            the_send(&actions(&mut e));
+            id
+        })
+        .collect();
+    // A 429 with a retry hint is a rate limit, not a sign of the account's concurrency.
+    e.on_outcome(ms(100), ids[0], 1, rate_limited(secs(1)));
+    actions(&mut e);
+    assert_eq!(
+        e.concurrency_limit(0),
+        u32::MAX,
+        "learned from a hinted 429"
+    );
+    // A bare one with seven in flight is: 0.5 x 7, rounded down.
+    e.on_outcome(ms(200), ids[1], 1, outcome(OutcomeClass::RateLimited, None));
+    actions(&mut e);
+    assert_eq!(e.concurrency_limit(0), 3);
+    // Successes while the limit is in use grow it back.
+    for (i, id) in ids[2..].iter().enumerate() {
+        e.on_outcome(ms(300 + 10 * i as u64), *id, 1, success());
+        actions(&mut e);
+    }
+    assert!(
+        e.concurrency_limit(0) > 3,
+        "six successes left the limit at {}",
+        e.concurrency_limit(0)
+    );
+}
