@@ -5,6 +5,7 @@
 //! the provider and the variable, never a value.
 
 use unbusy_core::config::Config;
+use unbusy_core::json::quoted;
 
 /// Reads the key of every provider configured with `api_key_env` from the environment (`env`
 /// looks a variable up) into its `api_key`. A variable that is missing or empty (after trimming
@@ -24,10 +25,12 @@ pub fn resolve_keys(
             .filter(|v| !v.is_empty())
         {
             Some(key) => p.api_key = Some(key),
+            // Names quoted as JSON, not with `{:?}` (whose `Debug` links Unicode tables).
             None => missing.push(format!(
-                "providers[{i}] ({:?}): api_key_env names {name:?}, which is not set or empty \
+                "providers[{i}] ({}): api_key_env names {}, which is not set or empty \
                  in the VM's environment",
-                p.name
+                quoted(&p.name),
+                quoted(&name)
             )),
         }
     }
@@ -48,8 +51,8 @@ pub fn check_config(config: &Config) -> Result<(), String> {
     for (i, p) in config.providers.iter().enumerate() {
         if p.cluster.as_deref().is_none_or(str::is_empty) {
             return Err(format!(
-                "providers[{i}].cluster is required by the Envoy filter (the cluster that reaches {:?})",
-                p.name
+                "providers[{i}].cluster is required by the Envoy filter (the cluster that reaches {})",
+                quoted(&p.name)
             ));
         }
     }
