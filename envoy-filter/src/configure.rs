@@ -106,4 +106,23 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn names_in_refusals_are_quoted_and_escaped() {
+        // A name cannot break the log line: quotes and control characters are escaped.
+        let json =
+            br#"{"providers":[{"name":"a\"b\nc","base_url":"http://x","api_key_env":"K\"1"}]}"#;
+        let config = Config::from_json(json).unwrap();
+        let e = check_config(&config).unwrap_err();
+        assert!(
+            e.ends_with(r#"(the cluster that reaches "a\"b\nc")"#),
+            "{e}"
+        );
+        let mut config = Config::from_json(json).unwrap();
+        let e = resolve_keys(&mut config, |_| None).unwrap_err();
+        assert!(
+            e.starts_with(r#"providers[0] ("a\"b\nc"): api_key_env names "K\"1","#),
+            "{e}"
+        );
+    }
 }
