@@ -50,6 +50,7 @@ pub mod failover;
 pub mod fake;
 pub mod flow;
 pub mod genai;
+pub mod heap;
 pub mod host;
 pub mod judging;
 pub mod metrics;
