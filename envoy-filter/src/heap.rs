@@ -117,7 +117,10 @@ impl<P: Pages> Heap<P> {
         let size = 1usize << (index as u32 + MIN_CLASS);
         let align = size.min(PAGE);
         loop {
-            let start = (state.bump + align - 1) & !(align - 1);
+            // (Checked: on wasm32 the last page ends at 4 GiB, which wraps to 0.)
+            let Some(start) = state.bump.checked_add(align - 1).map(|a| a & !(align - 1)) else {
+                return null_mut();
+            };
             let Some(stop) = start.checked_add(size) else {
                 return null_mut();
             };
@@ -139,12 +142,15 @@ impl<P: Pages> Heap<P> {
             let Some(region) = self.pages.grow(pages) else {
                 return null_mut();
             };
+            let Some(end) = pages.checked_mul(PAGE).and_then(|b| region.checked_add(b)) else {
+                return null_mut();
+            };
             if region != state.end {
                 // Not after the heap's top (memory grown by someone else): carry on in the new
                 // region; the old top's rest stays unused.
                 state.bump = region;
             }
-            state.end = region + pages * PAGE;
+            state.end = end;
             state.pages += pages;
         }
     }
