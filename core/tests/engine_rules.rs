@@ -228,6 +228,17 @@ fn an_attempt_never_starts_with_less_time_left_than_the_fastest_answer_seen() {
             if reply.status == 503 && reply.body.contains("before the deadline")),
         "{a:?}"
     );
+    // One with exactly as long left as the fastest answer took still goes.
+    let id = e.admit(
+        now,
+        RequestMeta {
+            deadline: Some(now + secs(1)),
+            ..meta(103)
+        },
+    );
+    assert_eq!(the_send(&actions(&mut e)).request, id);
+    e.cancel(now, id);
+    actions(&mut e);
     // One with 1.1 s left still goes.
     let id = e.admit(
         now,
@@ -528,5 +539,90 @@ fn a_learned_limit_comes_from_bare_429s_only_and_grows_back_with_successes() {
         e.concurrency_limit(0) > 3,
         "six successes left the limit at {}",
         e.concurrency_limit(0)
+    );
+}
+
+#[test]
+fn while_a_probe_is_in_flight_new_requests_wait_for_its_outcome_instead_of_failing() {
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
+                       "half_open_probes":1,"probe_ramp":false},
+            "retry":{"max_attempts":1},"degradation":{"enabled":false},
+            "concurrency":{"queue_timeout_ms":100}}"#,
+    );
+    for i in 0..2 {
+        let id = e.admit(ms(i), meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        actions(&mut e);
+    }
+    let until = e.breaker_open_until(ms(2), 0).expect("open");
+    let first = e.admit(until, meta(10));
+    let probe = the_send(&actions(&mut e));
+    assert_eq!(probe.request, first);
+    // The probe takes the one slot: the next request waits for what it shows (the probe is
+    // lost only after `open_ms`, beyond the request's 100 ms wait, yet its answer may come
+    // sooner).
+    let next = e.admit(until + ms(10), meta(11));
+    assert_eq!(
+        actions(&mut e),
+        vec![],
+        "failed while a probe could still bring the provider back"
+    );
+    e.on_outcome(until + ms(50), first, probe.attempt, success());
+    let a = actions(&mut e);
+    assert!(
+        sends(&a).iter().any(|s| s.request == next),
+        "the waiting request did not go when the probe succeeded: {a:?}"
+    );
+}
+
+#[test]
+fn the_fastest_answer_that_bounds_a_start_is_a_usable_providers() {
+    // `a` answers in 100 ms, `b` in 2 s (each seen through requests `a`'s breaker steers).
+    let mut e = engine(
+        r#"{"providers":[{"name":"a","cluster":"a"},{"name":"b","cluster":"b","priority":1}],
+            "breaker":{"consecutive_failures":2,"open_ms":30000,"max_open_ms":30000},
+            "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
+    );
+    let mut now = 0;
+    let answer = |e: &mut Engine, now: &mut Nanos, tenant: u64, took: Nanos, c: Classification| {
+        let id = e.admit(*now, meta(tenant));
+        let s = the_send(&actions(e));
+        *now += took;
+        e.on_outcome(*now, id, s.attempt, c);
+        actions(e);
+        s.provider
+    };
+    for i in 0..8 {
+        assert_eq!(answer(&mut e, &mut now, i, ms(100), success()), 0);
+    }
+    // Then, after a quiet second (the breaker trips on failures only once successes stop),
+    // two failures in a row open its breaker.
+    now += secs(2);
+    for i in 0..2 {
+        assert_eq!(answer(&mut e, &mut now, 20 + i, ms(1), busy()), 0);
+    }
+    assert!(
+        e.breaker_open_until(now, 0).is_some(),
+        "a's breaker is open: {:?}",
+        e.breaker_state(0, now)
+    );
+    for i in 0..8 {
+        assert_eq!(answer(&mut e, &mut now, 40 + i, secs(2), success()), 1);
+    }
+    // One second left: only `a`, which cannot be used, could answer that fast.
+    e.admit(
+        now,
+        RequestMeta {
+            deadline: Some(now + secs(1)),
+            ..meta(99)
+        },
+    );
+    let a = actions(&mut e);
+    assert!(
+        sends(&a).is_empty(),
+        "sent to a provider that cannot answer in time: {a:?}"
     );
 }
