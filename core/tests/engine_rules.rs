@@ -626,3 +626,102 @@ fn the_fastest_answer_that_bounds_a_start_is_a_usable_providers() {
         "sent to a provider that cannot answer in time: {a:?}"
     );
 }
+
+/// Who of two requests waiting for a quota's one slot gets it when it frees `free_after` after
+/// both arrived: `a`, with `a_left` to its deadline, or `b`, with ten seconds more. With
+/// `learned`, the provider's recent answers took 0.5 to 2 s before.
+fn who_goes_first(learned: bool, a_left: Nanos, free_after: Nanos) -> &'static str {
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":1}],
+            "concurrency":{"queue_timeout_ms":60000},"degradation":{"enabled":false}}"#,
+    );
+    let mut now = 0;
+    if learned {
+        for i in 0..8u64 {
+            let id = e.admit(now, meta(i));
+            let s = the_send(&actions(&mut e));
+            now += if i == 0 { secs(2) } else { ms(500 + 100 * i) };
+            e.on_outcome(now, id, s.attempt, success());
+            actions(&mut e);
+        }
+    }
+    let x = e.admit(now, meta(50));
+    let sx = the_send(&actions(&mut e));
+    let with_left = |tenant, left| RequestMeta {
+        deadline: Some(now + left),
+        ..meta(tenant)
+    };
+    let a = e.admit(now, with_left(51, a_left));
+    let b = e.admit(now, with_left(52, a_left + secs(10)));
+    assert_eq!(actions(&mut e), vec![], "the slot is taken");
+    e.on_outcome(now + free_after, x, sx.attempt, success());
+    let first = sends(&actions(&mut e)).first().map(|s| s.request);
+    match first {
+        Some(r) if r == a => "a",
+        Some(r) if r == b => "b",
+        other => panic!("no waiter went: {other:?}"),
+    }
+}
+
+#[test]
+fn a_moving_queue_serves_the_earliest_deadline_first_a_standing_one_the_most_time_left() {
+    // The head has waited a tenth, or exactly half, of its time: the queue moves.
+    assert_eq!(who_goes_first(false, secs(10), secs(1)), "a");
+    assert_eq!(who_goes_first(false, secs(10), secs(5)), "a");
+    // More than half: the queue stands, and the request with the most time left goes.
+    assert_eq!(who_goes_first(false, secs(10), secs(6)), "b");
+    // With answers known to take up to 2 s: the head has 9 s left, or exactly 2 s, and is
+    // served first; with 1.5 s left (less than a slow answer takes) the queue stands.
+    assert_eq!(who_goes_first(true, secs(10), secs(1)), "a");
+    assert_eq!(who_goes_first(true, secs(3), secs(1)), "a");
+    assert_eq!(who_goes_first(true, ms(2500), secs(1)), "b");
+}
+
+#[test]
+fn a_degraded_attempt_caps_max_tokens_only_when_a_cap_is_configured() {
+    let capped = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],"degradation":{"max_tokens_cap":512}}"#,
+    );
+    assert_eq!(capped.rewrite(0, "m", true).max_tokens_cap, Some(512));
+    assert_eq!(capped.rewrite(0, "m", false).max_tokens_cap, None);
+    let uncapped =
+        engine(r#"{"providers":[{"name":"p","cluster":"p"}],"degradation":{"max_tokens_cap":0}}"#);
+    assert_eq!(uncapped.rewrite(0, "m", true).max_tokens_cap, None);
+}
+
+/// The engine after slow answers raised the ladder (see the test of that above).
+fn after_slow_answers(degradation: &str) -> Engine {
+    let mut e = engine(&format!(
+        r#"{{"providers":[{{"name":"p","cluster":"p"}}],"degradation":{degradation}}}"#
+    ));
+    let mut now = 0;
+    for i in 0..60u64 {
+        now = secs(i);
+        let id = e.admit(now, meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_first_progress(now + ms(100 + 10 * (i % 5)), id, s.attempt);
+        e.on_outcome(now + ms(200), id, s.attempt, success());
+        actions(&mut e);
+    }
+    assert!(!e.degrades_features(), "degrading at tier {:?}", e.tier());
+    let start = now + secs(1);
+    for i in 0..6u64 {
+        let at = start + ms(100 * i);
+        let id = e.admit(at, meta(100 + i));
+        let s = the_send(&actions(&mut e));
+        e.on_first_progress(at + secs(3), id, s.attempt);
+        e.on_outcome(at + secs(3) + ms(10), id, s.attempt, success());
+        actions(&mut e);
+    }
+    e.on_tick(start + secs(5));
+    e
+}
+
+#[test]
+fn features_are_degraded_from_tier_1_and_never_with_degradation_disabled() {
+    let enabled = after_slow_answers(r#"{"enabled":true}"#);
+    assert_eq!(enabled.tier(), Tier::Feature);
+    assert!(enabled.degrades_features());
+    let disabled = after_slow_answers(r#"{"enabled":false}"#);
+    assert!(!disabled.degrades_features(), "tier {:?}", disabled.tier());
+}
