@@ -18,7 +18,9 @@ use support::{actions, meta, outcome};
 use unbusy_core::classify::{Classification, OutcomeClass};
 use unbusy_core::config::Config;
 use unbusy_core::degrade::Tier;
-use unbusy_core::engine::{Action, Engine, Event, RequestId, RequestMeta, SendAttempt};
+use unbusy_core::engine::{
+    Action, Engine, Event, Priority, RequestId, RequestMeta, RequestOutcome, SendAttempt,
+};
 use unbusy_core::time::{ms, secs, Nanos};
 
 fn engine(json: &str) -> Engine {
@@ -724,4 +726,73 @@ fn features_are_degraded_from_tier_1_and_never_with_degradation_disabled() {
     assert!(enabled.degrades_features());
     let disabled = after_slow_answers(r#"{"enabled":false}"#);
     assert!(!disabled.degrades_features(), "tier {:?}", disabled.tier());
+}
+
+/// How request `id` finished, by the engine's `RequestFinished` event.
+fn finished_as(e: &mut Engine, id: RequestId) -> Option<RequestOutcome> {
+    std::iter::from_fn(|| e.poll_event()).find_map(|ev| match ev {
+        Event::RequestFinished {
+            request, outcome, ..
+        } if request == id => Some(outcome),
+        _ => None,
+    })
+}
+
+#[test]
+fn refusals_are_reported_as_what_they_are_rate_limited_shed_or_out_of_time() {
+    // A local rate limit's refusal.
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "limits":{"global":{"requests_per_minute":60,"burst_requests":1}}}"#,
+    );
+    let first = e.admit(0, meta(1));
+    actions(&mut e);
+    e.cancel(1, first);
+    let refused = e.admit(2, meta(2));
+    assert!(
+        matches!(actions(&mut e).as_slice(), [Action::Reply { reply, .. }] if reply.status == 429)
+    );
+    assert_eq!(
+        finished_as(&mut e, refused),
+        Some(RequestOutcome::RateLimited)
+    );
+
+    // A low-priority request shed at tier 1.
+    let mut e = after_slow_answers(r#"{"enabled":true}"#);
+    while e.poll_event().is_some() {}
+    let low = e.admit(
+        secs(70),
+        RequestMeta {
+            priority: Priority::Low,
+            ..meta(3)
+        },
+    );
+    actions(&mut e);
+    assert_eq!(finished_as(&mut e, low), Some(RequestOutcome::Shed));
+
+    // A request still waiting for a quota's slot at its deadline: out of time (504).
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":1}],
+            "concurrency":{"queue_timeout_ms":60000}}"#,
+    );
+    e.admit(0, meta(4));
+    actions(&mut e);
+    let waiting = e.admit(
+        0,
+        RequestMeta {
+            deadline: Some(secs(1)),
+            ..meta(5)
+        },
+    );
+    assert_eq!(actions(&mut e), vec![]);
+    e.on_tick(secs(1));
+    let a = actions(&mut e);
+    assert!(
+        matches!(a.as_slice(), [Action::Reply { reply, .. }] if reply.status == 504),
+        "{a:?}"
+    );
+    assert_eq!(
+        finished_as(&mut e, waiting),
+        Some(RequestOutcome::DeadlineExceeded)
+    );
 }
