@@ -796,3 +796,37 @@ fn refusals_are_reported_as_what_they_are_rate_limited_shed_or_out_of_time() {
         Some(RequestOutcome::DeadlineExceeded)
     );
 }
+
+#[test]
+fn a_half_open_breakers_probe_goes_to_the_held_request_with_the_most_time_left() {
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
+                       "half_open_probes":1,"probe_ramp":false},
+            "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
+    );
+    for i in 0..2 {
+        let id = e.admit(ms(i), meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        actions(&mut e);
+    }
+    let until = e.breaker_open_until(ms(2), 0).expect("open");
+    // Held through the outage: one with little time left, one with much.
+    let with_left = |tenant, left| RequestMeta {
+        deadline: Some(ms(500) + left),
+        ..meta(tenant)
+    };
+    let short = e.admit(ms(500), with_left(10, secs(2)));
+    let long = e.admit(ms(500), with_left(11, secs(30)));
+    assert_eq!(actions(&mut e), vec![]);
+    // The probe is the provider's one chance to show it is back: it goes to the request that
+    // can wait longest for its answer, not the one about to run out of time.
+    e.on_tick(until);
+    let probe = the_send(&actions(&mut e));
+    assert_eq!(
+        probe.request, long,
+        "the probe went to {:?} (short: {short:?})",
+        probe.request
+    );
+}
