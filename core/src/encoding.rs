@@ -30,17 +30,6 @@ pub enum DecodeError {
     TooLarge,
 }
 
-impl DecodeError {
-    /// A short name, for logs and the `x-unbusy` note.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Corrupt => "corrupt_encoding",
-            Self::Truncated => "truncated_encoding",
-            Self::TooLarge => "encoding_too_large",
-        }
-    }
-}
-
 /// Whether a `content-encoding` names a compression [`Decoder`] reads.
 fn format_of(content_encoding: &str) -> Option<Format> {
     let e = content_encoding.trim();
@@ -85,15 +74,6 @@ pub struct Decoder {
     inflate: Box<InflateState>,
     crc: u32,
     size: u32,
-}
-
-impl core::fmt::Debug for Decoder {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Decoder")
-            .field("format", &self.format)
-            .field("stage", &self.stage)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Output is produced in steps of this many bytes.
@@ -286,11 +266,10 @@ fn gzip_header_len(b: &[u8]) -> Result<Option<usize>, DecodeError> {
     const FEXTRA: u8 = 4;
     const FNAME: u8 = 8;
     const FCOMMENT: u8 = 16;
+    // A byte not there yet is not wrong: fewer than four bytes wait at `flags` below.
     for (i, expected) in [0x1f_u8, 0x8b, 8].into_iter().enumerate() {
-        match b.get(i) {
-            Some(&v) if v != expected => return Err(DecodeError::Corrupt),
-            None => return Ok(None),
-            _ => {}
+        if b.get(i).is_some_and(|&v| v != expected) {
+            return Err(DecodeError::Corrupt);
         }
     }
     let Some(&flags) = b.get(3) else {
@@ -456,6 +435,45 @@ mod tests {
                 Ok(&plain[..])
             );
         }
+    }
+
+    #[test]
+    fn an_extra_field_alone_is_skipped_by_its_stated_length() {
+        let plain = answer();
+        let member = gzip(&plain);
+        for extra in [&b""[..], b"x", b"abcde"] {
+            let mut body = alloc::vec![0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 255];
+            let len = u16::try_from(extra.len()).unwrap().to_le_bytes();
+            body.extend_from_slice(&len);
+            body.extend_from_slice(extra);
+            body.extend_from_slice(member.get(10..).unwrap());
+            for chunk in [1, 12, body.len()] {
+                assert_eq!(
+                    decode_in_chunks("gzip", &body, chunk).as_deref(),
+                    Ok(&plain[..]),
+                    "an extra field of {} bytes, in chunks of {chunk}",
+                    extra.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn deflate_is_read_as_zlib_only_behind_a_valid_zlib_header() {
+        // CM 8, a window of at most 32 KiB (CINFO <= 7) and a check that makes the first two
+        // bytes a multiple of 31 (RFC 1950); anything else is a bare deflate stream.
+        for zlib in [[0x78, 0x9c], [0x78, 0x01], [0x78, 0xda], [0x08, 0x1d]] {
+            assert_eq!(deflate_format(&zlib), Some(DataFormat::Zlib), "{zlib:02x?}");
+        }
+        for raw in [
+            [0x78, 0x9d], // the check fails
+            [0x79, 0x18], // CM 9 with a good check
+            [0x88, 0x98], // CINFO 8 with a good check: a window too large for zlib
+            [0x0b, 0x2f], // a bare deflate block's first bytes
+        ] {
+            assert_eq!(deflate_format(&raw), Some(DataFormat::Raw), "{raw:02x?}");
+        }
+        assert_eq!(deflate_format(&[0x78]), None);
     }
 
     #[test]

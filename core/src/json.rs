@@ -723,6 +723,15 @@ pub fn write_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// `s` as a JSON string, for messages and log lines: quotes and control characters escaped,
+/// so a name from the configuration cannot break a line. Hosts use it instead of `{:?}`,
+/// whose `Debug` for strings links Unicode tables and escaping code (issue 13's size goals).
+pub fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    write_str(&mut out, s);
+    out
+}
+
 /// Appends an unsigned integer.
 pub fn write_u64(out: &mut String, n: u64) {
     let mut div = 1u64;
@@ -860,6 +869,7 @@ mod tests {
         let mut s = String::new();
         write_str(&mut s, "a\"b\\c\n\u{1}é");
         assert_eq!(s, "\"a\\\"b\\\\c\\n\\u0001é\"");
+        assert_eq!(quoted("a\"b\nc"), "\"a\\\"b\\nc\"");
         let f = |x: f64| {
             let mut s = String::new();
             write_f64(&mut s, x, 3);

@@ -5,6 +5,7 @@
 //! the provider and the variable, never a value.
 
 use unbusy_core::config::Config;
+use unbusy_core::json::quoted;
 
 /// Reads the key of every provider configured with `api_key_env` from the environment (`env`
 /// looks a variable up) into its `api_key`. A variable that is missing or empty (after trimming
@@ -24,10 +25,12 @@ pub fn resolve_keys(
             .filter(|v| !v.is_empty())
         {
             Some(key) => p.api_key = Some(key),
+            // Names quoted as JSON, not with `{:?}` (whose `Debug` links Unicode tables).
             None => missing.push(format!(
-                "providers[{i}] ({:?}): api_key_env names {name:?}, which is not set or empty \
+                "providers[{i}] ({}): api_key_env names {}, which is not set or empty \
                  in the VM's environment",
-                p.name
+                quoted(&p.name),
+                quoted(&name)
             )),
         }
     }
@@ -48,8 +51,8 @@ pub fn check_config(config: &Config) -> Result<(), String> {
     for (i, p) in config.providers.iter().enumerate() {
         if p.cluster.as_deref().is_none_or(str::is_empty) {
             return Err(format!(
-                "providers[{i}].cluster is required by the Envoy filter (the cluster that reaches {:?})",
-                p.name
+                "providers[{i}].cluster is required by the Envoy filter (the cluster that reaches {})",
+                quoted(&p.name)
             ));
         }
     }
@@ -100,6 +103,25 @@ mod tests {
         let e = resolve_keys(&mut config, blank).unwrap_err();
         assert!(
             e.contains("providers[0]") && e.contains("providers[2]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn names_in_refusals_are_quoted_and_escaped() {
+        // A name cannot break the log line: quotes and control characters are escaped.
+        let json =
+            br#"{"providers":[{"name":"a\"b\nc","base_url":"http://x","api_key_env":"K\"1"}]}"#;
+        let config = Config::from_json(json).unwrap();
+        let e = check_config(&config).unwrap_err();
+        assert!(
+            e.ends_with(r#"(the cluster that reaches "a\"b\nc")"#),
+            "{e}"
+        );
+        let mut config = Config::from_json(json).unwrap();
+        let e = resolve_keys(&mut config, |_| None).unwrap_err();
+        assert!(
+            e.starts_with(r#"providers[0] ("a\"b\nc"): api_key_env names "K\"1","#),
             "{e}"
         );
     }

@@ -195,7 +195,7 @@ impl RootContext for Root {
         };
         // Keys named by `api_key_env`, from the variables Envoy passes to the VM
         // (`vm_config.environment_variables`), read through WASI's `environ_get`.
-        if let Err(e) = resolve_keys(&mut config, |name| std::env::var(name).ok()) {
+        if let Err(e) = resolve_keys(&mut config, crate::environ::var) {
             host.error(&format!("unbusy: invalid plugin configuration: {e}"));
             return false;
         }

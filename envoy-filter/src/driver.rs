@@ -145,7 +145,8 @@ pub fn run<H: Host>(
                         }
                         Err(status) => {
                             host.warn(&format!(
-                                "unbusy: could not dispatch to cluster {cluster:?}: {status}"
+                                "unbusy: could not dispatch to cluster {}: {status}",
+                                unbusy_core::json::quoted(&cluster)
                             ));
                             with(state, |s| s.dispatch_failed(host.now(), request, attempt))
                         }

@@ -141,6 +141,14 @@ impl FakeProcess {
             .unwrap_or_default()
     }
 
+    /// Forgets the histograms' recorded values and the log (a long test's record stays small).
+    pub fn forget_records(&self) {
+        for (_, values) in self.metric_values.borrow_mut().iter_mut() {
+            *values = Vec::new();
+        }
+        *self.logs.borrow_mut() = Vec::new();
+    }
+
     /// How many times each [`Host`] method was called, by any worker, since the process began
     /// or [`FakeProcess::clear_hostcalls`]: on Envoy each is one hostcall (a crossing of the
     /// wasm boundary), so this is what the filter costs the host per request.
@@ -309,6 +317,12 @@ impl FakeHost {
     /// Every call dispatched so far.
     pub fn calls(&self) -> Vec<FakeCall> {
         self.worker.calls.borrow().clone()
+    }
+
+    /// The calls dispatched since the last take, forgotten here (a long test's record stays
+    /// small).
+    pub fn take_calls(&self) -> Vec<FakeCall> {
+        std::mem::take(&mut *self.worker.calls.borrow_mut())
     }
 
     /// Sets what the next `on_http_call_response` reads.

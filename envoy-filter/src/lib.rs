@@ -31,7 +31,8 @@
 //! - [`judging`]: reading an attempt's answer and the core's verdict on it;
 //! - [`admission`]: rate limits shared across workers (check, charge, refund);
 //! - [`failover`]: the native failover path's order and link to the router's attempts;
-//! - [`configure`]: the plugin configuration and keys from the environment;
+//! - [`configure`]: the plugin configuration and keys from the environment; [`environ`]: a
+//!   variable of the VM's environment, through WASI;
 //! - [`flow`]: one managed request and its phase;
 //! - [`state`]: the per-VM state machine, one submodule per phase;
 //! - [`driver`]: callbacks to state calls, effects to hostcalls, generic over the host;
@@ -43,11 +44,13 @@ pub mod configure;
 pub mod contexts;
 pub mod driver;
 pub mod effect;
+pub mod environ;
 pub mod failover;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fake;
 pub mod flow;
 pub mod genai;
+pub mod heap;
 pub mod host;
 pub mod judging;
 pub mod metrics;

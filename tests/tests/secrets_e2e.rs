@@ -77,6 +77,42 @@ fn a_missing_or_empty_key_variable_makes_envoy_refuse_the_configuration() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_the_vms_environment_reaches_the_provider() {
+    // The variable given to the VM as a literal (Envoy's `key_values` instead of the rendered
+    // `host_env_keys`), among others: the filter reads it through WASI's `environ_get`.
+    let config = json!({"providers": [{"name": "primary", "api_key_env": "UNBUSY_TEST_KEY"}]});
+    let w = World::start_edited(
+        vec![healthy("primary")],
+        &config,
+        1,
+        |_| {},
+        |yaml| {
+            let keys = "host_env_keys: [\"UNBUSY_TEST_KEY\"]";
+            assert!(yaml.contains(keys), "{yaml}");
+            yaml.replace(
+                keys,
+                "key_values: {\"UNBUSY_TEST_KEY_2\": \"no\", \"UNBUSY_TEST_KEY\": \"sk-vm=1\", \"A\": \"b\"}",
+            )
+        },
+    )
+    .await
+    .unwrap();
+    let r = chat(
+        w.envoy.listen,
+        &chat_body("key please", false, false),
+        &[CALLER],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = w.providers[0].stats().seen;
+    let auth: Vec<_> = seen.iter().map(|s| s.authorization.as_deref()).collect();
+    assert_eq!(auth, [Some("Bearer sk-vm=1")], "{seen:?}");
+    let log = w.envoy.log_text();
+    assert!(!log.contains("sk-vm"), "{log}");
+}
+
 // ---- 13: which endpoints carry which key ----
 
 /// One healthy provider `primary` with the key `provider-key`, and `extra` in the filter's

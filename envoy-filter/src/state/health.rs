@@ -176,7 +176,8 @@ impl<H: Host> State<H> {
                 };
                 let verdict = if up { "up" } else { "down" };
                 self.host.info(&format!(
-                    "unbusy: health checks mark provider {name:?} {verdict} (last probe: {what})"
+                    "unbusy: health checks mark provider {} {verdict} (last probe: {what})",
+                    unbusy_core::json::quoted(name)
                 ));
             }
             break;
