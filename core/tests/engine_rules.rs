@@ -13,7 +13,7 @@
 )]
 
 mod support;
-use support::{actions, meta, outcome};
+use support::{actions, instant, meta, nanos, nth, outcome, pid};
 
 use unbusy_core::classify::{Classification, OutcomeClass};
 use unbusy_core::config::Config;
@@ -77,18 +77,18 @@ fn the_engine_reports_the_configuration_it_was_built_with() {
 fn requests_are_counted_while_active_and_while_they_wait_for_a_slot() {
     let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":1}]}"#);
     assert_eq!((e.active_requests(), e.waiting_for_capacity()), (0, 0));
-    let first = e.admit(0, meta(1));
+    let first = e.admit(instant(0), meta(1));
     let sent = the_send(&actions(&mut e));
     assert_eq!(sent.request, first);
-    let second = e.admit(ms(1), meta(2));
+    let second = e.admit(instant(ms(1)), meta(2));
     assert_eq!(actions(&mut e), vec![], "the quota's one slot is taken");
     assert_eq!((e.active_requests(), e.waiting_for_capacity()), (2, 1));
     // The first answer frees the slot: the second goes, and waits no longer.
-    e.on_outcome(ms(100), first, sent.attempt, success());
+    e.on_outcome(instant(ms(100)), first, sent.attempt, success());
     let next = the_send(&actions(&mut e));
     assert_eq!(next.request, second);
     assert_eq!((e.active_requests(), e.waiting_for_capacity()), (1, 0));
-    e.on_outcome(ms(200), second, next.attempt, success());
+    e.on_outcome(instant(ms(200)), second, next.attempt, success());
     actions(&mut e);
     assert_eq!((e.active_requests(), e.waiting_for_capacity()), (0, 0));
 }
@@ -97,15 +97,15 @@ fn requests_are_counted_while_active_and_while_they_wait_for_a_slot() {
 fn slots_of_a_shared_quota_freed_by_other_workers_send_a_waiting_request_at_once() {
     let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":2}]}"#);
     // Other workers hold both slots of the account's quota.
-    e.set_external_in_flight(0, 0, 2);
-    let id = e.admit(ms(1), meta(1));
+    e.set_external_in_flight(instant(0), pid(0), 2);
+    let id = e.admit(instant(ms(1)), meta(1));
     assert_eq!(actions(&mut e), vec![], "no slot left");
     // Reported again, unchanged: still no slot.
-    e.set_external_in_flight(ms(2), 0, 2);
+    e.set_external_in_flight(instant(ms(2)), pid(0), 2);
     assert_eq!(actions(&mut e), vec![]);
     assert_eq!(e.waiting_for_capacity(), 1);
     // One of them finished: the waiting request goes now, not at some later tick.
-    e.set_external_in_flight(ms(3), 0, 1);
+    e.set_external_in_flight(instant(ms(3)), pid(0), 1);
     assert_eq!(the_send(&actions(&mut e)).request, id);
 }
 
@@ -127,12 +127,12 @@ fn run(
     for _ in 0..100 {
         if let Some(s) = pending.pop() {
             assert_eq!(s.request, id);
-            went.push(s.provider);
+            went.push(s.provider.index());
             now += ms(1);
-            e.on_outcome(now, id, s.attempt, answer(s.provider));
+            e.on_outcome(instant(now), id, s.attempt, answer(s.provider.index()));
         } else if let Some(t) = e.next_wakeup() {
-            now = now.max(t);
-            e.on_tick(now);
+            now = now.max(nanos(t));
+            e.on_tick(instant(now));
         } else {
             return (went, now);
         }
@@ -154,29 +154,47 @@ fn after_three_hinted_rate_limits_in_a_row_retries_prefer_other_providers_until_
     // Three requests in a row are refused by `a` with a 2 s hint.
     for i in 0..3 {
         assert_eq!(
-            e.cooldown_until(now, 0),
+            e.cooldown_until(instant(now), pid(0)),
             None,
             "cooling down after {i} hint(s)"
         );
-        let id = e.admit(now, meta(i));
+        let id = e.admit(instant(now), meta(i));
         let s = the_send(&actions(&mut e));
-        assert_eq!(s.provider, 0);
+        assert_eq!(s.provider.index(), 0);
         now += ms(1);
-        e.on_outcome(now, id, s.attempt, rate_limited(secs(2)));
+        e.on_outcome(instant(now), id, s.attempt, rate_limited(secs(2)));
         actions(&mut e);
     }
     let until = now + secs(2);
-    assert_eq!(e.cooldown_until(now, 0), Some(until));
-    assert_eq!(e.cooldown_until(until - 1, 0), Some(until));
-    assert_eq!(e.cooldown_until(until, 0), None, "the hint has passed");
-    assert_eq!(e.cooldown_until(now, 1), None, "b was never refused");
-    assert_eq!(e.cooldown_until(now, 7), None, "no such provider");
+    assert_eq!(e.cooldown_until(instant(now), pid(0)), Some(instant(until)));
+    assert_eq!(
+        e.cooldown_until(instant(until - 1), pid(0)),
+        Some(instant(until))
+    );
+    assert_eq!(
+        e.cooldown_until(instant(until), pid(0)),
+        None,
+        "the hint has passed"
+    );
+    assert_eq!(
+        e.cooldown_until(instant(now), pid(1)),
+        None,
+        "b was never refused"
+    );
+    assert_eq!(
+        e.cooldown_until(instant(now), pid(7)),
+        None,
+        "no such provider"
+    );
 
     // While `a` cools down, a first attempt still goes to it (a caller would send it anyway);
     // once both providers failed the request, its last retry goes to `b`, not the preferred `a`.
-    let id = e.admit(now, meta(10));
+    let id = e.admit(instant(now), meta(10));
     let first = sends(&actions(&mut e));
-    assert_eq!(first.iter().map(|s| s.provider).collect::<Vec<_>>(), [0]);
+    assert_eq!(
+        first.iter().map(|s| s.provider.index()).collect::<Vec<_>>(),
+        [0]
+    );
     let (went, end) = run(&mut e, now, id, first, |_| busy());
     assert!(
         end < until,
@@ -186,7 +204,7 @@ fn after_three_hinted_rate_limits_in_a_row_retries_prefer_other_providers_until_
 
     // After the hint has passed, the same request's last retry goes back to `a`.
     let later = until + ms(1);
-    let id = e.admit(later, meta(11));
+    let id = e.admit(instant(later), meta(11));
     let first = sends(&actions(&mut e));
     let (went, _) = run(&mut e, later, id, first, |_| busy());
     assert_eq!(went, [0, 1, 0], "attempts went to providers {went:?}");
@@ -199,9 +217,9 @@ fn an_attempt_never_starts_with_less_time_left_than_the_fastest_answer_seen() {
     let mut now = 0;
     let ask = |e: &mut Engine, now: Nanos, tenant: u64| {
         let id = e.admit(
-            now,
+            instant(now),
             RequestMeta {
-                deadline: Some(now + ms(900)),
+                deadline: Some(instant(now + ms(900))),
                 ..meta(tenant)
             },
         );
@@ -212,13 +230,13 @@ fn an_attempt_never_starts_with_less_time_left_than_the_fastest_answer_seen() {
             // Seven answers are not enough to judge by: a request with 900 ms left is sent.
             let (id, a) = ask(&mut e, now, 100);
             assert_eq!(the_send(&a).request, id, "held back after {i} answers");
-            e.cancel(now, id);
+            e.cancel(instant(now), id);
             actions(&mut e);
         }
-        let id = e.admit(now, meta(i));
+        let id = e.admit(instant(now), meta(i));
         let s = the_send(&actions(&mut e));
         now += ms(1000 + 200 * (i % 5));
-        e.on_outcome(now, id, s.attempt, success());
+        e.on_outcome(instant(now), id, s.attempt, success());
         actions(&mut e);
     }
     // With twenty answers known (more than the sixteen remembered), none faster than 1 s: a
@@ -232,20 +250,20 @@ fn an_attempt_never_starts_with_less_time_left_than_the_fastest_answer_seen() {
     );
     // One with exactly as long left as the fastest answer took still goes.
     let id = e.admit(
-        now,
+        instant(now),
         RequestMeta {
-            deadline: Some(now + secs(1)),
+            deadline: Some(instant(now + secs(1))),
             ..meta(103)
         },
     );
     assert_eq!(the_send(&actions(&mut e)).request, id);
-    e.cancel(now, id);
+    e.cancel(instant(now), id);
     actions(&mut e);
     // One with 1.1 s left still goes.
     let id = e.admit(
-        now,
+        instant(now),
         RequestMeta {
-            deadline: Some(now + ms(1100)),
+            deadline: Some(instant(now + ms(1100))),
             ..meta(102)
         },
     );
@@ -261,32 +279,32 @@ fn a_provider_back_from_an_outage_takes_held_requests_back_gradually_and_fresh_o
             "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
     );
     for i in 0..2 {
-        let id = e.admit(ms(i), meta(i));
+        let id = e.admit(instant(ms(i)), meta(i));
         let s = the_send(&actions(&mut e));
-        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
         actions(&mut e);
     }
-    let until = e.breaker_open_until(ms(2), 0).expect("open");
+    let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
     // Four requests arrive during the outage and wait for the provider.
     for i in 0..4 {
-        e.admit(ms(500), meta(10 + i));
+        e.admit(instant(ms(500)), meta(10 + i));
     }
     assert_eq!(actions(&mut e), vec![]);
     // Half-open: one probe; its first real byte closes the breaker.
-    e.on_tick(until);
+    e.on_tick(instant(until));
     let probe = the_send(&actions(&mut e));
-    e.on_first_progress(until + ms(10), probe.request, probe.attempt);
+    e.on_first_progress(instant(until + ms(10)), probe.request, probe.attempt);
     let a = actions(&mut e);
     assert!(sends(&a).is_empty(), "held requests rushed back: {a:?}");
     assert_eq!(
-        e.in_flight(0),
+        e.in_flight(pid(0)),
         1,
         "the recovery ramp allows one in flight yet"
     );
     // A fresh request is not one that waited: a caller would send it anyway, and it goes.
-    let fresh = e.admit(until + ms(20), meta(99));
+    let fresh = e.admit(instant(until + ms(20)), meta(99));
     assert_eq!(the_send(&actions(&mut e)).request, fresh);
-    assert_eq!(e.in_flight(0), 2);
+    assert_eq!(e.in_flight(pid(0)), 2);
 }
 
 #[test]
@@ -298,33 +316,33 @@ fn a_probes_first_byte_closes_the_breaker_and_without_a_ramp_every_held_request_
             "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
     );
     for i in 0..2 {
-        let id = e.admit(ms(i), meta(i));
+        let id = e.admit(instant(ms(i)), meta(i));
         let s = the_send(&actions(&mut e));
-        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
         actions(&mut e);
     }
-    let until = e.breaker_open_until(ms(2), 0).expect("open");
+    let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
     for i in 0..3 {
-        e.admit(ms(500), meta(10 + i));
+        e.admit(instant(ms(500)), meta(10 + i));
     }
-    e.on_tick(until);
+    e.on_tick(instant(until));
     let probe = the_send(&actions(&mut e));
     while e.poll_event().is_some() {}
-    e.on_first_progress(until + ms(10), probe.request, probe.attempt);
+    e.on_first_progress(instant(until + ms(10)), probe.request, probe.attempt);
     let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
     assert!(
         events.iter().any(|ev| matches!(
             ev,
             Event::BreakerChanged {
-                provider: 0,
+                provider,
                 state: 0
-            }
+            } if *provider == pid(0)
         )),
         "no closed breaker reported: {events:?}"
     );
     assert_eq!(sends(&actions(&mut e)).len(), 2, "the other held requests");
     // A later byte of the same answer changes nothing more.
-    e.on_first_progress(until + ms(20), probe.request, probe.attempt);
+    e.on_first_progress(instant(until + ms(20)), probe.request, probe.attempt);
     assert_eq!(actions(&mut e), vec![]);
     assert!(
         !std::iter::from_fn(|| e.poll_event()).any(|ev| matches!(ev, Event::BreakerChanged { .. })),
@@ -339,10 +357,10 @@ fn answers_turning_far_slower_than_usual_raise_the_degradation_tier() {
     let mut now = 0;
     for i in 0..60u64 {
         now = secs(i);
-        let id = e.admit(now, meta(i));
+        let id = e.admit(instant(now), meta(i));
         let s = the_send(&actions(&mut e));
-        e.on_first_progress(now + ms(100 + 10 * (i % 5)), id, s.attempt);
-        e.on_outcome(now + ms(200), id, s.attempt, success());
+        e.on_first_progress(instant(now + ms(100 + 10 * (i % 5))), id, s.attempt);
+        e.on_outcome(instant(now + ms(200)), id, s.attempt, success());
         actions(&mut e);
     }
     assert_eq!(e.tier(), Tier::Normal);
@@ -350,17 +368,17 @@ fn answers_turning_far_slower_than_usual_raise_the_degradation_tier() {
     let start = now + secs(1);
     let slow: Vec<(RequestId, SendAttempt)> = (0..6)
         .map(|i| {
-            let id = e.admit(start + ms(100 * i), meta(100 + i));
+            let id = e.admit(instant(start + ms(100 * i)), meta(100 + i));
             (id, the_send(&actions(&mut e)))
         })
         .collect();
     for (i, (id, s)) in slow.iter().enumerate() {
         let at = start + ms(100 * i as u64) + secs(3);
-        e.on_first_progress(at, *id, s.attempt);
-        e.on_outcome(at + ms(10), *id, s.attempt, success());
+        e.on_first_progress(instant(at), *id, s.attempt);
+        e.on_outcome(instant(at + ms(10)), *id, s.attempt, success());
         actions(&mut e);
     }
-    e.on_tick(start + secs(5));
+    e.on_tick(instant(start + secs(5)));
     assert_eq!(
         e.tier(),
         Tier::Feature,
@@ -374,18 +392,18 @@ fn at_its_first_byte_deadline_an_attempt_is_replaced_only_if_a_replacement_could
     // Ten answers: first byte after 100 ms, whole answer after 1 s.
     let mut now = 0;
     for i in 0..10u64 {
-        let id = e.admit(now, meta(i));
+        let id = e.admit(instant(now), meta(i));
         let s = the_send(&actions(&mut e));
-        e.on_first_progress(now + ms(100), id, s.attempt);
+        e.on_first_progress(instant(now + ms(100)), id, s.attempt);
         now += secs(1);
-        e.on_outcome(now, id, s.attempt, success());
+        e.on_outcome(instant(now), id, s.attempt, success());
         actions(&mut e);
     }
     let ask = |e: &mut Engine, now: Nanos, tenant: u64, left: Nanos| {
         let id = e.admit(
-            now,
+            instant(now),
             RequestMeta {
-                deadline: Some(now + left),
+                deadline: Some(instant(now + left)),
                 ..meta(tenant)
             },
         );
@@ -394,39 +412,45 @@ fn at_its_first_byte_deadline_an_attempt_is_replaced_only_if_a_replacement_could
     // Five seconds left when the first byte is overdue: a replacement can still finish (an
     // answer takes 1 s here), so the silent attempt is cut and replaced.
     let (roomy, first) = ask(&mut e, now, 20, secs(5));
-    assert!(first.first_token_deadline < now + secs(4), "{first:?}");
-    e.on_tick(first.first_token_deadline);
+    assert!(
+        nanos(first.first_token_deadline) < now + secs(4),
+        "{first:?}"
+    );
+    e.on_tick(instant(first.first_token_deadline));
     let a = actions(&mut e);
     assert!(
         a.iter()
             .any(|a| matches!(a, Action::Abort { request, .. } if *request == roomy)),
         "the overdue attempt was not cut: {a:?}"
     );
-    e.cancel(first.first_token_deadline, roomy);
+    e.cancel(instant(first.first_token_deadline), roomy);
     actions(&mut e);
     // Exactly as long left as the fastest answer took: a replacement can still finish.
-    let now = first.first_token_deadline + ms(1);
+    let now = first.first_token_deadline.as_nanos() + ms(1);
     let (exact, attempt) = ask(&mut e, now, 22, secs(3));
-    assert_eq!(attempt.first_token_deadline, now + secs(2));
-    e.on_tick(attempt.first_token_deadline);
+    assert_eq!(nanos(attempt.first_token_deadline), now + secs(2));
+    e.on_tick(instant(attempt.first_token_deadline));
     let a = actions(&mut e);
     assert!(
         a.iter()
             .any(|a| matches!(a, Action::Abort { request, .. } if *request == exact)),
         "the overdue attempt with time for a replacement was not cut: {a:?}"
     );
-    e.cancel(attempt.first_token_deadline, exact);
+    e.cancel(instant(attempt.first_token_deadline), exact);
     actions(&mut e);
     let first = attempt;
     // 2.5 s left: when its first byte is overdue (after 2 s, the least a learned wait is), no
     // replacement could finish in the half second left, so the attempt is the request's last chance, as it would be without us: it is left
     // to answer, and its answer is delivered.
-    let now = first.first_token_deadline + ms(1);
+    let now = first.first_token_deadline.as_nanos() + ms(1);
     let (tight, attempt) = ask(&mut e, now, 21, ms(2500));
-    assert!(attempt.first_token_deadline < now + ms(2500), "{attempt:?}");
-    e.on_tick(attempt.first_token_deadline);
+    assert!(
+        nanos(attempt.first_token_deadline) < now + ms(2500),
+        "{attempt:?}"
+    );
+    e.on_tick(instant(attempt.first_token_deadline));
     assert_eq!(actions(&mut e), vec![], "the last chance was cut");
-    e.on_outcome(now + ms(2400), tight, attempt.attempt, success());
+    e.on_outcome(instant(now + ms(2400)), tight, attempt.attempt, success());
     let a = actions(&mut e);
     assert!(
         matches!(a.as_slice(), [Action::Deliver { request, .. }] if *request == tight),
@@ -443,9 +467,9 @@ fn after_a_quiet_spell_the_first_seconds_of_failures_do_not_yet_raise_the_tier()
             "retry":{"max_attempts":1}}"#,
     );
     let answer_at = |e: &mut Engine, t: Nanos, tenant: u64, answer: Classification| {
-        let id = e.admit(t, meta(tenant));
+        let id = e.admit(instant(t), meta(tenant));
         let s = the_send(&actions(e));
-        e.on_outcome(t + ms(1), id, s.attempt, answer);
+        e.on_outcome(instant(t + ms(1)), id, s.attempt, answer);
         actions(e);
     };
     for i in 0..6 {
@@ -456,13 +480,13 @@ fn after_a_quiet_spell_the_first_seconds_of_failures_do_not_yet_raise_the_tier()
     for i in 0..10 {
         answer_at(&mut e, secs(30) + ms(100 * i), 100 + i, busy());
     }
-    e.on_tick(secs(31) + ms(100));
+    e.on_tick(instant(secs(31) + ms(100)));
     assert_eq!(e.tier(), Tier::Normal, "judged on a second of traffic");
     // Failures going on for more than five seconds are judged: the tier rises.
     for i in 0..50 {
         answer_at(&mut e, secs(31) + ms(100 * i), 200 + i, busy());
     }
-    e.on_tick(secs(37));
+    e.on_tick(instant(secs(37)));
     assert_ne!(
         e.tier(),
         Tier::Normal,
@@ -475,32 +499,32 @@ fn only_hinted_rate_limits_in_a_row_start_a_cooldown_a_success_between_them_rese
     let mut e = engine(&format!("{TWO}}}"));
     let mut now = 0;
     for (i, hinted) in [true, true, false, true, true].into_iter().enumerate() {
-        let id = e.admit(now, meta(i as u64));
+        let id = e.admit(instant(now), meta(i as u64));
         let s = the_send(&actions(&mut e));
-        assert_eq!(s.provider, 0);
+        assert_eq!(s.provider.index(), 0);
         now += ms(1);
         let answer = if hinted {
             rate_limited(secs(2))
         } else {
             success()
         };
-        e.on_outcome(now, id, s.attempt, answer);
+        e.on_outcome(instant(now), id, s.attempt, answer);
         actions(&mut e);
-        e.cancel(now, id);
+        e.cancel(instant(now), id);
         actions(&mut e);
     }
     assert_eq!(
-        e.cooldown_until(now, 0),
+        e.cooldown_until(instant(now), pid(0)),
         None,
         "four hints, but not three in a row"
     );
-    let id = e.admit(now, meta(9));
+    let id = e.admit(instant(now), meta(9));
     let s = the_send(&actions(&mut e));
     now += ms(1);
-    e.on_outcome(now, id, s.attempt, rate_limited(secs(2)));
+    e.on_outcome(instant(now), id, s.attempt, rate_limited(secs(2)));
     assert_eq!(
-        e.cooldown_until(now, 0),
-        Some(now + secs(2)),
+        e.cooldown_until(instant(now), pid(0)),
+        Some(instant(now + secs(2))),
         "three in a row"
     );
 }
@@ -515,32 +539,37 @@ fn a_learned_limit_comes_from_bare_429s_only_and_grows_back_with_successes() {
     );
     let ids: Vec<RequestId> = (0..8)
         .map(|i| {
-            let id = e.admit(0, meta(i));
+            let id = e.admit(instant(0), meta(i));
             the_send(&actions(&mut e));
             id
         })
         .collect();
     // A 429 with a retry hint is a rate limit, not a sign of the account's concurrency.
-    e.on_outcome(ms(100), ids[0], 1, rate_limited(secs(1)));
+    e.on_outcome(instant(ms(100)), ids[0], nth(1), rate_limited(secs(1)));
     actions(&mut e);
     assert_eq!(
-        e.concurrency_limit(0),
-        u32::MAX,
+        e.concurrency_limit(pid(0)),
+        None,
         "learned from a hinted 429"
     );
     // A bare one with seven in flight is: 0.5 x 7, rounded down.
-    e.on_outcome(ms(200), ids[1], 1, outcome(OutcomeClass::RateLimited, None));
+    e.on_outcome(
+        instant(ms(200)),
+        ids[1],
+        nth(1),
+        outcome(OutcomeClass::RateLimited, None),
+    );
     actions(&mut e);
-    assert_eq!(e.concurrency_limit(0), 3);
+    assert_eq!(e.concurrency_limit(pid(0)), Some(3));
     // Successes while the limit is in use grow it back.
     for (i, id) in ids[2..].iter().enumerate() {
-        e.on_outcome(ms(300 + 10 * i as u64), *id, 1, success());
+        e.on_outcome(instant(ms(300 + 10 * i as u64)), *id, nth(1), success());
         actions(&mut e);
     }
     assert!(
-        e.concurrency_limit(0) > 3,
-        "six successes left the limit at {}",
-        e.concurrency_limit(0)
+        e.concurrency_limit(pid(0)) > Some(3),
+        "six successes left the limit at {:?}",
+        e.concurrency_limit(pid(0))
     );
 }
 
@@ -554,25 +583,25 @@ fn while_a_probe_is_in_flight_new_requests_wait_for_its_outcome_instead_of_faili
             "concurrency":{"queue_timeout_ms":100}}"#,
     );
     for i in 0..2 {
-        let id = e.admit(ms(i), meta(i));
+        let id = e.admit(instant(ms(i)), meta(i));
         let s = the_send(&actions(&mut e));
-        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
         actions(&mut e);
     }
-    let until = e.breaker_open_until(ms(2), 0).expect("open");
-    let first = e.admit(until, meta(10));
+    let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
+    let first = e.admit(instant(until), meta(10));
     let probe = the_send(&actions(&mut e));
     assert_eq!(probe.request, first);
     // The probe takes the one slot: the next request waits for what it shows (the probe is
     // lost only after `open_ms`, beyond the request's 100 ms wait, yet its answer may come
     // sooner).
-    let next = e.admit(until + ms(10), meta(11));
+    let next = e.admit(instant(until + ms(10)), meta(11));
     assert_eq!(
         actions(&mut e),
         vec![],
         "failed while a probe could still bring the provider back"
     );
-    e.on_outcome(until + ms(50), first, probe.attempt, success());
+    e.on_outcome(instant(until + ms(50)), first, probe.attempt, success());
     let a = actions(&mut e);
     assert!(
         sends(&a).iter().any(|s| s.request == next),
@@ -590,12 +619,12 @@ fn the_fastest_answer_that_bounds_a_start_is_a_usable_providers() {
     );
     let mut now = 0;
     let answer = |e: &mut Engine, now: &mut Nanos, tenant: u64, took: Nanos, c: Classification| {
-        let id = e.admit(*now, meta(tenant));
+        let id = e.admit(instant(*now), meta(tenant));
         let s = the_send(&actions(e));
         *now += took;
-        e.on_outcome(*now, id, s.attempt, c);
+        e.on_outcome(instant(*now), id, s.attempt, c);
         actions(e);
-        s.provider
+        s.provider.index()
     };
     for i in 0..8 {
         assert_eq!(answer(&mut e, &mut now, i, ms(100), success()), 0);
@@ -607,18 +636,18 @@ fn the_fastest_answer_that_bounds_a_start_is_a_usable_providers() {
         assert_eq!(answer(&mut e, &mut now, 20 + i, ms(1), busy()), 0);
     }
     assert!(
-        e.breaker_open_until(now, 0).is_some(),
+        e.breaker_open_until(instant(now), pid(0)).is_some(),
         "a's breaker is open: {:?}",
-        e.breaker_state(0, now)
+        e.breaker_state(pid(0), instant(now))
     );
     for i in 0..8 {
         assert_eq!(answer(&mut e, &mut now, 40 + i, secs(2), success()), 1);
     }
     // One second left: only `a`, which cannot be used, could answer that fast.
     e.admit(
-        now,
+        instant(now),
         RequestMeta {
-            deadline: Some(now + secs(1)),
+            deadline: Some(instant(now + secs(1))),
             ..meta(99)
         },
     );
@@ -640,23 +669,23 @@ fn who_goes_first(learned: bool, a_left: Nanos, free_after: Nanos) -> &'static s
     let mut now = 0;
     if learned {
         for i in 0..8u64 {
-            let id = e.admit(now, meta(i));
+            let id = e.admit(instant(now), meta(i));
             let s = the_send(&actions(&mut e));
             now += if i == 0 { secs(2) } else { ms(500 + 100 * i) };
-            e.on_outcome(now, id, s.attempt, success());
+            e.on_outcome(instant(now), id, s.attempt, success());
             actions(&mut e);
         }
     }
-    let x = e.admit(now, meta(50));
+    let x = e.admit(instant(now), meta(50));
     let sx = the_send(&actions(&mut e));
     let with_left = |tenant, left| RequestMeta {
-        deadline: Some(now + left),
+        deadline: Some(instant(now + left)),
         ..meta(tenant)
     };
-    let a = e.admit(now, with_left(51, a_left));
-    let b = e.admit(now, with_left(52, a_left + secs(10)));
+    let a = e.admit(instant(now), with_left(51, a_left));
+    let b = e.admit(instant(now), with_left(52, a_left + secs(10)));
     assert_eq!(actions(&mut e), vec![], "the slot is taken");
-    e.on_outcome(now + free_after, x, sx.attempt, success());
+    e.on_outcome(instant(now + free_after), x, sx.attempt, success());
     let first = sends(&actions(&mut e)).first().map(|s| s.request);
     match first {
         Some(r) if r == a => "a",
@@ -684,11 +713,11 @@ fn a_degraded_attempt_caps_max_tokens_only_when_a_cap_is_configured() {
     let capped = engine(
         r#"{"providers":[{"name":"p","cluster":"p"}],"degradation":{"max_tokens_cap":512}}"#,
     );
-    assert_eq!(capped.rewrite(0, "m", true).max_tokens_cap, Some(512));
-    assert_eq!(capped.rewrite(0, "m", false).max_tokens_cap, None);
+    assert_eq!(capped.rewrite(pid(0), "m", true).max_tokens_cap, Some(512));
+    assert_eq!(capped.rewrite(pid(0), "m", false).max_tokens_cap, None);
     let uncapped =
         engine(r#"{"providers":[{"name":"p","cluster":"p"}],"degradation":{"max_tokens_cap":0}}"#);
-    assert_eq!(uncapped.rewrite(0, "m", true).max_tokens_cap, None);
+    assert_eq!(uncapped.rewrite(pid(0), "m", true).max_tokens_cap, None);
 }
 
 /// The engine after slow answers raised the ladder (see the test of that above).
@@ -699,23 +728,23 @@ fn after_slow_answers(degradation: &str) -> Engine {
     let mut now = 0;
     for i in 0..60u64 {
         now = secs(i);
-        let id = e.admit(now, meta(i));
+        let id = e.admit(instant(now), meta(i));
         let s = the_send(&actions(&mut e));
-        e.on_first_progress(now + ms(100 + 10 * (i % 5)), id, s.attempt);
-        e.on_outcome(now + ms(200), id, s.attempt, success());
+        e.on_first_progress(instant(now + ms(100 + 10 * (i % 5))), id, s.attempt);
+        e.on_outcome(instant(now + ms(200)), id, s.attempt, success());
         actions(&mut e);
     }
     assert!(!e.degrades_features(), "degrading at tier {:?}", e.tier());
     let start = now + secs(1);
     for i in 0..6u64 {
         let at = start + ms(100 * i);
-        let id = e.admit(at, meta(100 + i));
+        let id = e.admit(instant(at), meta(100 + i));
         let s = the_send(&actions(&mut e));
-        e.on_first_progress(at + secs(3), id, s.attempt);
-        e.on_outcome(at + secs(3) + ms(10), id, s.attempt, success());
+        e.on_first_progress(instant(at + secs(3)), id, s.attempt);
+        e.on_outcome(instant(at + secs(3) + ms(10)), id, s.attempt, success());
         actions(&mut e);
     }
-    e.on_tick(start + secs(5));
+    e.on_tick(instant(start + secs(5)));
     e
 }
 
@@ -745,10 +774,10 @@ fn refusals_are_reported_as_what_they_are_rate_limited_shed_or_out_of_time() {
         r#"{"providers":[{"name":"p","cluster":"p"}],
             "limits":{"global":{"requests_per_minute":60,"burst_requests":1}}}"#,
     );
-    let first = e.admit(0, meta(1));
+    let first = e.admit(instant(0), meta(1));
     actions(&mut e);
-    e.cancel(1, first);
-    let refused = e.admit(2, meta(2));
+    e.cancel(instant(1), first);
+    let refused = e.admit(instant(2), meta(2));
     assert!(
         matches!(actions(&mut e).as_slice(), [Action::Reply { reply, .. }] if reply.status == 429)
     );
@@ -761,7 +790,7 @@ fn refusals_are_reported_as_what_they_are_rate_limited_shed_or_out_of_time() {
     let mut e = after_slow_answers(r#"{"enabled":true}"#);
     while e.poll_event().is_some() {}
     let low = e.admit(
-        secs(70),
+        instant(secs(70)),
         RequestMeta {
             priority: Priority::Low,
             ..meta(3)
@@ -775,17 +804,17 @@ fn refusals_are_reported_as_what_they_are_rate_limited_shed_or_out_of_time() {
         r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":1}],
             "concurrency":{"queue_timeout_ms":60000}}"#,
     );
-    e.admit(0, meta(4));
+    e.admit(instant(0), meta(4));
     actions(&mut e);
     let waiting = e.admit(
-        0,
+        instant(0),
         RequestMeta {
-            deadline: Some(secs(1)),
+            deadline: Some(instant(secs(1))),
             ..meta(5)
         },
     );
     assert_eq!(actions(&mut e), vec![]);
-    e.on_tick(secs(1));
+    e.on_tick(instant(secs(1)));
     let a = actions(&mut e);
     assert!(
         matches!(a.as_slice(), [Action::Reply { reply, .. }] if reply.status == 504),
@@ -806,23 +835,23 @@ fn a_half_open_breakers_probe_goes_to_the_held_request_with_the_most_time_left()
             "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
     );
     for i in 0..2 {
-        let id = e.admit(ms(i), meta(i));
+        let id = e.admit(instant(ms(i)), meta(i));
         let s = the_send(&actions(&mut e));
-        e.on_outcome(ms(i + 1), id, s.attempt, busy());
+        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
         actions(&mut e);
     }
-    let until = e.breaker_open_until(ms(2), 0).expect("open");
+    let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
     // Held through the outage: one with little time left, one with much.
     let with_left = |tenant, left| RequestMeta {
-        deadline: Some(ms(500) + left),
+        deadline: Some(instant(ms(500) + left)),
         ..meta(tenant)
     };
-    let short = e.admit(ms(500), with_left(10, secs(2)));
-    let long = e.admit(ms(500), with_left(11, secs(30)));
+    let short = e.admit(instant(ms(500)), with_left(10, secs(2)));
+    let long = e.admit(instant(ms(500)), with_left(11, secs(30)));
     assert_eq!(actions(&mut e), vec![]);
     // The probe is the provider's one chance to show it is back: it goes to the request that
     // can wait longest for its answer, not the one about to run out of time.
-    e.on_tick(until);
+    e.on_tick(instant(until));
     let probe = the_send(&actions(&mut e));
     assert_eq!(
         probe.request, long,
