@@ -384,6 +384,14 @@ fn answers_turning_far_slower_than_usual_raise_the_degradation_tier() {
         Tier::Feature,
         "slow answers did not raise the tier"
     );
+    // The change is reported once, as it happened.
+    let changes: Vec<Tier> = std::iter::from_fn(|| e.poll_event())
+        .filter_map(|ev| match ev {
+            Event::TierChanged { tier } => Some(tier),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(changes, [Tier::Feature]);
 }
 
 #[test]
@@ -858,4 +866,54 @@ fn a_half_open_breakers_probe_goes_to_the_held_request_with_the_most_time_left()
         "the probe went to {:?} (short: {short:?})",
         probe.request
     );
+}
+
+#[test]
+fn a_few_slow_answers_among_many_fast_ones_are_no_anomaly() {
+    let mut e = engine(r#"{"providers":[{"name":"p","cluster":"p"}]}"#);
+    let mut now = 0;
+    let answer = |e: &mut Engine, at: Nanos, tenant: u64, first_byte: Nanos| {
+        let id = e.admit(instant(at), meta(tenant));
+        let s = the_send(&actions(e));
+        e.on_first_progress(instant(at + first_byte), id, s.attempt);
+        e.on_outcome(instant(at + first_byte + ms(10)), id, s.attempt, success());
+        actions(e);
+    };
+    for i in 0..60u64 {
+        now = secs(i);
+        answer(&mut e, now, i, ms(100 + 10 * (i % 5)));
+    }
+    // In the last seconds, forty more fast answers, then the same six slow ones as above:
+    // six outliers among fifty-odd answers are below the share that makes latency anomalous.
+    let start = now + ms(500);
+    for i in 0..40u64 {
+        answer(&mut e, start + ms(50 * i), 200 + i, ms(100 + 10 * (i % 5)));
+    }
+    let slow_from = start + secs(2);
+    for i in 0..6u64 {
+        answer(&mut e, slow_from + ms(100 * i), 300 + i, secs(3));
+    }
+    e.on_tick(instant(slow_from + secs(5)));
+    assert_eq!(e.tier(), Tier::Normal, "six outliers among many answers");
+}
+
+#[test]
+fn one_open_breaker_of_two_providers_is_half_the_pressure() {
+    let mut e = engine(
+        r#"{"providers":[{"name":"a","cluster":"a"},{"name":"b","cluster":"b","priority":1}],
+            "breaker":{"consecutive_failures":2,"open_ms":30000,"max_open_ms":30000},
+            "retry":{"max_attempts":1}}"#,
+    );
+    for i in 0..2 {
+        let id = e.admit(instant(secs(2) + ms(i)), meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_outcome(instant(secs(2) + ms(i) + 1), id, s.attempt, busy());
+        actions(&mut e);
+    }
+    assert!(e
+        .breaker_open_until(instant(secs(2) + ms(5)), pid(0))
+        .is_some());
+    e.on_tick(instant(secs(4)));
+    // Half the providers unavailable: tier 1 (its entry is 0.3), not tier 2 (0.6) or 3.
+    assert_eq!(e.tier(), Tier::Feature);
 }
