@@ -295,6 +295,14 @@ mod tests {
     }
 
     #[test]
+    fn reads_a_usage_with_nested_details() {
+        // DeepSeek and OpenAI add objects and arrays inside `usage` (cache and reasoning
+        // details): the whole object is read, not cut at the first inner `}`.
+        let body = br#"{"usage":{"prompt_tokens_details":{"cached_tokens":4},"x":[1,{"y":[]}],"prompt_tokens":12,"completion_tokens":7}}"#;
+        assert_eq!(usage(body), u(12, 7));
+    }
+
+    #[test]
     fn no_usage_is_none() {
         for body in [
             &b""[..],
