@@ -837,7 +837,10 @@ impl Check {
             ("burst_tokens", rate.burst_tokens),
         ] {
             if value == Some(0) {
-                self.fail([prefix, ".", name].concat(), Problem::MustBePositive);
+                self.fail(
+                    crate::text::concat(&[prefix, ".", name]),
+                    Problem::MustBePositive,
+                );
             }
         }
     }
@@ -922,7 +925,7 @@ impl Config {
         }
         for (i, p) in self.providers.iter().enumerate() {
             let provider = indexed("providers", i);
-            let at = |field: &str| [provider.as_str(), ".", field].concat();
+            let at = |field: &str| crate::text::concat(&[provider.as_str(), ".", field]);
             if p.name.trim().is_empty() {
                 c.fail(at("name"), Problem::Empty);
             } else if self.providers.iter().take(i).any(|q| q.name == p.name) {
@@ -1168,7 +1171,7 @@ fn join(path: &str, field: &str) -> String {
     if path.is_empty() {
         field.into()
     } else {
-        [path, ".", field].concat()
+        crate::text::concat(&[path, ".", field])
     }
 }
 
@@ -1254,7 +1257,7 @@ impl FromJson for SortedMap<String, String> {
         };
         let mut map = SortedMap::new();
         for (k, val) in members {
-            if let Some(s) = String::read(val, &[path, ".", k].concat(), errors) {
+            if let Some(s) = String::read(val, &crate::text::concat(&[path, ".", k]), errors) {
                 map.insert(k.clone(), s);
             }
         }

@@ -1798,7 +1798,7 @@ impl Engine {
             base_url: target.and_then(|p| p.base_url.clone()),
             authorization: target
                 .and_then(|p| p.api_key.as_deref())
-                .map(|key| ["Bearer ", key].concat()),
+                .map(|key| crate::text::concat(&["Bearer ", key])),
             model: mapped.then_some(model),
             max_tokens_cap: (degraded && cap > 0).then_some(cap),
         }

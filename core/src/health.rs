@@ -86,7 +86,7 @@ pub fn probe_path(base_url: Option<&str>, path: &str) -> String {
     };
     match Endpoint::of_path(path) {
         Some((endpoint, rest)) => endpoint.under(base, rest, ""),
-        None => [base_path(base), path.strip_prefix("/v1").unwrap_or(path)].concat(),
+        None => crate::text::concat(&[base_path(base), path.strip_prefix("/v1").unwrap_or(path)]),
     }
 }
 

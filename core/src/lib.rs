@@ -40,8 +40,8 @@
 //! | [`request`] | which endpoint a request calls and where it lives under each provider's base URL; whose it is (its tenant, by source); what a managed one asks for (per-request headers, model, stream, token estimate, cache key) and what an attempt changes in its body |
 //! | [`reply`] | OpenAI-compatible local error replies that SDKs back off on correctly |
 //!
-//! Plumbing beside them: [`json`] (a strict JSON reader and writer) and [`sorted_map`] (the map
-//! the engine and the configuration use). Neither links float formatting or parsing, nor
+//! Plumbing beside them: [`json`] (a strict JSON reader and writer), [`sorted_map`] (the map
+//! the engine and the configuration use) and [`text`] (messages appended, not `format!`ted). Neither links float formatting or parsing, nor
 //! `BTreeMap`, so the npm package's wasm stays small.
 //!
 //! [`engine::Engine`] composes them behind one sans-IO interface that every host drives.
@@ -133,6 +133,7 @@ pub mod progress;
 pub mod reply;
 pub mod request;
 pub mod sorted_map;
+pub mod text;
 pub mod throttle;
 pub mod time;
 pub mod window;

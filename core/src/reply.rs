@@ -100,13 +100,6 @@ pub fn gave_up_after(attempts: u32, last: OutcomeClass) -> String {
     out
 }
 
-/// A number as header text (without `to_string`, whose `Display` links core's formatting).
-fn decimal(n: u64) -> String {
-    let mut out = String::new();
-    crate::json::write_u64(&mut out, n);
-    out
-}
-
 /// Builds the reply. `retry_after` is the wait to announce (retryable kinds only); the
 /// `retry-after` header is rounded up to whole seconds and at least 1, so SDKs that read only it
 /// never retry early.
@@ -127,8 +120,11 @@ pub fn local_reply(kind: ReplyKind, message: &str, retry_after: Option<Nanos>) -
         if kind.retryable() { "true" } else { "false" }.to_string(),
     ));
     if let (true, Some(wait)) = (kind.retryable(), retry_after) {
-        headers.push(("retry-after", decimal(to_secs_ceil(wait).max(1))));
-        headers.push(("retry-after-ms", decimal(to_ms_ceil(wait))));
+        headers.push((
+            "retry-after",
+            crate::text::decimal(to_secs_ceil(wait).max(1)),
+        ));
+        headers.push(("retry-after-ms", crate::text::decimal(to_ms_ceil(wait))));
     }
     LocalReply {
         status: kind.status(),
@@ -213,8 +209,6 @@ mod tests {
             ]
             .concat()
         );
-        assert_eq!(decimal(0), "0");
-        assert_eq!(decimal(u64::MAX), "18446744073709551615");
     }
 
     fn header<'a>(r: &'a LocalReply, name: &str) -> Option<&'a str> {

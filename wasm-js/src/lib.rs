@@ -595,7 +595,7 @@ impl JsEngine {
         let p = self.engine.config().providers.get(provider);
         let authorization = p
             .and_then(|p| p.api_key.as_ref())
-            .map(|k| ["Bearer ", k.as_str()].concat());
+            .map(|k| unbusy_core::text::concat(&["Bearer ", k.as_str()]));
         Obj::new()
             .opt_str("baseUrl", p.and_then(|p| p.base_url.as_deref()))
             .opt_str("authorization", authorization.as_deref())
