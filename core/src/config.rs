@@ -681,7 +681,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    /// Appends the message, e.g. "providers[1].weight must be > 0". Built by appending pieces,
+    /// Appends the message, e.g. `providers[1].weight must be > 0`. Built by appending pieces,
     /// not with `write!`: core's formatting machinery (`Formatter`, padding, `Arguments`) was
     /// about 5 KB of the npm package's wasm (issue 13's size goal).
     pub fn write_to(&self, out: &mut String) {
