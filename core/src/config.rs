@@ -22,7 +22,6 @@ use crate::json::{self, Value};
 use crate::sorted_map::SortedMap;
 use crate::throttle::ThrottleSettings;
 use crate::time::{ms, Nanos};
-use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
@@ -681,42 +680,76 @@ pub struct ConfigError {
     pub problem: Problem,
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let field = &self.field;
-        match &self.problem {
-            Problem::Syntax(message) => write!(f, "invalid configuration: {message}"),
+impl ConfigError {
+    /// Appends the message, e.g. `providers[1].weight must be > 0`. Built by appending pieces,
+    /// not with `write!`: core's formatting machinery (`Formatter`, padding, `Arguments`) was
+    /// about 5 KB of the npm package's wasm (issue 13's size goal).
+    pub fn write_to(&self, out: &mut String) {
+        let field = self.field.as_str();
+        let parts: [&str; 5] = match &self.problem {
+            Problem::Syntax(message) => ["invalid configuration: ", message, "", "", ""],
             Problem::UnknownField(name) if field.is_empty() => {
-                write!(f, "unknown field `{name}`")
+                ["unknown field `", name, "`", "", ""]
             }
-            Problem::UnknownField(name) => write!(f, "unknown field `{name}` in {field}"),
-            Problem::WrongType(what) => write!(f, "{field} must be {what}"),
-            Problem::MustBePositive => write!(f, "{field} must be > 0"),
+            Problem::UnknownField(name) => ["unknown field `", name, "` in ", field, ""],
+            Problem::WrongType(what) => [field, " must be ", what, "", ""],
+            Problem::MustBePositive => [field, " must be > 0", "", "", ""],
             Problem::OutOfRange { min, max } => {
-                // (Formatted without `{}` on floats: core's float formatting is large in wasm.)
-                let (mut a, mut b) = (String::new(), String::new());
-                json::write_f64(&mut a, *min, 6);
-                json::write_f64(&mut b, *max, 6);
-                write!(f, "{field} must be between {a} and {b}")
+                // (Without `{}` on floats: core's float formatting is large in wasm.)
+                out.push_str(field);
+                out.push_str(" must be between ");
+                json::write_f64(out, *min, 6);
+                out.push_str(" and ");
+                json::write_f64(out, *max, 6);
+                return;
             }
-            Problem::Empty => write!(f, "{field} must not be empty"),
+            Problem::Empty => [field, " must not be empty", "", "", ""],
             Problem::Duplicate(value) => {
                 // Quoted as JSON, not with `{:?}`: `Debug` for strings links Unicode tables.
-                let mut quoted = String::new();
-                json::write_str(&mut quoted, value);
-                write!(f, "{field} must be unique: {quoted} repeats")
+                out.push_str(field);
+                out.push_str(" must be unique: ");
+                json::write_str(out, value);
+                out.push_str(" repeats");
+                return;
             }
-            Problem::AtLeastOneOf(a, b) => {
-                write!(f, "{field} must set `{a}` or `{b}` (or both)")
-            }
+            Problem::AtLeastOneOf(a, b) => [field, " must set `", a, "` or `", b],
             Problem::NotBoth(a, b) => {
-                write!(f, "{field}.{a} and {field}.{b} must not both be set")
+                for part in [field, ".", a, " and ", field, ".", b] {
+                    out.push_str(part);
+                }
+                out.push_str(" must not both be set");
+                return;
             }
-            Problem::NotAUrl => write!(f, "{field} must be an http:// or https:// URL with a host"),
-            Problem::LessThan(other) => write!(f, "{field} must be at least {other}"),
-            Problem::NotBelow(other) => write!(f, "{field} must be below {other}"),
-            Problem::NotAPath => write!(f, "{field} must be a path starting with /"),
+            Problem::NotAUrl => [
+                field,
+                " must be an http:// or https:// URL with a host",
+                "",
+                "",
+                "",
+            ],
+            Problem::LessThan(other) => [field, " must be at least ", other, "", ""],
+            Problem::NotBelow(other) => [field, " must be below ", other, "", ""],
+            Problem::NotAPath => [field, " must be a path starting with /", "", "", ""],
+        };
+        for part in parts {
+            out.push_str(part);
         }
+        if matches!(self.problem, Problem::AtLeastOneOf(..)) {
+            out.push_str("` (or both)");
+        }
+    }
+
+    /// The message (see [`ConfigError::write_to`]).
+    pub fn message(&self) -> String {
+        let mut out = String::new();
+        self.write_to(&mut out);
+        out
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message())
     }
 }
 
@@ -751,15 +784,24 @@ impl ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl ConfigErrors {
+    /// Every message, joined with "; " (built without `core::fmt`, see
+    /// [`ConfigError::write_to`]).
+    pub fn message(&self) -> String {
+        let mut out = String::new();
         for (i, e) in self.0.iter().enumerate() {
             if i > 0 {
-                f.write_str("; ")?;
+                out.push_str("; ");
             }
-            write!(f, "{e}")?;
+            e.write_to(&mut out);
         }
-        Ok(())
+        out
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message())
     }
 }
 
@@ -795,7 +837,10 @@ impl Check {
             ("burst_tokens", rate.burst_tokens),
         ] {
             if value == Some(0) {
-                self.fail(format!("{prefix}.{name}"), Problem::MustBePositive);
+                self.fail(
+                    crate::text::concat(&[prefix, ".", name]),
+                    Problem::MustBePositive,
+                );
             }
         }
     }
@@ -840,7 +885,7 @@ impl Config {
         let value = json::parse(json).map_err(|e| {
             ConfigErrors(alloc::vec![ConfigError {
                 field: String::new(),
-                problem: Problem::Syntax(e.to_string()),
+                problem: Problem::Syntax(e.message()),
             }])
         })?;
         let mut errors = Vec::new();
@@ -879,7 +924,8 @@ impl Config {
             );
         }
         for (i, p) in self.providers.iter().enumerate() {
-            let at = |field: &str| format!("providers[{i}].{field}");
+            let provider = indexed("providers", i);
+            let at = |field: &str| crate::text::concat(&[provider.as_str(), ".", field]);
             if p.name.trim().is_empty() {
                 c.fail(at("name"), Problem::Empty);
             } else if self.providers.iter().take(i).any(|q| q.name == p.name) {
@@ -904,7 +950,7 @@ impl Config {
             }
             if p.base_url.is_none() && p.cluster.is_none() {
                 c.fail(
-                    format!("providers[{i}]"),
+                    provider.clone(),
                     Problem::AtLeastOneOf("base_url", "cluster"),
                 );
             }
@@ -918,10 +964,7 @@ impl Config {
                 c.fail(at("api_key_env"), Problem::Empty);
             }
             if p.api_key.is_some() && p.api_key_env.is_some() {
-                c.fail(
-                    format!("providers[{i}]"),
-                    Problem::NotBoth("api_key", "api_key_env"),
-                );
+                c.fail(provider.clone(), Problem::NotBoth("api_key", "api_key_env"));
             }
             c.positive(&at("weight"), u64::from(p.weight));
             if p.max_concurrency == Some(0) {
@@ -929,9 +972,10 @@ impl Config {
             }
             for (from, to) in &p.models {
                 if from.is_empty() || to.is_empty() {
-                    let mut quoted = String::new();
-                    json::write_str(&mut quoted, from);
-                    c.fail(format!("providers[{i}].models[{quoted}]"), Problem::Empty);
+                    let mut field = at("models[");
+                    json::write_str(&mut field, from);
+                    field.push(']');
+                    c.fail(field, Problem::Empty);
                 }
             }
         }
@@ -1072,19 +1116,19 @@ impl Config {
             );
             if !(enter > 0.0 && enter <= 1.0) {
                 c.fail(
-                    format!("degradation.enter[{i}]"),
+                    indexed("degradation.enter", i),
                     Problem::OutOfRange { min: 0.0, max: 1.0 },
                 );
             }
             if !(exit >= 0.0 && exit < enter) {
                 c.fail(
-                    format!("degradation.exit[{i}]"),
+                    indexed("degradation.exit", i),
                     Problem::NotBelow("its degradation.enter"),
                 );
             }
             if i > 0 && g.enter.get(i - 1).is_some_and(|prev| enter <= *prev) {
                 c.fail(
-                    format!("degradation.enter[{i}]"),
+                    indexed("degradation.enter", i),
                     Problem::LessThan("the previous tier's enter (strictly above)"),
                 );
             }
@@ -1127,8 +1171,19 @@ fn join(path: &str, field: &str) -> String {
     if path.is_empty() {
         field.into()
     } else {
-        format!("{path}.{field}")
+        crate::text::concat(&[path, ".", field])
     }
+}
+
+/// `path[i]`, a field's path for an array's element (appended, not `format!`ted: see
+/// [`ConfigError::write_to`]).
+fn indexed(path: &str, i: usize) -> String {
+    let mut out = String::with_capacity(path.len() + 4);
+    out.push_str(path);
+    out.push('[');
+    json::write_u64(&mut out, i as u64);
+    out.push(']');
+    out
 }
 
 impl FromJson for u64 {
@@ -1202,7 +1257,7 @@ impl FromJson for SortedMap<String, String> {
         };
         let mut map = SortedMap::new();
         for (k, val) in members {
-            if let Some(s) = String::read(val, &format!("{path}.{k}"), errors) {
+            if let Some(s) = String::read(val, &crate::text::concat(&[path, ".", k]), errors) {
                 map.insert(k.clone(), s);
             }
         }
@@ -1222,7 +1277,7 @@ impl FromJson for [f64; 3] {
         }
         let mut out = [0.0; 3];
         for (i, (slot, item)) in out.iter_mut().zip(items).enumerate() {
-            *slot = f64::read(item, &format!("{path}[{i}]"), errors)?;
+            *slot = f64::read(item, &indexed(path, i), errors)?;
         }
         Some(out)
     }
@@ -1239,7 +1294,7 @@ impl FromJson for Vec<ProviderConfig> {
                 .iter()
                 .enumerate()
                 .map(|(i, item)| {
-                    ProviderConfig::read(item, &format!("{path}[{i}]"), errors).unwrap_or_default()
+                    ProviderConfig::read(item, &indexed(path, i), errors).unwrap_or_default()
                 })
                 .collect(),
         )
@@ -1483,6 +1538,33 @@ mod tests {
         assert_eq!(c.breaker.settings(), BreakerSettings::default());
         assert_eq!(c.degradation.settings(), LadderSettings::default());
         assert_eq!(c.budget.settings(), BudgetSettings::default());
+    }
+
+    #[test]
+    fn messages_appended_without_fmt_read_as_before() {
+        // Each message built by pieces (not `format!`), pinned byte for byte: a JSON syntax
+        // error's offset, an element's index, a map member's path and key, a rate's prefix.
+        assert_eq!(
+            errors(r#"{"providers":[}"#),
+            "invalid configuration: expected a value at byte 14"
+        );
+        let bad = r#"{"providers":[{"name":"a","cluster":"c"},{"name":"b","cluster":"c",
+            "models":{"":"x","y":1}}],"limits":{"per_tenant":{"burst_tokens":0}},
+            "degradation":{"enabled":true,"enter":[0.5,0.4,1.5],"exit":[0.1,0.5,0.1]}}"#;
+        let e = errors(bad);
+        for part in [
+            "providers[1].models.y must be a string",
+            "providers[1].models[\"\"] must not be empty",
+            "limits.per_tenant.burst_tokens must be > 0",
+            "degradation.enter[1] must be at least the previous tier's enter (strictly above)",
+            "degradation.enter[2] must be between 0 and 1",
+            "degradation.exit[1] must be below its degradation.enter",
+        ] {
+            assert!(e.contains(part), "{part} not in {e}");
+        }
+        let all = Config::from_json(bad.as_bytes()).unwrap_err();
+        assert_eq!(all.message(), e);
+        assert_eq!(all.0[0].message(), all.0[0].to_string());
     }
 
     #[test]

@@ -44,14 +44,13 @@ use crate::degrade::{pressure, Ladder, Tier};
 use crate::genai::ModelLabels;
 pub use crate::ids::RequestId;
 use crate::ids::{AttemptId, ProviderId};
-use crate::reply::{local_reply, LocalReply, ReplyKind};
+use crate::reply::{gave_up_after, local_reply, LocalReply, ReplyKind};
 use crate::sorted_map::SortedMap;
 use crate::throttle::AdaptiveThrottle;
 use crate::time::{ms, Instant, Nanos, SECOND};
 use crate::window::Ring;
 use alloc::boxed::Box;
 use alloc::collections::{BinaryHeap, VecDeque};
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cmp::Reverse;
@@ -1818,7 +1817,7 @@ impl Engine {
             base_url: target.and_then(|p| p.base_url.clone()),
             authorization: target
                 .and_then(|p| p.api_key.as_deref())
-                .map(|key| format!("Bearer {key}")),
+                .map(|key| crate::text::concat(&["Bearer ", key])),
             model: mapped.then_some(model),
             max_tokens_cap: (degraded && cap > 0).then_some(cap),
         }
@@ -1853,11 +1852,7 @@ impl Engine {
         };
         let message = match (why, r.last_class) {
             (GiveUp::PastDeadline, _) => String::from("no provider answered before the deadline"),
-            (_, Some(class)) => format!(
-                "no provider could answer after {} attempt(s); last: {}",
-                r.attempts,
-                class.label()
-            ),
+            (_, Some(class)) => gave_up_after(r.attempts, class),
             (_, None) => String::from("every provider is unavailable"),
         };
         let reply = local_reply(kind, &message, hint);

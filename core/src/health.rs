@@ -33,7 +33,6 @@
 use crate::config::HealthCheckConfig;
 use crate::request::{base_path, Endpoint};
 use crate::time::{ms, Nanos};
-use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -77,6 +76,9 @@ pub fn avoid(down: bool, another_usable: bool) -> bool {
 /// assert_eq!(probe_path(Some("https://api.deepseek.com"), "/v1/models"), "/models");
 /// assert_eq!(probe_path(Some("https://api.openai.com/v1"), "/v1/models"), "/v1/models");
 /// assert_eq!(probe_path(None, "/v1/models"), "/v1/models");
+/// // Not an endpoint unbusy maps: under the base URL's path, without `/v1`.
+/// assert_eq!(probe_path(Some("https://a.example/api/"), "/v1/health"), "/api/health");
+/// assert_eq!(probe_path(Some("https://a.example"), "/healthz"), "/healthz");
 /// ```
 pub fn probe_path(base_url: Option<&str>, path: &str) -> String {
     let Some(base) = base_url else {
@@ -84,11 +86,7 @@ pub fn probe_path(base_url: Option<&str>, path: &str) -> String {
     };
     match Endpoint::of_path(path) {
         Some((endpoint, rest)) => endpoint.under(base, rest, ""),
-        None => format!(
-            "{}{}",
-            base_path(base),
-            path.strip_prefix("/v1").unwrap_or(path)
-        ),
+        None => crate::text::concat(&[base_path(base), path.strip_prefix("/v1").unwrap_or(path)]),
     }
 }
 

@@ -270,9 +270,21 @@ pub struct JsonError {
     pub at: usize,
 }
 
+impl JsonError {
+    /// "what at byte N", appended rather than `format!`ted: core's formatting machinery was
+    /// about 5 KB of the npm package's wasm (issue 13's size goal).
+    pub fn message(&self) -> String {
+        let mut out = String::with_capacity(self.what.len() + 16);
+        out.push_str(self.what);
+        out.push_str(" at byte ");
+        write_u64(&mut out, self.at as u64);
+        out
+    }
+}
+
 impl fmt::Display for JsonError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} at byte {}", self.what, self.at)
+        f.write_str(&self.message())
     }
 }
 

@@ -42,8 +42,9 @@
 //!
 //! The engine's boundary speaks in [`ids`] (request, provider, attempt) and [`time::Instant`]s.
 //!
-//! Plumbing beside them: [`json`] (a strict JSON reader and writer) and [`sorted_map`] (the map
-//! the engine and the configuration use). Neither links float formatting or parsing, nor
+//! Plumbing beside them: [`json`] (a strict JSON reader and writer), [`sorted_map`] (the map
+//! the engine and the configuration use) and [`text`] (messages appended, not `format!`ted).
+//! None of them links float formatting or parsing, nor
 //! `BTreeMap`, so the npm package's wasm stays small.
 //!
 //! [`engine::Engine`] composes them behind one sans-IO interface that every host drives.
@@ -139,6 +140,7 @@ pub mod progress;
 pub mod reply;
 pub mod request;
 pub mod sorted_map;
+pub mod text;
 pub mod throttle;
 pub mod time;
 pub mod window;

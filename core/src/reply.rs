@@ -7,6 +7,7 @@
 //! seconds), plus `x-should-retry`, which the OpenAI SDKs obey over their own status rules.
 //! This module builds that reply once for every host.
 
+use crate::classify::OutcomeClass;
 use crate::time::{to_ms_ceil, to_secs_ceil, Nanos};
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -87,6 +88,18 @@ pub struct LocalReply {
     pub body: String,
 }
 
+/// The message when every attempt failed: "no provider could answer after N attempt(s); last:
+/// busy" (the last attempt's class). Appended, not `format!`ted: core's formatting machinery
+/// was about 5 KB of the npm package's wasm (issue 13's size goal).
+pub fn gave_up_after(attempts: u32, last: OutcomeClass) -> String {
+    let mut out = String::with_capacity(64);
+    out.push_str("no provider could answer after ");
+    crate::json::write_u64(&mut out, u64::from(attempts));
+    out.push_str(" attempt(s); last: ");
+    out.push_str(last.label());
+    out
+}
+
 /// Builds the reply. `retry_after` is the wait to announce (retryable kinds only); the
 /// `retry-after` header is rounded up to whole seconds and at least 1, so SDKs that read only it
 /// never retry early.
@@ -107,8 +120,11 @@ pub fn local_reply(kind: ReplyKind, message: &str, retry_after: Option<Nanos>) -
         if kind.retryable() { "true" } else { "false" }.to_string(),
     ));
     if let (true, Some(wait)) = (kind.retryable(), retry_after) {
-        headers.push(("retry-after", to_secs_ceil(wait).max(1).to_string()));
-        headers.push(("retry-after-ms", to_ms_ceil(wait).to_string()));
+        headers.push((
+            "retry-after",
+            crate::text::decimal(to_secs_ceil(wait).max(1)),
+        ));
+        headers.push(("retry-after-ms", crate::text::decimal(to_ms_ceil(wait))));
     }
     LocalReply {
         status: kind.status(),
@@ -178,6 +194,22 @@ mod tests {
     use super::*;
     use crate::classify::{classify, BodyProgress, OutcomeClass, Response};
     use crate::time::ms;
+
+    #[test]
+    fn giving_up_names_the_attempts_and_the_last_class() {
+        assert_eq!(
+            gave_up_after(3, OutcomeClass::Busy),
+            "no provider could answer after 3 attempt(s); last: busy"
+        );
+        assert_eq!(
+            gave_up_after(10, OutcomeClass::RateLimited),
+            [
+                "no provider could answer after 10 attempt(s); last: ",
+                OutcomeClass::RateLimited.label()
+            ]
+            .concat()
+        );
+    }
 
     fn header<'a>(r: &'a LocalReply, name: &str) -> Option<&'a str> {
         r.headers

@@ -30,7 +30,6 @@ fn trap(_: &core::panic::PanicInfo) -> ! {
     core::arch::wasm32::unreachable()
 }
 
-use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
@@ -248,7 +247,7 @@ impl JsEngine {
     pub fn new(config_json: &str, seed: f64) -> Result<JsEngine, JsError> {
         let engine = Config::from_json(config_json.as_bytes())
             .and_then(|config| Engine::new(config, seed.to_bits()))
-            .map_err(|e| JsError::new(&e.to_string()))?;
+            .map_err(|e| JsError::new(&e.message()))?;
         let checks = &engine.config().health_check;
         let prober = checks
             .enabled
@@ -621,7 +620,7 @@ impl JsEngine {
         let p = self.engine.config().providers.get(provider);
         let authorization = p
             .and_then(|p| p.api_key.as_ref())
-            .map(|k| format!("Bearer {k}"));
+            .map(|k| unbusy_core::text::concat(&["Bearer ", k.as_str()]));
         Obj::new()
             .opt_str("baseUrl", p.and_then(|p| p.base_url.as_deref()))
             .opt_str("authorization", authorization.as_deref())

@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { gzipSync } from 'node:zlib';
 import { provider } from '../test-support/busy-provider.mjs';
 
 const run = promisify(execFile);
@@ -34,6 +35,11 @@ test('npm pack ships the LICENSE, the built pkg/ and every file the README point
   const targets = Object.values(exports).flatMap((t) => (typeof t === 'string' ? [t] : Object.values(t)));
   assert.ok(targets.includes('./pkg/unbusy_js_bg_bytes.js') && targets.includes('./wasm.d.ts'), String(targets));
   for (const target of targets) assert.ok(files.includes(target.replace(/^\.\//, '')), target);
+});
+
+test('the .wasm it ships is at most 60 KB gzipped (issue 13), by gzip level 9 as bench/overhead.mjs measures', () => {
+  const gzipped = gzipSync(readFileSync(join(pkgDir, 'pkg/unbusy_js_bg.wasm')), { level: 9 }).length;
+  assert.ok(gzipped <= 60 * 1024, `the .wasm is ${gzipped} B gzipped, over 61,440`);
 });
 
 test('a checkout that cannot build pkg/ refuses to pack, saying why', async () => {
