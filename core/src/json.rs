@@ -865,6 +865,33 @@ mod tests {
         );
         let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
         assert!(parse(ok.as_bytes()).is_ok());
+        // Objects, the same bound.
+        let objects = |n: usize| r#"{"a":"#.repeat(n) + "1" + &"}".repeat(n);
+        assert_eq!(
+            parse(objects(MAX_DEPTH + 1).as_bytes()).unwrap_err().what,
+            "nested too deeply"
+        );
+        assert!(parse(objects(MAX_DEPTH).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn numbers_keep_their_text_and_escapes_take_either_case_of_hex() {
+        let v = parse(br#"[1e3, -0.50, 7]"#).unwrap();
+        let Value::Array(items) = v else {
+            panic!("not an array")
+        };
+        let texts: Vec<&str> = items
+            .iter()
+            .map(|n| match n {
+                Value::Number(n) => n.as_str(),
+                _ => "",
+            })
+            .collect();
+        assert_eq!(texts, ["1e3", "-0.50", "7"]);
+        assert_eq!(
+            parse(br#""\u00c9\u00E9\uABCD\uabcd""#).unwrap(),
+            Value::String("\u{c9}\u{e9}\u{abcd}\u{abcd}".into())
+        );
     }
 
     #[test]
