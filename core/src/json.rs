@@ -892,6 +892,11 @@ mod tests {
             parse(br#""\u00c9\u00E9\uABCD\uabcd""#).unwrap(),
             Value::String("\u{c9}\u{e9}\u{abcd}\u{abcd}".into())
         );
+        // A surrogate pair is one character past the basic plane.
+        assert_eq!(
+            parse(br#""\ud83d\ude00 \uDBFF\uDFFF""#).unwrap(),
+            Value::String("\u{1f600} \u{10ffff}".into())
+        );
     }
 
     #[test]
