@@ -21,7 +21,7 @@ use unbusy_core::degrade::Tier;
 use unbusy_core::engine::{
     Action, Engine, Event, Priority, RequestId, RequestMeta, RequestOutcome, SendAttempt,
 };
-use unbusy_core::time::{ms, secs, Nanos};
+use unbusy_core::time::{ms, secs, Instant, Nanos};
 
 fn engine(json: &str) -> Engine {
     let config = Config::from_json(json.as_bytes()).unwrap_or_else(|e| panic!("{e}: {json}"));
@@ -270,14 +270,16 @@ fn an_attempt_never_starts_with_less_time_left_than_the_fastest_answer_seen() {
     assert_eq!(the_send(&actions(&mut e)).request, id);
 }
 
-#[test]
-fn a_provider_back_from_an_outage_takes_held_requests_back_gradually_and_fresh_ones_at_once() {
-    let mut e = engine(
-        r#"{"providers":[{"name":"p","cluster":"p"}],
-            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
-                       "half_open_probes":1,"probe_ramp":true},
-            "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
-    );
+/// One provider whose breaker opened at 2 ms (two failures in a row; one attempt per request,
+/// no degradation), for `open_ms` 1 s with one probe, ramped or not; `extra` adds top-level
+/// members. Returns the engine and when the breaker half-opens.
+fn after_an_outage(probe_ramp: bool, extra: &str) -> (Engine, Instant) {
+    let mut e = engine(&format!(
+        r#"{{"providers":[{{"name":"p","cluster":"p"}}],
+            "breaker":{{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
+                       "half_open_probes":1,"probe_ramp":{probe_ramp}}},
+            "retry":{{"max_attempts":1}},"degradation":{{"enabled":false}}{extra}}}"#
+    ));
     for i in 0..2 {
         let id = e.admit(instant(ms(i)), meta(i));
         let s = the_send(&actions(&mut e));
@@ -285,6 +287,12 @@ fn a_provider_back_from_an_outage_takes_held_requests_back_gradually_and_fresh_o
         actions(&mut e);
     }
     let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
+    (e, until)
+}
+
+#[test]
+fn a_provider_back_from_an_outage_takes_held_requests_back_gradually_and_fresh_ones_at_once() {
+    let (mut e, until) = after_an_outage(true, "");
     // Four requests arrive during the outage and wait for the provider.
     for i in 0..4 {
         e.admit(instant(ms(500)), meta(10 + i));
@@ -309,19 +317,7 @@ fn a_provider_back_from_an_outage_takes_held_requests_back_gradually_and_fresh_o
 
 #[test]
 fn a_probes_first_byte_closes_the_breaker_and_without_a_ramp_every_held_request_goes_at_once() {
-    let mut e = engine(
-        r#"{"providers":[{"name":"p","cluster":"p"}],
-            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
-                       "half_open_probes":1,"probe_ramp":false},
-            "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
-    );
-    for i in 0..2 {
-        let id = e.admit(instant(ms(i)), meta(i));
-        let s = the_send(&actions(&mut e));
-        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
-        actions(&mut e);
-    }
-    let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
+    let (mut e, until) = after_an_outage(false, "");
     for i in 0..3 {
         e.admit(instant(ms(500)), meta(10 + i));
     }
@@ -583,20 +579,7 @@ fn a_learned_limit_comes_from_bare_429s_only_and_grows_back_with_successes() {
 
 #[test]
 fn while_a_probe_is_in_flight_new_requests_wait_for_its_outcome_instead_of_failing() {
-    let mut e = engine(
-        r#"{"providers":[{"name":"p","cluster":"p"}],
-            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
-                       "half_open_probes":1,"probe_ramp":false},
-            "retry":{"max_attempts":1},"degradation":{"enabled":false},
-            "concurrency":{"queue_timeout_ms":100}}"#,
-    );
-    for i in 0..2 {
-        let id = e.admit(instant(ms(i)), meta(i));
-        let s = the_send(&actions(&mut e));
-        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
-        actions(&mut e);
-    }
-    let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
+    let (mut e, until) = after_an_outage(false, r#","concurrency":{"queue_timeout_ms":100}"#);
     let first = e.admit(instant(until), meta(10));
     let probe = the_send(&actions(&mut e));
     assert_eq!(probe.request, first);
@@ -836,19 +819,7 @@ fn refusals_are_reported_as_what_they_are_rate_limited_shed_or_out_of_time() {
 
 #[test]
 fn a_half_open_breakers_probe_goes_to_the_held_request_with_the_most_time_left() {
-    let mut e = engine(
-        r#"{"providers":[{"name":"p","cluster":"p"}],
-            "breaker":{"consecutive_failures":2,"open_ms":1000,"max_open_ms":1000,
-                       "half_open_probes":1,"probe_ramp":false},
-            "retry":{"max_attempts":1},"degradation":{"enabled":false}}"#,
-    );
-    for i in 0..2 {
-        let id = e.admit(instant(ms(i)), meta(i));
-        let s = the_send(&actions(&mut e));
-        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
-        actions(&mut e);
-    }
-    let until = e.breaker_open_until(instant(ms(2)), pid(0)).expect("open");
+    let (mut e, until) = after_an_outage(false, "");
     // Held through the outage: one with little time left, one with much.
     let with_left = |tenant, left| RequestMeta {
         deadline: Some(instant(ms(500) + left)),
