@@ -888,3 +888,39 @@ fn one_open_breaker_of_two_providers_is_half_the_pressure() {
     // Half the providers unavailable: tier 1 (its entry is 0.3), not tier 2 (0.6) or 3.
     assert_eq!(e.tier(), Tier::Feature);
 }
+
+#[test]
+fn a_cooldown_ends_at_its_instant() {
+    // Exact retry delays (100 ms each here) to put a retry at the cooldown's last instant.
+    let mut e = engine(
+        r#"{"providers":[{"name":"a","cluster":"a"},{"name":"b","cluster":"b","priority":1}],
+            "retry":{"jitter":"none","base_ms":100,"cap_ms":1000,"max_attempts":3},
+            "degradation":{"enabled":false}}"#,
+    );
+    let mut now = 0;
+    for i in 0..3 {
+        let id = e.admit(instant(now), meta(i));
+        let s = the_send(&actions(&mut e));
+        now += ms(1);
+        e.on_outcome(instant(now), id, s.attempt, rate_limited(secs(2)));
+        actions(&mut e);
+        e.cancel(instant(now), id);
+        actions(&mut e);
+    }
+    let until = nanos(
+        e.cooldown_until(instant(now), pid(0))
+            .expect("cooling down"),
+    );
+    // Attempts at until - 202 ms (a), - 101 ms (b), then the last one at `until` exactly:
+    // the cooldown is over, so it goes to the preferred `a` again.
+    let start = until - ms(202);
+    let id = e.admit(instant(start), meta(10));
+    let first = sends(&actions(&mut e));
+    let (went, end) = run(&mut e, start, id, first, |_| busy());
+    assert_eq!(
+        end,
+        until + ms(1),
+        "the last attempt was not at the cooldown's end"
+    );
+    assert_eq!(went, [0, 1, 0], "attempts went to providers {went:?}");
+}
