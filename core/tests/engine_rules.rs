@@ -924,3 +924,48 @@ fn a_cooldown_ends_at_its_instant() {
     );
     assert_eq!(went, [0, 1, 0], "attempts went to providers {went:?}");
 }
+
+#[test]
+fn only_a_usable_providers_slow_answers_make_a_queue_stand() {
+    // `p` (a quota of one) answered in 1 to 2 s; `q` in 0.5 s, but `q` is paused now.
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p","max_concurrency":1},
+                         {"name":"q","cluster":"q","priority":1}],
+            "concurrency":{"queue_timeout_ms":60000},"degradation":{"enabled":false}}"#,
+    );
+    let mut now = 0;
+    let answer = |e: &mut Engine, now: &mut Nanos, tenant: u64, took: Nanos| {
+        let id = e.admit(instant(*now), meta(tenant));
+        let s = the_send(&actions(e));
+        *now += took;
+        e.on_outcome(instant(*now), id, s.attempt, success());
+        actions(e);
+        s.provider.index()
+    };
+    for i in 0..8u64 {
+        let took = if i == 0 { secs(2) } else { secs(1) };
+        assert_eq!(answer(&mut e, &mut now, i, took), 0);
+    }
+    e.pause_provider(instant(now), pid(0), instant(now + secs(10)));
+    for i in 0..8u64 {
+        assert_eq!(answer(&mut e, &mut now, 20 + i, ms(500)), 1);
+    }
+    now += secs(10);
+    e.pause_provider(instant(now), pid(1), instant(now + secs(600)));
+    // Two requests wait for `p`'s slot; when it frees, the first in line has 1.5 s left: less
+    // than `p`'s slow answer (2 s), so the queue stands and the other goes first. `q`'s quick
+    // answers do not count: it cannot be used.
+    let x = e.admit(instant(now), meta(50));
+    let sx = the_send(&actions(&mut e));
+    assert_eq!(sx.provider.index(), 0);
+    let with_left = |tenant, left| RequestMeta {
+        deadline: Some(instant(now + left)),
+        ..meta(tenant)
+    };
+    let a = e.admit(instant(now), with_left(51, ms(2500)));
+    let b = e.admit(instant(now), with_left(52, ms(12500)));
+    assert_eq!(actions(&mut e), vec![], "the slot is taken");
+    e.on_outcome(instant(now + secs(1)), x, sx.attempt, success());
+    let first = sends(&actions(&mut e)).first().map(|s| s.request);
+    assert_eq!(first, Some(b), "a: {a:?}, b: {b:?}");
+}
