@@ -969,3 +969,21 @@ fn only_a_usable_providers_slow_answers_make_a_queue_stand() {
     let first = sends(&actions(&mut e)).first().map(|s| s.request);
     assert_eq!(first, Some(b), "a: {a:?}, b: {b:?}");
 }
+
+#[test]
+fn a_request_waits_for_a_probe_only_if_it_comes_before_its_wait_ends() {
+    let (mut e, until) = after_an_outage(false, r#","concurrency":{"queue_timeout_ms":500}"#);
+    let until = nanos(until);
+    // Its wait would end exactly when the breaker half-opens: too late, it fails at once.
+    let late = e.admit(instant(until - ms(500)), meta(10));
+    let a = actions(&mut e);
+    assert!(
+        matches!(a.as_slice(), [Action::Reply { request, reply }] if *request == late && reply.status == 503),
+        "{a:?}"
+    );
+    // A nanosecond later, the probe comes before its wait ends: it waits and is the probe.
+    let waits = e.admit(instant(until - ms(500) + 1), meta(11));
+    assert_eq!(actions(&mut e), vec![]);
+    e.on_tick(instant(until));
+    assert_eq!(the_send(&actions(&mut e)).request, waits);
+}
