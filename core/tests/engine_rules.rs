@@ -987,3 +987,36 @@ fn a_request_waits_for_a_probe_only_if_it_comes_before_its_wait_ends() {
     e.on_tick(instant(until));
     assert_eq!(the_send(&actions(&mut e)).request, waits);
 }
+
+#[test]
+fn at_tier_3_a_request_is_failed_fast_unless_a_probe_comes_before_its_wait_ends() {
+    // Degradation on: with the only breaker open, the ladder is at tier 3.
+    let mut e = engine(
+        r#"{"providers":[{"name":"p","cluster":"p"}],
+            "breaker":{"consecutive_failures":2,"open_ms":5000,"max_open_ms":5000},
+            "retry":{"max_attempts":1},"concurrency":{"queue_timeout_ms":1000}}"#,
+    );
+    for i in 0..2 {
+        let id = e.admit(instant(ms(i)), meta(i));
+        let s = the_send(&actions(&mut e));
+        e.on_outcome(instant(ms(i + 1)), id, s.attempt, busy());
+        actions(&mut e);
+    }
+    let until = nanos(e.breaker_open_until(instant(ms(2)), pid(0)).expect("open"));
+    // Its wait would end exactly when the breaker half-opens: no help in time, failed fast
+    // (the ladder's answer: come back after its dwell time).
+    let at = until - secs(1);
+    e.admit(instant(at), meta(10));
+    assert_eq!(e.tier(), Tier::Service);
+    let a = actions(&mut e);
+    assert!(
+        matches!(a.as_slice(), [Action::Reply { reply, .. }]
+            if reply.status == 503 && reply.body.contains("all providers are overloaded")),
+        "{a:?}"
+    );
+    // A nanosecond later, the probe comes in time: held for it.
+    let held = e.admit(instant(at + 1), meta(11));
+    assert_eq!(actions(&mut e), vec![]);
+    e.on_tick(instant(until));
+    assert_eq!(the_send(&actions(&mut e)).request, held);
+}
