@@ -364,6 +364,16 @@ mod tests {
         assert_eq!(scan.finish(), None);
         scan.feed(b"data: {\"usage\":{\"completion_tokens\":2}}\n");
         assert_eq!(scan.finish(), u(0, 2));
+        // A usage line of a few kilobytes (a long id, a system fingerprint, the last delta) is
+        // within the bound, fed in pieces: it is read.
+        let mut scan = UsageScan::default();
+        let mut line = b"data: {\"id\":\"".to_vec();
+        line.extend(core::iter::repeat_n(b'y', 4000));
+        line.extend_from_slice(b"\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n");
+        for piece in line.chunks(700) {
+            scan.feed(piece);
+        }
+        assert_eq!(scan.finish(), u(3, 4));
     }
 
     #[test]
