@@ -872,6 +872,27 @@ mod tests {
             "nested too deeply"
         );
         assert!(parse(objects(MAX_DEPTH).as_bytes()).is_ok());
+        // The shallow parse checks the depth of what it skips just as strictly.
+        let inside = |n: usize| r#"{"a":"#.to_string() + &"[".repeat(n) + &"]".repeat(n) + "}";
+        assert_eq!(
+            parse_shallow(inside(MAX_DEPTH).as_bytes())
+                .unwrap_err()
+                .what,
+            "nested too deeply"
+        );
+        assert!(parse_shallow(inside(MAX_DEPTH - 1).as_bytes()).is_ok());
+        let objects_inside =
+            |n: usize| r#"{"a":"#.to_string() + &r#"{"b":"#.repeat(n) + "1" + &"}".repeat(n + 1);
+        assert_eq!(
+            parse_shallow(objects_inside(MAX_DEPTH).as_bytes())
+                .unwrap_err()
+                .what,
+            "nested too deeply"
+        );
+        assert!(parse_shallow(objects_inside(MAX_DEPTH - 1).as_bytes()).is_ok());
+        // An error reads the same shown as through `message`.
+        let e = parse(b"[1,]").unwrap_err();
+        assert_eq!(alloc::format!("{e}"), e.message());
     }
 
     #[test]
@@ -891,6 +912,11 @@ mod tests {
         assert_eq!(
             parse(br#""\u00c9\u00E9\uABCD\uabcd""#).unwrap(),
             Value::String("\u{c9}\u{e9}\u{abcd}\u{abcd}".into())
+        );
+        // Every short escape.
+        assert_eq!(
+            parse(br#""\"\\\/\b\f\n\r\t""#).unwrap(),
+            Value::String("\"\\/\u{8}\u{c}\n\r\t".into())
         );
         // A surrogate pair is one character past the basic plane.
         assert_eq!(
