@@ -300,6 +300,9 @@ mod tests {
         // details): the whole object is read, not cut at the first inner `}`.
         let body = br#"{"usage":{"prompt_tokens_details":{"cached_tokens":4},"x":[1,{"y":[]}],"prompt_tokens":12,"completion_tokens":7}}"#;
         assert_eq!(usage(body), u(12, 7));
+        // Brackets and escaped quotes inside its strings are text, not structure.
+        let body = br#"{"usage":{"note":"a}b]\"{","prompt_tokens":2,"completion_tokens":3}}"#;
+        assert_eq!(usage(body), u(2, 3));
     }
 
     #[test]
