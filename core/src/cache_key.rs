@@ -824,9 +824,7 @@ fn write_decimal(d: &Decimal, out: &mut Vec<u8>) {
         }
         out.push(b'e');
         out.push(if n - 1 < 0 { b'-' } else { b'+' });
-        let mut exp = String::new();
-        crate::json::write_u64(&mut exp, (n - 1).unsigned_abs());
-        out.extend_from_slice(exp.as_bytes());
+        out.extend_from_slice(crate::text::decimal((n - 1).unsigned_abs()).as_bytes());
     }
 }
 

@@ -686,56 +686,52 @@ impl ConfigError {
     /// about 5 KB of the npm package's wasm (issue 13's size goal).
     pub fn write_to(&self, out: &mut String) {
         let field = self.field.as_str();
-        let parts: [&str; 5] = match &self.problem {
-            Problem::Syntax(message) => ["invalid configuration: ", message, "", "", ""],
+        let push = |out: &mut String, parts: &[&str]| parts.iter().for_each(|p| out.push_str(p));
+        match &self.problem {
+            Problem::Syntax(message) => push(out, &["invalid configuration: ", message]),
             Problem::UnknownField(name) if field.is_empty() => {
-                ["unknown field `", name, "`", "", ""]
+                push(out, &["unknown field `", name, "`"]);
             }
-            Problem::UnknownField(name) => ["unknown field `", name, "` in ", field, ""],
-            Problem::WrongType(what) => [field, " must be ", what, "", ""],
-            Problem::MustBePositive => [field, " must be > 0", "", "", ""],
+            Problem::UnknownField(name) => push(out, &["unknown field `", name, "` in ", field]),
+            Problem::WrongType(what) => push(out, &[field, " must be ", what]),
+            Problem::MustBePositive => push(out, &[field, " must be > 0"]),
             Problem::OutOfRange { min, max } => {
                 // (Without `{}` on floats: core's float formatting is large in wasm.)
-                out.push_str(field);
-                out.push_str(" must be between ");
+                push(out, &[field, " must be between "]);
                 json::write_f64(out, *min, 6);
                 out.push_str(" and ");
                 json::write_f64(out, *max, 6);
-                return;
             }
-            Problem::Empty => [field, " must not be empty", "", "", ""],
+            Problem::Empty => push(out, &[field, " must not be empty"]),
             Problem::Duplicate(value) => {
                 // Quoted as JSON, not with `{:?}`: `Debug` for strings links Unicode tables.
-                out.push_str(field);
-                out.push_str(" must be unique: ");
+                push(out, &[field, " must be unique: "]);
                 json::write_str(out, value);
                 out.push_str(" repeats");
-                return;
             }
-            Problem::AtLeastOneOf(a, b) => [field, " must set `", a, "` or `", b],
-            Problem::NotBoth(a, b) => {
-                for part in [field, ".", a, " and ", field, ".", b] {
-                    out.push_str(part);
-                }
-                out.push_str(" must not both be set");
-                return;
+            Problem::AtLeastOneOf(a, b) => {
+                push(out, &[field, " must set `", a, "` or `", b, "` (or both)"]);
             }
-            Problem::NotAUrl => [
-                field,
-                " must be an http:// or https:// URL with a host",
-                "",
-                "",
-                "",
-            ],
-            Problem::LessThan(other) => [field, " must be at least ", other, "", ""],
-            Problem::NotBelow(other) => [field, " must be below ", other, "", ""],
-            Problem::NotAPath => [field, " must be a path starting with /", "", "", ""],
-        };
-        for part in parts {
-            out.push_str(part);
-        }
-        if matches!(self.problem, Problem::AtLeastOneOf(..)) {
-            out.push_str("` (or both)");
+            Problem::NotBoth(a, b) => push(
+                out,
+                &[
+                    field,
+                    ".",
+                    a,
+                    " and ",
+                    field,
+                    ".",
+                    b,
+                    " must not both be set",
+                ],
+            ),
+            Problem::NotAUrl => push(
+                out,
+                &[field, " must be an http:// or https:// URL with a host"],
+            ),
+            Problem::LessThan(other) => push(out, &[field, " must be at least ", other]),
+            Problem::NotBelow(other) => push(out, &[field, " must be below ", other]),
+            Problem::NotAPath => push(out, &[field, " must be a path starting with /"]),
         }
     }
 

@@ -215,9 +215,7 @@ impl Value {
 
     /// A number value from an unsigned integer.
     pub fn from_u64(n: u64) -> Value {
-        let mut s = String::new();
-        write_u64(&mut s, n);
-        Value::Number(Number(s))
+        Value::Number(Number(crate::text::decimal(n)))
     }
 
     /// Appends the compact JSON text of this value.
